@@ -1,0 +1,1 @@
+"""tiermemd: the tiering daemon service (sampler -> policy -> mover per target)."""

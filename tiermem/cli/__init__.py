@@ -1,0 +1,38 @@
+"""The `tiermem` command: a click group; each verb lives in its own module in this package."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tiermem.errors import TiermemError
+
+
+class _Group(click.Group):
+    """Turns TiermemError / OSError into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TiermemError as e:
+            click.echo(f"tiermem: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except PermissionError as e:
+            click.echo(f"tiermem: error: {e.strerror or e}"
+                       f"{' (' + e.filename + ')' if e.filename else ''}: run as root", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tiermem")
+def main():
+    """tiermem: memory tiering for hosts with a fast (DRAM) and a slow (CXL) tier."""
+
+
+def _register():
+    from tiermem.cli import move, numastat, topo
+    for mod in (topo, numastat, move):
+        main.add_command(mod.command)
+
+
+_register()

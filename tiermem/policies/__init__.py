@@ -1,0 +1,1 @@
+"""Tiering policies: one module per policy behind the interface in tiermem.policies.base."""
