@@ -1,0 +1,3 @@
+from tiermem.cli import main
+
+main()
