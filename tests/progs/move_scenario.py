@@ -1,0 +1,76 @@
+"""Runs inside the emulated CXL machine: a worker whose pages start on the slow node is
+moved with the real `tiermem` CLI; prints one JSON object with what each step saw.
+
+Scenarios: 'promote' (node 1 -> node 0 by range, numastat before/after, data verified) and
+'full' (fill node 1 with a hog, then move a worker onto it: clear error, data verified)."""
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+
+
+def tiermem(*args):
+    r = subprocess.run([PY, "-m", "tiermem.cli", *map(str, args)], capture_output=True,
+                       text=True)
+    return {"rc": r.returncode, "out": r.stdout, "err": r.stderr}
+
+
+def start_worker(mb, node):
+    p = subprocess.Popen([PY, os.path.join(HERE, "pattern_worker.py"), str(mb), str(node)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return p, json.loads(p.stdout.readline())
+
+
+def verify(p):
+    p.stdin.write("verify\n")
+    p.stdin.flush()
+    return p.stdout.readline().strip()
+
+
+def pages_on(numastat_json, info):
+    d = json.loads(numastat_json)
+    out = {}
+    for v in d["vmas"]:
+        if int(v["start"], 16) <= info["start"] < int(v["end"], 16):
+            out = {int(k): c for k, c in v["pages"].items()}
+    return out
+
+
+def promote():
+    p, info = start_worker(64, 1)
+    res = {"info": info}
+    res["before"] = pages_on(tiermem("numastat", info["pid"], "--json")["out"], info)
+    half = info["start"] + (info["end"] - info["start"]) // 2
+    mv = tiermem("move", info["pid"], "--to", 0, "--range", f"{info['start']:#x}-{half:#x}",
+                 "--json")
+    res["move"] = json.loads(mv["out"]) if mv["rc"] == 0 else mv
+    res["after"] = pages_on(tiermem("numastat", info["pid"], "--json")["out"], info)
+    res["verify"] = verify(p)
+    capped = tiermem("move", info["pid"], "--to", 0, "--max-mb", 4, "--json")
+    res["capped"] = json.loads(capped["out"]) if capped["rc"] == 0 else capped
+    res["verify2"] = verify(p)
+    res["absent"] = tiermem("move", info["pid"], "--to", 7)
+    p.stdin.write("exit\n"); p.stdin.flush(); p.wait()
+    return res
+
+
+def full():
+    free_kb = int(open("/sys/devices/system/node/node1/meminfo").read().split("MemFree:")[1]
+                  .split()[0])
+    hog_mb = max(16, free_kb // 1024 - 40)
+    hog, hinfo = start_worker(hog_mb, 1)
+    p, info = start_worker(256, 0)
+    res = {"hog_mb": hog_mb, "info": info}
+    res["move"] = tiermem("move", info["pid"], "--to", 1)
+    res["verify"] = verify(p)
+    res["hog_verify"] = verify(hog)
+    for q in (p, hog):
+        q.stdin.write("exit\n"); q.stdin.flush(); q.wait()
+    return res
+
+
+if __name__ == "__main__":
+    print(json.dumps({"promote": promote, "full": full}[sys.argv[1]]()))
