@@ -95,3 +95,49 @@ def kernel_config(option: str) -> str | None:
             return None
     m = re.search(rf"^{re.escape(option)}=(.*)$", text, re.M)
     return m.group(1) if m else None
+
+
+def pread(p: str, offset: int, length: int) -> bytes:
+    """length bytes at offset of a binary kernel file (e.g. /sys/kernel/mm/page_idle/bitmap)."""
+    try:
+        fd = os.open(path(p), os.O_RDONLY)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise TiermemError(f"cannot read {length} bytes at offset {offset} of {p}: "
+                           f"{e.strerror}") from e
+
+
+def pwrite(p: str, offset: int, data: bytes) -> int:
+    """Write data at offset of a binary kernel file; returns the bytes written."""
+    try:
+        fd = os.open(path(p), os.O_WRONLY)
+        try:
+            return os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise TiermemError(f"cannot write {len(data)} bytes at offset {offset} of {p}: "
+                           f"{e.strerror}") from e
+
+
+TRACEFS = "/sys/kernel/tracing"
+
+
+def ensure_tracefs() -> str:
+    """Mount tracefs at /sys/kernel/tracing when it is not mounted yet; returns the path.
+
+    bcc finds tracepoints there. Mounting it changes no tracing state."""
+    if os.path.exists(path(TRACEFS + "/events")):
+        return TRACEFS
+    if ROOT:
+        raise TiermemError(f"tracefs is not mounted under TIERMEM_SYSROOT={ROOT}")
+    import subprocess
+    r = subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or not os.path.exists(TRACEFS + "/events"):
+        raise TiermemError(f"cannot mount tracefs at {TRACEFS}: "
+                           f"{(r.stderr or r.stdout).strip() or 'mount failed'}")
+    return TRACEFS
