@@ -12,9 +12,17 @@ import os
 
 from tiermem.errors import TiermemError
 from tiermem.policies.base import Policy
+from tiermem.policies.damon import Damon
+from tiermem.policies.m5 import M5
+from tiermem.policies.oracle import Oracle
 from tiermem.policies.static import FirstTouch, Interleave, WeightedInterleave
+from tiermem.policies.tpp import TPP
 
 POLICIES: dict[str, type[Policy]] = {
+    M5.name: M5,
+    Damon.name: Damon,
+    TPP.name: TPP,
+    Oracle.name: Oracle,
     FirstTouch.name: FirstTouch,
     Interleave.name: Interleave,
     WeightedInterleave.name: WeightedInterleave,
