@@ -1,0 +1,507 @@
+/* cxlfork C helpers: what must be C for checkpoint/restore.
+ *
+ * - a fast streaming 64-bit hash for page-store checksums (4 lanes, 32-byte rounds);
+ * - ptrace: seize+interrupt (freeze), register sets, rseq config, syscall injection at a stop;
+ * - the page dump: process_vm_readv (or /proc/PID/mem) of page runs straight into the mapped
+ *   store file, hashing each batch while it is hot in cache;
+ * - spawn of the restorer (clone3, optional set_tid) with its fd table laid out, and the final
+ *   ptrace steps that hand the restored registers to the clone.
+ * Every function returns 0 / a count, or -errno.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <elf.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/ptrace.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+
+#include "cxlfork_native.h"
+
+#ifndef NT_X86_XSTATE
+#define NT_X86_XSTATE 0x202
+#endif
+#ifndef PTRACE_GET_RSEQ_CONFIGURATION
+#define PTRACE_GET_RSEQ_CONFIGURATION 0x420f
+#endif
+
+/* ---------------- hash ---------------- */
+#define P1 0x9E3779B185EBCA87ULL
+#define P2 0xC2B2AE3D27D4EB4FULL
+#define P3 0x165667B19E3779F9ULL
+static inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+void cx_hash_init(cx_hash_t *s)
+{
+    s->h[0] = P1 + P2; s->h[1] = P2; s->h[2] = 0; s->h[3] = -P1; s->n = 0;
+}
+
+void cx_hash_update(cx_hash_t *s, const void *p, uint64_t len)
+{
+    const uint64_t *w = p;
+    uint64_t a = s->h[0], b = s->h[1], c = s->h[2], d = s->h[3];
+    uint64_t n = len / 32;
+    for (uint64_t i = 0; i < n; i++, w += 4) {
+        a = rotl(a + w[0] * P2, 31) * P1;
+        b = rotl(b + w[1] * P2, 31) * P1;
+        c = rotl(c + w[2] * P2, 31) * P1;
+        d = rotl(d + w[3] * P2, 31) * P1;
+    }
+    s->h[0] = a; s->h[1] = b; s->h[2] = c; s->h[3] = d;
+    s->n += n * 32;   /* callers pass page multiples; a tail shorter than 32 B is ignored */
+}
+
+uint64_t cx_hash_final(const cx_hash_t *s)
+{
+    uint64_t h = rotl(s->h[0], 1) + rotl(s->h[1], 7) + rotl(s->h[2], 12) + rotl(s->h[3], 18);
+    h ^= s->n;
+    h ^= h >> 33; h *= P2; h ^= h >> 29; h *= P3; h ^= h >> 32;
+    return h;
+}
+
+uint64_t cx_hash_file(int fd, uint64_t off, uint64_t len)
+{
+    cx_hash_t s;
+    cx_hash_init(&s);
+    static const uint64_t CH = 4 << 20;
+    char *buf = malloc(CH);
+    if (!buf)
+        return 0;
+    while (len) {
+        uint64_t want = len < CH ? len : CH;
+        ssize_t r = pread(fd, buf, want, off);
+        if (r <= 0) {
+            free(buf);
+            return 0;
+        }
+        cx_hash_update(&s, buf, r);
+        off += r; len -= r;
+    }
+    free(buf);
+    return cx_hash_final(&s);
+}
+
+/* ---------------- ptrace ---------------- */
+static void tiny_sleep(int us)
+{
+    struct timespec ts = { 0, us * 1000L };
+    nanosleep(&ts, NULL);
+}
+
+int cx_wait(int pid, int timeout_ms, int *status)
+{
+    int waited_us = 0, step = 0;
+    for (;;) {
+        int st = 0;
+        pid_t r = waitpid(pid, &st, __WALL | WNOHANG);
+        if (r == pid) {
+            *status = st;
+            return 0;
+        }
+        if (r < 0)
+            return -errno;
+        if (waited_us >= timeout_ms * 1000)
+            return -ETIMEDOUT;
+        if (step < 50) {
+            sched_yield();
+            waited_us += 2;
+        } else {
+            int us = step < 200 ? 20 : 500;
+            tiny_sleep(us);
+            waited_us += us;
+        }
+        step++;
+    }
+}
+
+int cx_seize(int pid)
+{
+    if (ptrace(PTRACE_SEIZE, pid, 0, (void *)(long)PTRACE_O_TRACESYSGOOD) < 0)
+        return -errno;
+    if (ptrace(PTRACE_INTERRUPT, pid, 0, 0) < 0) {
+        int e = errno;
+        ptrace(PTRACE_DETACH, pid, 0, 0);
+        return -e;
+    }
+    return 0;
+}
+
+int cx_detach(int pid, int sig)
+{
+    return ptrace(PTRACE_DETACH, pid, 0, (void *)(long)sig) < 0 ? -errno : 0;
+}
+
+int cx_cont(int pid, int sig)
+{
+    return ptrace(PTRACE_CONT, pid, 0, (void *)(long)sig) < 0 ? -errno : 0;
+}
+
+int cx_getregset(int pid, int type, void *buf, int size)
+{
+    struct iovec iov = { buf, (size_t)size };
+    if (ptrace(PTRACE_GETREGSET, pid, (void *)(long)type, &iov) < 0)
+        return -errno;
+    return (int)iov.iov_len;
+}
+
+int cx_setregset(int pid, int type, const void *buf, int size)
+{
+    struct iovec iov = { (void *)buf, (size_t)size };
+    if (ptrace(PTRACE_SETREGSET, pid, (void *)(long)type, &iov) < 0)
+        return -errno;
+    return 0;
+}
+
+int cx_get_rseq(int pid, uint64_t *out4)
+{
+    /* struct ptrace_rseq_configuration: u64 rseq_abi_pointer; u32 len, flags, signature, pad */
+    struct { uint64_t ptr; uint32_t len, flags, sig, pad; } c;
+    memset(&c, 0, sizeof c);
+    long r = ptrace(PTRACE_GET_RSEQ_CONFIGURATION, pid, (void *)sizeof c, &c);
+    if (r < 0)
+        return -errno;
+    out4[0] = c.ptr; out4[1] = c.len; out4[2] = c.flags; out4[3] = c.sig;
+    return 0;
+}
+
+int cx_get_robust_list(int pid, uint64_t *head, uint64_t *len)
+{
+    void *h = NULL;
+    size_t l = 0;
+    if (syscall(SYS_get_robust_list, pid, &h, &l) < 0)
+        return -errno;
+    *head = (uint64_t)(uintptr_t)h;
+    *len = l;
+    return 0;
+}
+
+/* Wait for a syscall stop (SIGTRAP|0x80), passing through other stops. A signal seen on the
+ * way is suppressed and returned in *pending so the caller can re-deliver it at detach. */
+static int wait_syscall_stop(int pid, int *pending)
+{
+    for (;;) {
+        int st;
+        int r = cx_wait(pid, 10000, &st);
+        if (r < 0)
+            return r;
+        if (!WIFSTOPPED(st))
+            return -ESRCH;
+        int sig = WSTOPSIG(st);
+        if (sig == (SIGTRAP | 0x80))
+            return 0;
+        if ((st >> 16) == 0 && sig != SIGTRAP && sig != SIGSTOP && pending && !*pending)
+            *pending = sig;
+        if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
+            return -errno;
+    }
+}
+
+int cx_inject(int pid, const void *saved_regs, uint64_t syscall_ip, long nr,
+              long a0, long a1, long a2, long a3, long a4, long a5, long *ret)
+{
+    struct user_regs_struct r;
+    memcpy(&r, saved_regs, sizeof r);
+    r.rip = syscall_ip;
+    r.rax = nr;
+    r.orig_rax = (unsigned long)-1;
+    r.rdi = a0; r.rsi = a1; r.rdx = a2; r.r10 = a3; r.r8 = a4; r.r9 = a5;
+    int e = cx_setregset(pid, NT_PRSTATUS, &r, sizeof r);
+    if (e < 0)
+        return e;
+    int pending = 0;
+    if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
+        return -errno;
+    if ((e = wait_syscall_stop(pid, &pending)) < 0)       /* entry */
+        return e;
+    if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
+        return -errno;
+    if ((e = wait_syscall_stop(pid, &pending)) < 0)       /* exit */
+        return e;
+    if ((e = cx_getregset(pid, NT_PRSTATUS, &r, sizeof r)) < 0)
+        return e;
+    *ret = (long)r.rax;
+    return pending;   /* >0: a signal arrived meanwhile and was held back */
+}
+
+int cx_kcmp_file(int pid, int fd1, int fd2)
+{
+    long r = syscall(SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, fd1, fd2);
+    return r < 0 ? -errno : (int)r;
+}
+
+int cx_pidfd_getfd(int pid, int fd)
+{
+    int pfd = syscall(SYS_pidfd_open, pid, 0);
+    if (pfd < 0)
+        return -errno;
+    int r = syscall(SYS_pidfd_getfd, pfd, fd, 0);
+    int e = errno;
+    close(pfd);
+    return r < 0 ? -e : r;
+}
+
+int cx_tee(int in_fd, int out_fd, uint64_t len)
+{
+    ssize_t r = tee(in_fd, out_fd, len, SPLICE_F_NONBLOCK);
+    if (r < 0)
+        return errno == EAGAIN ? 0 : -errno;
+    return (int)r;
+}
+
+int cx_memfd(const char *name, int flags)
+{
+    int r = memfd_create(name, flags);
+    return r < 0 ? -errno : r;
+}
+
+/* ---------------- page dump ---------------- */
+#define BATCH_BYTES (2u << 20)
+#define MAX_IOV 1024
+
+int64_t cx_dump_runs(int pid, int memfd, int n, const uint64_t *addr, const uint64_t *len,
+                     void *dst, cx_hash_t *h)
+{
+    char *out = dst;
+    uint64_t total = 0;
+    int i = 0;
+    uint64_t done_in_run = 0;
+    struct iovec remote[MAX_IOV];
+    while (i < n) {
+        /* gather up to BATCH_BYTES of runs (splitting a long run) */
+        int k = 0;
+        uint64_t batch = 0;
+        int j = i;
+        uint64_t d = done_in_run;
+        while (j < n && k < MAX_IOV && batch < BATCH_BYTES) {
+            uint64_t left = len[j] - d;
+            uint64_t take = left < BATCH_BYTES - batch ? left : BATCH_BYTES - batch;
+            remote[k].iov_base = (void *)(uintptr_t)(addr[j] + d);
+            remote[k].iov_len = take;
+            k++;
+            batch += take;
+            d += take;
+            if (d == len[j]) {
+                j++;
+                d = 0;
+            }
+        }
+        uint64_t got = 0;
+        if (memfd < 0) {
+            struct iovec local = { out + total, batch };
+            while (got < batch) {
+                /* on a partial read, skip the iovecs already done */
+                int first = 0;
+                uint64_t skip = got;
+                while (skip >= remote[first].iov_len) {
+                    skip -= remote[first].iov_len;
+                    first++;
+                }
+                remote[first].iov_base = (char *)remote[first].iov_base + skip;
+                remote[first].iov_len -= skip;
+                local.iov_base = out + total + got;
+                local.iov_len = batch - got;
+                ssize_t r = syscall(SYS_process_vm_readv, pid, &local, 1, &remote[first],
+                                    k - first, 0);
+                if (r < 0)
+                    return -errno;
+                if (r == 0)
+                    return -EFAULT;
+                got += r;
+            }
+        } else {
+            for (int q = 0; q < k; q++) {
+                uint64_t o = 0;
+                while (o < remote[q].iov_len) {
+                    ssize_t r = pread(memfd, out + total + got, remote[q].iov_len - o,
+                                      (off_t)(uintptr_t)remote[q].iov_base + o);
+                    if (r < 0)
+                        return -errno;
+                    if (r == 0)
+                        return -EFAULT;
+                    o += r;
+                    got += r;
+                }
+            }
+        }
+        cx_hash_update(h, out + total, batch);
+        total += batch;
+        i = j;
+        done_in_run = d;
+    }
+    return (int64_t)total;
+}
+
+int cx_mbind_shared(void *addr, uint64_t len, int node)
+{
+    unsigned long mask[16] = { 0 };
+    if (node < 0 || node >= 1024)
+        return -EINVAL;
+    mask[node / 64] = 1UL << (node % 64);
+    if (syscall(SYS_mbind, addr, len, 2 /* MPOL_BIND */, mask, 1025, 0) < 0)
+        return -errno;
+    return 0;
+}
+
+/* ---------------- spawn and finish of the restorer ---------------- */
+struct cx_clone_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+             set_tid, set_tid_size, cgroup;
+};
+
+static void child_fail(int fd, const char *step, int err)
+{
+    char msg[128];
+    int n = snprintf(msg, sizeof msg, "spawn: %s: errno %d\n", step, err);
+    if (fd >= 0 && n > 0)
+        (void)!write(fd, msg, n);
+    _exit(127);
+}
+
+int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
+             const char *cwd, int umask_, int sidmode, int set_tid, int errfd)
+{
+    struct cx_clone_args ca;
+    pid_t tid = set_tid;
+    memset(&ca, 0, sizeof ca);
+    ca.exit_signal = SIGCHLD;
+    if (set_tid > 0) {
+        ca.set_tid = (uint64_t)(uintptr_t)&tid;
+        ca.set_tid_size = 1;
+    }
+    long pid = syscall(SYS_clone3, &ca, sizeof ca);
+    if (pid < 0)
+        return -errno;
+    if (pid > 0)
+        return (int)pid;
+
+    /* child: no Python from here on */
+    int efd = errfd >= 0 && errfd < nfd ? src[errfd] : -1;
+    if (ptrace(PTRACE_TRACEME, 0, 0, 0) < 0)
+        child_fail(efd, "ptrace(TRACEME)", errno);
+    if (sidmode == 1 && setsid() < 0)
+        child_fail(efd, "setsid", errno);
+    if (sidmode == 2 && setpgid(0, 0) < 0)
+        child_fail(efd, "setpgid", errno);
+    if (cwd && cwd[0] && chdir(cwd) < 0)
+        child_fail(efd, "chdir", errno);
+    umask(umask_);
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    int base = 3;
+    for (int i = 0; i < nfd; i++) {
+        if (src[i] >= base) base = src[i] + 1;
+        if (dst[i] >= base) base = dst[i] + 1;
+    }
+    int tmp[nfd > 0 ? nfd : 1];
+    for (int i = 0; i < nfd; i++) {
+        tmp[i] = fcntl(src[i], F_DUPFD, base);
+        if (tmp[i] < 0)
+            child_fail(efd, "dup fd", errno);
+    }
+    if (errfd >= 0 && errfd < nfd)
+        efd = tmp[errfd];
+    for (int i = 0; i < nfd; i++) {
+        if (dup2(tmp[i], dst[i]) < 0)
+            child_fail(efd, "dup2 fd", errno);
+    }
+    if (errfd >= 0 && errfd < nfd)
+        efd = dst[errfd];
+    /* close everything that is not a destination */
+    int maxdst = -1;
+    for (int i = 0; i < nfd; i++)
+        if (dst[i] > maxdst) maxdst = dst[i];
+    for (int fd = 0; fd <= maxdst; fd++) {
+        int keep = 0;
+        for (int i = 0; i < nfd && !keep; i++)
+            keep = dst[i] == fd;
+        if (!keep)
+            close(fd);
+    }
+    syscall(SYS_close_range, maxdst + 1, ~0U, 0);
+    char *envp[] = { NULL };
+    execve(path, argv, envp);
+    child_fail(efd, "execve restorer", errno);
+    return -1;
+}
+
+int cx_start(int pid, int timeout_ms, int *status_out)
+{
+    int st, e;
+    if ((e = cx_wait(pid, timeout_ms, &st)) < 0)
+        return e;
+    *status_out = st;
+    if (!WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP)
+        return -ECHILD;
+    if (ptrace(PTRACE_SETOPTIONS, pid, 0,
+               (void *)(long)(PTRACE_O_EXITKILL | PTRACE_O_TRACESYSGOOD)) < 0)
+        return -errno;
+    return cx_cont(pid, 0);
+}
+
+int cx_wait_sigstop(int pid, int timeout_ms, int *status_out)
+{
+    int st, e;
+    for (;;) {
+        if ((e = cx_wait(pid, timeout_ms, &st)) < 0)
+            return e;
+        *status_out = st;
+        if (!WIFSTOPPED(st))
+            return -ECHILD;
+        if (WSTOPSIG(st) == SIGSTOP)
+            return 0;
+        /* the restorer raises nothing else: a fault in it means a bad plan */
+        return -EFAULT;
+    }
+}
+
+int cx_finish(int pid, const void *regs, int rsize, const void *xs, int xsize, int timeout_ms)
+{
+    struct user_regs_struct r;
+    int e;
+    (void)timeout_ms;
+    if (rsize != (int)sizeof r)
+        return -EINVAL;
+    /* resume past the SIGSTOP (suppressed) to the restorer's final munmap(self) syscall */
+    if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
+        return -errno;
+    if ((e = wait_syscall_stop(pid, NULL)) < 0)
+        return e;
+    if ((e = cx_getregset(pid, NT_PRSTATUS, &r, sizeof r)) < 0)
+        return e;
+    if (r.orig_rax != SYS_munmap)
+        return -EPROTO;
+    if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
+        return -errno;
+    if ((e = wait_syscall_stop(pid, NULL)) < 0)
+        return e;
+    if ((e = cx_getregset(pid, NT_PRSTATUS, &r, sizeof r)) < 0)
+        return e;
+    if ((long)r.rax != 0)
+        return (int)(long)r.rax;
+    if (xs && xsize > 0 && (e = cx_setregset(pid, NT_X86_XSTATE, xs, xsize)) < 0)
+        return e;
+    if ((e = cx_setregset(pid, NT_PRSTATUS, regs, rsize)) < 0)
+        return e;
+    return cx_detach(pid, 0);
+}
+
+int cx_kill(int pid, int sig)
+{
+    return kill(pid, sig) < 0 ? -errno : 0;
+}

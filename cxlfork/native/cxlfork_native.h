@@ -1,0 +1,35 @@
+/* cxlfork C helpers: ptrace freeze/inject, page dump into the store, hashing, spawn. */
+#include <stdint.h>
+
+typedef struct { uint64_t h[4]; uint64_t n; } cx_hash_t;
+
+void cx_hash_init(cx_hash_t *s);
+void cx_hash_update(cx_hash_t *s, const void *p, uint64_t len);
+uint64_t cx_hash_final(const cx_hash_t *s);
+uint64_t cx_hash_file(int fd, uint64_t off, uint64_t len);
+
+int cx_seize(int pid);
+int cx_wait(int pid, int timeout_ms, int *status);
+int cx_detach(int pid, int sig);
+int cx_cont(int pid, int sig);
+int cx_getregset(int pid, int type, void *buf, int size);
+int cx_setregset(int pid, int type, const void *buf, int size);
+int cx_get_rseq(int pid, uint64_t *out4);
+int cx_get_robust_list(int pid, uint64_t *head, uint64_t *len);
+int cx_inject(int pid, const void *saved_regs, uint64_t syscall_ip, long nr,
+              long a0, long a1, long a2, long a3, long a4, long a5, long *ret);
+int cx_kcmp_file(int pid, int fd1, int fd2);
+int cx_pidfd_getfd(int pid, int fd);
+int cx_tee(int in_fd, int out_fd, uint64_t len);
+int cx_memfd(const char *name, int flags);
+
+int64_t cx_dump_runs(int pid, int memfd, int n, const uint64_t *addr, const uint64_t *len,
+                     void *dst, cx_hash_t *h);
+int cx_mbind_shared(void *addr, uint64_t len, int node);
+
+int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
+             const char *cwd, int umask_, int sidmode, int set_tid, int errfd);
+int cx_start(int pid, int timeout_ms, int *status_out);
+int cx_wait_sigstop(int pid, int timeout_ms, int *status_out);
+int cx_finish(int pid, const void *regs, int rsize, const void *xs, int xsize, int timeout_ms);
+int cx_kill(int pid, int sig);

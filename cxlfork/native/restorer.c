@@ -1,0 +1,294 @@
+/* cxlfork-restorer: the static, libc-free program a clone starts as.
+ *
+ * It lives at 0x100000001000 (see restorer.ld), reads a binary restore plan from the fd named
+ * in argv[1], and turns its own process into the checkpointed one:
+ *   1. copies its own image to anonymous memory (so no file of it stays mapped and the exe
+ *      link can be set to the checkpointed program), switches to its own stack;
+ *   2. parks vvar/vdso in its region, unmaps everything outside the region, moves vvar/vdso to
+ *      their checkpointed addresses;
+ *   3. runs the plan's operations in order: mmap (store file MAP_PRIVATE, files, anonymous),
+ *      pread (eager copies), mprotect, madvise, sigactions, sigaltstack, signal mask, rseq,
+ *      tid address, robust list, prctl(PR_SET_MM_MAP), closing its own fds, FD_CLOEXEC;
+ *   4. stops itself with SIGSTOP; the tracer (cxlfork) lets it run into munmap(region) and,
+ *      at that syscall's exit, installs the checkpointed registers and detaches.
+ * Any failure writes one line to the error fd and exits with status 1.
+ */
+#include <stdint.h>
+
+#define REGION_LO   0x100000000000UL
+#define REGION_HI   0x100040000000UL
+#define SELF_TMP    (REGION_LO + 0x10000000UL)
+#define PLAN_ADDR   (REGION_LO + 0x20000000UL)
+#define SPECIAL_TMP (REGION_LO + 0x30000000UL)
+#define TASK_TOP    0x7ffffffff000UL
+
+#define PLAN_MAGIC 0x314e414c50584643UL   /* "CFXPLAN1" little-endian */
+#define PLAN_VERSION 1
+
+enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK,
+       OP_SIGMASK, OP_RSEQ, OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL };
+
+#define NR_read 0
+#define NR_write 1
+#define NR_close 3
+#define NR_fstat 5
+#define NR_mmap 9
+#define NR_mprotect 10
+#define NR_munmap 11
+#define NR_rt_sigaction 13
+#define NR_rt_sigprocmask 14
+#define NR_pread64 17
+#define NR_mremap 25
+#define NR_madvise 28
+#define NR_getpid 39
+#define NR_exit_group 231
+#define NR_kill 62
+#define NR_fcntl 72
+#define NR_sigaltstack 131
+#define NR_prctl 157
+#define NR_set_tid_address 218
+#define NR_set_robust_list 273
+#define NR_rseq 334
+
+extern char cx_image_start[], cx_image_end[];
+char cx_stack[1 << 16] __attribute__((aligned(64)));
+
+static inline long sc6(long n, long a, long b, long c, long d, long e, long f)
+{
+    register long r10 __asm__("r10") = d;
+    register long r8 __asm__("r8") = e;
+    register long r9 __asm__("r9") = f;
+    long ret;
+    __asm__ volatile("syscall" : "=a"(ret)
+                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+#define sc(n, a, b, c) sc6(n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
+
+void *memcpy(void *d, const void *s, unsigned long n)
+{
+    char *dd = d;
+    const char *ss = s;
+    while (n--)
+        *dd++ = *ss++;
+    return d;
+}
+
+void *memset(void *d, int c, unsigned long n)
+{
+    char *dd = d;
+    while (n--)
+        *dd++ = (char)c;
+    return d;
+}
+
+__asm__(".text\n.globl _start\n_start:\n"
+        "  mov %rsp, %r12\n"
+        "  and $-16, %rsp\n"
+        "  call cx_selfcopy\n"
+        "  lea cx_stack+65536(%rip), %rsp\n"
+        "  mov %r12, %rdi\n"
+        "  call cx_main\n"
+        "  ud2\n");
+
+/* Runs on the kernel-made stack and writes nothing in the image between copy and remap. */
+__attribute__((used)) void cx_selfcopy(void)
+{
+    unsigned long lo = (unsigned long)cx_image_start & ~4095UL;
+    unsigned long hi = ((unsigned long)cx_image_end + 4095) & ~4095UL;
+    long t = sc6(NR_mmap, SELF_TMP, hi - lo, 7, 0x32 /* PRIVATE|FIXED|ANON */, -1, 0);
+    if (t != (long)SELF_TMP)
+        sc(NR_exit_group, 120, 0, 0);
+    memcpy((void *)SELF_TMP, (void *)lo, hi - lo);
+    long r = sc6(NR_mremap, SELF_TMP, hi - lo, hi - lo, 3 /* MAYMOVE|FIXED */, lo, 0);
+    if (r != (long)lo)
+        sc(NR_exit_group, 121, 0, 0);
+}
+
+static int errfd = -1;
+
+static char *put_str(char *p, const char *s)
+{
+    while (*s)
+        *p++ = *s++;
+    return p;
+}
+
+static char *put_hex(char *p, unsigned long v)
+{
+    char tmp[17];
+    int n = 0;
+    do {
+        tmp[n++] = "0123456789abcdef"[v & 15];
+        v >>= 4;
+    } while (v);
+    p = put_str(p, "0x");
+    while (n)
+        *p++ = tmp[--n];
+    return p;
+}
+
+static char *put_dec(char *p, long v)
+{
+    char tmp[21];
+    int n = 0;
+    if (v < 0) {
+        *p++ = '-';
+        v = -v;
+    }
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        *p++ = tmp[--n];
+    return p;
+}
+
+static void fail(const char *what, long op, unsigned long addr, long err)
+{
+    char buf[200], *p = buf;
+    p = put_str(p, "restorer: ");
+    p = put_str(p, what);
+    p = put_str(p, " (op ");
+    p = put_dec(p, op);
+    p = put_str(p, ", address ");
+    p = put_hex(p, addr);
+    p = put_str(p, "): errno ");
+    p = put_dec(p, -err);
+    *p++ = '\n';
+    if (errfd >= 0)
+        sc(NR_write, errfd, buf, p - buf);
+    sc(NR_exit_group, 1, 0, 0);
+}
+
+static const char *const op_names[] = {
+    "?", "mmap", "pread", "mprotect", "madvise", "rt_sigaction", "sigaltstack",
+    "rt_sigprocmask", "rseq", "set_tid_address", "set_robust_list", "prctl(PR_SET_MM_MAP)",
+    "close", "fcntl(FD_CLOEXEC)", "prctl",
+};
+
+static long run_op(const uint64_t *o)
+{
+    long r;
+    switch (o[0]) {
+    case OP_MMAP:
+        r = sc6(NR_mmap, o[1], o[2], o[3], o[4] | 0x10 /* MAP_FIXED */, (long)o[5], o[6]);
+        return r == (long)o[1] ? 0 : (r < 0 ? r : -17);
+    case OP_PREAD: {
+        uint64_t done = 0;
+        while (done < o[3]) {
+            r = sc6(NR_pread64, o[1], o[2] + done, o[3] - done, o[4] + done, 0, 0);
+            if (r < 0)
+                return r;
+            if (r == 0)
+                return -5;   /* EIO: store file shorter than the plan says */
+            done += r;
+        }
+        return 0;
+    }
+    case OP_MPROTECT:
+        return sc(NR_mprotect, o[1], o[2], o[3]);
+    case OP_MADVISE:
+        return sc(NR_madvise, o[1], o[2], o[3]);
+    case OP_SIGACTION: {
+        uint64_t act[4] = { o[2], o[3], o[4], o[5] };
+        return sc6(NR_rt_sigaction, o[1], (long)act, 0, 8, 0, 0);
+    }
+    case OP_SIGALTSTACK: {
+        uint64_t ss[3] = { o[1], o[2], o[3] };
+        return sc(NR_sigaltstack, ss, 0, 0);
+    }
+    case OP_SIGMASK: {
+        uint64_t m = o[1];
+        return sc6(NR_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&m, 0, 8, 0, 0);
+    }
+    case OP_RSEQ:
+        return sc6(NR_rseq, o[1], o[2], 0, o[3], 0, 0);
+    case OP_TIDADDR:
+        sc(NR_set_tid_address, o[1], 0, 0);
+        return 0;
+    case OP_ROBUST:
+        return sc(NR_set_robust_list, o[1], o[2], 0);
+    case OP_MM_MAP:
+        return sc6(NR_prctl, 35 /* PR_SET_MM */, 14 /* PR_SET_MM_MAP */, o[1], o[2], 0, 0);
+    case OP_CLOSE:
+        return sc(NR_close, o[1], 0, 0);
+    case OP_CLOEXEC:
+        return sc(NR_fcntl, o[1], 2 /* F_SETFD */, 1 /* FD_CLOEXEC */);
+    case OP_PRCTL:
+        return sc6(NR_prctl, o[1], o[2], o[3], o[4], o[5], 0);
+    }
+    return -22;
+}
+
+__attribute__((used)) void cx_main(uint64_t *sp0)
+{
+    long argc = (long)sp0[0];
+    char **argv = (char **)(sp0 + 1);
+    uint64_t *p = (uint64_t *)(argv + argc + 1);
+    while (*p)
+        p++;                       /* skip envp */
+    p++;
+    unsigned long vdso_cur = 0;
+    for (; p[0]; p += 2)
+        if (p[0] == 33 /* AT_SYSINFO_EHDR */)
+            vdso_cur = p[1];
+    if (argc < 2)
+        sc(NR_exit_group, 122, 0, 0);
+    long planfd = 0;
+    for (const char *s = argv[1]; *s; s++)
+        planfd = planfd * 10 + (*s - '0');
+
+    uint64_t st[18];               /* struct stat: st_size at word 6 */
+    if (sc(NR_fstat, planfd, st, 0) < 0)
+        sc(NR_exit_group, 123, 0, 0);
+    unsigned long plen = (st[6] + 4095) & ~4095UL;
+    if (sc6(NR_mmap, PLAN_ADDR, plen, 1, 0x12 /* PRIVATE|FIXED */, planfd, 0) != (long)PLAN_ADDR)
+        sc(NR_exit_group, 124, 0, 0);
+    const uint64_t *h = (const uint64_t *)PLAN_ADDR;
+    if (h[0] != PLAN_MAGIC || h[1] != PLAN_VERSION)
+        sc(NR_exit_group, 125, 0, 0);
+    errfd = (int)h[14];
+    uint64_t nops = h[2], nspecial = h[4], vdso_orig = h[5];
+    const uint64_t *ops = (const uint64_t *)(PLAN_ADDR + h[3]);
+
+    /* vvar/vdso: park in the region (their final spots may be taken by our old stack) */
+    uint64_t lo_orig = vdso_orig;
+    for (uint64_t i = 0; i < nspecial; i++)
+        if (h[6 + 2 * i] < lo_orig)
+            lo_orig = h[6 + 2 * i];
+    if (nspecial && !vdso_cur)
+        fail("no vDSO in the restorer", -1, 0, -2);
+    for (uint64_t i = 0; i < nspecial; i++) {
+        uint64_t a = h[6 + 2 * i], len = h[7 + 2 * i];
+        long r = sc6(NR_mremap, vdso_cur + (a - vdso_orig), len, len, 3,
+                     SPECIAL_TMP + (a - lo_orig), 0);
+        if (r < 0)
+            fail("mremap of vvar/vdso to the parking area", -1, a, r);
+    }
+    long r = sc(NR_munmap, 0, REGION_LO, 0);
+    if (r < 0)
+        fail("munmap below the region", -1, 0, r);
+    r = sc(NR_munmap, REGION_HI, TASK_TOP - REGION_HI, 0);
+    if (r < 0)
+        fail("munmap above the region", -1, REGION_HI, r);
+    for (uint64_t i = 0; i < nspecial; i++) {
+        uint64_t a = h[6 + 2 * i], len = h[7 + 2 * i];
+        r = sc6(NR_mremap, SPECIAL_TMP + (a - lo_orig), len, len, 3, a, 0);
+        if (r != (long)a)
+            fail("mremap of vvar/vdso to its checkpointed address", -1, a, r < 0 ? r : -17);
+    }
+    for (uint64_t i = 0; i < nops; i++) {
+        const uint64_t *o = ops + 8 * i;
+        r = run_op(o);
+        if (r < 0)
+            fail(o[0] < sizeof op_names / sizeof op_names[0] ? op_names[o[0]] : "?", (long)i,
+                 o[1], r);
+    }
+    sc(NR_kill, sc(NR_getpid, 0, 0, 0), 19 /* SIGSTOP */, 0);
+    /* the tracer stops us at this syscall's exit and installs the checkpointed registers */
+    sc(NR_munmap, REGION_LO, REGION_HI - REGION_LO, 0);
+    sc(NR_exit_group, 126, 0, 0);
+}
