@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass
 
 from emulation import guest_kernel, initramfs
-from emulation.agent_client import AgentClient, AgentGone
+from emulation.agent_client import AgentClient
 from emulation.config import MachineConfig, check_guest_path
 from tiermem.errors import TiermemError
 
 QEMU = "qemu-system-x86_64"
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest", "agent.py")
-DEFAULT_RUNDIR = "/run/tiermem/emulate"
+DEFAULT_RUNDIR = os.environ.get("TIERMEM_EMULATE_RUNDIR", "/run/tiermem/emulate")
 STATE = "state.json"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -192,10 +192,7 @@ class Machine:
                  "python": self.python, "kernel": self.kernel_version,
                  "config": self.config.as_dict(), "boot_s": self.boot_s,
                  "started_at": time.time()}
-        tmp = self.state_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f, indent=1)
-        os.replace(tmp, self.state_path)
+        write_state(self.rundir, state)
 
     @classmethod
     def attach(cls, rundir: str = DEFAULT_RUNDIR) -> "Machine":
@@ -287,6 +284,12 @@ class Machine:
         if self._own_rundir:
             shutil.rmtree(self.rundir, ignore_errors=True)
 
+    def close_connection(self) -> None:
+        """Disconnects from the agent, leaving the machine running (detached machines)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
     def __enter__(self) -> "Machine":
         if self._client is None:
             self.start()
@@ -294,6 +297,21 @@ class Machine:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def write_state(rundir: str, state: dict) -> None:
+    os.makedirs(rundir, exist_ok=True)
+    p = os.path.join(rundir, STATE)
+    with open(p + ".tmp", "w") as f:
+        json.dump(state, f, indent=1)
+    os.replace(p + ".tmp", p)
+
+
+def remove_state(rundir: str = DEFAULT_RUNDIR) -> None:
+    try:
+        os.unlink(os.path.join(rundir, STATE))
+    except FileNotFoundError:
+        pass
 
 
 def read_state(rundir: str = DEFAULT_RUNDIR) -> dict | None:

@@ -30,8 +30,8 @@ def main():
 
 
 def _register():
-    from tiermem.cli import move, numastat, topo
-    for mod in (topo, numastat, move):
+    from tiermem.cli import ctl, emulate, move, numastat, topo
+    for mod in (topo, numastat, move, emulate, ctl):
         main.add_command(mod.command)
 
 
