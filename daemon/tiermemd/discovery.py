@@ -1,0 +1,68 @@
+"""Which processes a target covers right now: fixed PIDs, command-line patterns, cgroup v2.
+
+Called every loop, so processes that start later and match are picked up. A process is
+identified by (pid, start time): a reused PID is a new process. Kernel threads, zombies
+and tiermemd itself are never targets.
+"""
+from __future__ import annotations
+
+import os
+
+from tiermem import kfs
+
+
+def proc_identity(pid: int) -> tuple[int, str] | None:
+    """(start time in clock ticks, exe path) of a live user process, None if gone, a kernel
+    thread or a zombie. exe changes on execve, start time on PID reuse."""
+    stat = kfs.read(f"/proc/{pid}/stat", "")
+    if not stat:
+        return None
+    rest = stat.rpartition(")")[2].split()
+    # fields after comm: state(0) ppid(1) ... flags(6) ... starttime(19)
+    if len(rest) < 20 or rest[0] in ("Z", "X"):
+        return None
+    if int(rest[6]) & 0x00200000:          # PF_KTHREAD
+        return None
+    try:
+        exe = os.readlink(kfs.path(f"/proc/{pid}/exe"))
+    except OSError:
+        return None
+    return int(rest[19]), exe
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(kfs.path(f"/proc/{pid}/cmdline"), "rb") as f:
+            return f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def all_pids() -> list[int]:
+    return [int(p) for p in kfs.listdir("/proc") if p.isdigit()]
+
+
+def cgroup_pids(path: str) -> list[int]:
+    """Processes of a cgroup v2 directory and of every cgroup below it."""
+    out = []
+    for d, _dirs, files in os.walk(kfs.path(path)):
+        if "cgroup.procs" in files:
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    out.extend(int(x) for x in f.read().split())
+            except OSError:
+                continue
+    return out
+
+
+def resolve(target, exclude: set[int]) -> set[int]:
+    """PIDs of live user processes the target selects now (pids + cmdline + cgroup)."""
+    pids: set[int] = set(target.pids)
+    if target.cmdline:
+        rx = target.cmdline_re
+        for p in all_pids():
+            if p not in exclude and rx.search(cmdline(p)):
+                pids.add(p)
+    if target.cgroup:
+        pids.update(cgroup_pids(target.cgroup))
+    return {p for p in pids - exclude if proc_identity(p) is not None}
