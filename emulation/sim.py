@@ -43,8 +43,8 @@ LINE = 64
 class TierModel:
     """Parameters of the simulated machine. Defaults: local DDR5 vs a CXL memory expander."""
     fast_mb: float
-    budget_mb: float = 4.0            # migration budget per epoch (promotions + demotions)
-    epoch_accesses: int = 500_000     # accesses per epoch when the trace has no epochs
+    budget_mb: float = 2.0            # migration budget per epoch (promotions + demotions)
+    epoch_accesses: int = 100_000     # accesses per epoch when the trace has no epochs
     fast_lat_ns: float = 90.0
     slow_lat_ns: float = 250.0
     fast_bw_gbs: float = 60.0

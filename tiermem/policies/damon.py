@@ -4,8 +4,10 @@ Monitoring (as DAMON does, on the batches instead of page-table access bits):
 - The known address space is covered by regions (start, end page); gaps larger than
   ``gap_pages`` between known pages are left out, like DAMON vaddr's three big regions.
 - Each observed batch is one *aggregation interval* cut into ``samples`` sampling intervals
-  (consecutive slices of the batch). In each, one random page per region is checked: it counts
-  as accessed if the slice has an access to it. ``nr_accesses`` is the number of positive checks
+  (consecutive slices of the batch). In each, one random page per region is checked for its
+  access bit. From a sampled batch the check is emulated statistically: with ``a`` accesses
+  (sum of weights) in a region of ``n`` pages during the slice, the probed page's bit is set with
+  probability ``1 - exp(-a / n)``. ``nr_accesses`` is the number of positive checks
   (0..samples), so DAMON sees "accessed or not", never how often.
 - After each aggregation, adjacent regions whose nr_accesses differ by at most
   ``merge_threshold`` are merged (size-weighted), ``age`` counts aggregations a region kept its
@@ -45,12 +47,12 @@ class Damon(Policy):
                                  min=0),
         "gap_pages": Param(int, 256, "gaps between known pages larger than this are not "
                                      "monitored", min=1),
-        "hot_min_pct": Param(float, 10.0, "migrate_hot: min nr_accesses, % of samples",
+        "hot_min_pct": Param(float, 50.0, "migrate_hot: min nr_accesses, % of samples",
                              min=0.0, max=100.0),
         "hot_min_age": Param(int, 1, "migrate_hot: min age, aggregations", min=0),
-        "cold_max_pct": Param(float, 5.0, "migrate_cold: max nr_accesses, % of samples",
+        "cold_max_pct": Param(float, 50.0, "migrate_cold: max nr_accesses, % of samples",
                               min=0.0, max=100.0),
-        "cold_min_age": Param(int, 2, "migrate_cold: min age, aggregations", min=0),
+        "cold_min_age": Param(int, 1, "migrate_cold: min age, aggregations", min=0),
         "quota_mb": Param(float, 1e9, "per-scheme quota per interval, MB", min=0.0),
         "wmark_high_pct": Param(float, 2.0, "migrate_cold keeps this % of the fast tier free",
                                 min=0.0, max=100.0),
@@ -162,15 +164,19 @@ class Damon(Policy):
             return
         self._cover(np.unique(pages))
         S = self.p["samples"]
-        size = (self.end - self.start).astype(np.int64)
+        size = (self.end - self.start).astype(np.float64)
         nr = np.zeros(self.start.size)
-        slices = np.array_split(pages, S)
-        for sl in slices:
-            touched = np.unique(sl)
-            probe = self.start + (self.rng.random(size.size) * size).astype(np.uint64)
-            pos = np.minimum(np.searchsorted(touched, probe), max(touched.size - 1, 0))
-            if touched.size:
-                nr += touched[pos] == probe
+        # one access check per region and sampling interval: the probed page is accessed with
+        # probability 1 - exp(-accesses in the region in the slice / region size), the chance
+        # that a page-table access bit is found set when accesses spread over the region
+        r = self._region_of(pages)
+        slice_of = (np.arange(pages.size) * S) // max(pages.size, 1)
+        inr = r >= 0
+        per = np.bincount(slice_of[inr] * self.start.size + r[inr],
+                          weights=batch.weight[inr].astype(np.float64),
+                          minlength=S * self.start.size).reshape(S, self.start.size)
+        prob = 1.0 - np.exp(-per / size[None, :])
+        nr = (self.rng.random(prob.shape) < prob).sum(axis=0).astype(np.float64)
         # age: reset when the access level changed noticeably, else grow
         changed = np.abs(nr - self.nr) > max(self.p["merge_threshold"], 1)
         self.age = np.where(changed, 0, self.age + 1)
@@ -210,7 +216,8 @@ class Damon(Policy):
         fs = np.full(fpages.size, np.inf)      # fast pages that are not cold stay put
         fs[np.searchsorted(fpages, placement.pages[cold_idx[n_wm:]])] = score[cold_idx[n_wm:]]
         room = Capacity(max(capacity.fast_pages - want_free, 0))
-        p = exchange(after, room, left, placement.pages[hot_idx], score[hot_idx], fpages, fs)
+        p = exchange(after, room, left, placement.pages[hot_idx], score[hot_idx], fpages, fs,
+                     margin=1.0)
         return MigrationPlan(p.promote, np.concatenate([demote_wm, p.demote]))
 
     def stats(self) -> dict[str, float]:

@@ -110,7 +110,7 @@ class M5(Policy):
         "rate_init_pct": Param(float, 50.0, "initial rate, % of the budget", min=0.0,
                                max=100.0),
         "rate_min_pages": Param(int, 16, "lowest adaptive rate, pages per interval", min=0),
-        "break_even": Param(float, 20.0, "accesses a promoted page must get per interval to "
+        "break_even": Param(float, 1.0, "accesses a promoted page must get per interval to "
                                          "pay for its migration", min=0.0),
         "max_bw_share": Param(float, 0.2, "migration may use this share of the slow tier's "
                                           "bandwidth", min=0.0, max=1.0),

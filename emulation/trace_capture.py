@@ -1,0 +1,126 @@
+"""Capture a real program's memory accesses into a trace with valgrind's lackey, sampled.
+
+``valgrind --tool=lackey --trace-mem=yes`` prints one line per data access
+(`` L addr,size`` load, `` S`` store, `` M`` modify = load + store) to a pipe; we parse it as a
+stream in 4 MiB chunks and keep each data access with probability 1/``sample_every`` (so a
+long run stays small), never holding the raw text in memory. Program order is kept; each
+kept access has weight ``sample_every``. Instruction fetches are ignored. Lackey runs the
+program ~50-100x slower than native.
+
+Also: ``trace_from_batches`` turns sampler records (AccessBatch objects, e.g. recorded by the
+daemon) into a trace whose ``epoch`` column keeps the batch boundaries, for replay.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import numpy as np
+
+from emulation.trace import Trace
+from tiermem.access import AccessBatch
+from tiermem.errors import TiermemError
+
+CHUNK = 4 << 20
+
+
+def parse_lackey_lines(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(addresses uint64, is_write bool) of the data-access lines among ``lines``.
+    Raises TiermemError on a data line that does not parse."""
+    addrs, writes = [], []
+    for ln in lines:
+        if len(ln) < 4 or ln[0] != 32 or ln[1] not in b"LSM":
+            continue
+        comma = ln.find(b",", 3)
+        try:
+            a = int(ln[3:comma if comma > 0 else None], 16)
+        except ValueError:
+            raise TiermemError(f"lackey output: cannot parse {ln[:60]!r}") from None
+        addrs.append(a)
+        writes.append(ln[1] != 76)     # 'L' = 76 is a load; S and M write
+    return np.array(addrs, dtype=np.uint64), np.array(writes, dtype=bool)
+
+
+def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_000,
+            seed: int = 1, progress=None, valgrind: str | None = None) -> Trace:
+    """Run ``cmd`` under lackey; returns the sampled trace (sub_page, vaddr, weight =
+    sample_every). ``progress(data_accesses_seen, kept)`` is called after each chunk."""
+    if not cmd:
+        raise TiermemError("trace: no command given (usage: tiermem trace -o T.npz -- CMD ARGS)")
+    if sample_every < 1:
+        raise TiermemError(f"trace: sample_every must be >= 1, got {sample_every}")
+    vg = valgrind or shutil.which("valgrind")
+    if not vg:
+        raise TiermemError("trace: valgrind not found on PATH (Debian: apt-get install valgrind)")
+    if shutil.which(cmd[0]) is None and not os.path.isfile(cmd[0]):
+        raise TiermemError(f"trace: command not found: {cmd[0]}")
+    rng = np.random.default_rng(seed)
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([vg, "--tool=lackey", "--trace-mem=yes", f"--log-fd={w}",
+                                 *cmd], pass_fds=(w,), stdin=subprocess.DEVNULL)
+    except OSError as e:
+        os.close(r)
+        os.close(w)
+        raise TiermemError(f"trace: cannot start valgrind: {e.strerror}") from None
+    os.close(w)
+    kept_a, kept_w = [], []
+    seen = kept = 0
+    tail = b""
+    try:
+        with os.fdopen(r, "rb", buffering=0) as f:
+            while True:
+                buf = f.read(CHUNK)
+                if not buf:
+                    break
+                lines = (tail + buf).split(b"\n")
+                tail = lines.pop()
+                data = [ln for ln in lines if ln[:1] == b" "]
+                seen += len(data)
+                if kept < max_samples and data:
+                    pick = np.flatnonzero(rng.random(len(data)) < 1.0 / sample_every)
+                    pick = pick[: max_samples - kept]
+                    a, wr = parse_lackey_lines([data[i] for i in pick])
+                    kept_a.append(a)
+                    kept_w.append(wr)
+                    kept += a.size
+                if progress is not None:
+                    progress(seen, kept)
+            if tail:
+                a, wr = parse_lackey_lines([tail])
+                seen += a.size
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    rc = proc.wait()
+    if rc != 0:
+        raise TiermemError(f"trace: {' '.join(cmd)} exited with status {rc} under valgrind; "
+                           "no trace written")
+    if kept == 0:
+        raise TiermemError("trace: no memory accesses recorded (program too short for the "
+                           f"sampling rate 1/{sample_every}?)")
+    addr = np.concatenate(kept_a)
+    return Trace.from_addresses(addr, pid=proc.pid, is_write=np.concatenate(kept_w),
+                                sub_page=True, space="vaddr",
+                                weight=np.full(addr.size, sample_every, np.float32),
+                                source="lackey", command=" ".join(cmd),
+                                sample_every=sample_every, data_accesses=seen,
+                                captured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def trace_from_batches(batches) -> Trace:
+    """A replayable trace from sampler records: one epoch per batch, weights kept."""
+    batches = [b for b in batches if len(b)]
+    if not batches:
+        raise TiermemError("sampler records: no samples to replay")
+    spaces = {b.space for b in batches}
+    if len(spaces) != 1:
+        raise TiermemError(f"sampler records: mixed address spaces {sorted(spaces)}")
+    b = AccessBatch.concat(batches)
+    epoch = np.repeat(np.arange(len(batches), dtype=np.uint32), [len(x) for x in batches])
+    return Trace.from_addresses(b.addr, pid=b.pid, is_write=b.is_write, sub_page=b.sub_page,
+                                space=b.space, weight=b.weight, epoch=epoch,
+                                source="sampler", intervals_s=[x.duration for x in batches])
