@@ -454,3 +454,16 @@ def thread_cpu_seconds(pid: int) -> float:
         return 0.0
     fields = s[s.rfind(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def node_phys_range(nid: int) -> tuple[int, int]:
+    """[start, end) of the physical memory of NUMA node nid, from its memory blocks (the
+    span; holes inside it are skipped by DAMON paddr as non-RAM)."""
+    node = f"/sys/devices/system/node/node{nid}"
+    if not kfs.exists(node):
+        raise TiermemError(f"NUMA node {nid} does not exist")
+    blocks = [int(d[6:]) for d in kfs.listdir(node) if d.startswith("memory") and d[6:].isdigit()]
+    if not blocks:
+        raise TiermemError(f"NUMA node {nid} has no memory blocks in sysfs")
+    bs = int(kfs.read("/sys/devices/system/memory/block_size_bytes"), 16)
+    return min(blocks) * bs, (max(blocks) + 1) * bs

@@ -141,3 +141,14 @@ def ensure_tracefs() -> str:
         raise TiermemError(f"cannot mount tracefs at {TRACEFS}: "
                            f"{(r.stderr or r.stdout).strip() or 'mount failed'}")
     return TRACEFS
+
+
+def ioctl(p: str, request: int, arg: bytearray, flags: int = os.O_RDONLY) -> int:
+    """ioctl(2) on a kernel file (e.g. PAGEMAP_SCAN on /proc/PID/pagemap); arg is a mutable
+    buffer the kernel may fill. Returns the ioctl's result; OSError on failure."""
+    import fcntl
+    fd = os.open(path(p), flags)
+    try:
+        return fcntl.ioctl(fd, request, arg, True)
+    finally:
+        os.close(fd)
