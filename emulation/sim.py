@@ -90,6 +90,9 @@ class SimResult:
     promotions: int = 0
     demotions: int = 0
     policy_cpu_s: float = 0.0        # wall time spent inside observe/plan (not in time_s)
+    final: Placement | None = None   # placement after the last epoch (page keys, tiers)
+    budget_pages: int = 0
+    capacity_pages: int = 0
     epochs: dict = field(default_factory=dict)   # column name -> np.ndarray per epoch
 
     @property
@@ -268,6 +271,9 @@ def simulate(trace: Trace, policy: Policy, model: TierModel, progress=None,
     if pend_pages:
         cols["time_s"][-1] += pend_pages * model.migrate_page_ns * 1e-9
     res.epochs = cols
+    placed = tiers != UNPLACED
+    res.final = Placement(keys[placed], tiers[placed], assume_sorted=True)
+    res.budget_pages, res.capacity_pages = bud.pages, cap.fast_pages
     res.accesses = float(cols["accesses"].sum())
     res.mem_accesses = float(cols["mem_accesses"].sum())
     res.fast_accesses = float(cols["fast_accesses"].sum())
