@@ -1,0 +1,130 @@
+"""Policy comparison in the simulator: fast-tier access ratio and estimated time vs the oracle.
+
+Workloads: zipf, a moving hot set, the sparse-page (Redis-like) workload, GUPS, PageRank over
+a generated power-law graph, and two real program traces captured with valgrind lackey
+(emulation/programs/hashtable.c, sortmerge.c; cached under $TIERMEM_TRACE_CACHE, default
+/var/cache/tiermem/traces, and regenerated when missing). Fast tier at 25% and 50% of each
+footprint; the same model, budget and sampling for every policy (see docs/policies.md).
+
+The simulation is deterministic (seeded), so each cell is one run; the oracle column is the
+baseline of every row, measured in the same run. Run:
+
+    .venv/bin/python bench/bench_policies.py [--quick] [--json out.json] [--plots DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from emulation import synth  # noqa: E402
+from emulation import trace as tracefmt  # noqa: E402
+from emulation.sim import TierModel, simulate  # noqa: E402
+from emulation.trace_capture import capture  # noqa: E402
+from tiermem.policies import make_policy  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.environ.get("TIERMEM_TRACE_CACHE", "/var/cache/tiermem/traces")
+POLICIES = ["oracle", "m5", "damon", "tpp", "first-touch", "interleave"]
+REAL = {  # name: (source, args, sample_every)
+    "hashtable": ("hashtable.c", ["200000", "1500000"], 8),
+    "sortmerge": ("sortmerge.c", ["150000", "600000"], 8),
+}
+
+
+def real_trace(name: str):
+    src, args, every = REAL[name]
+    os.makedirs(CACHE, exist_ok=True)
+    path = os.path.join(CACHE, f"{name}-{'-'.join(args)}-s{every}.npz")
+    if os.path.exists(path):
+        return tracefmt.load(path)
+    if not (shutil.which("gcc") and shutil.which("valgrind")):
+        raise SystemExit("bench_policies: real traces need gcc and valgrind "
+                         "(apt-get install gcc valgrind)")
+    exe = os.path.join(CACHE, name)
+    subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(ROOT, "emulation", "programs", src)],
+                   check=True)
+    t0 = time.monotonic()
+    print(f"capturing {name} under valgrind lackey (1 in {every} accesses)...", file=sys.stderr,
+          flush=True)
+    tr = capture([exe, *args], sample_every=every)
+    tr.save(path)
+    print(f"  {len(tr)} accesses, {tr.n_pages} pages, {time.monotonic() - t0:.0f} s",
+          file=sys.stderr, flush=True)
+    return tr
+
+
+def workloads(quick: bool):
+    n = 2_000_000 if quick else 6_000_000
+    yield "zipf", lambda: synth.zipf(pages=16384, accesses=n)
+    yield "hotset", lambda: synth.hotset(pages=16384, accesses=n, period=n // 3)
+    yield "sparse", lambda: synth.sparse(pages=16384, accesses=n)
+    yield "gups", lambda: synth.gups(pages=16384, accesses=n)
+    yield "pagerank", lambda: synth.pagerank(vertices=150_000, iterations=3 if not quick else 2)
+    yield "hashtable", lambda: real_trace("hashtable")
+    yield "sortmerge", lambda: real_trace("sortmerge")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="shorter synthetic traces")
+    ap.add_argument("--json", help="also write the results as JSON here")
+    ap.add_argument("--plots", help="write fast-ratio/migration plots per workload here")
+    a = ap.parse_args()
+    out = []
+    print("fast-tier access ratio (and ratio to the oracle) / estimated time relative to the "
+          "oracle;\nbudget 2 MB per epoch of 100k accesses, policies see 1 in 64 accesses")
+    hdr = f"{'workload':<10} {'fast':>4} {'footprint':>9} | " + " | ".join(
+        f"{p:>19}" for p in POLICIES)
+    print(hdr)
+    print("-" * len(hdr))
+    for name, make in workloads(a.quick):
+        tr = make()
+        fp = tr.n_pages * 4096 / 2**20
+        for pct in (25, 50):
+            model = TierModel(fast_mb=fp * pct / 100)
+            res = {p: simulate(tr, make_policy(p), model) for p in POLICIES}
+            o = res["oracle"]
+            cells = []
+            for p in POLICIES:
+                r = res[p]
+                cells.append(f"{r.fast_ratio:.3f} ({r.fast_ratio / o.fast_ratio:.2f}) "
+                             f"{r.time_s / o.time_s:4.2f}t")
+                out.append(dict(workload=name, fast_pct=pct, footprint_mb=fp,
+                                accesses=len(tr), **r.summary(),
+                                ratio_vs_oracle=r.fast_ratio / o.fast_ratio,
+                                time_vs_oracle=r.time_s / o.time_s))
+            print(f"{name:<10} {pct:>3}% {fp:7.1f}MB | " + " | ".join(f"{c:>19}" for c in cells),
+                  flush=True)
+            if a.plots:
+                from emulation.sim_plot import plot_results
+                plot_results(list(res.values()), os.path.join(a.plots, f"{name}-{pct}"),
+                             f"{name}, fast tier {pct}%")
+    print("\ncell: fast ratio (ratio / oracle's) and time / oracle's time ('t'); "
+          "higher ratio and lower time are better")
+    # goals from the issue
+    print("\ngoal checks:")
+    by = {(d["workload"], d["fast_pct"], d["policy"]): d for d in out}
+    for (w, pct, p), d in sorted(by.items()):
+        if p == "m5":
+            ok = d["ratio_vs_oracle"] >= 0.9
+            print(f"  m5 within 10% of oracle on {w:<10} {pct}%: "
+                  f"{'yes' if ok else 'NO '} ({d['ratio_vs_oracle']:.3f})")
+    for pct in (25, 50):
+        m5 = by[("sparse", pct, "m5")]["fast_ratio"]
+        for other in ("damon", "tpp"):
+            o = by[("sparse", pct, other)]["fast_ratio"]
+            print(f"  sparse {pct}%: m5 vs {other}: {100 * (m5 / o - 1):+.1f}% fast-tier ratio")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
