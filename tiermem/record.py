@@ -191,6 +191,13 @@ def _validate(r: Record, where: str) -> None:
 
 # --- recording -----------------------------------------------------------------------------
 
+def process_alive(pid: int) -> bool:
+    """True while pid runs (a zombie, exited but not yet reaped, counts as gone)."""
+    from tiermem import kfs
+    st = kfs.read(f"/proc/{pid}/stat", "")
+    return bool(st) and st[st.rfind(")") + 2:st.rfind(")") + 3] not in ("Z", "X", "")
+
+
 def base_meta(sampler, target) -> dict:
     return {"sampler": sampler.name, "kernel": platform.release(),
             "hostname": socket.gethostname(),
@@ -219,7 +226,7 @@ def record(sampler, target, duration: float, interval: float, progress=None) -> 
         while True:
             next_t += interval
             time.sleep(max(0.0, next_t - time.monotonic()))
-            gone = [p for p in target.pids if not os.path.exists(f"/proc/{p}")]
+            gone = [p for p in target.pids if not process_alive(p)]
             try:
                 batches.append(sampler.read_spans())
             except TiermemError as e:

@@ -1,13 +1,15 @@
 /* sampler_hot: a workload with a known hot range, for testing access samplers.
  *
- * usage: sampler_hot SIZE_MB NREGIONS HOT_INDEX SECONDS [PASS_US] [COLD_PERMIL]
+ * usage: sampler_hot SIZE_MB NREGIONS HOT_INDEX SECONDS [PASS_US] [COLD_PPM]
  *
  * Maps SIZE_MB of anonymous memory, splits it into NREGIONS equal regions and, every
  * PASS_US microseconds (default 10000), writes one word in every page of region HOT_INDEX
- * and in a random COLD_PERMIL/1000 (default 100, i.e. 10%) of the pages of the other
- * regions, a different subset each pass. So each hot page is accessed 1000/COLD_PERMIL
- * (10x) as often as each cold page, and any sampler whose sampling interval is about
- * PASS_US (or longer, up to a few passes) sees the hot region on top.
+ * and in a random COLD_PPM/1e6 (default 100000, i.e. 10%) of the pages of the other
+ * regions, a different subset each pass. So each hot page is accessed 1e6/COLD_PPM (10x)
+ * as often as each cold page, and any sampler whose sampling interval is about PASS_US
+ * (or longer, up to a few passes) sees the hot region on top. PASS_US 0 = busy loop (for
+ * NUMA hinting faults, whose scan window is counted in the task's CPU time: then give a
+ * small COLD_PPM so a cold page is rarely touched within one scan window).
  *
  * It prints "mapped base=0x... size=N" first; with SAMPLER_HOT_WAIT set in the environment
  * it then waits for one line on stdin before touching anything (so a sampler can be started
@@ -33,7 +35,7 @@ static double now(void)
 int main(int argc, char **argv)
 {
     if (argc < 5) {
-        fprintf(stderr, "usage: %s SIZE_MB NREGIONS HOT_INDEX SECONDS [PASS_US] [COLD_PERMIL]\n",
+        fprintf(stderr, "usage: %s SIZE_MB NREGIONS HOT_INDEX SECONDS [PASS_US] [COLD_PPM]\n",
                 argv[0]);
         return 2;
     }
@@ -41,10 +43,10 @@ int main(int argc, char **argv)
     long nreg = strtol(argv[2], NULL, 0), hot = strtol(argv[3], NULL, 0);
     double secs = strtod(argv[4], NULL);
     long pass_us = argc > 5 ? strtol(argv[5], NULL, 0) : 10000;
-    long permil = argc > 6 ? strtol(argv[6], NULL, 0) : 100;
+    long ppm = argc > 6 ? strtol(argv[6], NULL, 0) : 100000;
     long psz = sysconf(_SC_PAGESIZE);
-    if (size == 0 || nreg < 1 || hot < 0 || hot >= nreg || pass_us < 0 || permil < 0 ||
-        permil > 1000) {
+    if (size == 0 || nreg < 1 || hot < 0 || hot >= nreg || pass_us < 0 || ppm < 0 ||
+        ppm > 1000000) {
         fprintf(stderr, "sampler_hot: bad arguments\n");
         return 2;
     }
@@ -78,7 +80,7 @@ int main(int argc, char **argv)
             if (i >= hs && i < he)
                 continue;
             x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            if ((long)(x % 1000) < permil)
+            if ((long)(x % 1000000) < ppm)
                 base[i * psz]++;
         }
         next += pass_us * 1e-6;

@@ -177,6 +177,10 @@ class Sampler(abc.ABC):
             self._cpu += time.thread_time() - c0
             self._started = False
 
+    def prog_ids(self) -> list[int]:
+        """Kernel ids of the BPF programs this sampler has loaded now (for leak checks)."""
+        return []
+
     def metadata(self) -> dict:
         """Parameters worth recording with the samples (intervals, modes)."""
         return {}

@@ -124,7 +124,7 @@ class DamonSampler(Sampler):
 
     def _read_spans(self, t0, t1) -> Spans:
         if self.bpf is not None:
-            k, v = bpfu.drain_hash(self.bpf["regions"], _AKEY, _AVAL, ATTACH_MAX_ENTRIES)
+            k, v = bpfu.drain_hash(self.bpf[b"regions"], _AKEY, _AVAL, ATTACH_MAX_ENTRIES)
             keep = v["n"] > 0
             k, v = k[keep], v[keep]
             w = (v["acc"] / v["n"]).astype(np.float32)
@@ -170,6 +170,9 @@ class DamonSampler(Sampler):
             # BPF program on its tracepoint.
             return bpfu.prog_run_ns(self.bpf) / 1e9
         return self._final_kernel
+
+    def prog_ids(self) -> list[int]:
+        return bpfu.prog_ids(self.bpf) if self.bpf is not None else []
 
     def kdamond_pid(self) -> int:
         return self._kd_pid

@@ -98,14 +98,14 @@ class _BpfCounter(Sampler):
         self.bpf = bpfu.load(self.program, cflags=[f"-DMAX_ENTRIES={MAX_ENTRIES}",
                                                    f"-DMAX_PIDS={MAX_PIDS}"])
         import ctypes as ct
-        t = self.bpf["targets"]
+        t = self.bpf[b"targets"]
         for p in target.pids:
             t[ct.c_uint32(p)] = ct.c_uint8(1)
 
     def _read_spans(self, t0, t1) -> Spans:
-        k, v = bpfu.drain_hash(self.bpf["counts"], _KEY, _VAL, MAX_ENTRIES)
+        k, v = bpfu.drain_hash(self.bpf[b"counts"], _KEY, _VAL, MAX_ENTRIES)
         import ctypes as ct
-        d = self.bpf["dropped"]
+        d = self.bpf[b"dropped"]
         dropped = int(d[ct.c_int(0)].value)
         if dropped:
             d[ct.c_int(0)] = ct.c_uint64(0)

@@ -1,0 +1,139 @@
+"""sampler_hotcheck: run the sampler_hot workload under one sampler and score what it found.
+
+    python sampler_hotcheck.py --binary PATH --sampler damon|ebpf|pagemap|idle|damon-paddr
+        [--size-mb 64] [--regions 8] [--hot 3] [--seconds 4] [--pass-us 10000]
+        [--cold-ppm 100000] [--interval 0.5] [--sample-us 5000] [--aggr-us 100000]
+
+Prints one JSON object: the workload's hot range, the sampler's top-k pages (k = number of
+hot pages) scored against it (precision, recall), whether the hottest merged range from
+reports.hot() lies inside the hot range, the sampler's CPU cost (% of one core, after its
+one-off start cost), and what was left in the kernel after stop() (running kdamonds, BPF
+program ids still loaded). Used by the VM tests and by bench/bench_samplers.py; runs on the
+host or in the emulated CXL machine.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def prog_loaded(prog_id: int) -> bool:
+    """Whether a BPF program with this id still exists (BPF_PROG_GET_FD_BY_ID)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 32)()
+    attr[0] = prog_id
+    fd = libc.syscall(321, 13, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd >= 0:
+        os.close(fd)
+        return True
+    return False
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--sampler", required=True)
+    ap.add_argument("--size-mb", type=int, default=64)
+    ap.add_argument("--regions", type=int, default=8)
+    ap.add_argument("--hot", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--pass-us", type=int, default=10000)
+    ap.add_argument("--cold-ppm", type=int, default=100000)
+    ap.add_argument("--interval", type=float, default=0.5)
+    ap.add_argument("--sample-us", type=int, default=5000)
+    ap.add_argument("--aggr-us", type=int, default=100000)
+    ap.add_argument("--min-regions", type=int, default=10)
+    ap.add_argument("--max-regions", type=int, default=1000)
+    ap.add_argument("--warmup", type=float, default=0.5)
+    a = ap.parse_args(argv)
+
+    from tiermem import damon_sysfs, reports
+    from tiermem.record import record
+    from tiermem.samplers import REGISTRY, Target
+    from tiermem.samplers.damon import DamonSampler
+
+    wl = subprocess.Popen([a.binary, str(a.size_mb), str(a.regions), str(a.hot),
+                           str(a.seconds + a.warmup + 30), str(a.pass_us), str(a.cold_ppm)],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        line = wl.stdout.readline()
+        while line and not line.startswith("ready"):
+            line = wl.stdout.readline()
+        if not line:
+            print(json.dumps({"error": "workload did not start"}))
+            return 1
+        f = dict(re.findall(r"(\w+)=(\S+)", line))
+        base, size = int(f["base"], 16), int(f["size"])
+        hs, he = int(f["hot_start"], 16), int(f["hot_end"], 16)
+        time.sleep(a.warmup)
+        target = Target(pids=[wl.pid])
+        if a.sampler == "damon":
+            s = DamonSampler(a.sample_us, a.aggr_us, max(a.aggr_us, 1_000_000),
+                             a.min_regions, a.max_regions)
+        elif a.sampler == "damon-paddr":
+            # physical monitoring of the node the workload's memory is on
+            s = DamonSampler(a.sample_us, a.aggr_us, max(a.aggr_us, 1_000_000),
+                             a.min_regions, a.max_regions)
+            target = Target(phys_ranges=[damon_sysfs.node_phys_range(0)])
+        else:
+            s = REGISTRY[a.sampler]()
+        kd_before = [k["index"] for k in damon_sysfs.running_kdamonds()] \
+            if os.path.exists(damon_sysfs.ADMIN) else []
+        ids: list[int] = []
+
+        def note_progs(*_):      # called after every read, while the sampler runs
+            ids.extend(i for i in s.prog_ids() if i not in ids)
+        rec = record(s, target, a.seconds, a.interval, note_progs)
+        kd_after = [k["index"] for k in damon_sysfs.running_kdamonds()] \
+            if os.path.exists(damon_sysfs.ADMIN) else []
+        dur = rec.meta["duration_s"]
+        cpu = rec.meta["cpu_seconds"] - rec.meta["setup_cpu_seconds"]
+        page = 4096
+        truth = np.arange(hs // page, he // page, dtype=np.uint64)
+        if a.sampler == "damon-paddr":
+            from tiermem import native
+            ent = native.pagemap_read(wl.pid, base, size // page)
+            d = native.pagemap_decode(ent)
+            pfn = d["pfn"]
+            vpages = np.arange(base // page, (base + size) // page, dtype=np.uint64)
+            hot_mask = (vpages >= np.uint64(hs // page)) & (vpages < np.uint64(he // page))
+            truth = pfn[hot_mask & d["present"]]
+            pages, scores = reports.page_scores(rec)
+            mine = np.isin(pages, pfn[d["present"]])
+            pages, scores = pages[mine], scores[mine]
+        else:
+            pages, scores = reports.page_scores(rec, pid=wl.pid)
+            inside = (pages >= np.uint64(base // page)) & (pages < np.uint64((base + size) // page))
+            pages, scores = pages[inside], scores[inside]
+        prec, rec_ = reports.precision_recall(pages, scores, truth, truth.size)
+        top = [r for r in reports.hot(rec, 20) if r["pid"] == wl.pid
+               and base <= r["start"] < base + size] if a.sampler != "damon-paddr" else []
+        out = {"sampler": a.sampler, "size_mb": a.size_mb, "hot_start": hs, "hot_end": he,
+               "batches": rec.nr_batches, "pages_seen": int((scores > 0).sum()),
+               "precision": prec, "recall": rec_,
+               "top_range": top[0] if top else None,
+               "top_inside_hot": bool(top and hs <= top[0]["start"] and top[0]["end"] <= he),
+               "cpu_seconds": cpu, "duration_s": dur,
+               "cpu_percent": 100.0 * cpu / dur if dur > 0 else 0.0,
+               "setup_cpu_seconds": rec.meta["setup_cpu_seconds"],
+               "sampler_meta": rec.meta.get("sampler_meta", {}),
+               "kdamonds_before": kd_before, "kdamonds_after": kd_after,
+               "bpf_prog_ids": ids, "bpf_progs_left": [i for i in ids if prog_loaded(i)],
+               "ended_early": rec.meta.get("ended_early")}
+        print(json.dumps(out))
+        return 0
+    finally:
+        wl.kill()
+        wl.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Samplers inside the emulated CXL machine (Debian 6.12 kernel: DAMON vaddr+paddr,
+soft-dirty, NUMA balancing): the sampler_hot workload's hot region (1 of 8) must come out on
+top, and stopping must leave no kdamond and no BPF program behind."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+CHECK = os.path.join(ROOT, "emulation/workloads/sampler_hotcheck.py")
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def hot_binary(cxl_vm):
+    out = os.path.join(cxl_vm.workdir, "sampler_hot")
+    subprocess.run(["gcc", "-O2", "-o", out,
+                    os.path.join(ROOT, "emulation/workloads/sampler_hot.c")], check=True)
+    return out
+
+
+def _check(vm, binary, sampler, *extra, timeout=300):
+    r = vm.run([PY, CHECK, "--binary", binary, "--sampler", sampler, *extra], timeout=timeout)
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout}\n{r.stderr}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _no_leftovers(res):
+    assert res["kdamonds_after"] == res["kdamonds_before"], res
+    assert res["bpf_progs_left"] == [], res
+
+
+def test_damon_vaddr_finds_hot_region(cxl_vm, hot_binary):
+    res = _check(cxl_vm, hot_binary, "damon", "--seconds", "4", "--interval", "0.2",
+                 "--sample-us", "10000", "--aggr-us", "200000", "--pass-us", "10000")
+    assert res["batches"] >= 5, res
+    assert res["top_inside_hot"], res
+    assert res["recall"] >= 0.8, res
+    _no_leftovers(res)
+
+
+def test_damon_paddr_sees_hot_pages(cxl_vm, hot_binary):
+    res = _check(cxl_vm, hot_binary, "damon-paddr", "--seconds", "4", "--interval", "0.2",
+                 "--sample-us", "10000", "--aggr-us", "200000", "--pass-us", "10000",
+                 "--min-regions", "200", "--max-regions", "2000")
+    assert res["batches"] >= 5, res
+    assert res["pages_seen"] > 0, res
+    # physical pages of the hot region are scattered among other memory: DAMON's regions
+    # mix them with cold pages, so ask only for clearly better than the 1/8 base rate.
+    assert res["precision"] > 0.25, res
+    _no_leftovers(res)
+
+
+def test_pagemap_soft_dirty_finds_hot_region(cxl_vm, hot_binary):
+    res = _check(cxl_vm, hot_binary, "pagemap", "--seconds", "3", "--interval", "0.05",
+                 "--pass-us", "100000", "--cold-ppm", "20000")
+    assert res["top_inside_hot"], res
+    assert res["recall"] >= 0.8, res
+    _no_leftovers(res)
+
+
+NB = "/sys/kernel/debug/sched/numa_balancing"
+
+
+def test_ebpf_hint_faults_find_hot_region(cxl_vm, hot_binary):
+    # NUMA balancing on, with a short scan period, so the kernel's hinting faults sample
+    # accesses; restored afterwards.
+    saved = cxl_vm.run(f"cat /proc/sys/kernel/numa_balancing {NB}/scan_period_min_ms "
+                       f"{NB}/scan_period_max_ms {NB}/scan_delay_ms", timeout=30)
+    assert saved.returncode == 0, saved.stderr
+    old = saved.stdout.split()
+    cxl_vm.run(f"echo 1 > /proc/sys/kernel/numa_balancing; echo 100 > {NB}/scan_period_min_ms;"
+               f" echo 200 > {NB}/scan_period_max_ms; echo 0 > {NB}/scan_delay_ms",
+               timeout=30, check=True)
+    try:
+        res = _check(cxl_vm, hot_binary, "ebpf", "--seconds", "5", "--interval", "0.5",
+                     "--pass-us", "0", "--cold-ppm", "300", "--warmup", "1")
+    finally:
+        cxl_vm.run(f"echo {old[0]} > /proc/sys/kernel/numa_balancing; "
+                   f"echo {old[1]} > {NB}/scan_period_min_ms; "
+                   f"echo {old[2]} > {NB}/scan_period_max_ms; echo {old[3]} > {NB}/scan_delay_ms",
+                   timeout=30)
+    assert res["sampler_meta"]["numa_balancing"] == "1"
+    assert res["pages_seen"] > 0, res
+    assert res["recall"] >= 0.8, res
+    assert res["bpf_prog_ids"], res
+    _no_leftovers(res)
+
+
+def test_damon_target_exit_leaves_nothing(cxl_vm, hot_binary):
+    """The target exits while DAMON vaddr samples it: the record keeps what was read, the
+    CLI exits non-zero with one line, and no kdamond is left."""
+    out = os.path.join(cxl_vm.workdir, "exit.rec")
+    r = cxl_vm.run(f"{hot_binary} 16 8 3 1.5 & sleep 0.3; "
+                   f"{PY} -m tiermem.cli record $! -s damon -d 10 -i 0.2 -o {out}; "
+                   f"echo rc=$?; cat /sys/kernel/mm/damon/admin/kdamonds/nr_kdamonds",
+                   timeout=120)
+    lines = r.stdout.strip().splitlines()
+    assert "rc=1" in lines, r.stdout + r.stderr
+    assert lines[-1] == "0", "kdamond directories left behind: " + r.stdout
+    err = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("tiermem:")]
+    assert len(err) == 1 and ("exited" in err[0] or "stopped" in err[0]), r.stderr
+    assert os.path.exists(out)
+    from tiermem import record
+    rec = record.load(out)
+    assert rec.nr_batches >= 1 and "ended_early" in rec.meta
+
+
+def test_damon_stale_kdamond_refused_then_forced(cxl_vm):
+    """A kdamond left running by a 'crashed' run is named and refused; --force takes over."""
+    script = r"""
+import json, os, subprocess, sys, time
+from tiermem import damon_sysfs as ds
+from tiermem.errors import TiermemError
+cfg = ds.DamonConfig(ops="vaddr", pids=[os.getpid()])
+k = ds.Kdamond(cfg); k.start()
+# simulate a crash: forget it, pretend the owner is a dead pid
+st = ds._read_state(); st["owner_pid"] = 999999; ds._write_state(st)
+out = {}
+try:
+    ds.Kdamond(ds.DamonConfig(ops="vaddr", pids=[os.getpid()])).start()
+    out["refused"] = ""
+except TiermemError as e:
+    out["refused"] = str(e)
+k2 = ds.Kdamond(ds.DamonConfig(ops="vaddr", pids=[os.getpid()]), force=True)
+k2.start(); out["forced_running"] = k2.running; k2.stop()
+out["left"] = ds.nr_kdamonds(); out["running"] = ds.running_kdamonds()
+print(json.dumps(out))
+"""
+    r = cxl_vm.run([PY, "-c", script], timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "kdamond 0" in out["refused"] and "stale" in out["refused"], out
+    assert "--force" in out["refused"]
+    assert out["forced_running"] and out["running"] == [], out
+
+
+def test_damon_intervals_out_of_range(cxl_vm):
+    r = cxl_vm.run([PY, "-m", "tiermem.cli", "record", "1", "-s", "damon", "--sample-us", "5",
+                    "-d", "1", "-o", os.path.join(cxl_vm.workdir, "x.rec")], timeout=60)
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "sampling interval 5 us out of range" in err[0], r.stderr
+    assert not os.path.exists(os.path.join(cxl_vm.workdir, "x.rec"))
