@@ -329,8 +329,11 @@ int64_t cx_dump_runs(int pid, int memfd, int n, const uint64_t *addr, const uint
                                       (off_t)(uintptr_t)remote[q].iov_base + o);
                     if (r < 0)
                         return -errno;
-                    if (r == 0)
-                        return -EFAULT;
+                    if (r == 0) {          /* end of a file object: the tail page is zero */
+                        memset(out + total + got, 0, remote[q].iov_len - o);
+                        got += remote[q].iov_len - o;
+                        break;
+                    }
                     o += r;
                     got += r;
                 }

@@ -1,0 +1,443 @@
+"""The image: a 0700 directory holding manifest.json (0600), plus its page file in the store.
+
+The manifest is versioned JSON (format "cxlfork-image", version 1): maps and their page runs,
+registers, xstate, signals, fds, mm fields, rlimits, and the store file with its size and
+content hash; a SHA-256 over the canonical JSON of everything else protects it. It is written
+into IMAGE.tmp.PID and published by renaming that directory to IMAGE. `load` checks the
+checksum and then every field (types, ranges, alignment, overlaps, runs inside the store), so a
+corrupt or hostile manifest is refused before anything is spawned. `hot.json` (optional,
+written later by `cxlfork profile`) records pages clones touched, for the hybrid policy.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+
+from cxlfork import FORMAT, FORMAT_VERSION
+from cxlfork.errors import ImageError
+
+MANIFEST = "manifest.json"
+HOT = "hot.json"
+MAX_MANIFEST = 256 << 20
+PAGE = 4096
+USER_TOP = 1 << 47
+REGION = (0x100000000000, 0x100040000000)    # the restorer's; see native/restorer.ld
+VMA_KINDS = {"anon", "file", "shmem", "special"}
+FD_KINDS = {"file", "dir", "chr", "pipe", "eventfd", "memfd", "stdio"}
+REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+             "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base",
+             "gs_base", "ds", "es", "fs", "gs")
+MM_FIELDS = ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
+             "start_stack", "arg_start", "arg_end", "env_start", "env_end")
+
+
+def canonical(d: dict) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+
+def checksum(m: dict) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in m.items() if k != "checksum"})).hexdigest()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(s: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(s, validate=True)
+    except (ValueError, TypeError) as e:
+        raise ImageError(f"manifest field {what}: not valid base64") from e
+
+
+# -- writing -----------------------------------------------------------------------------------
+def tmp_dir_for(image: str) -> str:
+    return f"{image}.tmp.{os.getpid()}"
+
+
+def write_tmp(image: str, manifest: dict) -> str:
+    """Write the manifest into IMAGE.tmp.PID (0700 dir, 0600 file); return that directory."""
+    tmp = tmp_dir_for(image)
+    os.mkdir(tmp, 0o700)
+    os.chmod(tmp, 0o700)
+    manifest = dict(manifest)
+    manifest["checksum"] = checksum(manifest)
+    fd = os.open(os.path.join(tmp, MANIFEST), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def publish(tmp: str, image: str) -> None:
+    try:
+        os.rename(tmp, image)
+    except OSError as e:
+        raise ImageError(f"cannot publish image {image}: {e.strerror}") from e
+
+
+# -- reading and validation --------------------------------------------------------------------
+def read_manifest_raw(image: str) -> dict:
+    path = os.path.join(image, MANIFEST)
+    if not os.path.isdir(image):
+        raise ImageError(f"{image}: no such image (not a directory)")
+    try:
+        st = os.stat(path)
+        if st.st_size > MAX_MANIFEST:
+            raise ImageError(f"{path}: manifest is {st.st_size} bytes, more than the "
+                             f"{MAX_MANIFEST >> 20} MiB limit")
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise ImageError(f"{image}: no manifest.json (not a cxlfork image, or unpublished)") \
+            from e
+    try:
+        m = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ImageError(f"{path}: corrupt manifest (not JSON: {e})") from e
+    if not isinstance(m, dict):
+        raise ImageError(f"{path}: corrupt manifest (not a JSON object)")
+    return m
+
+
+def image_id_of(image: str) -> str | None:
+    try:
+        m = read_manifest_raw(image)
+    except ImageError:
+        return None
+    return m.get("id") if isinstance(m.get("id"), str) else None
+
+
+class _V:
+    """Field checks with a precise path in the message."""
+
+    def __init__(self, image: str):
+        self.image = image
+
+    def fail(self, where: str, why: str):
+        raise ImageError(f"image {self.image}: manifest field {where}: {why}")
+
+    def get(self, d, key, typ, where, optional=False):
+        if not isinstance(d, dict):
+            self.fail(where, "expected an object")
+        if key not in d:
+            if optional:
+                return None
+            self.fail(f"{where}.{key}" if where else key, "missing")
+        v = d[key]
+        if optional and v is None:
+            return None
+        w = f"{where}.{key}" if where else key
+        if typ is int:
+            if not isinstance(v, int) or isinstance(v, bool):
+                self.fail(w, f"expected an integer, got {type(v).__name__}")
+        elif typ is bool:
+            if not isinstance(v, bool):
+                self.fail(w, "expected true/false")
+        elif not isinstance(v, typ):
+            self.fail(w, f"expected {typ.__name__}, got {type(v).__name__}")
+        return v
+
+    def int_in(self, d, key, lo, hi, where):
+        v = self.get(d, key, int, where)
+        if not lo <= v < hi:
+            self.fail(f"{where}.{key}" if where else key, f"{v} out of range [{lo}, {hi})")
+        return v
+
+
+def validate(m: dict, image: str = "?") -> dict:
+    v = _V(image)
+    if m.get("format") != FORMAT:
+        v.fail("format", f"not a cxlfork image (expected {FORMAT!r})")
+    ver = m.get("version")
+    if ver != FORMAT_VERSION:
+        v.fail("version", f"image format version {ver!r}; this cxlfork reads version "
+                          f"{FORMAT_VERSION}")
+    if m.get("checksum") != checksum(m):
+        raise ImageError(f"image {image}: manifest checksum mismatch (corrupt or edited)")
+    v.get(m, "id", str, "")
+    if not m["id"].isalnum() or len(m["id"]) > 64:
+        v.fail("id", "must be alphanumeric")
+    regs = v.get(m, "regs", dict, "")
+    for n in REG_NAMES:
+        v.int_in(regs, n, 0, 2**64, "regs")
+    xs = unb64(v.get(m, "xstate", str, ""), "xstate")
+    if not 512 <= len(xs) <= 16384:
+        v.fail("xstate", f"{len(xs)} bytes, expected 512..16384")
+    proc = v.get(m, "process", dict, "")
+    v.get(proc, "cwd", str, "process")
+    v.int_in(proc, "umask", 0, 0o1000, "process")
+    for k in ("pgid_leader", "sid_leader"):
+        v.get(proc, k, bool, "process")
+    exe = v.get(proc, "exe", dict, "process")
+    _file_ref(v, exe, "process.exe")
+    mm = v.get(m, "mm", dict, "")
+    for k in MM_FIELDS:
+        v.int_in(mm, k, 0, USER_TOP, "mm")
+    if len(unb64(v.get(mm, "auxv", str, "mm"), "mm.auxv")) > 4096:
+        v.fail("mm.auxv", "too long")
+    sigs = v.get(m, "signals", dict, "")
+    v.int_in(sigs, "blocked", 0, 2**64, "signals")
+    for i, a in enumerate(v.get(sigs, "actions", list, "signals")):
+        w = f"signals.actions[{i}]"
+        v.int_in(a, "sig", 1, 65, w)
+        if a["sig"] in (9, 19):
+            v.fail(w, "SIGKILL/SIGSTOP cannot have actions")
+        for k in ("handler", "flags", "restorer", "mask"):
+            v.int_in(a, k, 0, 2**64, w)
+    alt = v.get(sigs, "altstack", dict, "signals")
+    v.int_in(alt, "sp", 0, USER_TOP, "signals.altstack")
+    v.int_in(alt, "flags", -2**31, 2**31, "signals.altstack")
+    v.int_in(alt, "size", 0, 2**40, "signals.altstack")
+    rseq = v.get(m, "rseq", dict, "", optional=True)
+    if rseq is not None:
+        v.int_in(rseq, "addr", 1, USER_TOP, "rseq")
+        v.int_in(rseq, "len", 20, 4096, "rseq")
+        v.int_in(rseq, "sig", 0, 2**32, "rseq")
+    v.int_in(m, "tid_address", 0, USER_TOP, "")
+    rl = v.get(m, "robust_list", dict, "")
+    v.int_in(rl, "head", 0, USER_TOP, "robust_list")
+    v.int_in(rl, "len", 0, 4096, "robust_list")
+    lims = v.get(m, "rlimits", dict, "")
+    from cxlfork.procfs import RLIMITS
+    for k, val in lims.items():
+        if k not in RLIMITS:
+            v.fail(f"rlimits.{k}", "unknown resource")
+        if not (isinstance(val, list) and len(val) == 2
+                and all(isinstance(x, int) and -1 <= x < 2**64 for x in val)):
+            v.fail(f"rlimits.{k}", "expected [soft, hard]")
+
+    store = v.get(m, "store", dict, "")
+    sf = v.get(store, "file", str, "store")
+    if "/" in sf or sf in ("", ".", "..") or not sf.endswith(".pages"):
+        v.fail("store.file", f"{sf!r} is not a plain page-file name")
+    npages = v.int_in(store, "pages", 0, 2**40, "store")
+    v.get(store, "dir", str, "store")
+    v.get(store, "hash", str, "store")
+    v.int_in(store, "node", 0, 1024, "store")
+
+    objs = v.get(m, "objects", list, "")
+    obj_ids = set()
+    for i, o in enumerate(objs):
+        w = f"objects[{i}]"
+        oid = v.int_in(o, "id", 0, 2**31, w)
+        obj_ids.add(oid)
+        if v.get(o, "kind", str, w) not in ("memfd", "shmem"):
+            v.fail(f"{w}.kind", "expected memfd or shmem")
+        v.get(o, "name", str, w)
+        size = v.int_in(o, "size", 0, 1 << 44, w)
+        v.int_in(o, "seals", 0, 1 << 16, w)
+        _runs(v, o, 0, size, npages, w, page_aligned_end=False)
+
+    vmas = v.get(m, "vmas", list, "")
+    prev_end = 0
+    nspecial = 0
+    for i, a in enumerate(vmas):
+        w = f"vmas[{i}]"
+        s = v.int_in(a, "start", PAGE, USER_TOP, w)
+        e = v.int_in(a, "end", PAGE, USER_TOP + 1, w)
+        if s % PAGE or e % PAGE or e <= s:
+            v.fail(w, f"bad range {s:#x}-{e:#x}")
+        if s < prev_end:
+            v.fail(w, "overlaps or is out of order with the previous mapping")
+        if s < REGION[1] and e > REGION[0]:
+            v.fail(w, "overlaps the restorer's reserved region")
+        prev_end = e
+        v.int_in(a, "prot", 0, 8, w)
+        kind = v.get(a, "kind", str, w)
+        if kind not in VMA_KINDS:
+            v.fail(f"{w}.kind", f"unknown kind {kind!r}")
+        v.get(a, "shared", bool, w)
+        v.get(a, "growsdown", bool, w)
+        if v.int_in(a, "offset", 0, 1 << 60, w) % PAGE:
+            v.fail(f"{w}.offset", "not page-aligned")
+        for f in v.get(a, "madvise", list, w):
+            if not isinstance(f, int) or not 0 <= f < 100:
+                v.fail(f"{w}.madvise", "bad advice")
+        if kind == "special":
+            nspecial += 1
+            if v.get(a, "path", str, w) not in ("[vdso]", "[vvar]", "[vvar_vclock]"):
+                v.fail(f"{w}.path", "unknown special mapping")
+        if kind == "file":
+            _file_ref(v, v.get(a, "file", dict, w), f"{w}.file")
+        if kind == "shmem":
+            if v.int_in(a, "object", 0, 2**31, w) not in obj_ids:
+                v.fail(f"{w}.object", "no such object")
+        _runs(v, a, s, e, npages, w)
+    if nspecial > 4:
+        v.fail("vmas", "more than 4 vvar/vdso mappings")
+
+    fds = v.get(m, "fds", list, "")
+    seen = set()
+    for i, f in enumerate(fds):
+        w = f"fds[{i}]"
+        n = v.int_in(f, "fd", 0, 1 << 20, w)
+        if n in seen:
+            v.fail(w, f"fd {n} listed twice")
+        seen.add(n)
+        k = v.get(f, "kind", str, w)
+        if k not in FD_KINDS:
+            v.fail(f"{w}.kind", f"unknown fd kind {k!r}")
+        v.int_in(f, "flags", 0, 1 << 24, w)
+        v.get(f, "cloexec", bool, w)
+        dup = v.get(f, "dup_of", int, w, optional=True)
+        if dup is not None and (dup not in seen or dup == n):
+            v.fail(f"{w}.dup_of", "must name an earlier fd")
+        if dup is not None:
+            continue
+        if k in ("file", "dir", "chr"):
+            v.get(f, "path", str, w)
+            v.int_in(f, "pos", 0, 1 << 62, w)
+        if k == "pipe":
+            v.int_in(f, "pipe", 0, 1 << 40, w)
+            v.get(f, "end", str, w)
+            if f["end"] not in ("r", "w"):
+                v.fail(f"{w}.end", "expected r or w")
+            unb64(v.get(f, "data", str, w, optional=True) or "", f"{w}.data")
+        if k == "eventfd":
+            v.int_in(f, "count", 0, 2**64, w)
+        if k == "memfd":
+            if v.int_in(f, "object", 0, 2**31, w) not in obj_ids:
+                v.fail(f"{w}.object", "no such object")
+            v.int_in(f, "pos", 0, 1 << 62, w)
+    return m
+
+
+def _file_ref(v: _V, f: dict, w: str) -> None:
+    p = v.get(f, "path", str, w)
+    if not p.startswith("/"):
+        v.fail(f"{w}.path", "expected an absolute path")
+    for k in ("dev", "ino", "size", "mtime_ns"):
+        v.int_in(f, k, 0, 2**64, w)
+
+
+def _runs(v: _V, d: dict, lo: int, hi: int, npages: int, w: str, page_aligned_end=True):
+    runs = v.get(d, "runs", list, w)
+    prev = lo
+    for j, r in enumerate(runs):
+        if not (isinstance(r, list) and len(r) == 3
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
+            v.fail(f"{w}.runs[{j}]", "expected [address, pages, store page]")
+        a, n, sp = r
+        if a % PAGE or n <= 0 or a < prev or a + n * PAGE > (hi if page_aligned_end else
+                                                             hi + PAGE - 1):
+            v.fail(f"{w}.runs[{j}]", "outside its mapping, unaligned, or out of order")
+        if sp < 0 or sp + n > npages:
+            v.fail(f"{w}.runs[{j}]", "points past the end of the page file")
+        prev = a + n * PAGE
+
+
+def load(image: str) -> dict:
+    """The validated manifest of a published image."""
+    image = os.path.abspath(image)
+    return validate(read_manifest_raw(image), image)
+
+
+def store_file(m: dict) -> str:
+    return os.path.join(m["store"]["dir"], m["store"]["file"])
+
+
+def open_store_file(m: dict, image: str) -> int:
+    """fd of the image's page file, after checking its size (hash: see verify)."""
+    p = store_file(m)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        raise ImageError(f"image {image}: page file {p} is missing (removed, or the store "
+                         "tmpfs was unmounted or rebooted away)") from e
+    size = os.fstat(fd).st_size
+    if size != m["store"]["pages"] * PAGE:
+        os.close(fd)
+        raise ImageError(f"image {image}: page file {p} is {size} bytes, the manifest says "
+                         f"{m['store']['pages'] * PAGE} (truncated or replaced)")
+    return fd
+
+
+def check_file(ref: dict, what: str) -> None:
+    try:
+        st = os.stat(ref["path"])
+    except OSError as e:
+        raise ImageError(f"{what} {ref['path']}: {e.strerror}") from e
+    if (st.st_ino, st.st_size, st.st_mtime_ns) != (ref["ino"], ref["size"], ref["mtime_ns"]):
+        raise ImageError(f"{what} {ref['path']} changed since the checkpoint (inode, size or "
+                         "mtime differ); restoring would map different contents")
+
+
+def verify(image: str) -> dict:
+    """Check everything: manifest checksum and fields, page file size and hash, files mapped
+    or used, hot record. Returns a summary; raises ImageError on the first problem."""
+    from cxlfork.native import lib
+    m = load(image)
+    fd = open_store_file(m, image)
+    try:
+        h = lib.cx_hash_file(fd, 0, m["store"]["pages"] * PAGE)
+    finally:
+        os.close(fd)
+    if f"{h:016x}" != m["store"]["hash"]:
+        raise ImageError(f"image {image}: page file {store_file(m)} content hash mismatch "
+                         f"({h:016x} != {m['store']['hash']})")
+    check_file(m["process"]["exe"], "executable")
+    for a in m["vmas"]:
+        if a["kind"] == "file":
+            check_file(a["file"], "mapped file")
+    hot = load_hot(image, m)
+    return {"image": os.path.abspath(image), "id": m["id"], "pages": m["store"]["pages"],
+            "vmas": len(m["vmas"]), "fds": len(m["fds"]),
+            "hot_pages": int(sum(bin(b).count("1") for b in hot)) if hot is not None else None}
+
+
+def load_hot(image: str, m: dict) -> bytes | None:
+    """Bitmap over store pages that clones touched (hot.json), or None when not recorded."""
+    p = os.path.join(image, HOT)
+    if not os.path.exists(p):
+        return None
+    try:
+        with open(p) as f:
+            h = json.load(f)
+        bits = base64.b64decode(h["bits"], validate=True)
+        ok = (h.get("id") == m["id"] and hashlib.sha256(bits).hexdigest() == h.get("sha256")
+              and len(bits) == (m["store"]["pages"] + 7) // 8)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ImageError(f"image {image}: corrupt {HOT} ({e})") from e
+    if not ok:
+        raise ImageError(f"image {image}: {HOT} does not match this image (id, size or hash)")
+    return bits
+
+
+def write_hot(image: str, m: dict, bits: bytes) -> None:
+    p = os.path.join(image, HOT)
+    tmp = f"{p}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"id": m["id"], "bits": b64(bits),
+                   "sha256": hashlib.sha256(bits).hexdigest()}, f)
+    os.rename(tmp, p)
+
+
+def remove(image: str) -> list[str]:
+    """Delete an image directory and its page file; returns what was removed."""
+    image = os.path.abspath(image)
+    removed = []
+    try:
+        m = read_manifest_raw(image)
+        sf = m.get("store", {}).get("file")
+        sd = m.get("store", {}).get("dir")
+        ok_name = isinstance(sf, str) and "/" not in sf and sf.endswith(".pages")
+        if ok_name and isinstance(sd, str):
+            for q in (os.path.join(sd, sf), os.path.join(sd, sf[:-6] + ".owner")):
+                if os.path.exists(q):
+                    os.unlink(q)
+                    removed.append(q)
+    except ImageError:
+        if not os.path.isdir(image):
+            raise
+    if not os.path.exists(os.path.join(image, MANIFEST)) and os.path.isdir(image) \
+            and os.listdir(image):
+        raise ImageError(f"{image} is not a cxlfork image (no manifest.json); not removing it")
+    shutil.rmtree(image)
+    removed.append(image)
+    return removed

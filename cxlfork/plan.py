@@ -1,0 +1,147 @@
+"""The restore plan: the compact binary program cxlfork-restorer runs (see native/restorer.c).
+
+Header (u64 words): magic, version, op count, ops offset, special count, original vDSO
+address, 4 x (address, length) of vvar/vvar_vclock/vdso, error fd, region low, region high,
+then the ops, 8 u64 each: type and up to 7 arguments, then the auxv bytes and the
+prctl_mm_map that PR_SET_MM_MAP reads (pointers are absolute: the plan is mapped at PLAN_ADDR).
+
+How a policy turns into ops, per mapping of the image:
+    anon    mmap anonymous (MAP_GROWSDOWN for stacks); then each stored run either
+            mmap'd from the page file MAP_PRIVATE (mow; hybrid for pages nobody touched) or
+            pread into the anonymous memory (moa; hybrid for touched pages; always for stacks)
+    file    mmap the file (MAP_PRIVATE/MAP_SHARED); copied-on-write pages pread back in
+    shmem   mmap the clone's own memfd holding the object (MAP_SHARED, or MAP_PRIVATE + pages)
+"""
+from __future__ import annotations
+
+import base64
+import struct
+
+import numpy as np
+
+PLAN_MAGIC = 0x314E414C50584643
+PLAN_VERSION = 1
+REGION_LO, REGION_HI = 0x100000000000, 0x100040000000
+PLAN_ADDR = REGION_LO + 0x20000000
+HDR_WORDS = 32
+(OP_MMAP, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK, OP_SIGMASK, OP_RSEQ,
+ OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL) = range(1, 15)
+MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
+PROT_W = 2
+PAGE = 4096
+POLICIES = ("mow", "moa", "hybrid")
+
+
+class Plan:
+    def __init__(self):
+        self.ops: list[tuple[int, ...]] = []
+
+    def op(self, *a: int) -> None:
+        self.ops.append(tuple(int(x) & (2**64 - 1) for x in a) + (0,) * (8 - len(a)))
+
+
+def _split_hot(run, hot: np.ndarray | None):
+    """Split a stored run [addr, pages, store_page] into (addr, pages, store_page, eager)."""
+    addr, n, sp = run
+    if hot is None:
+        yield addr, n, sp, False
+        return
+    seg = hot[sp:sp + n]
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and seg[j] == seg[i]:
+            j += 1
+        yield addr + i * PAGE, j - i, sp + i, bool(seg[i])
+        i = j
+
+
+def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None) -> bytes:
+    """fdnums: 'store', 'err', 'exe', ('file', vma index), ('obj', object id), 'close' (list of
+    the restorer's own fds), 'cloexec' (list)."""
+    if policy not in POLICIES:
+        raise ValueError(policy)
+    hot = None
+    if policy == "hybrid" and hot_bits is not None:
+        hot = np.unpackbits(np.frombuffer(hot_bits, dtype=np.uint8),
+                            bitorder="little")[:m["store"]["pages"]].astype(bool)
+    p = Plan()
+    store = fdnums["store"]
+    specials = []
+    for i, v in enumerate(m["vmas"]):
+        s, e, prot = v["start"], v["end"], v["prot"]
+        kind = v["kind"]
+        if kind == "special":
+            specials.append((v["start"], v["end"] - v["start"], v["path"]))
+            continue
+        runs = v["runs"]
+        eager_all = policy == "moa" or v["growsdown"]
+        needs_w = False
+        if kind == "anon":
+            flags = MAP_PRIVATE | MAP_ANON | (MAP_GROWSDOWN if v["growsdown"] else 0)
+            p.op(OP_MMAP, s, e - s, prot, flags, -1, 0)
+            for addr, n, sp, eager in (x for r in runs for x in _split_hot(r, hot)):
+                if eager or eager_all:
+                    if not prot & PROT_W and not needs_w:
+                        p.op(OP_MPROTECT, s, e - s, prot | PROT_W)
+                        needs_w = True
+                    p.op(OP_PREAD, store, addr, n * PAGE, sp * PAGE)
+                else:
+                    p.op(OP_MMAP, addr, n * PAGE, prot | (PROT_W if needs_w else 0),
+                         MAP_PRIVATE, store, sp * PAGE)
+        else:
+            fd = fdnums[("file", i)] if kind == "file" else fdnums[("obj", v["object"])]
+            p.op(OP_MMAP, s, e - s, prot, MAP_SHARED if v["shared"] else MAP_PRIVATE, fd,
+                 v["offset"])
+            if runs and not prot & PROT_W:
+                p.op(OP_MPROTECT, s, e - s, prot | PROT_W)
+                needs_w = True
+            for addr, n, sp in runs:
+                p.op(OP_PREAD, store, addr, n * PAGE, sp * PAGE)
+        if needs_w:
+            p.op(OP_MPROTECT, s, e - s, prot)
+        for adv in v["madvise"]:
+            p.op(OP_MADVISE, s, e - s, adv)
+
+    sig = m["signals"]
+    for a in sig["actions"]:
+        p.op(OP_SIGACTION, a["sig"], a["handler"], a["flags"], a["restorer"], a["mask"])
+    alt = sig["altstack"]
+    if not alt["flags"] & 2:                       # SS_DISABLE
+        p.op(OP_SIGALTSTACK, alt["sp"], alt["flags"] & ~1 & 0xFFFFFFFF, alt["size"])
+    if m["rseq"]:
+        r = m["rseq"]
+        p.op(OP_RSEQ, r["addr"], r["len"], r["sig"])
+    p.op(OP_TIDADDR, m["tid_address"])
+    if m["robust_list"]["head"]:
+        p.op(OP_ROBUST, m["robust_list"]["head"], m["robust_list"]["len"])
+    mm_index = len(p.ops)
+    p.op(OP_MM_MAP, 0, 104)                        # address patched below
+    for fd in fdnums.get("cloexec", []):
+        p.op(OP_CLOEXEC, fd)
+    for fd in fdnums.get("close", []):
+        p.op(OP_CLOSE, fd)
+    p.op(OP_SIGMASK, sig["blocked"])
+
+    if len(specials) > 4:
+        raise ValueError("too many special mappings")
+    ops_off = HDR_WORDS * 8
+    auxv = base64.b64decode(m["mm"]["auxv"])
+    auxv_off = ops_off + len(p.ops) * 64
+    mm_off = auxv_off + ((len(auxv) + 15) // 16) * 16
+    mmf = m["mm"]
+    mm_struct = struct.pack("<11QQII", *(mmf[k] for k in (
+        "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+        "arg_start", "arg_end", "env_start", "env_end")), PLAN_ADDR + auxv_off, len(auxv),
+        fdnums["exe"])
+    p.ops[mm_index] = (OP_MM_MAP, PLAN_ADDR + mm_off, len(mm_struct), 0, 0, 0, 0, 0)
+    vdso = next((a for a, _, name in specials if name == "[vdso]"), 0)
+    hdr = [PLAN_MAGIC, PLAN_VERSION, len(p.ops), ops_off, len(specials), vdso]
+    for j in range(4):
+        hdr += list(specials[j][:2]) if j < len(specials) else [0, 0]
+    hdr += [fdnums["err"], REGION_LO, REGION_HI]
+    hdr += [0] * (HDR_WORDS - len(hdr))
+    body = struct.pack(f"<{HDR_WORDS}Q", *hdr)
+    body += np.array(p.ops, dtype=np.uint64).tobytes() if p.ops else b""
+    body += auxv + b"\0" * (mm_off - auxv_off - len(auxv)) + mm_struct
+    return body

@@ -1,0 +1,122 @@
+"""What /proc says about a process: mappings with smaps flags, status, stat, fds, rlimits.
+
+Read-only and side-effect free; called while the process is frozen by ptrace.
+"""
+from __future__ import annotations
+
+import os
+import re
+import resource
+
+from cxlfork.errors import CxlforkError
+
+_MAP_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+)"
+                     r"\s*(.*)$")
+
+RLIMITS = {name[7:].lower(): getattr(resource, name) for name in dir(resource)
+           if name.startswith("RLIMIT_")}
+
+
+def _read(pid: int, name: str, binary: bool = False):
+    try:
+        with open(f"/proc/{pid}/{name}", "rb" if binary else "r") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise CxlforkError(f"process {pid} exited (/proc/{pid}/{name} is gone)") from e
+    except PermissionError as e:
+        raise CxlforkError(f"cannot read /proc/{pid}/{name}: permission denied") from e
+    except ProcessLookupError as e:
+        raise CxlforkError(f"process {pid} exited while being read") from e
+
+
+def smaps(pid: int) -> list[dict]:
+    """Every mapping: start, end, perms, pgoff, dev, inode, path, vmflags (set), rss_kb."""
+    out: list[dict] = []
+    cur = None
+    for line in _read(pid, "smaps").splitlines():
+        m = _MAP_RE.match(line)
+        if m:
+            cur = {"start": int(m[1], 16), "end": int(m[2], 16), "perms": m[3],
+                   "pgoff": int(m[4], 16)  # bytes, as /proc shows it
+                  , "dev": m[5], "inode": int(m[6]), "path": m[7],
+                   "vmflags": set(), "rss_kb": 0, "anon_huge_kb": 0}
+            out.append(cur)
+        elif cur is not None:
+            key, _, val = line.partition(":")
+            if key == "VmFlags":
+                cur["vmflags"] = set(val.split())
+            elif key == "Rss":
+                cur["rss_kb"] = int(val.split()[0])
+            elif key == "AnonHugePages":
+                cur["anon_huge_kb"] = int(val.split()[0])
+    return out
+
+
+def status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in _read(pid, "status").splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat, 1-based as in proc(5): stat(pid)[n] is field n."""
+    s = _read(pid, "stat")
+    lp, rp = s.index("("), s.rindex(")")
+    return [None, s[:lp].strip(), s[lp + 1:rp]] + s[rp + 2:].split()
+
+
+def tasks(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError as e:
+        raise CxlforkError(f"no process with PID {pid}") from e
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for t in tasks(pid):
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def fds(pid: int) -> list[dict]:
+    """Open fds: fd, link (readlink of /proc/PID/fd/N), fdinfo (pos, flags, other keys)."""
+    out = []
+    try:
+        names = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError as e:
+        raise CxlforkError(f"process {pid} exited") from e
+    for n in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{n}")
+            info = {}
+            with open(f"/proc/{pid}/fdinfo/{n}") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    info[k.strip()] = v.strip()
+        except FileNotFoundError:
+            continue
+        out.append({"fd": n, "link": link, "pos": int(info.get("pos", "0")),
+                    "flags": int(info.get("flags", "0"), 8), "info": info})
+    return out
+
+
+def rlimits(pid: int) -> dict[str, list[int]]:
+    out = {}
+    for name, res in sorted(RLIMITS.items()):
+        try:
+            soft, hard = resource.prlimit(pid, res)
+        except ProcessLookupError as e:
+            raise CxlforkError(f"process {pid} exited") from e
+        out[name] = [soft, hard]
+    return out
+
+
+def auxv(pid: int) -> bytes:
+    return _read(pid, "auxv", binary=True)

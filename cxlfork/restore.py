@@ -1,0 +1,337 @@
+"""The restore pipeline: check the image -> lay out fds -> spawn the restorer -> it rebuilds
+the address space from the page store -> install registers -> run.
+
+    check     manifest validated (image.load), page file size, exe and mapped files unchanged,
+              vvar/vdso sizes of this kernel equal to the checkpoint's
+    fds       per clone: stdio (--stdio), files reopened at their offsets, pipes refilled,
+              eventfds, memfds (refilled from the store); the restorer's own fds above them
+    spawn     clone3 (set_tid for --same-pid) -> PTRACE_TRACEME -> session/pgrp, cwd, umask ->
+              exec cxlfork-restorer, which runs the plan (cxlfork.plan) and stops itself
+    finish    rlimits (prlimit), then at the restorer's last syscall: xstate + registers, detach
+Any failure kills and reaps every clone made so far; nothing half-made is left running.
+"""
+from __future__ import annotations
+
+import base64
+import fcntl
+import os
+import resource
+import time
+
+from cxlfork import image as image_mod, plan as plan_mod
+from cxlfork.errors import CxlforkError, ImageError
+from cxlfork.native import ffi, lib, restorer_path
+from cxlfork.procfs import RLIMITS
+from cxlfork.ptrace import REGS_SIZE, regs_pack
+
+PAGE = 4096
+O_CREAT_ETC = os.O_CREAT | os.O_TRUNC | os.O_EXCL | os.O_NOCTTY
+MFD_ALLOW_SEALING = 2
+F_ADD_SEALS = 1033
+SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]")
+
+
+def _self_specials() -> dict[str, tuple[int, int]]:
+    out = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] in SPECIAL:
+                a, b = (int(x, 16) for x in parts[0].split("-"))
+                out[parts[5]] = (a, b - a)
+    return out
+
+
+def check_specials(m: dict, image: str) -> None:
+    mine = _self_specials()
+    theirs = {v["path"]: (v["start"], v["end"] - v["start"]) for v in m["vmas"]
+              if v["kind"] == "special"}
+    if set(mine) != set(theirs) or any(mine[k][1] != theirs[k][1] for k in mine):
+        raise ImageError(f"image {image}: this kernel's vvar/vdso layout "
+                         f"({', '.join(f'{k} {v[1]} B' for k, v in sorted(mine.items()))}) "
+                         "differs from the checkpoint's; restore needs the same kernel")
+    if "[vdso]" in mine:
+        for k in mine:
+            if mine[k][0] - mine["[vdso]"][0] != theirs[k][0] - theirs["[vdso]"][0]:
+                raise ImageError(f"image {image}: vvar/vdso relative layout differs from "
+                                 "the checkpoint's")
+
+
+class Prepared:
+    """Everything shared by the clones of one restore: manifest, plan bytes, open files."""
+
+    def __init__(self, image: str, policy: str = "mow", warn=None):
+        self.image = os.path.abspath(image)
+        self.m = m = image_mod.load(self.image)
+        self.policy = policy
+        if policy not in plan_mod.POLICIES:
+            raise CxlforkError(f"unknown policy {policy!r} (mow, moa or hybrid)")
+        check_specials(m, self.image)
+        image_mod.check_file(m["process"]["exe"], "executable")
+        self.hot = image_mod.load_hot(self.image, m) if policy == "hybrid" else None
+        if policy == "hybrid" and self.hot is None and warn:
+            warn("no hot-page record for this image (cxlfork profile); hybrid maps every page "
+                 "from the store, as mow")
+        self.fds_open: list[int] = []
+        try:
+            self.store_fd = image_mod.open_store_file(m, self.image)
+            self.fds_open.append(self.store_fd)
+            self.exe_fd = os.open(m["process"]["exe"]["path"], os.O_RDONLY | os.O_CLOEXEC)
+            self.fds_open.append(self.exe_fd)
+            self.file_fds: dict[int, int] = {}
+            opened: dict[tuple[str, bool], int] = {}
+            for i, v in enumerate(m["vmas"]):
+                if v["kind"] != "file":
+                    continue
+                image_mod.check_file(v["file"], "mapped file")
+                rw = v["shared"] and bool(v["prot"] & 2)
+                key = (v["file"]["path"], rw)
+                if key not in opened:
+                    fd = os.open(key[0], (os.O_RDWR if rw else os.O_RDONLY) | os.O_CLOEXEC)
+                    self.fds_open.append(fd)
+                    opened[key] = fd
+                self.file_fds[i] = opened[key]
+        except OSError as e:
+            self.close()
+            raise CxlforkError(f"restore of {self.image}: {e.strerror}"
+                               f"{' (' + e.filename + ')' if e.filename else ''}") from e
+        except BaseException:
+            self.close()
+            raise
+        # fd numbers: the process's own, then the restorer's above them
+        own = [f["fd"] for f in m["fds"]]
+        nxt = max(own + [2]) + 1
+        self.num: dict = {}
+        for key in ["err", "store", "exe", "plan"] + [("file", i) for i in self.file_fds] + \
+                [("obj", o["id"]) for o in m["objects"]]:
+            self.num[key] = nxt
+            nxt += 1
+        self.num["close"] = [n for k, n in self.num.items()]
+        self.num["cloexec"] = [f["fd"] for f in m["fds"] if f["cloexec"]]
+        nums = dict(self.num)
+        self.plan = plan_mod.build(m, policy, nums, self.hot)
+
+    def close(self):
+        for fd in self.fds_open:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds_open = []
+
+
+def _stdio_fds(stdio: str, opened: list[int]) -> list[int]:
+    if stdio == "inherit":
+        return [0, 1, 2]
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    opened.append(null)
+    if stdio == "null":
+        return [null, null, null]
+    out = os.open(stdio, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    opened.append(out)
+    return [null, out, out]
+
+
+def _clone_fds(p: Prepared, stdio: str, opened: list[int]) -> tuple[list[int], list[int]]:
+    """(source fds in this process, destination numbers in the clone)."""
+    m = p.m
+    src, dst = [], []
+    by_num: dict[int, int] = {}
+    io = _stdio_fds(stdio, opened)
+    objfds = {}
+    store = p.store_fd
+    for o in m["objects"]:
+        fd = lib.cx_memfd(f"cxlfork-{o['kind']}:{o['name']}".encode()[:240], MFD_ALLOW_SEALING)
+        if fd < 0:
+            raise CxlforkError(f"memfd_create: {os.strerror(-fd)}")
+        opened.append(fd)
+        os.ftruncate(fd, o["size"])
+        for off, n, sp in o["runs"]:
+            todo = min(n * PAGE, o["size"] - off)
+            done = 0
+            while done < todo:
+                k = os.copy_file_range(store, fd, todo - done, sp * PAGE + done, off + done)
+                if k <= 0:
+                    raise CxlforkError("refilling a memfd from the store: short copy")
+                done += k
+        if o["seals"]:
+            fcntl.fcntl(fd, F_ADD_SEALS, o["seals"])
+        objfds[o["id"]] = fd
+    pipes: dict[int, tuple[int, int]] = {}
+    for f in m["fds"]:
+        n, kind = f["fd"], f["kind"]
+        flags = f["flags"] & ~O_CREAT_ETC
+        if f.get("dup_of") is not None:
+            s = by_num[f["dup_of"]]
+        elif kind == "stdio":
+            s = io[n] if n <= 2 else io[2]
+        elif kind in ("file", "dir", "chr"):
+            try:
+                s = os.open(f["path"], flags | os.O_CLOEXEC)
+            except OSError as e:
+                raise CxlforkError(f"fd {n}: cannot reopen {f['path']}: {e.strerror}") from e
+            opened.append(s)
+            if f["pos"] and kind != "chr":
+                os.lseek(s, f["pos"], os.SEEK_SET)
+        elif kind == "pipe":
+            if f["pipe"] not in pipes:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                opened += [r, w]
+                pipes[f["pipe"]] = (r, w)
+            r, w = pipes[f["pipe"]]
+            s = r if f["end"] == "r" else w
+            if f["end"] == "r" and f.get("data"):
+                data = base64.b64decode(f["data"])
+                fcntl.fcntl(w, 1031, max(len(data), 4096))      # F_SETPIPE_SZ
+                os.write(w, data)
+            fl = fcntl.fcntl(s, fcntl.F_GETFL)
+            fcntl.fcntl(s, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (flags & os.O_NONBLOCK))
+        elif kind == "eventfd":
+            efl = os.EFD_CLOEXEC | (os.EFD_NONBLOCK if flags & os.O_NONBLOCK else 0) | \
+                (os.EFD_SEMAPHORE if f.get("semaphore") else 0)
+            s = os.eventfd(min(f["count"], 2**32 - 1), efl)
+            opened.append(s)
+            if f["count"] >= 2**32:
+                os.eventfd_write(s, f["count"] - (2**32 - 1))
+        elif kind == "memfd":
+            s = os.open(f"/proc/self/fd/{objfds[f['object']]}", (flags & ~O_CREAT_ETC) |
+                        os.O_CLOEXEC)
+            opened.append(s)
+            os.lseek(s, f["pos"], os.SEEK_SET)
+        else:  # validate() admits no other kind
+            raise ImageError(f"fd {n}: unknown kind {kind}")
+        by_num[n] = s
+        src.append(s)
+        dst.append(n)
+    return src, dst, objfds
+
+
+class Clone:
+    def __init__(self, pid: int, errfd: int):
+        self.pid = pid
+        self.errfd = errfd
+
+
+def _error_text(c: Clone) -> str:
+    try:
+        os.set_blocking(c.errfd, False)
+        return os.read(c.errfd, 4096).decode(errors="replace").strip()
+    except (BlockingIOError, OSError):
+        return ""
+
+
+def _kill(clones: list[Clone]) -> None:
+    for c in clones:
+        try:
+            os.kill(c.pid, 9)
+        except ProcessLookupError:
+            pass
+    for c in clones:
+        try:
+            os.waitpid(c.pid, 0)
+        except ChildProcessError:
+            pass
+        try:
+            os.close(c.errfd)
+        except OSError:
+            pass
+
+
+def _status_text(st: int) -> str:
+    if os.WIFEXITED(st):
+        return f"exited with status {os.WEXITSTATUS(st)}"
+    if os.WIFSIGNALED(st):
+        return f"killed by signal {os.WTERMSIG(st)}"
+    if os.WIFSTOPPED(st):
+        return f"stopped by signal {os.WSTOPSIG(st)}"
+    return f"status {st:#x}"
+
+
+def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
+            same_pid: bool = False, warn=None, progress=None) -> list[int]:
+    """Restore n clones of image; returns their PIDs (children of this process)."""
+    t0 = time.perf_counter()
+    if n < 1:
+        raise CxlforkError("-n must be at least 1")
+    if same_pid and n != 1:
+        raise CxlforkError("--same-pid restores a single clone (-n 1)")
+    p = Prepared(image, policy, warn)
+    m = p.m
+    restorer = restorer_path().encode()
+    clones: list[Clone] = []
+    regs = regs_pack(m["regs"])
+    xs = base64.b64decode(m["xstate"])
+    proc = m["process"]
+    sidmode = 1 if proc["sid_leader"] else 2 if proc["pgid_leader"] else 0
+    set_tid = proc["pid"] if same_pid else 0
+    if same_pid and os.path.exists(f"/proc/{set_tid}"):
+        p.close()
+        raise CxlforkError(f"PID {set_tid} is in use; --same-pid needs it free")
+    try:
+        for k in range(n):
+            opened: list[int] = []
+            try:
+                src, dst, objfds = _clone_fds(p, stdio, opened)
+                plan_fd = lib.cx_memfd(b"cxlfork-plan", 0)
+                if plan_fd < 0:
+                    raise CxlforkError(f"memfd_create: {os.strerror(-plan_fd)}")
+                opened.append(plan_fd)
+                os.write(plan_fd, p.plan)
+                er, ew = os.pipe2(os.O_CLOEXEC)
+                opened.append(ew)
+                extra = {"err": ew, "store": p.store_fd, "exe": p.exe_fd, "plan": plan_fd}
+                extra.update({("file", i): fd for i, fd in p.file_fds.items()})
+                extra.update({("obj", oid): fd for oid, fd in objfds.items()})
+                err_index = len(src)
+                for key, fd in extra.items():
+                    src.append(fd)
+                    dst.append(p.num[key])
+                argv = [ffi.new("char[]", restorer), ffi.new("char[]", str(p.num["plan"])
+                                                             .encode()), ffi.NULL]
+                c_argv = ffi.new("char *[]", argv)
+                c_src = ffi.new("int[]", src)
+                c_dst = ffi.new("int[]", dst)
+                pid = lib.cx_spawn(restorer, c_argv, c_src, c_dst, len(src),
+                                   proc["cwd"].encode(), proc["umask"], sidmode, set_tid,
+                                   err_index)
+                if pid < 0:
+                    os.close(er)
+                    if same_pid and -pid == 17:
+                        raise CxlforkError(f"PID {set_tid} is in use; --same-pid needs it free")
+                    raise CxlforkError(f"spawning the restorer: {os.strerror(-pid)}")
+                clones.append(Clone(pid, er))
+            finally:
+                for fd in opened:
+                    os.close(fd)
+            st = ffi.new("int *")
+            e = lib.cx_start(pid, 10000, st)
+            if e < 0:
+                raise CxlforkError(f"restorer for clone {k + 1} did not start: "
+                                   f"{_error_text(clones[-1]) or _status_text(st[0])}")
+        for k, c in enumerate(clones):
+            st = ffi.new("int *")
+            e = lib.cx_wait_sigstop(c.pid, 30000, st)
+            if e < 0:
+                msg = _error_text(c) or _status_text(st[0])
+                raise CxlforkError(f"restoring clone {k + 1} of {image} failed: {msg}")
+            for name, (soft, hard) in m["rlimits"].items():
+                try:
+                    resource.prlimit(c.pid, RLIMITS[name], (soft, hard))
+                except (OSError, ValueError) as ex:
+                    raise CxlforkError(f"setting RLIMIT_{name.upper()} of clone {k + 1}: "
+                                       f"{ex}") from ex
+            e = lib.cx_finish(c.pid, regs, REGS_SIZE, xs, len(xs), 10000)
+            if e < 0:
+                raise CxlforkError(f"installing registers in clone {k + 1}: {os.strerror(-e)} "
+                                   f"{_error_text(c)}")
+            os.close(c.errfd)
+            c.errfd = -1
+            if progress:
+                progress(k + 1, n)
+    except BaseException:
+        _kill([c for c in clones])
+        p.close()
+        raise
+    p.close()
+    restore.last_seconds = time.perf_counter() - t0
+    return [c.pid for c in clones]
