@@ -82,7 +82,7 @@ def _known(kind: str, names) -> str:
 def sampler_registry() -> dict:
     """Sampler classes by name (tiermem.samplers' registry when it has one)."""
     from tiermem import samplers
-    reg = getattr(samplers, "SAMPLERS", None)
+    reg = getattr(samplers, "REGISTRY", None)
     if reg:
         return dict(reg)
     from tiermem.samplers.damon import DamonSampler
@@ -309,4 +309,8 @@ def _target(t: dict, where: str, err, path: str, check_files: bool) -> TargetCon
             if isinstance(d, int) and not isinstance(d, bool) and (
                     not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 err(f"{where}.sampler_params.{k}", f"must be a non-negative integer, got {v!r}")
+        try:
+            sampler_registry()[smp](**tc.sampler_params)     # constructors check values only
+        except (TiermemError, TypeError, ValueError) as e:
+            err(f"{where}.sampler_params", str(e))
     return tc

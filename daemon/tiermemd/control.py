@@ -74,17 +74,17 @@ class ControlServer:
 
     def _one(self, conn: socket.socket) -> None:
         pid, uid = peer_uid(conn)
-        if uid != 0 and uid != os.geteuid():
-            self.log.warning("control: refused uid %d (pid %d): not root", uid, pid)
-            _send(conn, {"ok": False, "error": f"permission denied: uid {uid} may not "
-                                               "control tiermemd (root only)"})
-            return
         buf = b""
         while b"\n" not in buf and len(buf) < MAX_REQUEST:
             chunk = conn.recv(4096)
             if not chunk:
                 break
             buf += chunk
+        if uid != 0 and uid != os.geteuid():   # read first: closing unread data sends RST
+            self.log.warning("control: refused uid %d (pid %d): not root", uid, pid)
+            _send(conn, {"ok": False, "error": f"permission denied: uid {uid} may not "
+                                               "control tiermemd (root only)"})
+            return
         try:
             req = json.loads(buf.split(b"\n", 1)[0] or b"null")
             if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
@@ -144,6 +144,8 @@ def request(path: str, req: dict, timeout: float = 30.0) -> dict:
     except (socket.timeout, TimeoutError):
         raise TiermemError(f"tiermemd did not answer on {path} within {timeout:.0f} s") \
             from None
+    except OSError as e:
+        raise TiermemError(f"control socket {path}: {e.strerror or e}") from None
     finally:
         s.close()
     try:

@@ -101,8 +101,8 @@ class SamplerGroup:
         cls = sampler_registry()[self.name]
         try:
             s = cls(**self.params)
-        except TypeError as e:
-            self._fail(f"bad sampler_params: {e}", now)
+        except Exception as e:
+            self._fail(f"bad sampler_params: {e}", now, retry=False)
             return False
         try:
             s.start(Target(pids=sorted(pids)))

@@ -148,7 +148,7 @@ def _clean_samplers(names: list[str], pid: int) -> list[str]:
     out = []
     try:
         from tiermem import samplers
-        reg = getattr(samplers, "SAMPLERS", {})
+        reg = getattr(samplers, "REGISTRY", None) or {}
     except ImportError:
         return out
     for n in names:

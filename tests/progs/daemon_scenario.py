@@ -1,0 +1,277 @@
+"""Drives tiermemd end to end inside the emulated CXL machine and prints one JSON result.
+
+    daemon_scenario.py promote WORKDIR POLICY     hot set on the slow node, tiermemd promotes
+    daemon_scenario.py faults  WORKDIR            exits/forks/execs, raising policy, missing
+                                                  sampler, full fast tier, kill -9 + restart
+Used by tests/test_daemon_vm.py (assertions there) and bench/bench_daemon.py.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+PY = sys.executable
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKLOAD = os.path.join(HERE, "daemon_workload.py")
+DAMON = "/sys/kernel/mm/damon/admin/kdamonds"
+
+
+class Workload:
+    def __init__(self, total_mb, hot_mb, node, tag=""):
+        self.p = subprocess.Popen([PY, WORKLOAD, str(total_mb), str(hot_mb), str(node), tag],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = json.loads(self.p.stdout.readline())
+        self.pid = self.info["pid"]
+
+    def ask(self, cmd):
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().strip()
+
+    def where(self):
+        return json.loads(self.ask("where"))
+
+    def hot_fast_share(self):
+        h = self.where()["hot"]
+        return h.get("0", 0) / max(1, sum(h.values()))
+
+    def close(self):
+        if self.p.poll() is None:
+            try:
+                self.ask("exit")
+            except (BrokenPipeError, OSError):
+                pass
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+
+
+def kdamonds_on():
+    out = []
+    for d in glob.glob(DAMON + "/[0-9]*"):
+        try:
+            if open(d + "/state").read().strip() == "on":
+                out.append(int(os.path.basename(d)))
+        except OSError:
+            pass
+    return out
+
+
+def rundir(wd):
+    """Socket and state live on a local file system (a unix socket cannot be bound on the
+    9p share the work folder is on)."""
+    d = "/run/tiermemd-test-" + os.path.basename(wd.rstrip("/"))
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def write_config(wd, targets, extra=""):
+    path = os.path.join(wd, "tiermemd.toml")
+    with open(path, "w") as f:
+        f.write(f"""[daemon]
+interval = "1s"
+socket = "{rundir(wd)}/ctl.sock"
+state_dir = "{rundir(wd)}/state"
+metrics = "127.0.0.1:9473"
+rescan_every = 5
+[migration]
+bandwidth = "64MB/s"
+batch_pages = 256
+{extra}
+""" + targets)
+    return path
+
+
+class Daemon:
+    def __init__(self, wd, cfg, name="d"):
+        self.wd, self.log = wd, os.path.join(wd, f"{name}.log")
+        self.p = subprocess.Popen([PY, "-m", "tiermemd", "-f", "-v", "-c", cfg],
+                                  stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        for _ in range(600):
+            if self.p.poll() is not None or " serving: " in self.text():
+                break
+            time.sleep(0.1)
+
+    def ctl(self, *args):
+        r = subprocess.run([PY, "-m", "tiermem.cli", "ctl", "--socket",
+                            os.path.join(rundir(self.wd), "ctl.sock"), *args],
+                           capture_output=True, text=True, timeout=60)
+        return {"rc": r.returncode, "out": r.stdout, "err": r.stderr}
+
+    def stats(self):
+        r = self.ctl("stats", "--json")
+        return json.loads(r["out"]) if r["rc"] == 0 else r
+
+    def stop(self, sig=signal.SIGTERM):
+        self.p.send_signal(sig)
+        try:
+            return self.p.wait(60)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            return "timeout"
+
+    def text(self):
+        return open(self.log).read()
+
+
+def after_stop(wd):
+    return {"kdamonds_on": kdamonds_on(),
+            "socket_left": os.path.exists(os.path.join(rundir(wd), "ctl.sock")),
+            "state_left": os.path.exists(os.path.join(rundir(wd), "state", "state.json")),
+            "kprobe_events": open("/sys/kernel/tracing/kprobe_events").read()
+            if os.path.exists("/sys/kernel/tracing/kprobe_events") else ""}
+
+
+def promote(wd, policy, limit_s=120, total=192, hot=48):
+    w = Workload(total, hot, 1)
+    params = {"m5": "top_k = 16384\nhot_min = 1.0", "damon": "", "tpp": ""}.get(policy, "")
+    cfg = write_config(wd, f"""[[targets]]
+name = "w"
+cmdline = "daemon_workload.py {total} {hot} 1"
+sampler = "damon"
+policy = "{policy}"
+[targets.sampler_params]
+sample_us = 5000
+aggr_us = 100000
+[targets.policy_params]
+{params}
+""")
+    d = Daemon(wd, cfg)
+    res = {"info": w.info, "series": [], "t90": None}
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < limit_s and d.p.poll() is None:
+            s = w.hot_fast_share()
+            t = time.monotonic() - t0
+            res["series"].append([round(t, 2), round(s, 4)])
+            if s >= 0.9 and res["t90"] is None:
+                res["t90"] = round(t, 2)
+                break
+            time.sleep(2)
+        res["where"] = w.where()
+        res["stats"] = d.stats()
+        res["status"] = json.loads(d.ctl("status", "--json")["out"])
+        try:
+            import urllib.request
+            res["metrics"] = urllib.request.urlopen("http://127.0.0.1:9473/metrics",
+                                                    timeout=10).read().decode()
+        except OSError as e:
+            res["metrics"] = f"error {e}"
+        res["pause"] = d.ctl("pause")
+        res["status_paused"] = json.loads(d.ctl("status", "--json")["out"])["paused"]
+        res["resume"] = d.ctl("resume")
+        res["policy_switch"] = d.ctl("policy", "w", "tpp")
+        res["policy_bad"] = d.ctl("policy", "w", "nosuch")
+        with open(cfg, "a") as f:
+            f.write("\n[watermarks]\nlow = \"12 parsecs\"\n")
+        os.kill(d.p.pid, signal.SIGHUP)
+        res["reload_bad"] = d.ctl("reload")
+        time.sleep(1.5)
+        res["alive_after_bad_reload"] = d.p.poll() is None
+        res["verify"] = w.ask("verify")
+        res["stop_rc"] = d.stop()
+        res["after"] = after_stop(wd)
+        res["verify_after"] = w.ask("verify")
+    finally:
+        if d.p.poll() is None:
+            d.stop(signal.SIGKILL)
+        res["log"] = d.text()
+        w.close()
+    return res
+
+
+FAILING_POLICY = '''
+from tiermem.policies.base import Policy
+class Boom(Policy):
+    name = "boom"
+    params = {}
+    def observe(self, batch):
+        pass
+    def plan(self, placement, capacity, budget):
+        raise RuntimeError("deliberate failure in plan")
+'''
+
+
+def faults(wd):
+    res = {}
+    with open(os.path.join(wd, "boom.py"), "w") as f:
+        f.write(FAILING_POLICY)
+    # fill the fast node so promotions run into ENOMEM
+    free_kb = int([ln.split()[3] for ln in open("/sys/devices/system/node/node0/meminfo")
+                   if "MemFree" in ln][0])
+    hog = Workload(max(64, free_kb // 1024 - 200), 1, 0, "hog")
+    ws = {"exits": Workload(48, 16, 1, "exits"), "raises": Workload(32, 8, 1, "raises"),
+          "nosampler": Workload(32, 8, 1, "nosampler"), "good": Workload(96, 32, 1, "good")}
+    execer = subprocess.Popen(["sh", "-c", "sleep 6; exec sleep 600"])
+    targets = ""
+    for name, smp, pol in (("exits", "damon", "m5"), ("raises", "none", "boom"),
+                           ("nosampler", "idle", "m5"), ("good", "damon", "m5")):
+        targets += f"""[[targets]]
+name = "{name}"
+cmdline = "daemon_workload.py .* {name}$"
+sampler = "{smp}"
+policy = "{pol}"
+""" + ('policy_file = "boom.py"\n' if pol == "boom" else "")
+    targets += f"""[[targets]]
+name = "execer"
+pids = [{execer.pid}]
+policy = "first-touch"
+"""
+    cfg = write_config(wd, targets, '[watermarks]\nlow = "0%"\nmin = "0%"\n')
+    d = Daemon(wd, cfg)
+    try:
+        time.sleep(10)
+        ws["exits"].p.kill()                         # a target exits mid-loop
+        ws["exits"].p.wait()
+        res["forked_child"] = int(ws["good"].ask("fork"))   # picked up: same cmdline
+        time.sleep(15)
+        res["stats"] = d.stats()
+        res["status"] = json.loads(d.ctl("status", "--json")["out"])
+        res["alive"] = d.p.poll() is None
+        res["kdamonds_before_kill"] = kdamonds_on()
+        d.stop(signal.SIGKILL)                      # kill -9: stale kdamond, socket, state
+        res["after_kill9"] = {"kdamonds_on": kdamonds_on(),
+                              "socket_left": os.path.exists(os.path.join(rundir(wd),
+                                                                         "ctl.sock")),
+                              "workloads_alive": {k: w.p.poll() is None for k, w in ws.items()
+                                                  if k != "exits"}}
+        res["log1"] = d.text()
+        d2 = Daemon(wd, cfg, "d2")
+        time.sleep(6)
+        res["stats2"] = d2.stats()
+        res["stop_rc"] = d2.stop()
+        res["after"] = after_stop(wd)
+        res["log2"] = d2.text()
+        res["verify"] = {k: w.ask("verify") for k, w in ws.items() if k != "exits"}
+        res["verify"]["hog"] = hog.ask("verify")
+        res["where_good"] = ws["good"].where()
+    finally:
+        for p in (d, locals().get("d2")):
+            if p is not None and p.p.poll() is None:
+                p.stop(signal.SIGKILL)
+        if res.get("forked_child"):
+            try:
+                os.kill(res["forked_child"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        execer.kill()
+        for w in list(ws.values()) + [hog]:
+            w.close()
+    return res
+
+
+if __name__ == "__main__":
+    kind, wd = sys.argv[1], sys.argv[2]
+    os.makedirs(wd, exist_ok=True)
+    try:
+        out = promote(wd, sys.argv[3] if len(sys.argv) > 3 else "m5") if kind == "promote" \
+            else faults(wd)
+    except Exception as e:
+        import traceback
+        out = {"exception": traceback.format_exc(), "logs": {
+            f: open(os.path.join(wd, f)).read() for f in os.listdir(wd) if f.endswith(".log")}}
+    print(json.dumps(out))

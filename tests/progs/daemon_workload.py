@@ -1,0 +1,72 @@
+"""Workload for the tiermemd tests: TOTAL MiB of anonymous memory filled with a per-word
+pattern, placed on NODE, of which HOT MiB (starting at a quarter of the way in) is read in a
+loop by a thread. Prints {"pid", "start", "end", "hot_start", "hot_end"} as JSON, then answers
+commands on stdin:
+  verify -> ok | bad N      (pages whose contents differ from the pattern)
+  where  -> {"hot": {node: pages}, "all": {node: pages}}
+  fork   -> the PID of a child that keeps running the same loop (CoW-shares the memory)
+  exit
+"""
+import json
+import mmap
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+from tiermem import native
+
+
+def main():
+    total, hot_mb, node = int(sys.argv[1]) << 20, int(sys.argv[2]) << 20, int(sys.argv[3])
+    buf = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arr = np.frombuffer(buf, dtype=np.uint64)
+    addr = arr.ctypes.data
+    native.mbind(addr, total, native.MPOL_BIND, [node])
+    pattern = (np.arange(len(arr), dtype=np.uint64) * np.uint64(2654435761)) ^ np.uint64(0x5A5A)
+    arr[:] = pattern
+    native.mbind(addr, total, native.MPOL_DEFAULT)      # later moves are free to go anywhere
+    h0 = (total // 4) // 8
+    hot = arr[h0:h0 + hot_mb // 8]
+    stop = threading.Event()
+
+    def touch():
+        while not stop.is_set():
+            hot.sum()                     # reads every page of the hot set
+            time.sleep(0.01)
+
+    threading.Thread(target=touch, daemon=True).start()
+    pages = np.arange(addr, addr + total, native.PAGE_SIZE, dtype=np.uint64)
+    hot_pages = pages[h0 * 8 // native.PAGE_SIZE:(h0 * 8 + hot_mb) // native.PAGE_SIZE]
+    print(json.dumps({"pid": os.getpid(), "start": addr, "end": addr + total,
+                      "hot_start": int(hot_pages[0]), "hot_end": int(hot_pages[-1]) + 4096}),
+          flush=True)
+
+    def count(p):
+        st = native.query_nodes(0, p)
+        n, c = np.unique(st, return_counts=True)
+        return {str(int(a)): int(b) for a, b in zip(n, c)}
+
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "verify":
+            bad = np.count_nonzero((arr != pattern).reshape(-1, native.PAGE_SIZE // 8).any(1))
+            print("ok" if bad == 0 else f"bad {bad}", flush=True)
+        elif cmd == "where":
+            print(json.dumps({"hot": count(hot_pages), "all": count(pages)}), flush=True)
+        elif cmd == "fork":
+            pid = os.fork()
+            if pid == 0:
+                sys.stdin = open(os.devnull)
+                while True:
+                    time.sleep(1)        # the touch thread is gone in the child: idle holder
+            print(pid, flush=True)
+        elif cmd == "exit":
+            break
+    stop.set()
+
+
+if __name__ == "__main__":
+    main()

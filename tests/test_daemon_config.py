@@ -1,0 +1,99 @@
+"""tiermemd config validation: every error names file:key and the reason (parsing only, so
+no kernel is needed beyond reading this host's topology for node checks)."""
+import pytest
+
+from tiermem.errors import TiermemError
+from tiermemd import config, units
+
+GOOD = """
+[daemon]
+interval = "500ms"
+socket = "/tmp/x.sock"
+[migration]
+bandwidth = "100MiB/s"
+batch_pages = 256
+[watermarks]
+low = "5%"
+min = "64MiB"
+[[targets]]
+name = "a"
+pids = [1]
+policy = "m5"
+sampler = "damon"
+[targets.policy_params]
+top_k = 1024
+[targets.sampler_params]
+sample_us = 1000
+"""
+
+
+def load(tmp_path, text):
+    p = tmp_path / "t.toml"
+    p.write_text(text)
+    return config.load(str(p)), str(p)
+
+
+def test_good_config(tmp_path):
+    c, _ = load(tmp_path, GOOD)
+    assert c.interval_s == 0.5 and c.bandwidth_bps == 100 * 2**20 and c.batch_pages == 256
+    assert c.low == ("share", 0.05) and c.min == ("bytes", 64 * 2**20)
+    assert c.targets[0].policy_params == {"top_k": 1024}
+    assert c.metrics == ("127.0.0.1", 9473)          # loopback by default
+
+
+def test_example_config_is_valid():
+    import os
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = config.load(os.path.join(here, "daemon", "tiermemd.example.toml"))
+    assert c.targets[0].policy == "m5"
+
+
+@pytest.mark.parametrize("edit, key, reason", [
+    (("[daemon]", "[daemon]\nfrobnicate = 1"), "daemon.frobnicate", "unknown key"),
+    (('interval = "500ms"', 'interval = "5 fortnights"'), "daemon.interval", "bad duration"),
+    (('bandwidth = "100MiB/s"', 'bandwidth = "100MiB"'), "migration.bandwidth", "bad rate"),
+    (('low = "5%"', 'low = "500%"'), "watermarks.low", "0%..100%"),
+    (('min = "64MiB"', 'min = "64 potatoes"'), "watermarks.min", "bad size"),
+    (('policy = "m5"', 'policy = "m6"'), "targets[0].policy", "unknown policy 'm6'"),
+    (('sampler = "damon"', 'sampler = "crystal-ball"'), "targets[0].sampler",
+     "unknown sampler 'crystal-ball'"),
+    (("top_k = 1024", "top_k = -3"), "targets[0].policy_params: parameter 'top_k'", ">= 1"),
+    (("top_k = 1024", "topk = 3"), "targets[0].policy_params", "unknown parameter 'topk'"),
+    (("sample_us = 1000", "sampel_us = 1"), "targets[0].sampler_params.sampel_us",
+     "unknown parameter"),
+    (("pids = [1]", "pids = [-1]"), "targets[0].pids", "positive integers"),
+    (("pids = [1]", 'cmdline = "(unclosed"'), "targets[0].cmdline", "bad regular expression"),
+    (("pids = [1]", ""), "targets[0]", "no processes selected"),
+    (("[daemon]", "[nodes]\nfast = [0]\nslow = [77]\n[daemon]"), "nodes.slow",
+     "unknown node 77"),
+    (('socket = "/tmp/x.sock"', 'socket = "relative.sock"'), "daemon.socket", "absolute"),
+    (('[daemon]', '[deamon]\n[daemon]'), "deamon", "unknown section"),
+])
+def test_errors_name_file_key_reason(tmp_path, edit, key, reason):
+    old, new = edit
+    assert old in GOOD
+    with pytest.raises(TiermemError) as ei:
+        load(tmp_path, GOOD.replace(old, new, 1))
+    msg = str(ei.value)
+    assert msg.startswith(str(tmp_path / "t.toml") + ":" + key), msg
+    assert reason in msg, msg
+    assert "\n" not in msg
+
+
+def test_not_toml_and_missing(tmp_path):
+    with pytest.raises(TiermemError, match=r"t.toml: not valid TOML"):
+        load(tmp_path, "[daemon\n")
+    with pytest.raises(TiermemError, match="no such file"):
+        config.load(str(tmp_path / "nope.toml"))
+    with pytest.raises(TiermemError, match="targets: no targets"):
+        load(tmp_path, "[daemon]\ninterval = '1s'\n")
+
+
+def test_units():
+    assert units.duration("250ms") == 0.25 and units.duration(2) == 2.0
+    assert units.size("1GiB") == 2**30 and units.size("4k") == 4096 and units.size(10) == 10
+    assert units.rate("1GB/s") == 1e9
+    assert units.size_or_share("2%") == ("share", 0.02)
+    for bad in ("", "1 s s", "-1s", "0ms"):
+        with pytest.raises(ValueError):
+            units.duration(bad)

@@ -1,0 +1,268 @@
+"""tiermemd as a service on this host (one NUMA node, so nothing is moved between tiers
+here; tiering itself is tested in the emulated CXL machine, test_daemon_vm.py): start-up,
+control socket ownership and peer-credential check, ctl verbs, metrics endpoint, SIGHUP
+reload (bad config refused), SIGTERM clean-up, kill -9 recovery, one instance per state
+directory, and the move_pages mover's per-page status handling."""
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tiermem import native
+from tiermem.movers import MOVERS, TargetGone, make_mover
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+WORKER = os.path.join(ROOT, "tests", "progs", "pattern_worker.py")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="tiermemd needs root")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+@pytest.fixture
+def worker():
+    p = subprocess.Popen([PY, WORKER, "16"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    info = json.loads(p.stdout.readline())
+    yield p, info
+    p.kill()
+    p.wait()
+
+
+def config(tmp_path, targets, port=None, extra="", sockdir=None):
+    port = port or free_port()
+    path = tmp_path / "d.toml"
+    path.write_text(f"""[daemon]
+interval = "200ms"
+socket = "{sockdir or tmp_path}/ctl.sock"
+state_dir = "{tmp_path}/state"
+metrics = "127.0.0.1:{port}"
+{extra}
+{targets}""")
+    return str(path), port
+
+
+class D:
+    def __init__(self, tmp_path, cfg, *args, sockdir=None):
+        self.tmp = tmp_path
+        self.sock = os.path.join(sockdir or tmp_path, "ctl.sock")
+        self.log = tmp_path / f"d{time.monotonic_ns()}.log"
+        self.p = subprocess.Popen([PY, "-m", "tiermemd", "-f", "-v", "-c", cfg, *args],
+                                  stderr=open(self.log, "w"))
+        for _ in range(400):        # serving (or failed): the log says so
+            if self.p.poll() is not None or " serving: " in self.log.read_text():
+                break
+            time.sleep(0.05)
+
+    def ctl(self, *args, user=None):
+        pre = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user \
+            else []
+        return subprocess.run(pre + [PY, "-m", "tiermem.cli", "ctl", "--socket",
+                                     self.sock, *args],
+                              capture_output=True, text=True, timeout=60)
+
+    def text(self):
+        return self.log.read_text()
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        return self.p.wait(30)
+
+
+TARGET = """[[targets]]
+name = "w"
+cmdline = "pattern_worker.py 16"
+policy = "first-touch"
+"""
+
+
+def test_serve_ctl_metrics_reload_stop(tmp_path, worker):
+    wp, info = worker
+    cfg, port = config(tmp_path, TARGET)
+    d = D(tmp_path, cfg)
+    try:
+        sock = tmp_path / "ctl.sock"
+        st = os.stat(sock)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_uid == 0
+        time.sleep(1)
+        r = d.ctl("status", "--json")
+        assert r.returncode == 0, r.stderr
+        s = json.loads(r.stdout)
+        assert s["targets"][0]["pids"] == [info["pid"]] and s["pid"] == d.p.pid
+        assert s["fast_nodes"] == [0]
+        r = d.ctl("stats", "--json")
+        stats = json.loads(r.stdout)
+        t = stats["targets"]["w"]
+        # the worker's 16 MiB are present and all on node 0 (the only, fast, node)
+        assert t["fast_pages"] >= 16 * 2**20 // native.PAGE_SIZE and t["slow_pages"] == 0
+        assert stats["loops"] >= 2
+        human = d.ctl("stats")
+        assert "MB/s" in human.stdout and "% of a core" in human.stdout
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert 'tiermemd_fast_tier_share{target="w"} 1.0' in body
+        assert "tiermemd_loop_lag_seconds" in body and "tiermemd_cpu_seconds_total" in body
+        assert d.ctl("pause").returncode == 0
+        assert json.loads(d.ctl("status", "--json").stdout)["paused"] is True
+        assert d.ctl("resume").returncode == 0
+        r = d.ctl("policy", "w", "interleave")
+        assert r.returncode == 0 and json.loads(
+            d.ctl("status", "--json").stdout)["targets"][0]["policy"] == "interleave"
+        r = d.ctl("policy", "w", "bogus")
+        assert r.returncode != 0 and "unknown policy 'bogus'" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        # a broken config is refused on SIGHUP and on `ctl reload`; the old one keeps running
+        good = open(cfg).read()
+        with open(cfg, "a") as f:
+            f.write('\n[migration]\nbandwidth = "fast"\n')
+        d.p.send_signal(signal.SIGHUP)
+        r = d.ctl("reload")
+        assert r.returncode != 0 and "reload refused" in r.stderr
+        assert "d.toml:migration.bandwidth: bad rate" in r.stderr
+        time.sleep(0.5)
+        assert d.p.poll() is None
+        assert "reload refused, the running config stays" in d.text()
+        # a good reload applies (new target name)
+        open(cfg, "w").write(good.replace('name = "w"', 'name = "w2"'))
+        r = d.ctl("reload")
+        assert r.returncode == 0 and "w2" in r.stdout
+        time.sleep(0.6)
+        assert json.loads(d.ctl("status", "--json").stdout)["targets"][0]["pids"] == \
+            [info["pid"]]
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.text()
+    assert not (tmp_path / "ctl.sock").exists()
+    assert not (tmp_path / "state" / "state.json").exists()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    wp.stdin.write("verify\n")
+    wp.stdin.flush()
+    assert wp.stdout.readline().strip() == "ok"
+
+
+def test_non_root_cannot_control(tmp_path, worker):
+    import tempfile
+    sockdir = tempfile.mkdtemp(prefix="tiermemd-test-", dir="/tmp")
+    os.chmod(sockdir, 0o755)                 # nobody can reach the socket file itself
+    cfg, _ = config(tmp_path, TARGET, sockdir=sockdir)
+    d = D(tmp_path, cfg, sockdir=sockdir)
+    try:
+        r = d.ctl("status", user="65534")
+        assert r.returncode != 0
+        assert r.stderr.strip() == ("tiermem: error: permission denied on "
+                                    f"{sockdir}/ctl.sock: only root may control tiermemd")
+        # even with the file mode loosened, the peer-credential check refuses the request
+        os.chmod(d.sock, 0o666)
+        r = d.ctl("pause", user="65534")
+        assert r.returncode != 0 and "permission denied: uid 65534" in r.stderr, r.stderr
+        assert json.loads(d.ctl("status", "--json").stdout)["paused"] is False
+        assert "refused uid 65534" in d.text()
+    finally:
+        assert d.stop() == 0
+        os.rmdir(sockdir)
+
+
+def test_bad_config_at_start_leaves_nothing(tmp_path):
+    cfg, _ = config(tmp_path, TARGET.replace("first-touch", "nonesuch"))
+    r = subprocess.run([PY, "-m", "tiermemd", "-f", "-c", cfg], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "d.toml:targets[0].policy: unknown policy 'nonesuch'" in lines[0]
+    assert not (tmp_path / "ctl.sock").exists() and not (tmp_path / "state").exists()
+    # the same through the detaching (non --foreground) path
+    r = subprocess.run([PY, "-m", "tiermemd", "-c", cfg], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_one_instance_and_kill9_recovery(tmp_path, worker):
+    cfg, _ = config(tmp_path, TARGET)
+    d = D(tmp_path, cfg)
+    try:
+        assert (tmp_path / "ctl.sock").exists()
+        r = subprocess.run([PY, "-m", "tiermemd", "-f", "-c", cfg], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0 and f"already running as PID {d.p.pid}" in r.stderr
+    finally:
+        d.stop(signal.SIGKILL)
+    assert (tmp_path / "ctl.sock").exists()              # left behind by kill -9
+    assert (tmp_path / "state" / "state.json").exists()
+    d2 = D(tmp_path, cfg)
+    try:
+        assert d2.ctl("status").returncode == 0
+        log = d2.text()
+        assert f"previous tiermemd (PID {d.p.pid}) did not stop cleanly" in log
+        assert f"removed stale control socket {tmp_path}/ctl.sock" in log
+    finally:
+        assert d2.stop() == 0
+
+
+def test_sampler_that_cannot_start_is_contained(tmp_path, worker):
+    """DAMON here: either the kernel has no vaddr or another kdamond runs; either way the
+    sampler fails to start, the daemon says so in one line and keeps serving the other
+    target."""
+    wp, info = worker
+    targets = TARGET + f"""[[targets]]
+name = "d"
+pids = [{os.getpid()}]
+sampler = "damon"
+policy = "m5"
+"""
+    cfg, _ = config(tmp_path, targets.replace('cmdline = "pattern_worker.py 16"',
+                                              f'pids = [{info["pid"]}]'))
+    d = D(tmp_path, cfg)
+    try:
+        time.sleep(1.5)
+        s = json.loads(d.ctl("status", "--json").stdout)
+        by = {t["name"]: t for t in s["targets"]}
+        if not by["d"]["sampler_error"]:
+            pytest.skip("DAMON vaddr could start on this host: nothing to contain")
+        assert by["d"]["sampler_error"].startswith("sampler damon failed to start: ")
+        assert by["w"]["pids"] == [info["pid"]]
+        st = json.loads(d.ctl("stats", "--json").stdout)
+        assert st["targets"]["w"]["fast_pages"] > 0
+        errs = [ln for ln in d.text().splitlines() if "sampler damon failed to start" in ln]
+        assert len(errs) == 1, errs                    # once, not every loop
+    finally:
+        assert d.stop() == 0
+
+
+# --- the mover, on this host's single node (moves to the node the page is on) -------------
+
+def test_numa_mover_status_handling(worker):
+    wp, info = worker
+    m = make_mover("numa", 1e12, 1000)
+    pages = np.arange(info["start"], info["end"], native.PAGE_SIZE, dtype=np.uint64)
+    out = m.move(info["pid"], pages, 0)
+    assert out.n_moved == pages.size and out.failed == {} and out.batches == 5
+    # unmapped addresses: EFAULT, reported as gone, the rest moved
+    bogus = np.arange(0x10000, 0x10000 + 8 * native.PAGE_SIZE, native.PAGE_SIZE,
+                      dtype=np.uint64)
+    out = m.move(info["pid"], np.concatenate([bogus, pages[:10]]), 0)
+    assert out.failed == {"EFAULT": 8} and out.gone.size == 8 and out.n_moved == 10
+    with pytest.raises(TargetGone):
+        m.move(2**22 + 12345, pages[:4], 0)
+    dry = make_mover("dry-run", 1e9, 100).move(info["pid"], pages, 0)
+    assert dry.dry_run and dry.n_moved == 0 and dry.requested == pages.size
+    assert set(MOVERS) == {"numa", "dry-run"}
+    wp.stdin.write("verify\n")
+    wp.stdin.flush()
+    assert wp.stdout.readline().strip() == "ok"
