@@ -40,10 +40,15 @@ $(STAMPS)/guest: $(STAMPS)/venv | $(STAMPS)
 	$(PY) -m emulation prepare
 	touch $@
 
+# Kernel headers bcc compiles against, for the host and the guest kernel (after guest).
+$(STAMPS)/bcc: $(STAMPS)/guest scripts/bcc-headers.sh | $(STAMPS)
+	sh scripts/bcc-headers.sh
+	touch $@
+
 setup: $(STAMPS)/venv
 guest: $(STAMPS)/guest
 
-test: $(STAMPS)/guest
+test: $(STAMPS)/guest $(STAMPS)/bcc
 	$(PY) -m pytest -ra tests
 
 test-host: $(STAMPS)/venv
@@ -52,7 +57,7 @@ test-host: $(STAMPS)/venv
 demo: $(STAMPS)/guest
 	$(PY) -m emulation demo
 
-bench: $(STAMPS)/guest
+bench: $(STAMPS)/guest $(STAMPS)/bcc
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:

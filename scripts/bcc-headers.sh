@@ -25,12 +25,12 @@ has_headers() { [ -e "$1/build/include/generated/autoconf.h" ] && \
                 [ -e "$1/source/include/linux/kconfig.h" ]; }
 
 link_to() {  # link_to <modules dir> <debian headers version>
-    # Debian's headers: linux-headers-<ver> (build) uses linux-headers-<ver minus flavour>-common
-    # (source); mirror the links its package makes under /lib/modules/<ver>.
+    # Debian's headers: linux-headers-<ver>-amd64 (build) uses linux-headers-<ver>-common
+    # (source), as the links its package makes under /lib/modules/<ver>-amd64.
     mkdir -p "$1"
     b=/usr/src/linux-headers-$2
-    src=$(readlink "/lib/modules/$2/source" 2>/dev/null || true)
-    [ -n "$src" ] || src=$(ls -d "${b%-amd64}-common" 2>/dev/null || echo "$b")
+    src=${b%-amd64}-common
+    [ -d "$src" ] || src=$b
     for pair in "build:$b" "source:$src"; do
         l=${pair%%:*}; t=${pair#*:}
         if [ -L "$1/$l" ] || [ ! -e "$1/$l" ]; then ln -sfn "$t" "$1/$l"; fi
