@@ -96,8 +96,8 @@ def main():
                 r = res[p]
                 cells.append(f"{r.fast_ratio:.3f} ({r.fast_ratio / o.fast_ratio:.2f}) "
                              f"{r.time_s / o.time_s:4.2f}t")
-                out.append(dict(workload=name, fast_pct=pct, footprint_mb=fp,
-                                accesses=len(tr), **r.summary(),
+                out.append(dict(workload=name, fast_pct=pct, footprint_mb=fp, trace_len=len(tr),
+                                **r.summary(),
                                 ratio_vs_oracle=r.fast_ratio / o.fast_ratio,
                                 time_vs_oracle=r.time_s / o.time_s))
             print(f"{name:<10} {pct:>3}% {fp:7.1f}MB | " + " | ".join(f"{c:>19}" for c in cells),
