@@ -14,7 +14,9 @@ Roles (after the M5 paper's Monitor / Nominator / Elector / Promoter):
   lines are what the CPU caches hold anyway, so moving the whole 4 KiB page is poor value.
   Bitmaps restart after ``word_window`` samples so the estimate follows phase changes.
 - **Nominator**: top-K pages on the slow tier whose estimate is at least ``hot_min`` accesses
-  per interval, scored by benefit = estimate x density (sparse pages: skipped entirely with
+  per interval and that were sampled in ``min_streak`` intervals in a row (default 1: off;
+  2+ keeps pages that are hot for one burst, like a streamed array, out, but at 1-in-64
+  sampling it also delays moderately hot pages), scored by benefit = estimate x density (sparse pages: skipped entirely with
   ``sparse="skip"``, scored with their density with ``sparse="weigh"``).
 - **Elector**: promotes nominees into free fast memory, and swaps a nominee for the coldest
   fast page (sketch estimate) only if its benefit beats the victim by ``hysteresis`` x.
@@ -105,6 +107,8 @@ class M5(Policy):
                                   min=1),
         "hot_min": Param(float, 2.0, "minimum estimated accesses per interval to nominate",
                          min=0.0),
+        "min_streak": Param(int, 1, "intervals in a row a page must be seen to be nominated",
+                            min=1, max=64),
         "hysteresis": Param(float, 1.25, "a nominee must beat its victim by this factor",
                             min=1.0),
         "rate_init_pct": Param(float, 50.0, "initial rate, % of the budget", min=0.0,
@@ -126,6 +130,7 @@ class M5(Policy):
         self.bitmap = np.empty(0, _U64)
         self.nsamp = np.empty(0, np.int64)
         self.density = np.empty(0, np.float64)
+        self.streak = np.empty(0, np.int64)        # consecutive intervals seen
         self._table = _distinct_table(p["word_window"])
         self.rate = None
         self.duration = 0.0
@@ -152,6 +157,8 @@ class M5(Policy):
         else:
             self._last_hits = 0.0
         self._update_topk(up)
+        seen = np.isin(self.keys, up, assume_unique=True)
+        self.streak = np.where(seen, self.streak + 1, 0)
         self.word_tracking = batch.sub_page
         if batch.sub_page:
             self._track_words(pages, batch.words())
@@ -171,9 +178,11 @@ class M5(Policy):
         bm = np.zeros(cand.size, _U64)
         ns = np.zeros(cand.size, np.int64)
         de = np.full(cand.size, np.nan)
+        st = np.zeros(cand.size, np.int64)
         bm[old], ns[old], de[old] = self.bitmap[pos_c[old]], self.nsamp[pos_c[old]], \
             self.density[pos_c[old]]
-        self.keys, self.bitmap, self.nsamp, self.density = cand, bm, ns, de
+        st[old] = self.streak[pos_c[old]]
+        self.keys, self.bitmap, self.nsamp, self.density, self.streak = cand, bm, ns, de, st
 
     def _track_words(self, pages: np.ndarray, words: np.ndarray) -> None:
         pos = np.searchsorted(self.keys, pages)
@@ -221,7 +230,7 @@ class M5(Policy):
         sparse = dens < p["density_threshold"]
         self.n["sparse_seen"] = int(sparse.sum())
         tiers = placement.tier_of(self.keys)
-        nominee = (tiers == SLOW) & (est >= p["hot_min"])
+        nominee = (tiers == SLOW) & (est >= p["hot_min"]) & (self.streak >= p["min_streak"])
         if p["sparse"] == "skip":
             nominee &= ~sparse
         benefit = est * dens
