@@ -136,9 +136,11 @@ def collect_fds(pid: int, objs: _Objects) -> list[dict]:
             out.append(rec)
             continue
         if link.startswith("/memfd:"):
-            dfd = lib.cx_pidfd_getfd(pid, n)
-            if dfd < 0:
-                raise CxlforkError(f"pidfd_getfd(fd {n}) of PID {pid}: {os.strerror(-dfd)}")
+            # a fresh open file description: seeking ours must not move the process's offset
+            try:
+                dfd = os.open(f"/proc/{pid}/fd/{n}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise CxlforkError(f"cannot open fd {n} of PID {pid}: {e.strerror}") from e
             name = link[len("/memfd:"):].removesuffix(" (deleted)")
             o = objs.add(dfd, "memfd", name)
             rec.update(kind="memfd", object=o["id"], pos=f["pos"])

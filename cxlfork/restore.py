@@ -149,8 +149,9 @@ def _clone_fds(p: Prepared, stdio: str, opened: list[int]) -> tuple[list[int], l
         for off, n, sp in o["runs"]:
             todo = min(n * PAGE, o["size"] - off)
             done = 0
+            os.lseek(fd, off, os.SEEK_SET)
             while done < todo:
-                k = os.copy_file_range(store, fd, todo - done, sp * PAGE + done, off + done)
+                k = os.sendfile(fd, store, sp * PAGE + done, todo - done)
                 if k <= 0:
                     raise CxlforkError("refilling a memfd from the store: short copy")
                 done += k

@@ -1,0 +1,217 @@
+"""The `cxlfork` command: checkpoint, restore, inspect, verify, rm, gc, profile.
+
+Errors are one line on stderr (`cxlfork: error: ...`) and exit status 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from tiermem.errors import TiermemError
+
+
+class _Group(click.Group):
+    """Turns TiermemError / OSError into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TiermemError as e:
+            click.echo(f"cxlfork: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            fn = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            click.echo(f"cxlfork: error: {e.strerror or e}{fn}", err=True)
+            sys.exit(1)
+
+
+def _warn(msg: str) -> None:
+    click.echo(f"cxlfork: warning: {msg}", err=True)
+
+
+def _progress(label: str):
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done, total):
+        pct = 100.0 * done / total if total else 100.0
+        click.echo(f"\r{label}: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB ({pct:5.1f}%)",
+                   err=True, nl=done >= total)
+    return show
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tiermem")
+def main():
+    """cxlfork: checkpoint a process into the CXL-tier page store, restore CoW clones."""
+
+
+@main.command()
+@click.argument("pid", type=int)
+@click.option("-o", "--output", "image", required=True, type=click.Path(),
+              help="image directory to create")
+@click.option("--leave-running/--kill", default=True,
+              help="resume the process afterwards (default) or kill it once the image is "
+                   "published")
+@click.option("--store", type=click.Path(), default=None,
+              help="page store directory on tmpfs (default: $CXLFORK_STORE, "
+                   "/var/lib/cxlfork/store, /dev/shm/cxlfork-store)")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def checkpoint(pid, image, leave_running, store, as_json):
+    """Checkpoint process PID into IMAGE."""
+    from cxlfork.checkpoint import checkpoint as do
+    r = do(pid, image, store, kill=not leave_running, progress=_progress("pages"), warn=_warn)
+    if as_json:
+        click.echo(json.dumps(r, indent=1))
+        return
+    rate = r["bytes"] / r["pages_ms"] * 1e3 / 2**30 if r["pages_ms"] > 0 else 0.0
+    click.echo(f"checkpointed PID {pid} into {r['image']}: {r['bytes'] / 2**20:.1f} MiB in "
+               f"{r['pages']} pages to {r['store']} (node {r['node']}); total "
+               f"{r['total_s'] * 1e3:.1f} ms, process frozen {r['frozen_ms']:.1f} ms, pages "
+               f"{r['pages_ms']:.1f} ms ({rate:.2f} GiB/s); "
+               f"{'killed' if r['killed'] else 'left running'}")
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@click.option("--policy", type=click.Choice(["mow", "moa", "hybrid"]), default="mow",
+              show_default=True, help="mow: map the store copy-on-write; moa: copy every page "
+              "to local memory; hybrid: copy pages clones touched (cxlfork profile), map the rest")
+@click.option("-n", "count", type=int, default=1, show_default=True, help="number of clones")
+@click.option("--detach", is_flag=True, help="do not wait for the clones")
+@click.option("--pidfile", type=click.Path(), default=None,
+              help="write every clone's PID, one a line")
+@click.option("--stdio", default="inherit", show_default=True,
+              help="fds 0-2 of the clones: inherit, null, or a FILE (appended to)")
+@click.option("--same-pid", is_flag=True, help="restore one clone under the original PID")
+@click.option("--json", "as_json", is_flag=True, help="print PIDs and timing as JSON")
+def restore(image, policy, count, detach, pidfile, stdio, same_pid, as_json):
+    """Restore clones of IMAGE; waits for them unless --detach (exit status: the first
+    failing clone's)."""
+    import time
+    from cxlfork.restore import restore as do
+    t0 = time.perf_counter()
+    pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn)
+    dt = time.perf_counter() - t0
+    if pidfile:
+        tmp = f"{pidfile}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("".join(f"{p}\n" for p in pids))
+        os.rename(tmp, pidfile)
+    if as_json:
+        click.echo(json.dumps({"pids": pids, "policy": policy, "seconds": dt}), err=not detach)
+    elif detach:
+        click.echo(" ".join(map(str, pids)))
+    if detach:
+        return
+    rc = 0
+    for p in pids:
+        _, st = os.waitpid(p, 0)
+        code = os.waitstatus_to_exitcode(st)
+        code = 128 - code if code < 0 else code
+        rc = rc or code
+    sys.exit(rc)
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the whole manifest as JSON")
+def inspect(image, as_json):
+    """Show what IMAGE holds: process, mappings, fds, store."""
+    from cxlfork import image as image_mod
+    m = image_mod.load(image)
+    if as_json:
+        click.echo(json.dumps(m, indent=1, sort_keys=True))
+        return
+    p, s = m["process"], m["store"]
+    click.echo(f"image      {os.path.abspath(image)}  (format {m['format']} v{m['version']}, "
+               f"id {m['id']})")
+    click.echo(f"process    PID {p['pid']} {p['comm']!r}  exe {p['exe']['path']}  cwd {p['cwd']}")
+    click.echo(f"kernel     {m['kernel']} {m['machine']}")
+    click.echo(f"store      {os.path.join(s['dir'], s['file'])}  {s['pages']} pages = "
+               f"{s['pages'] * 4096 / 2**20:.1f} MiB  node {s['node']}  hash {s['hash']}")
+    st = m.get("stats", {})
+    if st:
+        click.echo(f"checkpoint frozen {st.get('frozen_ms', 0):.1f} ms, pages "
+                   f"{st.get('pages_ms', 0):.1f} ms")
+    r = m["regs"]
+    click.echo(f"registers  rip {r['rip']:#x}  rsp {r['rsp']:#x}  fs_base {r['fs_base']:#x}  "
+               f"xstate {len(image_mod.unb64(m['xstate'], 'xstate'))} B")
+    click.echo(f"signals    {len(m['signals']['actions'])} actions, blocked "
+               f"{m['signals']['blocked']:#x}; rseq "
+               f"{'%#x' % m['rseq']['addr'] if m['rseq'] else 'none'}")
+    click.echo(f"mappings   {len(m['vmas'])}:")
+    for v in m["vmas"]:
+        prot = "".join(c if v["prot"] & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4)))
+        prot += "s" if v["shared"] else "p"
+        stored = sum(r[1] for r in v["runs"]) * 4096
+        name = v.get("path") or ""
+        click.echo(f"  {v['start']:012x}-{v['end']:012x} {prot} {v['kind']:7s} "
+                   f"{(v['end'] - v['start']) / 1024:10.0f} KiB  stored {stored / 1024:8.0f} KiB"
+                   f"  {name}")
+    click.echo(f"fds        {len(m['fds'])}:")
+    for f in m["fds"]:
+        what = f.get("path") or f.get("link", "")
+        extra = f"  pos {f['pos']}" if "pos" in f else ""
+        click.echo(f"  {f['fd']:4d} {f['kind']:8s} flags {f['flags']:#o}"
+                   f"{' cloexec' if f['cloexec'] else ''}  {what}{extra}"
+                   f"{'  dup of ' + str(f['dup_of']) if f.get('dup_of') is not None else ''}")
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def verify(image, as_json):
+    """Check IMAGE completely: manifest checksum and fields, page file size and content hash,
+    executable and mapped files unchanged."""
+    from cxlfork import image as image_mod
+    r = image_mod.verify(image)
+    if as_json:
+        click.echo(json.dumps(dict(r, ok=True)))
+    else:
+        click.echo(f"ok: {r['image']} (id {r['id']}): manifest, {r['pages']} pages "
+                   f"({r['pages'] * 4096 / 2**20:.1f} MiB), {r['vmas']} mappings, "
+                   f"{r['fds']} fds")
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+def rm(image):
+    """Remove IMAGE and its page file from the store."""
+    from cxlfork import image as image_mod
+    for p in image_mod.remove(image):
+        click.echo(f"removed {p}")
+
+
+@main.command()
+@click.option("--store", type=click.Path(), default=None, help="page store directory")
+@click.option("--json", "as_json", is_flag=True)
+def gc(store, as_json):
+    """Remove page files no image uses and leftovers of interrupted checkpoints."""
+    from cxlfork.store import gc as do, open_store
+    removed = do(open_store(store, create=False))
+    if as_json:
+        click.echo(json.dumps({"removed": removed}))
+    else:
+        for p in removed:
+            click.echo(f"removed {p}")
+        click.echo(f"{len(removed)} files removed")
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@click.argument("pids", type=int, nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+def profile(image, pids, as_json):
+    """Record which store pages the running clones PIDS of IMAGE have touched (pagemap
+    presence), for --policy hybrid. Adds to an earlier record."""
+    from cxlfork.profile import record
+    r = record(image, list(pids))
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        click.echo(f"{r['hot_pages']} of {r['pages']} pages touched "
+                   f"({r['hot_pages'] * 4096 / 2**20:.1f} MiB) recorded in {r['file']}")

@@ -1,0 +1,60 @@
+"""Conformance: one small C program per kind of state (tests/cxlfork_progs/*.c). Each is
+checkpointed while blocked in read(2), restored with the real `cxlfork restore`, and checks
+itself (prints "ok"). The original, left running, must pass the same checks afterwards."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+from cxlfork_util import wait_file, build_prog, cxlfork, go, new_store, restore_popen, rmtree, start
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, PR_SET_MM_MAP)")
+
+
+@pytest.fixture(scope="module")
+def env():
+    d = tempfile.mkdtemp(prefix="cxlfork-conf-")
+    s = new_store()
+    yield d, s
+    rmtree(d)
+    rmtree(s)
+
+
+def _roundtrip(env, prog, policy="mow", args=()):
+    d, store = env
+    exe = build_prog(prog, d)
+    work = tempfile.mkdtemp(dir=d)
+    orig = start([exe, *[a.format(work=work) for a in args]], cwd=d)
+    img = os.path.join(d, f"{prog}-{policy}.img")
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        pidfile = img + ".pids"
+        clone = restore_popen(img, "--policy", policy, "--pidfile", pidfile)
+        # the clone is restored (and blocked in its read) before the original goes on and,
+        # e.g., unlinks a file both have mapped
+        wait_file(pidfile, clone)
+        out, rc, _ = go(orig)
+        assert out.strip() == "ok" and rc == 0, f"original after checkpoint: {out!r} rc={rc}"
+        out, rc, err = go(clone)
+        assert out.strip() == "ok" and rc == 0, f"clone: {out!r} rc={rc} {err}"
+    finally:
+        if orig.poll() is None:
+            orig.kill()
+            orig.wait()
+        cxlfork("rm", img, check=False)
+
+
+@pytest.mark.parametrize("prog", ["mem", "regs", "sig", "misc"])
+def test_state_survives_mow(env, prog):
+    _roundtrip(env, prog)
+
+
+def test_fds_cwd_umask_rlimits(env):
+    _roundtrip(env, "fds", args=["{work}"])
+
+
+@pytest.mark.parametrize("policy", ["moa", "hybrid"])
+def test_memory_other_policies(env, policy):
+    _roundtrip(env, "mem", policy)
