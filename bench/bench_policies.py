@@ -53,7 +53,7 @@ def real_trace(name: str):
     t0 = time.monotonic()
     print(f"capturing {name} under valgrind lackey (1 in {every} accesses)...", file=sys.stderr,
           flush=True)
-    tr = capture([exe, *args], sample_every=every)
+    tr = capture([exe, *args], sample_every=every, stdout=subprocess.DEVNULL)
     tr.save(path)
     print(f"  {len(tr)} accesses, {tr.n_pages} pages, {time.monotonic() - t0:.0f} s",
           file=sys.stderr, flush=True)

@@ -44,7 +44,8 @@ def parse_lackey_lines(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_000,
-            seed: int = 1, progress=None, valgrind: str | None = None) -> Trace:
+            seed: int = 1, progress=None, valgrind: str | None = None,
+            stdout=None) -> Trace:
     """Run ``cmd`` under lackey; returns the sampled trace (sub_page, vaddr, weight =
     sample_every). ``progress(data_accesses_seen, kept)`` is called after each chunk."""
     if not cmd:
@@ -60,7 +61,8 @@ def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_00
     r, w = os.pipe()
     try:
         proc = subprocess.Popen([vg, "--tool=lackey", "--trace-mem=yes", f"--log-fd={w}",
-                                 *cmd], pass_fds=(w,), stdin=subprocess.DEVNULL)
+                                 *cmd], pass_fds=(w,), stdin=subprocess.DEVNULL,
+                                stdout=stdout)
     except OSError as e:
         os.close(r)
         os.close(w)
