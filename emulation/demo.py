@@ -67,12 +67,14 @@ def main(size_mb: int = 128, hot_mb: int = 16) -> None:
             pid, rng = w["pid"], f"{w['hot_start']:#x}-{w['hot_end']:#x}"
             click.echo(f"  pid {pid}: {w['pages_on_node']}/{w['pages']} pages on node 1, "
                        f"hot range {rng}")
+            numastat = (f"tiermem numastat {pid} | awk 'NR <= 3 || /^{w['start']:x}-/'"
+                        f"  # totals + the workload's mapping")
             _step("placement before")
-            _show(m, f"tiermem numastat {pid}")
+            _show(m, numastat)
             _step("move the hot range to the fast node")
             _show(m, f"tiermem move {pid} --to 0 --range {rng}")
             _step("placement after")
-            _show(m, f"tiermem numastat {pid}")
+            _show(m, numastat)
             _step("the workload verifies every word of its memory")
             _show(m, f"kill -USR1 {pid} && echo requested")
             v = _wait_file(info + ".verify", 300, "the workload's verification")

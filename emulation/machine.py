@@ -33,6 +33,8 @@ QEMU = "qemu-system-x86_64"
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest", "agent.py")
 DEFAULT_RUNDIR = os.environ.get("TIERMEM_EMULATE_RUNDIR", "/run/tiermem/emulate")
 STATE = "state.json"
+QBOOT = "/usr/share/qemu/qboot.rom"   # minimal firmware: boots -kernel faster than SeaBIOS
+BIOS = ["-bios", QBOOT] if os.path.exists(QBOOT) and not os.environ.get("TIERMEM_SEABIOS") else []
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -57,7 +59,9 @@ def prepare(log=print):
     if shutil.which(QEMU) is None:
         raise TiermemError(f"{QEMU} not found: apt-get install qemu-system-x86")
     k = guest_kernel.prepare_kernel(log=log)
-    return k, initramfs.build_initramfs(k, log=log)
+    initrd = initramfs.build_initramfs(k, log=log)
+    guest_kernel.uncompressed(k, log=log)
+    return k, initrd
 
 
 def _set_pdeathsig():
@@ -125,7 +129,7 @@ class Machine:
             "i8042.nopnp", "tsc=reliable", "no_timer_check",
             f"tiermem.agent={AGENT}", f"tiermem.work={self.workdir}",
             f"tiermem.python={os.path.realpath('/usr/bin/python3')}"])
-        return [QEMU, "-name", "tiermem-cxl", "-machine", "pc,hmat=on",
+        return [QEMU, "-name", "tiermem-cxl", "-machine", "pc,hmat=on", *BIOS,
                 "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(c.cpus),
                 "-m", f"{c.total_mem_mib}M", *c.numa_args(),
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -146,7 +150,10 @@ class Machine:
         for p in (self.socket_path, self.console_log):
             if os.path.exists(p):
                 os.unlink(p)
-        argv = self.qemu_argv(k.vmlinuz, initrd)
+        kernel = k.vmlinuz
+        if not os.environ.get("TIERMEM_BZIMAGE"):
+            kernel = guest_kernel.uncompressed(k, log=log) or k.vmlinuz
+        argv = self.qemu_argv(kernel, initrd)
         log(f"booting the emulated CXL machine ({self.config.cpus} vCPUs, node 0 "
             f"{self.config.fast_mem_mib} MiB, {self.config.slow_nodes} CPU-less node(s) of "
             f"{self.config.slow_mem_mib} MiB) under QEMU TCG")
