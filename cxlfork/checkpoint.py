@@ -295,6 +295,7 @@ def collect(tr: Tracee) -> dict:
         brk = tr.brk()
     finally:
         tr.unmap_scratch()
+        tr.put_back_regs()
     head, rlen = tr.robust_list()
     cwd = os.readlink(f"/proc/{pid}/cwd")
     if cwd.endswith(" (deleted)"):
@@ -425,6 +426,7 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
         raise CxlforkError(f"{image} already exists (remove it with 'cxlfork rm')")
     if not os.path.isdir(os.path.dirname(image)):
         raise CxlforkError(f"directory {os.path.dirname(image)} does not exist")
+    _check_ptrace_allowed(pid)
     store = open_store(store_dir)
     if store.warning and warn:
         warn(store.warning)
@@ -496,6 +498,17 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
             shutil.rmtree(tmp_dir, ignore_errors=True)
         for s, h in old_handlers.items():
             signal.signal(s, h)
+
+
+def _check_ptrace_allowed(pid: int) -> None:
+    """Fail early, before anything is created, when the caller may not ptrace PID."""
+    try:
+        os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY))
+    except FileNotFoundError as e:
+        raise CxlforkError(f"no process with PID {pid}") from e
+    except PermissionError as e:
+        raise CxlforkError(f"cannot ptrace PID {pid}: permission denied (not yours, or yama "
+                           "ptrace_scope forbids it; run as root or as its owner)") from e
 
 
 def _is_child(pid: int) -> bool:

@@ -188,14 +188,24 @@ class Tracee:
         return self.inject("brk", 0)
 
     # -- resume ------------------------------------------------------------------------------
+    def put_back_regs(self) -> None:
+        """After injections: reinstall the original registers at once (re-running an
+        interrupted syscall by hand, since we are at a syscall exit), so that even if cxlfork
+        dies from here on, the process resumes correctly when the kernel detaches it."""
+        if getattr(self, "injected", False):
+            e = lib.cx_setregset(self.pid, NT_PRSTATUS,
+                                 regs_pack(restart_adjusted(self.regs, live=True)), REGS_SIZE)
+            if e < 0:
+                raise CxlforkError(f"restoring the registers of PID {self.pid}: "
+                                   f"{os.strerror(-e)}")
+            self.injected = False
+
     def detach(self) -> None:
-        """Put the original registers back (re-running an interrupted syscall) and resume."""
+        """Put the original registers back (if still needed) and resume the process."""
         if not self.attached:
             return
         if getattr(self, "injected", False):
-            # we stopped it at a syscall exit (after an injection): restart by hand
-            lib.cx_setregset(self.pid, NT_PRSTATUS,
-                             regs_pack(restart_adjusted(self.regs, live=True)), REGS_SIZE)
+            self.put_back_regs()
         lib.cx_detach(self.pid, 0)
         self.attached = False
         if self.held_signal:

@@ -23,10 +23,19 @@ def build_prog(name: str, out_dir: str) -> str:
 
 
 def readline(f, timeout=20.0) -> str:
-    r, _, _ = select.select([f], [], [], timeout)
-    if not r:
-        raise TimeoutError("no output within %.0f s" % timeout)
-    return f.readline().decode()
+    """One line from a pipe, with a timeout; reads the fd byte by byte so nothing is left in
+    a Python buffer that select() cannot see."""
+    fd = f.fileno()
+    out = b""
+    while not out.endswith(b"\n"):
+        r, _, _ = select.select([fd], [], [], timeout)
+        if not r:
+            raise TimeoutError("no output within %.0f s (got %r)" % (timeout, out))
+        c = os.read(fd, 1)
+        if not c:
+            break
+        out += c
+    return out.decode()
 
 
 def start(argv, cwd=None, env=None) -> subprocess.Popen:

@@ -1,0 +1,298 @@
+"""Images and the CLI's safety: inspect/verify/rm/gc, corrupt/truncated/hostile manifests and
+page files refused with one error line and no process left behind, refusals at checkpoint,
+--leave-running keeps the original's memory identical, cxlfork killed mid-checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+import pytest
+
+from cxlfork_util import (PROGS, build_prog, cxlfork, go, new_store, restore_popen, rmtree,
+                          start, wait_file)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, PR_SET_MM_MAP)")
+
+
+@pytest.fixture(scope="module")
+def env():
+    d = tempfile.mkdtemp(prefix="cxlfork-img-")
+    s = new_store()
+    exe = build_prog("misc", d)
+    p = start([exe], cwd=d)
+    img = os.path.join(d, "base.img")
+    cxlfork("checkpoint", p.pid, "-o", img, "--store", s)
+    yield d, s, img, p
+    p.kill()
+    p.wait()
+    rmtree(d)
+    rmtree(s)
+
+
+def _children_of_restore_left(before: set[int]) -> set[int]:
+    return {int(x) for x in os.listdir("/proc") if x.isdigit()} - before
+
+
+def _copy_image(src: str, dst: str) -> None:
+    os.mkdir(dst, 0o700)
+    with open(os.path.join(src, "manifest.json")) as f:
+        data = f.read()
+    with open(os.path.join(dst, "manifest.json"), "w") as f:
+        f.write(data)
+
+
+def test_inspect_verify_json(env):
+    d, s, img, p = env
+    r = cxlfork("inspect", img, "--json")
+    m = json.loads(r.stdout)
+    assert m["format"] == "cxlfork-image" and m["version"] == 1
+    assert m["process"]["pid"] == p.pid
+    assert any(v["path"] == "[vdso]" for v in m["vmas"])
+    assert "MiB" in cxlfork("inspect", img).stdout
+    v = json.loads(cxlfork("verify", img, "--json").stdout)
+    assert v["ok"] and v["pages"] == m["store"]["pages"] > 0
+    st = os.stat(img)
+    assert st.st_mode & 0o777 == 0o700
+    assert os.stat(os.path.join(img, "manifest.json")).st_mode & 0o777 == 0o600
+    pf = os.path.join(m["store"]["dir"], m["store"]["file"])
+    assert os.stat(pf).st_mode & 0o777 == 0o600
+    assert os.stat(s).st_mode & 0o777 == 0o700
+
+
+def _restore_fails(img: str, needle: str) -> None:
+    before = {int(x) for x in os.listdir("/proc") if x.isdigit()}
+    r = cxlfork("restore", img, "--stdio", "null", check=False)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cxlfork: error: "), r.stderr
+    assert needle in lines[0], lines[0]
+    time.sleep(0.05)
+    left = [pid for pid in _children_of_restore_left(before)
+            if os.path.exists(f"/proc/{pid}/exe")
+            and os.readlink(f"/proc/{pid}/exe").endswith(("misc", "cxlfork-restorer"))]
+    assert not left, f"processes left behind: {left}"
+
+
+def test_corrupt_manifest_byte_flips(env):
+    d, s, img, p = env
+    rnd = random.Random(1)
+    with open(os.path.join(img, "manifest.json"), "rb") as f:
+        data = f.read()
+    for k in range(12):
+        bad = os.path.join(d, f"flip{k}.img")
+        os.mkdir(bad, 0o700)
+        b = bytearray(data)
+        i = rnd.randrange(len(b))
+        b[i] = (b[i] + rnd.randrange(1, 255)) % 256
+        with open(os.path.join(bad, "manifest.json"), "wb") as f:
+            f.write(bytes(b))
+        _restore_fails(bad, "")
+        r = cxlfork("verify", bad, check=False)
+        assert r.returncode != 0 and r.stderr.startswith("cxlfork: error: ")
+
+
+def test_truncated_manifest(env):
+    d, s, img, p = env
+    bad = os.path.join(d, "trunc.img")
+    os.mkdir(bad, 0o700)
+    with open(os.path.join(img, "manifest.json"), "rb") as f:
+        data = f.read()
+    with open(os.path.join(bad, "manifest.json"), "wb") as f:
+        f.write(data[:len(data) // 2])
+    _restore_fails(bad, "corrupt manifest")
+
+
+def _hostile(env, name, mutate, needle):
+    """A manifest edited with a *valid* checksum: field validation must catch it."""
+    from cxlfork import image as image_mod
+    d, s, img, p = env
+    m = image_mod.read_manifest_raw(img)
+    mutate(m)
+    m["checksum"] = image_mod.checksum(m)
+    bad = os.path.join(d, name)
+    os.mkdir(bad, 0o700)
+    with open(os.path.join(bad, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    _restore_fails(bad, needle)
+
+
+def test_hostile_manifests(env):
+    def first_run(m):
+        return next(v for v in m["vmas"] if v["runs"])
+    _hostile(env, "h1.img", lambda m: first_run(m)["runs"][0].__setitem__(2, 10**9),
+             "past the end of the page file")
+    _hostile(env, "h2.img", lambda m: m["vmas"][1].__setitem__("start", 0x100000000000),
+             "vmas[1]")
+    _hostile(env, "h3.img", lambda m: m["store"].__setitem__("file", "../../etc/passwd"),
+             "plain page-file name")
+    _hostile(env, "h4.img", lambda m: m["regs"].__setitem__("rip", -1), "regs.rip")
+    _hostile(env, "h5.img", lambda m: m.__setitem__("version", 99), "version")
+    _hostile(env, "h6.img", lambda m: m["fds"].append({"fd": 7, "kind": "socket", "flags": 0,
+                                                       "cloexec": False}), "fds[")
+    _hostile(env, "h7.img", lambda m: m["vmas"][0].__setitem__("prot", "rwx"), "prot")
+
+
+def test_page_file_truncated_or_modified(env):
+    from cxlfork import image as image_mod
+    d, s, img, p = env
+    m = image_mod.load(img)
+    pf = image_mod.store_file(m)
+    saved = open(pf, "rb").read()
+    try:
+        with open(pf, "r+b") as f:
+            f.seek(100)
+            f.write(b"\xff")
+        r = cxlfork("verify", img, check=False)
+        assert r.returncode == 1 and "hash mismatch" in r.stderr
+        os.truncate(pf, len(saved) - 4096)
+        _restore_fails(img, "truncated")
+    finally:
+        with open(pf, "wb") as f:
+            f.write(saved)
+    cxlfork("verify", img)
+
+
+def test_bad_pid_and_existing_output(env):
+    d, s, img, p = env
+    r = cxlfork("checkpoint", 999999999, "-o", os.path.join(d, "x.img"), "--store", s,
+                check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
+        "cxlfork: error: no process with PID 999999999"
+    r = cxlfork("checkpoint", p.pid, "-o", img, "--store", s, check=False)
+    assert r.returncode == 1 and "already exists" in r.stderr
+    r = cxlfork("checkpoint", p.pid, "-o", os.path.join(d, "y.img"),
+                "--store", "/tmp", check=False)
+    assert r.returncode == 1 and "not tmpfs" in r.stderr
+
+
+def test_refuses_unprivileged_caller(env):
+    d, s, img, p = env
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-m", "cxlfork", "checkpoint", str(p.pid), "-o",
+                        "/tmp/cxlfork-nobody.img", "--store", "/dev/shm"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=
+                       os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert r.returncode != 0
+    assert "cannot ptrace PID" in r.stderr or "permission denied" in r.stderr, r.stderr
+    assert not os.path.exists("/tmp/cxlfork-nobody.img")
+
+
+def test_refuses_threads_and_sockets(env):
+    d, s, img, p = env
+    code = ("import socket,threading,sys,time\n"
+            "mode=sys.argv[1]\n"
+            "if mode=='thread': threading.Thread(target=time.sleep,args=(60,),daemon=True).start()\n"
+            "else: s=socket.socket(); s.bind(('127.0.0.1',0))\n"
+            "print('ready',flush=True); sys.stdin.readline()\n")
+    for mode, needle in (("thread", "threads"), ("socket", "is a socket")):
+        q = start([sys.executable, "-c", code, mode])
+        try:
+            out = os.path.join(d, f"ref-{mode}.img")
+            r = cxlfork("checkpoint", q.pid, "-o", out, "--store", s, check=False)
+            assert r.returncode == 1 and needle in r.stderr, r.stderr
+            assert not os.path.exists(out)
+            assert not [x for x in os.listdir(s) if ".tmp." in x]
+            out_, rc, _ = go(q)              # still alive and well
+            assert rc == 0
+        finally:
+            q.kill()
+            q.wait()
+
+
+def _mem_crc(pid: int, skip: tuple[int, int] = (0, 0)) -> int:
+    """CRC of every readable mapping of pid (while it sits in read(2)), without the bytes in
+    skip (the rseq area, which the kernel rewrites whenever the task is scheduled)."""
+    crc = 0
+    with open(f"/proc/{pid}/maps") as f, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in f:
+            parts = line.split()
+            a, b = (int(x, 16) for x in parts[0].split("-"))
+            if parts[1][0] != "r" or len(parts) > 5 and parts[5].startswith("[v"):
+                continue
+            try:
+                data = bytearray(os.pread(mem.fileno(), b - a, a))
+                if a <= skip[0] < b:
+                    o = skip[0] - a
+                    data[o:o + skip[1]] = bytes(len(data[o:o + skip[1]]))
+                crc = zlib.crc32(bytes(data), crc)
+            except OSError:
+                pass
+    return crc
+
+
+def test_leave_running_keeps_memory_identical(env):
+    d, s, img, p = env
+    exe = build_prog("mem", d)
+    q = start([exe], cwd=d)
+    try:
+        lr = os.path.join(d, "lr.img")
+        cxlfork("checkpoint", q.pid, "-o", lr, "--store", s)
+        rseq = json.loads(cxlfork("inspect", lr, "--json").stdout)["rseq"]
+        skip = (rseq["addr"], rseq["len"]) if rseq else (0, 0)
+        before = _mem_crc(q.pid, skip)
+        cxlfork("checkpoint", q.pid, "-o", lr + "2", "--store", s)
+        assert _mem_crc(q.pid, skip) == before
+        out, rc, _ = go(q)
+        assert out.strip() == "ok" and rc == 0
+    finally:
+        if q.poll() is None:
+            q.kill()
+            q.wait()
+
+
+def test_killed_mid_checkpoint_leaves_original_running(env):
+    d, s, img, p = env
+    q = start([sys.executable, os.path.join(PROGS, "worker.py"), "256"],
+              env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    out = os.path.join(d, "killed.img")
+    try:
+        c = subprocess.Popen([sys.executable, "-m", "cxlfork", "checkpoint", str(q.pid), "-o",
+                              out, "--store", s], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(".pages.tmp." in x for x in os.listdir(s)):
+            time.sleep(0.002)
+        c.send_signal(signal.SIGKILL)
+        c.wait()
+        time.sleep(0.2)
+        assert not os.path.exists(out)
+        state = open(f"/proc/{q.pid}/status").read()
+        assert "TracerPid:\t0" in state
+        cxlfork("gc", "--store", s)
+        assert not [x for x in os.listdir(s) if ".tmp." in x]
+        assert not [x for x in os.listdir(d) if x.startswith("killed.img")]
+        o, rc, _ = go(q)
+        assert o.strip() == "ok" and rc == 0
+    finally:
+        if q.poll() is None:
+            q.kill()
+            q.wait()
+
+
+def test_rm_and_gc(env):
+    d, s, img, p = env
+    exe = build_prog("misc", d)
+    q = start([exe], cwd=d)
+    try:
+        a, b = os.path.join(d, "a.img"), os.path.join(d, "b.img")
+        cxlfork("checkpoint", q.pid, "-o", a, "--store", s)
+        cxlfork("checkpoint", q.pid, "-o", b, "--store", s)
+        ma = json.loads(cxlfork("inspect", a, "--json").stdout)
+        mb = json.loads(cxlfork("inspect", b, "--json").stdout)
+        cxlfork("rm", a)
+        assert not os.path.exists(a)
+        assert not os.path.exists(os.path.join(s, ma["store"]["file"]))
+        import shutil
+        shutil.rmtree(b)                      # removed by hand: its page file is garbage
+        r = json.loads(cxlfork("gc", "--store", s, "--json").stdout)
+        assert os.path.join(s, mb["store"]["file"]) in r["removed"]
+        cxlfork("verify", img)                # the module's image is untouched
+    finally:
+        q.kill()
+        q.wait()

@@ -1,0 +1,98 @@
+"""Python processes with numpy (one BLAS thread): checkpoint, N clones from one store with a
+pidfile, --same-pid after --kill, the hybrid profile, and clones sharing store pages."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+import pytest
+
+from cxlfork_util import (PROGS, cxlfork, go, new_store, readline, restore_popen, rmtree,
+                          start, wait_file)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, PR_SET_MM_MAP)")
+ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def env():
+    d = tempfile.mkdtemp(prefix="cxlfork-py-")
+    s = new_store()
+    yield d, s
+    rmtree(d)
+    rmtree(s)
+
+
+def _worker(mib=32):
+    return start([sys.executable, os.path.join(PROGS, "worker.py"), str(mib)], env=ENV)
+
+
+def test_numpy_worker_clones_share_store(env):
+    d, s = env
+    w = _worker(32)
+    img = os.path.join(d, "w.img")
+    try:
+        cxlfork("checkpoint", w.pid, "-o", img, "--store", s)
+        pidfile = os.path.join(d, "pids")
+        r = restore_popen(img, "-n", "3", "--pidfile", pidfile)
+        pids = [int(x) for x in wait_file(pidfile, r).split()]
+        assert len(pids) == 3 and len(set(pids)) == 3
+        # the clones answer on the shared stdin/stdout: one ping, one pong per clone
+        for _ in range(3):          # one line at a time: whichever clone reads it answers
+            r.stdin.write(b"ping\n")
+            r.stdin.flush()
+            assert readline(r.stdout).strip() == "pong"
+        # the worker's array is mapped from the store page file, not copied
+        m = json.loads(cxlfork("inspect", img, "--json").stdout)
+        pf = os.path.join(m["store"]["dir"], m["store"]["file"])
+        with open(f"/proc/{pids[0]}/maps") as f:
+            assert pf in f.read()
+        cxlfork("profile", img, *pids)
+        assert os.path.exists(os.path.join(img, "hot.json"))
+        for _ in range(3):          # each "go" makes one clone check itself and exit
+            r.stdin.write(b"go\n")
+            r.stdin.flush()
+            assert readline(r.stdout).strip() == "ok"
+        r.communicate(timeout=60)
+        assert r.returncode == 0
+        # hybrid from the recorded profile
+        c = restore_popen(img, "--policy", "hybrid")
+        o, rc, err = go(c)
+        assert o.strip() == "ok" and rc == 0, err
+        o, rc, _ = go(w)
+        assert o.strip() == "ok" and rc == 0
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+
+
+def test_kill_then_restore_same_pid(env):
+    d, s = env
+    w = _worker(8)
+    pid = w.pid
+    img = os.path.join(d, "move.img")
+    cxlfork("checkpoint", pid, "-o", img, "--kill", "--store", s)
+    w.wait()
+    assert not os.path.exists(f"/proc/{pid}")
+    c = restore_popen(img, "--same-pid", "--pidfile", img + ".pid")
+    assert int(wait_file(img + ".pid", c)) == pid
+    o, rc, err = go(c)
+    assert o.strip() == "ok" and rc == 0, err
+
+
+def test_numpy_with_blas_threads_refused(env):
+    d, s = env
+    w = start([sys.executable, os.path.join(PROGS, "worker.py"), "1"],
+              env=dict(os.environ, OPENBLAS_NUM_THREADS="2"))
+    try:
+        if len(os.listdir(f"/proc/{w.pid}/task")) == 1:
+            pytest.skip("numpy's BLAS started no threads here")
+        r = cxlfork("checkpoint", w.pid, "-o", os.path.join(d, "t.img"), "--store", s,
+                    check=False)
+        assert r.returncode == 1 and "threads" in r.stderr
+    finally:
+        w.kill()
+        w.wait()
