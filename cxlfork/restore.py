@@ -120,7 +120,9 @@ class Prepared:
         self.fds_open = []
 
 
-def _stdio_fds(stdio: str, opened: list[int]) -> list[int]:
+def _stdio_fds(stdio, opened: list[int]) -> list[int]:
+    if isinstance(stdio, (tuple, list)):          # library callers: three fds of their own
+        return list(stdio)
     if stdio == "inherit":
         return [0, 1, 2]
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)

@@ -2,7 +2,8 @@
 
 argv[1] = MiB of initialised state (a numpy array). Prints "ready", then per stdin line:
 "ping" -> "pong"; "go" -> checks its state and the interpreter ("ok"/"FAIL ...") and exits;
-"touch F" -> writes fraction F of the array's pages (a write-heavy clone), answers "done".
+"touch F" -> writes fraction F of the array's pages (a write-heavy clone), answers "done";
+"read" -> reads the whole array, answers "done"; "fork" -> os.fork(), the child answers "pong".
 """
 import os
 import sys
@@ -21,6 +22,14 @@ for line in sys.stdin:
         continue
     if cmd[0] == "ping":
         print("pong", flush=True)
+    elif cmd[0] == "fork":              # the os.fork() baseline: the child answers
+        if os.fork() == 0:
+            print("pong", flush=True)
+            os._exit(0)
+        os.wait()
+    elif cmd[0] == "read":              # read the whole state (a read-mostly request)
+        int(np.bitwise_xor.reduce(state))
+        print("done", flush=True)
     elif cmd[0] == "touch":
         n = int(len(state) * float(cmd[1]))
         state[:n:512] += np.uint64(1)

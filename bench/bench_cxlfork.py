@@ -1,0 +1,233 @@
+"""cxlfork benchmark: checkpoint and restore of Python workers with 64 MiB / 256 MiB (and
+1 GiB with --full) of initialised numpy state, next to its baselines measured in the same run:
+os.fork() of the warm worker, a cold start of the same worker, and `criu restore` when a
+working criu is on PATH (skipped otherwise). Then the memory of N = 1, 4, 16 clones (sum of
+PSS and of private bytes from /proc/PID/smaps_rollup) for mow, moa and hybrid.
+
+Latency = from the start of the restore (or fork, or cold start) to the clone answering
+"pong" on a pipe. Medians of --runs runs. Run as root:  .venv/bin/python bench/bench_cxlfork.py
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+WORKER = os.path.join(os.path.dirname(HERE), "tests", "cxlfork_progs", "worker.py")
+ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+
+from cxlfork import image as image_mod  # noqa: E402
+from cxlfork.checkpoint import checkpoint  # noqa: E402
+from cxlfork.profile import record  # noqa: E402
+from cxlfork.restore import restore  # noqa: E402
+
+
+def readline(fd: int, timeout=120.0) -> str:
+    out = b""
+    while not out.endswith(b"\n"):
+        if not select.select([fd], [], [], timeout)[0]:
+            raise TimeoutError(f"no answer (got {out!r})")
+        c = os.read(fd, 1)
+        if not c:
+            raise EOFError(out)
+        out += c
+    return out.decode().strip()
+
+
+def start_worker(mib: int):
+    """(Popen, seconds from spawn to 'ready')."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, WORKER, str(mib)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, close_fds=True, env=ENV)
+    assert readline(p.stdout.fileno()) == "ready"
+    return p, time.perf_counter() - t0
+
+
+def ask(p, cmd: str) -> str:
+    p.stdin.write(cmd.encode() + b"\n")
+    p.stdin.flush()
+    return readline(p.stdout.fileno())
+
+
+class Pipes:
+    """stdin/stdout pipes for clones restored through the library."""
+
+    def __init__(self):
+        self.in_r, self.in_w = os.pipe()
+        self.out_r, self.out_w = os.pipe()
+
+    def fds(self):
+        return (self.in_r, self.out_w, self.out_w)
+
+    def ask(self, cmd: str) -> str:
+        os.write(self.in_w, cmd.encode() + b"\n")
+        return readline(self.out_r)
+
+    def close(self):
+        for fd in (self.in_r, self.in_w, self.out_r, self.out_w):
+            os.close(fd)
+
+
+def kill_all(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def mem_of(pids) -> tuple[int, int]:
+    pss = priv = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k == "Pss":
+                    pss += int(v.split()[0]) * 1024
+                elif k in ("Private_Clean", "Private_Dirty"):
+                    priv += int(v.split()[0]) * 1024
+    return pss, priv
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows):
+    w, _ = start_worker(mib)
+    try:
+        cold = [start_worker(mib) for _ in range(runs)]
+        for p, _ in cold:
+            p.kill()
+            p.wait()
+        cold_s = med([t for _, t in cold])
+        forks = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            assert ask(w, "fork") == "pong"
+            forks.append(time.perf_counter() - t0)
+        ck, ck_pages, img = [], [], None
+        for k in range(runs):
+            path = os.path.join(work, f"w{mib}-{k}.img")
+            r = checkpoint(w.pid, path, store)
+            ck.append(r["total_s"])
+            ck_pages.append(r["bytes"] / (r["pages_ms"] / 1e3) if r["pages_ms"] else 0)
+            if img is None:
+                img, nbytes = path, r["bytes"]
+            else:
+                image_mod.remove(path)
+        lat = {}
+        for policy in ("mow", "moa"):
+            ts = []
+            for _ in range(runs):
+                pp = Pipes()
+                t0 = time.perf_counter()
+                pids = restore(img, policy, stdio=pp.fds())
+                assert pp.ask("ping") == "pong"
+                ts.append(time.perf_counter() - t0)
+                kill_all(pids)
+                pp.close()
+            lat[policy] = med(ts)
+        cli = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            c = subprocess.Popen([sys.executable, "-m", "cxlfork", "restore", img, "--detach",
+                                  "--pidfile", img + ".pid"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, close_fds=True)
+            c.stdin.write(b"ping\n")
+            c.stdin.flush()
+            # two lines, in either order: the PID line of --detach and the clone's pong
+            got = [readline(c.stdout.fileno())]
+            if got[0] != "pong":
+                got.append(readline(c.stdout.fileno()))
+            assert "pong" in got, got
+            cli.append(time.perf_counter() - t0)
+            c.wait()
+            kill_all([int(open(img + ".pid").read())])
+        criu = "skipped: no criu on PATH" if not shutil.which("criu") else \
+            "skipped: criu comparison not automated in this version"
+        fork_s = med(forks)
+        rows.append((mib, nbytes, med(ck), med(ck_pages), fork_s, lat["mow"], lat["moa"],
+                     med(cli), cold_s, criu))
+        # hybrid profile: one clone that answered a ping (touched the interpreter, not the array)
+        pp = Pipes()
+        pids = restore(img, "mow", stdio=pp.fds())
+        assert pp.ask("ping") == "pong"
+        record(img, pids)
+        kill_all(pids)
+        pp.close()
+        for policy in ("mow", "moa", "hybrid"):
+            for n in counts:
+                if policy == "moa" and n * mib > 4096:
+                    memrows.append((mib, policy, n, None, None, "skipped: > 4 GiB of copies"))
+                    continue
+                pp = Pipes()
+                pids = restore(img, policy, n=n, stdio=pp.fds())
+                for _ in range(n):                     # every clone reads its whole state
+                    assert pp.ask("read") == "done"
+                pss, priv = mem_of(pids)
+                memrows.append((mib, policy, n, pss, priv, ""))
+                kill_all(pids)
+                pp.close()
+        image_mod.remove(img)
+    finally:
+        w.kill()
+        w.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="add the 1 GiB worker")
+    ap.add_argument("--sizes", default=None, help="MiB list, e.g. 64,256")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--counts", default="1,4,16")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_cxlfork: run as root (ptrace, PR_SET_MM_MAP)")
+    sizes = [int(x) for x in (a.sizes or ("64,256,1024" if a.full else "64,256")).split(",")]
+    counts = [int(x) for x in a.counts.split(",")]
+    work = tempfile.mkdtemp(prefix="cxlfork-bench-")
+    store = tempfile.mkdtemp(prefix="cxlfork-bench-store-", dir="/dev/shm")
+    rows, memrows = [], []
+    try:
+        for mib in sizes:
+            print(f"... {mib} MiB worker", file=sys.stderr, flush=True)
+            bench_size(mib, a.runs, counts, work, store, rows, memrows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
+    print(f"\ncxlfork restore latency (start -> clone answers on a pipe), medians of {a.runs}; "
+          "kernel " + os.uname().release)
+    hdr = ("state", "stored", "ckpt total", "ckpt pages", "os.fork()", "mow (API)",
+           "mow/fork", "moa (API)", "mow (CLI)", "cold start", "criu restore")
+    print(" | ".join(f"{h:>12s}" for h in hdr))
+    for (mib, nb, ck, rate, fk, mow, moa, cli, cold, criu) in rows:
+        vals = (f"{mib} MiB", f"{nb / 2**20:.0f} MiB", f"{ck * 1e3:.1f} ms",
+                f"{rate / 1e9:.2f} GB/s", f"{fk * 1e3:.2f} ms", f"{mow * 1e3:.2f} ms",
+                f"{mow / fk:.2f}x", f"{moa * 1e3:.2f} ms", f"{cli * 1e3:.1f} ms",
+                f"{cold * 1e3:.0f} ms", criu)
+        print(" | ".join(f"{v:>12s}" for v in vals))
+    print("\nmemory of N clones after each read its whole state (sums over clones)")
+    print(" | ".join(f"{h:>12s}" for h in ("state", "policy", "N", "sum PSS", "sum private",
+                                            "note")))
+    for (mib, pol, n, pss, priv, note) in memrows:
+        vals = (f"{mib} MiB", pol, str(n), "-" if pss is None else f"{pss / 2**20:.0f} MiB",
+                "-" if priv is None else f"{priv / 2**20:.0f} MiB", note)
+        print(" | ".join(f"{v:>12s}" for v in vals))
+
+
+if __name__ == "__main__":
+    main()
