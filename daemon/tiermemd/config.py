@@ -50,7 +50,7 @@ class Config:
     socket: str = "/run/tiermemd.sock"
     state_dir: str = "/run/tiermemd"
     metrics: tuple[str, int] | None = ("127.0.0.1", 9473)
-    rescan_every: int = 10
+    rescan_every: int = 30
     fast_nodes: list[int] | None = None
     slow_nodes: list[int] | None = None
     bandwidth_bps: float = 256e6

@@ -55,13 +55,31 @@ def cgroup_pids(path: str) -> list[int]:
     return out
 
 
-def resolve(target, exclude: set[int]) -> set[int]:
+class CmdlineCache:
+    """Command lines of the processes seen, so a loop reads only those of new PIDs;
+    ``refresh()`` forgets them all (a process may exec into a matching command line)."""
+
+    def __init__(self):
+        self.lines: dict[int, str] = {}
+
+    def refresh(self) -> None:
+        self.lines.clear()
+
+    def current(self) -> dict[int, str]:
+        live = all_pids()
+        lines = {p: self.lines[p] if p in self.lines else cmdline(p) for p in live}
+        self.lines = lines
+        return lines
+
+
+def resolve(target, exclude: set[int], cache: CmdlineCache | None = None) -> set[int]:
     """PIDs of live user processes the target selects now (pids + cmdline + cgroup)."""
     pids: set[int] = set(target.pids)
     if target.cmdline:
         rx = target.cmdline_re
-        for p in all_pids():
-            if p not in exclude and rx.search(cmdline(p)):
+        lines = cache.current() if cache is not None else {p: cmdline(p) for p in all_pids()}
+        for p, line in lines.items():
+            if p not in exclude and rx.search(line):
                 pids.add(p)
     if target.cgroup:
         pids.update(cgroup_pids(target.cgroup))

@@ -158,6 +158,8 @@ class Engine:
         self.exclude = set(self_pids)
         self._rr = 0
         self._logged: set[str] = set()
+        self._cmdlines = discovery.CmdlineCache()
+        self._loop = 0
         self.configure(cfg, topology)
 
     # -- configuration -------------------------------------------------------------------
@@ -224,8 +226,11 @@ class Engine:
     def _discover(self) -> dict[str, set[int]]:
         seen: dict[str, set[int]] = {}
         claimed: set[int] = set()
+        self._loop += 1
+        if self._loop % self.cfg.rescan_every == 0:
+            self._cmdlines.refresh()
         for name, tc in self.targets.items():
-            pids = discovery.resolve(tc, self.exclude) - claimed   # first target wins
+            pids = discovery.resolve(tc, self.exclude, self._cmdlines) - claimed  # first wins
             claimed |= pids
             seen[name] = pids
         for pid in list(self.procs):

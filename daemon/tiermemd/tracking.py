@@ -26,8 +26,8 @@ def scan(pid: int, fast_nodes, slow_nodes) -> tuple[Placement, int]:
     """(placement of the present private anonymous pages on the fast/slow nodes, number of
     present pages on other nodes)."""
     parts = []
-    for v in read_vmas(pid):
-        if v.kind not in KINDS or v.rss_kb == 0 or "s" in v.perms[3:]:
+    for v in read_vmas(pid, with_rss=False):     # maps, not smaps: smaps walks page tables
+        if v.kind not in KINDS or v.perms[3] == "s" or v.perms[:3] == "---":
             continue
         parts.append(present_pages(pid, v.start, v.end))
     addrs = np.concatenate(parts) if parts else np.empty(0, np.uint64)

@@ -96,15 +96,21 @@ class Daemon:
                 break
             time.sleep(0.1)
 
-    def ctl(self, *args):
-        r = subprocess.run([PY, "-m", "tiermem.cli", "ctl", "--socket",
-                            os.path.join(rundir(self.wd), "ctl.sock"), *args],
-                           capture_output=True, text=True, timeout=60)
-        return {"rc": r.returncode, "out": r.stdout, "err": r.stderr}
+    def ctl(self, cmd, **kw):
+        """One control request over the socket (tiermemd.control.request, what `tiermem
+        ctl` uses; the CLI itself is exercised by the host tests: starting it costs tens of
+        seconds under TCG)."""
+        from tiermem.errors import TiermemError
+        from tiermemd.control import request
+        try:
+            return {"rc": 0, "out": request(os.path.join(rundir(self.wd), "ctl.sock"),
+                                            dict(cmd=cmd, **kw), timeout=120), "err": ""}
+        except TiermemError as e:
+            return {"rc": 1, "out": None, "err": str(e)}
 
     def stats(self):
-        r = self.ctl("stats", "--json")
-        return json.loads(r["out"]) if r["rc"] == 0 else r
+        r = self.ctl("stats")
+        return r["out"] if r["rc"] == 0 else r
 
     def stop(self, sig=signal.SIGTERM):
         self.p.send_signal(sig)
@@ -154,7 +160,7 @@ aggr_us = 100000
             time.sleep(2)
         res["where"] = w.where()
         res["stats"] = d.stats()
-        res["status"] = json.loads(d.ctl("status", "--json")["out"])
+        res["status"] = d.ctl("status")["out"]
         try:
             import urllib.request
             res["metrics"] = urllib.request.urlopen("http://127.0.0.1:9473/metrics",
@@ -162,10 +168,10 @@ aggr_us = 100000
         except OSError as e:
             res["metrics"] = f"error {e}"
         res["pause"] = d.ctl("pause")
-        res["status_paused"] = json.loads(d.ctl("status", "--json")["out"])["paused"]
+        res["status_paused"] = d.ctl("status")["out"]["paused"]
         res["resume"] = d.ctl("resume")
-        res["policy_switch"] = d.ctl("policy", "w", "tpp")
-        res["policy_bad"] = d.ctl("policy", "w", "nosuch")
+        res["policy_switch"] = d.ctl("policy", target="w", policy="tpp")
+        res["policy_bad"] = d.ctl("policy", target="w", policy="nosuch")
         with open(cfg, "a") as f:
             f.write("\n[watermarks]\nlow = \"12 parsecs\"\n")
         os.kill(d.p.pid, signal.SIGHUP)
@@ -179,6 +185,73 @@ aggr_us = 100000
     finally:
         if d.p.poll() is None:
             d.stop(signal.SIGKILL)
+        res["log"] = d.text()
+        w.close()
+    return res
+
+
+def kernel(wd, limit_s=120, total=192, hot=48):
+    """The kernel's own tiering on the same workload: NUMA balancing in memory-tiering mode
+    (numa_balancing=2) with demotion on; no tiermemd."""
+    knobs = {"/proc/sys/kernel/numa_balancing": "2",
+             "/sys/kernel/mm/numa/demotion_enabled": "true"}
+    old = {k: open(k).read().strip() for k in knobs}
+    res = {"series": [], "t90": None, "knobs_before": old}
+    try:
+        for k, v in knobs.items():
+            with open(k, "w") as f:
+                f.write(v)
+        w = Workload(total, hot, 1)
+        t0 = time.monotonic()
+        try:
+            while time.monotonic() - t0 < limit_s:
+                s = w.hot_fast_share()
+                t = time.monotonic() - t0
+                res["series"].append([round(t, 2), round(s, 4)])
+                if s >= 0.9 and res["t90"] is None:
+                    res["t90"] = round(t, 2)
+                    break
+                time.sleep(2)
+            res["where"] = w.where()
+            res["verify"] = w.ask("verify")
+        finally:
+            w.close()
+    finally:
+        for k, v in old.items():
+            with open(k, "w") as f:
+                f.write(v)
+    return res
+
+
+def proc_cpu(pid):
+    f = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu(wd, total=1024, hot=64, sampler="damon", warm_s=20, window_s=30, rescan=10):
+    """The daemon's own CPU cost on one TOTAL MiB target (already on the fast node, so the
+    loop is sampling + policy + placement upkeep, few moves)."""
+    w = Workload(total, hot, 0)
+    cfg = write_config(wd, f"""[[targets]]
+name = "w"
+cmdline = "daemon_workload.py {total} {hot} 0"
+sampler = "{sampler}"
+policy = "m5"
+""").replace("rescan_every = 5", f"rescan_every = {rescan}")
+    d = Daemon(wd, cfg)
+    res = {}
+    try:
+        time.sleep(warm_s)
+        s0, c0, t0 = d.stats(), proc_cpu(d.p.pid), time.monotonic()
+        time.sleep(window_s)
+        s1, c1, t1 = d.stats(), proc_cpu(d.p.pid), time.monotonic()
+        res = {"daemon_cpu_pct": 100 * (c1 - c0) / (t1 - t0),
+               "sampler_cpu_pct": 100 * (s1["targets"]["w"]["sampler_cpu_seconds"]
+                                         - s0["targets"]["w"]["sampler_cpu_seconds"]) / (t1 - t0),
+               "loops": s1["loops"] - s0["loops"], "window_s": t1 - t0,
+               "loop_seconds": s1["loop_seconds"], "verify": w.ask("verify")}
+    finally:
+        d.stop()
         res["log"] = d.text()
         w.close()
     return res
@@ -200,12 +273,12 @@ def faults(wd):
     res = {}
     with open(os.path.join(wd, "boom.py"), "w") as f:
         f.write(FAILING_POLICY)
-    # fill the fast node so promotions run into ENOMEM
+    ws = {"exits": Workload(48, 16, 1, "exits"), "raises": Workload(32, 8, 1, "raises"),
+          "nosampler": Workload(32, 8, 1, "nosampler"), "good": Workload(160, 96, 1, "good")}
+    # fill the fast node (leaving 64 MiB) so promotions run into ENOMEM
     free_kb = int([ln.split()[3] for ln in open("/sys/devices/system/node/node0/meminfo")
                    if "MemFree" in ln][0])
-    hog = Workload(max(64, free_kb // 1024 - 200), 1, 0, "hog")
-    ws = {"exits": Workload(48, 16, 1, "exits"), "raises": Workload(32, 8, 1, "raises"),
-          "nosampler": Workload(32, 8, 1, "nosampler"), "good": Workload(96, 32, 1, "good")}
+    hog = Workload(max(64, free_kb // 1024 - 64), 1, 0, "hog")
     execer = subprocess.Popen(["sh", "-c", "sleep 6; exec sleep 600"])
     targets = ""
     for name, smp, pol in (("exits", "damon", "m5"), ("raises", "none", "boom"),
@@ -230,7 +303,7 @@ policy = "first-touch"
         res["forked_child"] = int(ws["good"].ask("fork"))   # picked up: same cmdline
         time.sleep(15)
         res["stats"] = d.stats()
-        res["status"] = json.loads(d.ctl("status", "--json")["out"])
+        res["status"] = d.ctl("status")["out"]
         res["alive"] = d.p.poll() is None
         res["kdamonds_before_kill"] = kdamonds_on()
         d.stop(signal.SIGKILL)                      # kill -9: stale kdamond, socket, state
@@ -268,8 +341,16 @@ if __name__ == "__main__":
     kind, wd = sys.argv[1], sys.argv[2]
     os.makedirs(wd, exist_ok=True)
     try:
-        out = promote(wd, sys.argv[3] if len(sys.argv) > 3 else "m5") if kind == "promote" \
-            else faults(wd)
+        if kind == "promote":
+            out = promote(wd, sys.argv[3] if len(sys.argv) > 3 else "m5",
+                          *(int(x) for x in sys.argv[4:]))
+        elif kind == "kernel":
+            out = kernel(wd, *(int(x) for x in sys.argv[3:]))
+        elif kind == "cpu":
+            out = cpu(wd, *(int(x) for x in sys.argv[3:5]),
+                      *(sys.argv[5:6]), *(int(x) for x in sys.argv[6:]))
+        else:
+            out = faults(wd)
     except Exception as e:
         import traceback
         out = {"exception": traceback.format_exc(), "logs": {

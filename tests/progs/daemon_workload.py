@@ -25,8 +25,14 @@ def main():
     arr = np.frombuffer(buf, dtype=np.uint64)
     addr = arr.ctypes.data
     native.mbind(addr, total, native.MPOL_BIND, [node])
-    pattern = (np.arange(len(arr), dtype=np.uint64) * np.uint64(2654435761)) ^ np.uint64(0x5A5A)
-    arr[:] = pattern
+    chunk = 1 << 20                       # words: the pattern is made per chunk, no copy
+
+    def pattern(i):
+        return (np.arange(i, min(i + chunk, len(arr)), dtype=np.uint64)
+                * np.uint64(2654435761)) ^ np.uint64(0x5A5A)
+
+    for i in range(0, len(arr), chunk):
+        arr[i:i + chunk] = pattern(i)
     native.mbind(addr, total, native.MPOL_DEFAULT)      # later moves are free to go anywhere
     h0 = (total // 4) // 8
     hot = arr[h0:h0 + hot_mb // 8]
@@ -52,7 +58,9 @@ def main():
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "verify":
-            bad = np.count_nonzero((arr != pattern).reshape(-1, native.PAGE_SIZE // 8).any(1))
+            bad = sum(int(np.count_nonzero((arr[i:i + chunk] != pattern(i))
+                                           .reshape(-1, native.PAGE_SIZE // 8).any(1)))
+                      for i in range(0, len(arr), chunk))
             print("ok" if bad == 0 else f"bad {bad}", flush=True)
         elif cmd == "where":
             print(json.dumps({"hot": count(hot_pages), "all": count(pages)}), flush=True)
