@@ -372,6 +372,7 @@ def write_pages(state: dict, tmp_path: str, node: int, progress=None) -> str:
             e = lib.cx_mbind_shared(base, size, node)
             if e < 0 and e != -errno.ENOSYS:
                 raise CxlforkError(f"mbind of the page file to node {node}: {os.strerror(-e)}")
+            os.posix_fallocate(fd, 0, size)     # allocate in bulk (on node), not per fault
             memfd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
             done = 0
             try:
