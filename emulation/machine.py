@@ -68,6 +68,17 @@ def _set_pdeathsig():
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
 
 
+def _lpj_args() -> list[str]:
+    """lpj= for the guest (HZ=250): skips the secondary CPU's delay-loop calibration, which
+    under TCG takes about a second and fails anyway."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = next(float(ln.split(":")[1]) for ln in f if ln.startswith("cpu MHz"))
+    except (OSError, StopIteration, ValueError):
+        return []
+    return [f"lpj={int(mhz * 1e6 / 250)}"]
+
+
 def _pid_is_qemu(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -126,7 +137,7 @@ class Machine:
         append = " ".join([
             "console=ttyS0", *((["printk.time=1", "loglevel=7"]) if os.environ.get("TIERMEM_GUEST_VERBOSE") else ["quiet", "loglevel=3"]), "panic=-1", "mitigations=off",
             "transparent_hugepage=madvise", "rdinit=/init", "i8042.noaux", "i8042.nokbd",
-            "i8042.nopnp", "tsc=reliable", "no_timer_check",
+            "i8042.nopnp", "tsc=reliable", "no_timer_check", *_lpj_args(),
             f"tiermem.agent={AGENT}", f"tiermem.work={self.workdir}",
             f"tiermem.python={os.path.realpath('/usr/bin/python3')}"])
         return [QEMU, "-name", "tiermem-cxl", "-machine", "pc,hmat=on", *BIOS,
