@@ -34,7 +34,7 @@ CACHE = os.environ.get("TIERMEM_TRACE_CACHE", "/var/cache/tiermem/traces")
 POLICIES = ["oracle", "m5", "damon", "tpp", "first-touch", "interleave"]
 REAL = {  # name: (source, args, sample_every)
     "hashtable": ("hashtable.c", ["200000", "1500000"], 8),
-    "sortmerge": ("sortmerge.c", ["150000", "600000"], 8),
+    "sortmerge": ("sortmerge.c", ["50000", "200000"], 8),
 }
 
 
