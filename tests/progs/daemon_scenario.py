@@ -15,13 +15,13 @@ import time
 
 PY = sys.executable
 HERE = os.path.dirname(os.path.abspath(__file__))
-WORKLOAD = os.path.join(HERE, "daemon_workload.py")
 DAMON = "/sys/kernel/mm/damon/admin/kdamonds"
 
 
 class Workload:
     def __init__(self, total_mb, hot_mb, node, tag=""):
-        self.p = subprocess.Popen([PY, WORKLOAD, str(total_mb), str(hot_mb), str(node), tag],
+        self.p = subprocess.Popen([PY, "-m", "tiermemd.workload", str(total_mb), str(hot_mb),
+                                   str(node), tag],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = json.loads(self.p.stdout.readline())
         self.pid = self.info["pid"]
@@ -137,7 +137,7 @@ def promote(wd, policy, limit_s=120, total=192, hot=48):
     params = {"m5": "top_k = 16384\nhot_min = 1.0", "damon": "", "tpp": ""}.get(policy, "")
     cfg = write_config(wd, f"""[[targets]]
 name = "w"
-cmdline = "daemon_workload.py {total} {hot} 1"
+cmdline = "tiermemd.workload {total} {hot} 1"
 sampler = "damon"
 policy = "{policy}"
 [targets.sampler_params]
@@ -234,7 +234,7 @@ def cpu(wd, total=1024, hot=64, sampler="damon", warm_s=20, window_s=30, rescan=
     w = Workload(total, hot, 0)
     cfg = write_config(wd, f"""[[targets]]
 name = "w"
-cmdline = "daemon_workload.py {total} {hot} 0"
+cmdline = "tiermemd.workload {total} {hot} 0"
 sampler = "{sampler}"
 policy = "m5"
 """).replace("rescan_every = 5", f"rescan_every = {rescan}")
@@ -257,6 +257,21 @@ policy = "m5"
     return res
 
 
+PROMOTE_ALL_POLICY = '''
+import numpy as np
+from tiermem.policies.base import MigrationPlan, Policy, SLOW
+class PromoteAll(Policy):
+    """Promotes every slow page the budget and the fast tier's free memory allow."""
+    name = "promote-all"
+    params = {}
+    def observe(self, batch):
+        pass
+    def plan(self, placement, capacity, budget):
+        n = max(0, min(budget.pages, capacity.fast_pages - placement.count(0)))
+        slow = placement.on(SLOW)[:n]
+        return MigrationPlan(promote=slow)
+'''
+
 FAILING_POLICY = '''
 from tiermem.policies.base import Policy
 class Boom(Policy):
@@ -273,28 +288,35 @@ def faults(wd):
     res = {}
     with open(os.path.join(wd, "boom.py"), "w") as f:
         f.write(FAILING_POLICY)
-    ws = {"exits": Workload(48, 16, 1, "exits"), "raises": Workload(32, 8, 1, "raises"),
-          "nosampler": Workload(32, 8, 1, "nosampler"), "good": Workload(160, 96, 1, "good")}
-    # fill the fast node (leaving 64 MiB) so promotions run into ENOMEM
+    with open(os.path.join(wd, "promote_all.py"), "w") as f:
+        f.write(PROMOTE_ALL_POLICY)
+    ws = {"exits": Workload(48, 16, 1, "exits"), "dmn": Workload(32, 8, 1, "dmn"),
+          "raises": Workload(32, 8, 1, "raises"), "nosampler": Workload(32, 8, 1, "nosampler"),
+          "good": Workload(360, 8, 1, "good")}
+    # fill the fast node, leaving 300 MiB, so promoting 'good' runs into ENOMEM
     free_kb = int([ln.split()[3] for ln in open("/sys/devices/system/node/node0/meminfo")
                    if "MemFree" in ln][0])
-    hog = Workload(max(64, free_kb // 1024 - 64), 1, 0, "hog")
+    res["hog_mb"] = max(64, free_kb // 1024 - 300)
+    hog = Workload(res["hog_mb"], 1, 0, "hog")
     execer = subprocess.Popen(["sh", "-c", "sleep 6; exec sleep 600"])
     targets = ""
-    for name, smp, pol in (("exits", "damon", "m5"), ("raises", "none", "boom"),
-                           ("nosampler", "idle", "m5"), ("good", "damon", "m5")):
+    for name, smp, pol in (("exits", "damon", "m5"), ("dmn", "damon", "m5"),
+                           ("raises", "none", "boom"), ("nosampler", "idle", "m5"),
+                           ("good", "none", "promote-all")):
         targets += f"""[[targets]]
 name = "{name}"
-cmdline = "daemon_workload.py .* {name}$"
+cmdline = "tiermemd.workload .* {name}$"
 sampler = "{smp}"
 policy = "{pol}"
-""" + ('policy_file = "boom.py"\n' if pol == "boom" else "")
+""" + ('policy_file = "boom.py"\n' if pol == "boom" else "") \
+            + ('policy_file = "promote_all.py"\n' if pol == "promote-all" else "")
     targets += f"""[[targets]]
 name = "execer"
 pids = [{execer.pid}]
 policy = "first-touch"
 """
-    cfg = write_config(wd, targets, '[watermarks]\nlow = "0%"\nmin = "0%"\n')
+    cfg = write_config(wd, targets, '[watermarks]\nlow = "0%"\nmin = "0%"\n').replace(
+        'bandwidth = "64MB/s"', 'bandwidth = "512MB/s"')
     d = Daemon(wd, cfg)
     try:
         time.sleep(10)

@@ -1,4 +1,5 @@
-"""Workload for the tiermemd tests: TOTAL MiB of anonymous memory filled with a per-word
+"""Workload for the tiermemd tests, bench and demo (python -m tiermemd.workload TOTAL HOT NODE
+[TAG]): TOTAL MiB of anonymous memory filled with a per-word
 pattern, placed on NODE, of which HOT MiB (starting at a quarter of the way in) is read in a
 loop by a thread. Prints {"pid", "start", "end", "hot_start", "hot_end"} as JSON, then answers
 commands on stdin:

@@ -1,0 +1,149 @@
+"""tiermemd figures, each next to its baseline measured in the same run (medians of --runs).
+
+1. In the emulated CXL machine (QEMU guest, node 1 = CPU-less slow tier), one workload whose
+   192 MiB start on the slow node and whose 48 MiB hot set is read in a loop:
+   time until 90 % of the hot set is on the fast tier, and the hot set's fast-tier share at
+   the end (= the share of the workload's accesses served by the fast tier: it only reads
+   its hot set, uniformly), for tiermemd with the m5, damon and tpp policies (DAMON vaddr
+   sampler), and for the kernel's NUMA-balancing tiering (numa_balancing=2, demotion on).
+2. tiermemd's own CPU cost, % of one core, for a 1 GiB target: on this host (real CPU; one
+   node, so the loop is sampling-free upkeep: discovery, placement scans, policy) with the
+   default rescan_every=30 next to a scan every loop; and in the guest with the DAMON
+   sampler (TCG: every figure is inflated by emulation, compare the rows, not the value).
+
+    .venv/bin/python bench/bench_daemon.py [--runs 3] [--limit 150] [--skip-vm] [--skip-host]
+
+Writes bench/out/bench_daemon.png (hot-set fast-tier share over time, median run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SCENARIO = os.path.join(ROOT, "tests", "progs", "daemon_scenario.py")
+PY = sys.executable
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, unit="", nd=1):
+    return "n/a" if x is None else f"{x:.{nd}f}{unit}"
+
+
+def host_cpu(runs: int):
+    rows = []
+    for rescan in (30, 1):
+        vals = []
+        for i in range(runs):
+            wd = tempfile.mkdtemp(prefix="bench-daemon-")
+            r = subprocess.run([PY, SCENARIO, "cpu", wd, "1024", "64", "none", "5", "20",
+                                str(rescan)], capture_output=True, text=True, timeout=300)
+            d = json.loads(r.stdout)
+            if "exception" in d:
+                raise SystemExit(d["exception"])
+            vals.append(d["daemon_cpu_pct"])
+        rows.append((f"host, 1 GiB target, rescan every {rescan} loop(s)", med(vals), vals))
+    return rows
+
+
+def vm_runs(runs: int, limit: int):
+    from emulation.machine import Machine
+    res = {k: [] for k in ("m5", "damon", "tpp", "kernel")}
+    cpu = []
+    work = tempfile.mkdtemp(prefix="bench-daemon-vm-", dir="/var/tmp")
+    with Machine(workdir=work) as m:
+        m.start(timeout=240)
+        for i in range(runs):
+            for k in res:
+                args = ["kernel", str(limit)] if k == "kernel" else ["promote", k, str(limit)]
+                r = m.run([PY, SCENARIO, args[0], os.path.join(work, f"{k}{i}"), *args[1:]],
+                          timeout=limit + 600)
+                d = json.loads(r.stdout)
+                if "exception" in d:
+                    raise SystemExit(f"{k}: {d['exception']}")
+                res[k].append(d)
+                print(f"  run {i + 1}/{runs} {k}: t90 {d['t90']} s, final hot share "
+                      f"{d['series'][-1][1]:.3f}", file=sys.stderr, flush=True)
+        for i in range(runs):
+            r = m.run([PY, SCENARIO, "cpu", os.path.join(work, f"cpu{i}"), "1024", "64",
+                       "damon", "20", "30"], timeout=900)
+            d = json.loads(r.stdout)
+            if "exception" in d:
+                raise SystemExit(d["exception"])
+            cpu.append(d)
+    return res, cpu
+
+
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, runs in res.items():
+        ts = [r["t90"] if r["t90"] is not None else 1e9 for r in runs]
+        r = runs[sorted(range(len(runs)), key=lambda i: ts[i])[len(runs) // 2]]
+        xs, ys = zip(*r["series"])
+        label = "kernel NUMA balancing (tiering mode)" if k == "kernel" else f"tiermemd {k}"
+        ax.plot(xs, [100 * y for y in ys], marker=".", label=label)
+    ax.axhline(90, color="grey", lw=0.5, ls="--")
+    ax.set_xlabel("seconds (emulated machine, TCG)")
+    ax.set_ylabel("hot set on the fast tier (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=150, help="seconds per promotion run")
+    ap.add_argument("--skip-vm", action="store_true")
+    ap.add_argument("--skip-host", action="store_true")
+    ap.add_argument("--plot", default=os.path.join(ROOT, "bench", "out", "bench_daemon.png"))
+    a = ap.parse_args()
+    if not a.skip_vm:
+        res, cpu = vm_runs(a.runs, a.limit)
+        print(f"\nHot set (48 MiB of 192 MiB, starting on the slow node) in the emulated CXL "
+              f"machine, median of {a.runs} run(s), limit {a.limit} s")
+        print(f"{'tiering':40} {'time to 90 % fast':>18} {'fast-tier access share':>23}")
+        for k, runs in res.items():
+            name = "kernel NUMA balancing (baseline)" if k == "kernel" else \
+                f"tiermemd, damon sampler, {k} policy"
+            t90 = med([r["t90"] for r in runs])
+            reached = sum(r["t90"] is not None for r in runs)
+            share = med([r["series"][-1][1] for r in runs])
+            print(f"{name:40} {fmt(t90, ' s'):>12} ({reached}/{len(runs)}) "
+                  f"{fmt(100 * share if share is not None else None, ' %'):>23}")
+        print(f"\nDaemon CPU, 1 GiB target, damon sampler + m5, in the guest (TCG), median of "
+              f"{a.runs}")
+        print(f"{'what':40} {'% of one core':>14}")
+        print(f"{'tiermemd process':40} {fmt(med([c['daemon_cpu_pct'] for c in cpu]), ' %', 2):>14}")
+        print(f"{'its sampler (thread + kdamond)':40} "
+              f"{fmt(med([c['sampler_cpu_pct'] for c in cpu]), ' %', 2):>14}")
+        plot(res, a.plot)
+        print(f"plot: {a.plot}")
+    if not a.skip_host:
+        rows = host_cpu(a.runs)
+        print(f"\nDaemon CPU on this host (real CPU), 1 GiB target, no sampler (one node), "
+              f"median of {a.runs}; target < 2 %")
+        print(f"{'configuration':48} {'% of one core':>14}  runs")
+        for name, m, vals in rows:
+            print(f"{name:48} {fmt(m, ' %', 2):>14}  {', '.join(f'{v:.2f}' for v in vals)}")
+        print("(baseline: rescan every loop = a full pagemap + move_pages placement query of "
+              "the target each second)")
+
+
+if __name__ == "__main__":
+    main()
