@@ -167,6 +167,10 @@ def move(pid: int, to_node: int, rng: tuple[int, int] | None = None,
         try:
             status = native.move_pages(pid, chunk, to_node, native.MPOL_MF_MOVE)
         except OSError as e:
+            if e.errno == errno.ENOMEM:
+                # The target node is full: this batch and the rest cannot move; stop here.
+                fails["ENOMEM"] += len(pages) - i
+                break
             res.seconds = (native.now_ns() - t0) / 1e9
             res.failed = dict(fails)
             if e.errno == errno.ESRCH:

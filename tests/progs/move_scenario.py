@@ -60,7 +60,7 @@ def promote():
 def full():
     free_kb = int(open("/sys/devices/system/node/node1/meminfo").read().split("MemFree:")[1]
                   .split()[0])
-    hog_mb = max(16, free_kb // 1024 - 40)
+    hog_mb = max(16, free_kb // 1024 - 120)   # stay above node 1's min watermark
     hog, hinfo = start_worker(hog_mb, 1)
     p, info = start_worker(256, 0)
     res = {"hog_mb": hog_mb, "info": info}

@@ -20,14 +20,21 @@ def main():
     if node is not None:
         native.mbind(addr, size, native.MPOL_BIND, [node])
     words_per_page = native.PAGE_SIZE // 8
-    pattern = (np.arange(len(arr), dtype=np.uint64) * np.uint64(2654435761)) ^ np.uint64(0xABCD)
-    arr[:] = pattern
+    chunk = 1 << 20
+
+    def pattern(i):                     # the expected words [i, i + chunk), never stored whole
+        idx = np.arange(i, min(i + chunk, len(arr)), dtype=np.uint64)
+        return (idx * np.uint64(2654435761)) ^ np.uint64(0xABCD)
+
+    for i in range(0, len(arr), chunk):
+        arr[i:i + chunk] = pattern(i)
     print(json.dumps({"pid": os.getpid(), "start": addr, "end": addr + size,
                       "pages": size // native.PAGE_SIZE}), flush=True)
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "verify":
-            bad = int(np.count_nonzero(arr != pattern))
+            bad = sum(int(np.count_nonzero(arr[i:i + chunk] != pattern(i)))
+                      for i in range(0, len(arr), chunk))
             print("ok" if bad == 0 else f"bad {bad // words_per_page + 1}", flush=True)
         elif cmd == "exit":
             break
