@@ -62,6 +62,7 @@ def test_example_config_is_valid():
     (("sample_us = 1000", "sampel_us = 1"), "targets[0].sampler_params.sampel_us",
      "unknown parameter"),
     (("pids = [1]", "pids = [-1]"), "targets[0].pids", "positive integers"),
+    (("pids = [1]", "pids = [1, 4194304]"), "targets[0].pids", "no process with PID 4194304"),
     (("pids = [1]", 'cmdline = "(unclosed"'), "targets[0].cmdline", "bad regular expression"),
     (("pids = [1]", ""), "targets[0]", "no processes selected"),
     (("[daemon]", "[nodes]\nfast = [0]\nslow = [77]\n[daemon]"), "nodes.slow",

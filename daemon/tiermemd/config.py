@@ -241,6 +241,10 @@ def _target(t: dict, where: str, err, path: str, check_files: bool) -> TargetCon
                                               and p > 0 for p in v):
             err(f"{where}.pids", f"must be a list of positive integers, got {v!r}")
         tc.pids = list(v)
+        if check_files:
+            for pid in tc.pids:
+                if not os.path.exists(f"/proc/{pid}"):
+                    err(f"{where}.pids", f"no process with PID {pid}")
     if "cmdline" in t:
         v = t["cmdline"]
         if not isinstance(v, str) or not v:

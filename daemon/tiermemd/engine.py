@@ -116,15 +116,21 @@ class SamplerGroup:
                        "process with move_pages, which needs virtual addresses: use DAMON "
                        "vaddr, ebpf or ebpf-mem", now, retry=False)
             return False
+        if self.error:
+            log.info("sampler %s recovered", self.name)
         self.sampler, self.error = s, ""
         log.info("sampler %s started on %d process(es)", self.name, len(pids))
         return True
 
     def _fail(self, why: str, now: float, retry: bool = True) -> None:
-        self.error = f"sampler {self.name} failed to start: {why}"
+        err = f"sampler {self.name} failed to start: {why}"
         self.retry_at = now + SAMPLER_RETRY_S if retry else float("inf")
-        log.error("%s%s", self.error,
-                  f"; retrying in {SAMPLER_RETRY_S:.0f} s" if retry else "")
+        if err != self.error:           # one line per distinct failure, not per retry
+            log.error("%s%s", err, f"; retrying every {SAMPLER_RETRY_S:.0f} s" if retry
+                      else "")
+        else:
+            log.debug("%s (retry)", err)
+        self.error = err
 
     def read(self) -> AccessBatch | None:
         if self.name == NO_SAMPLER or self.sampler is None:

@@ -233,6 +233,7 @@ def _detach() -> int | None:
 @click.version_option(package_name="tiermem")
 def main(cfg_path, foreground, dry_run, check, verbose):
     """tiermemd: moves hot pages to the fast memory tier and cold pages to the slow one."""
+    cfg_path = os.path.abspath(cfg_path)      # the detached daemon runs in /
     if check:
         try:
             cfg = config_mod.load(cfg_path)

@@ -69,7 +69,7 @@ def rundir(wd):
     return d
 
 
-def write_config(wd, targets, extra=""):
+def write_config(wd, targets, extra="", bandwidth="64MB/s"):
     path = os.path.join(wd, "tiermemd.toml")
     with open(path, "w") as f:
         f.write(f"""[daemon]
@@ -79,7 +79,7 @@ state_dir = "{rundir(wd)}/state"
 metrics = "127.0.0.1:9473"
 rescan_every = 5
 [migration]
-bandwidth = "64MB/s"
+bandwidth = "{bandwidth}"
 batch_pages = 256
 {extra}
 """ + targets)
@@ -111,6 +111,16 @@ class Daemon:
     def stats(self):
         r = self.ctl("stats")
         return r["out"] if r["rc"] == 0 else r
+
+    def wait_loops(self, n, timeout=600):
+        """Until the daemon has run n loops (the guest is slow under TCG: count loops, not
+        seconds)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout and self.p.poll() is None:
+            st = self.stats()
+            if st.get("ok") and st["loops"] >= n:
+                return
+            time.sleep(1)
 
     def stop(self, sig=signal.SIGTERM):
         self.p.send_signal(sig)
@@ -298,7 +308,11 @@ def faults(wd):
                    if "MemFree" in ln][0])
     res["hog_mb"] = max(64, free_kb // 1024 - 300)
     hog = Workload(res["hog_mb"], 1, 0, "hog")
-    execer = subprocess.Popen(["sh", "-c", "sleep 6; exec sleep 600"])
+    go = os.path.join(wd, "exec-now")
+    if os.path.exists(go):
+        os.unlink(go)
+    execer = subprocess.Popen(["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.2; done; "
+                                           "exec sleep 600"])
     targets = ""
     for name, smp, pol in (("exits", "damon", "m5"), ("dmn", "damon", "m5"),
                            ("raises", "none", "boom"), ("nosampler", "idle", "m5"),
@@ -315,15 +329,16 @@ name = "execer"
 pids = [{execer.pid}]
 policy = "first-touch"
 """
-    cfg = write_config(wd, targets, '[watermarks]\nlow = "0%"\nmin = "0%"\n').replace(
-        'bandwidth = "64MB/s"', 'bandwidth = "512MB/s"')
+    cfg = write_config(wd, targets, '[watermarks]\nlow = "0%"\nmin = "0%"\n',
+                       bandwidth="512MB/s")
     d = Daemon(wd, cfg)
     try:
-        time.sleep(10)
+        d.wait_loops(3)
+        open(go, "w").close()                        # the execer target execs now
         ws["exits"].p.kill()                         # a target exits mid-loop
         ws["exits"].p.wait()
-        res["forked_child"] = int(ws["good"].ask("fork"))   # picked up: same cmdline
-        time.sleep(15)
+        res["forked_child"] = int(ws["dmn"].ask("fork"))   # picked up: same cmdline
+        d.wait_loops(d.stats()["loops"] + 4)
         res["stats"] = d.stats()
         res["status"] = d.ctl("status")["out"]
         res["alive"] = d.p.poll() is None
@@ -336,7 +351,7 @@ policy = "first-touch"
                                                   if k != "exits"}}
         res["log1"] = d.text()
         d2 = Daemon(wd, cfg, "d2")
-        time.sleep(6)
+        d2.wait_loops(2)
         res["stats2"] = d2.stats()
         res["stop_rc"] = d2.stop()
         res["after"] = after_stop(wd)
