@@ -129,14 +129,21 @@ def detect_features(tracefs: bool = True) -> list[dict]:
         return [dict(name=f.name, since=f.since, what=f.what, present=False, note=reason)
                 for f in FEATURES]
     have["sysfs"] = True
-    created = False
     n = nr_kdamonds()
+    undo: list[tuple[str, int]] = []     # (file, value to write back), in reverse order
     try:
         if n == 0:
             kfs.write(KDAMONDS + "/nr_kdamonds", 1)
-            kfs.write(_kd(0) + "/contexts/nr_contexts", 1)
-            kfs.write(_ctx(0) + "/schemes/nr_schemes", 1)
-            created = True
+            undo.append((KDAMONDS + "/nr_kdamonds", 0))
+        # An idle kdamond with no context/scheme (e.g. left by a takeover) is an empty shell:
+        # adding a context and a scheme to probe, then removing them, loses nothing.
+        if kfs.read(_kd(0) + "/state", "off") != "on":
+            if kfs.read_int(_kd(0) + "/contexts/nr_contexts", 0) == 0:
+                kfs.write(_kd(0) + "/contexts/nr_contexts", 1)
+                undo.append((_kd(0) + "/contexts/nr_contexts", 0))
+            if kfs.read_int(_ctx(0) + "/schemes/nr_schemes", 0) == 0:
+                kfs.write(_ctx(0) + "/schemes/nr_schemes", 1)
+                undo.append((_ctx(0) + "/schemes/nr_schemes", 0))
         base = {"kd": _kd(0), "ctx": _ctx(0), "sch": _ctx(0) + "/schemes/0"}
         avail = kfs.read(_ctx(0) + "/avail_operations", "").split()
         if not avail:
@@ -152,8 +159,8 @@ def detect_features(tracefs: bool = True) -> list[dict]:
                 continue
             have[name] = kfs.exists(base[top] + "/" + sub)
     finally:
-        if created:
-            kfs.write(KDAMONDS + "/nr_kdamonds", 0)
+        for f, v in reversed(undo):
+            kfs.write(f, v)
     if tracefs:
         try:
             kfs.ensure_tracefs()
@@ -230,11 +237,12 @@ def describe_running(k: dict, st: dict | None) -> str:
             f"{who})")
 
 
-def check_free(force: bool = False) -> None:
-    """Refuse (or with force, turn off) running kdamonds, see the module docstring."""
+def check_free(force: bool = False) -> bool:
+    """Refuse (or with force, turn off) running kdamonds, see the module docstring.
+    True when kdamonds were taken over."""
     running = running_kdamonds()
     if not running:
-        return
+        return False
     st = _read_state()
     desc = "; ".join(describe_running(k, st) for k in running)
     if not force:
@@ -246,6 +254,9 @@ def check_free(force: bool = False) -> None:
     _wait_off([k["index"] for k in running])
     if st is not None:
         _write_state(None)
+    # Taken over: their configuration goes when nr_kdamonds is rewritten (the kernel
+    # rebuilds every kdamond directory), so on stop none of them is put back.
+    return True
 
 
 def _wait_off(indices, timeout: float = 10.0) -> None:
@@ -320,10 +331,10 @@ class Kdamond:
         for p in self.cfg.pids:
             if not os.path.exists(f"/proc/{p}"):
                 raise TiermemError(f"no process with pid {p}")
-        check_free(self.force)
-        self.prev_nr = nr_kdamonds()
-        self.index = self.prev_nr
-        kfs.write(KDAMONDS + "/nr_kdamonds", self.prev_nr + 1)
+        took_over = check_free(self.force)
+        self.prev_nr = 0 if took_over else nr_kdamonds()
+        self.index = nr_kdamonds() if not took_over else 0
+        kfs.write(KDAMONDS + "/nr_kdamonds", self.index + 1)
         try:
             self._configure()
             if not kfs.exists(_ctx(self.index) + "/schemes/0/tried_regions"):

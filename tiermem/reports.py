@@ -170,13 +170,15 @@ def page_scores(rec: Record, pid: int | None = None) -> tuple[np.ndarray, np.nda
 def precision_recall(pages: np.ndarray, scores: np.ndarray, truth: np.ndarray,
                      k: int) -> tuple[float, float]:
     """Precision and recall of the top-k pages by score (pages with score 0 never count as
-    predicted hot) against the true hot page set."""
+    predicted hot) against the true hot page set. Ties are broken at random (fixed seed),
+    so a sampler that cannot tell pages apart scores like a random guess."""
     truth = np.unique(np.asarray(truth, np.uint64))
     if k <= 0 or truth.size == 0:
         raise TiermemError("precision_recall: need k > 0 and a non-empty truth set")
     live = scores > 0
     pages, scores = pages[live], scores[live]
-    order = np.argsort(-scores, kind="stable")[:k]
+    tiebreak = np.random.default_rng(0).permutation(pages.size)
+    order = np.lexsort((tiebreak, -scores))[:k]
     pred = pages[order]
     hit = np.isin(pred, truth).sum()
     prec = float(hit) / pred.size if pred.size else 0.0

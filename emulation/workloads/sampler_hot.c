@@ -18,6 +18,7 @@
  * then runs for SECONDS (0 = until killed), and exits 0.
  */
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +31,14 @@ static double now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void *idle_helper(void *arg)
+{
+    (void)arg;
+    for (;;)
+        pause();
+    return NULL;
 }
 
 int main(int argc, char **argv)
@@ -51,6 +60,11 @@ int main(int argc, char **argv)
         return 2;
     }
     size_t npages = size / psz, per = npages / nreg;
+    pthread_t helper;
+    if (pthread_create(&helper, NULL, idle_helper, NULL) != 0) {
+        fprintf(stderr, "sampler_hot: cannot start the helper thread\n");
+        return 1;
+    }
     char *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) {
         perror("sampler_hot: mmap");

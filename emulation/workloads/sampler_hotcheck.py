@@ -1,6 +1,7 @@
 """sampler_hotcheck: run the sampler_hot workload under one sampler and score what it found.
 
-    python sampler_hotcheck.py --binary PATH --sampler damon|ebpf|pagemap|idle|damon-paddr
+    python sampler_hotcheck.py --binary PATH
+        --sampler damon|damon-paddr|ebpf|pagemap|pagemap-present|idle
         [--size-mb 64] [--regions 8] [--hot 3] [--seconds 4] [--pass-us 10000]
         [--cold-ppm 100000] [--interval 0.5] [--sample-us 5000] [--aggr-us 100000]
 
@@ -56,24 +57,24 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from tiermem import damon_sysfs, reports
-    from tiermem.record import record
+    from tiermem.record import Record
     from tiermem.samplers import REGISTRY, Target
     from tiermem.samplers.damon import DamonSampler
 
+    # The workload maps its memory and waits; the sampler starts while nothing faults (under
+    # QEMU TCG, flipping the page-fault tracepoint's static key while another vCPU is in the
+    # fault handler can oops the guest); then the workload touches its memory, and batches
+    # read during --warmup are dropped (first touches are no signal).
     wl = subprocess.Popen([a.binary, str(a.size_mb), str(a.regions), str(a.hot),
-                           str(a.seconds + a.warmup + 30), str(a.pass_us), str(a.cold_ppm)],
-                          stdout=subprocess.PIPE, text=True)
+                           "0", str(a.pass_us), str(a.cold_ppm)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "SAMPLER_HOT_WAIT": "1"})
+    s = None
     try:
         line = wl.stdout.readline()
-        while line and not line.startswith("ready"):
-            line = wl.stdout.readline()
-        if not line:
+        if not line.startswith("mapped"):
             print(json.dumps({"error": "workload did not start"}))
             return 1
-        f = dict(re.findall(r"(\w+)=(\S+)", line))
-        base, size = int(f["base"], 16), int(f["size"])
-        hs, he = int(f["hot_start"], 16), int(f["hot_end"], 16)
-        time.sleep(a.warmup)
         target = Target(pids=[wl.pid])
         if a.sampler == "damon":
             s = DamonSampler(a.sample_us, a.aggr_us, max(a.aggr_us, 1_000_000),
@@ -83,25 +84,51 @@ def main(argv=None) -> int:
             s = DamonSampler(a.sample_us, a.aggr_us, max(a.aggr_us, 1_000_000),
                              a.min_regions, a.max_regions)
             target = Target(phys_ranges=[damon_sysfs.node_phys_range(0)])
+        elif a.sampler == "pagemap-present":
+            from tiermem.samplers.pagemap import PagemapSampler
+            s = PagemapSampler("present")
         else:
             s = REGISTRY[a.sampler]()
         kd_before = [k["index"] for k in damon_sysfs.running_kdamonds()] \
             if os.path.exists(damon_sysfs.ADMIN) else []
-        ids: list[int] = []
-
-        def note_progs(*_):      # called after every read, while the sampler runs
-            ids.extend(i for i in s.prog_ids() if i not in ids)
-        rec = record(s, target, a.seconds, a.interval, note_progs)
+        s.start(target)
+        ids = list(s.prog_ids())
+        wl.stdin.write("go\n")
+        wl.stdin.flush()
+        line = wl.stdout.readline()
+        if not line.startswith("ready"):
+            print(json.dumps({"error": "workload did not become ready"}))
+            return 1
+        f = dict(re.findall(r"(\w+)=(\S+)", line))
+        base, size = int(f["base"], 16), int(f["size"])
+        hs, he = int(f["hot_start"], 16), int(f["hot_end"], 16)
+        time.sleep(a.warmup)
+        s.read_spans()                       # drop first touches and warm-up
+        cpu0 = s.cpu_seconds()
+        t0 = time.monotonic()
+        batches = []
+        nxt = t0
+        while time.monotonic() - t0 < a.seconds - 1e-3:
+            nxt += a.interval
+            time.sleep(max(0.0, nxt - time.monotonic()))
+            batches.append(s.read_spans())
+        dur = time.monotonic() - t0
+        cpu = s.cpu_seconds() - cpu0
+        setup = s.setup_cpu
+        page = 4096
+        if a.sampler == "damon-paddr":      # physical pages of the workload, while it lives
+            from tiermem import native
+            d = native.pagemap_decode(native.pagemap_read(wl.pid, base, size // page))
+        wl.kill()
+        wl.wait()
+        smeta = s.metadata()
+        s.stop()
+        rec = Record.from_spans(batches, {"sampler": a.sampler}, t0)
         kd_after = [k["index"] for k in damon_sysfs.running_kdamonds()] \
             if os.path.exists(damon_sysfs.ADMIN) else []
-        dur = rec.meta["duration_s"]
-        cpu = rec.meta["cpu_seconds"] - rec.meta["setup_cpu_seconds"]
         page = 4096
         truth = np.arange(hs // page, he // page, dtype=np.uint64)
         if a.sampler == "damon-paddr":
-            from tiermem import native
-            ent = native.pagemap_read(wl.pid, base, size // page)
-            d = native.pagemap_decode(ent)
             pfn = d["pfn"]
             vpages = np.arange(base // page, (base + size) // page, dtype=np.uint64)
             hot_mask = (vpages >= np.uint64(hs // page)) & (vpages < np.uint64(he // page))
@@ -123,15 +150,17 @@ def main(argv=None) -> int:
                "top_inside_hot": bool(top and hs <= top[0]["start"] and top[0]["end"] <= he),
                "cpu_seconds": cpu, "duration_s": dur,
                "cpu_percent": 100.0 * cpu / dur if dur > 0 else 0.0,
-               "setup_cpu_seconds": rec.meta["setup_cpu_seconds"],
-               "sampler_meta": rec.meta.get("sampler_meta", {}),
+               "setup_cpu_seconds": setup, "sampler_meta": smeta,
                "kdamonds_before": kd_before, "kdamonds_after": kd_after,
                "bpf_prog_ids": ids, "bpf_progs_left": [i for i in ids if prog_loaded(i)],
-               "ended_early": rec.meta.get("ended_early")}
+               }
         print(json.dumps(out))
         return 0
     finally:
-        wl.kill()
+        if s is not None:
+            s.stop()
+        if wl.poll() is None:
+            wl.kill()
         wl.wait()
 
 

@@ -40,19 +40,26 @@ def load(text: str, cflags=()):
     kfs.ensure_tracefs()
     import bcc
     try:
-        return bcc.BPF(text=text, cflags=list(cflags))
+        return bcc.BPF(text=text, cflags=["-Wno-ignored-attributes", *cflags])
     except Exception as e:  # bcc raises plain Exception on compile/load errors
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise TiermemError(f"cannot load the BPF program: {msg}") from e
 
 
-def drain_hash(table, key_dtype: np.dtype, val_dtype: np.dtype, max_entries: int,
-               delete: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """All (key, value) pairs of a BPF hash map as numpy structured arrays, with the
+class DrainBuffers:
+    """Reusable key/value arrays for drain_hash (allocated once per sampler)."""
+
+    def __init__(self, key_dtype: np.dtype, val_dtype: np.dtype, max_entries: int):
+        self.keys = np.empty(max_entries, key_dtype)
+        self.vals = np.empty(max_entries, val_dtype)
+
+
+def drain_hash(table, bufs: DrainBuffers, delete: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """All (key, value) pairs of a BPF hash map as numpy structured arrays (copies), with the
     kernel's batch lookup(-and-delete): one syscall per chunk, no per-entry Python."""
     from bcc.libbcc import lib
-    keys = np.zeros(max_entries, key_dtype)
-    vals = np.zeros(max_entries, val_dtype)
+    keys, vals = bufs.keys, bufs.vals
+    key_dtype, val_dtype, max_entries = keys.dtype, vals.dtype, keys.size
     fn = lib.bpf_lookup_and_delete_batch if delete else lib.bpf_lookup_batch
     in_b = ct.c_uint64(0)
     out_b = ct.c_uint64(0)
@@ -73,7 +80,7 @@ def drain_hash(table, key_dtype: np.dtype, val_dtype: np.dtype, max_entries: int
             raise TiermemError(f"BPF map batch lookup failed: {os.strerror(err)}")
         in_b.value = out_b.value
         first = False
-    return keys[:total], vals[:total]
+    return keys[:total].copy(), vals[:total].copy()
 
 
 class BpfStats:

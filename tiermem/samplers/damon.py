@@ -70,6 +70,7 @@ class DamonSampler(Sampler):
         self._kd_pid = -1
         self._kd_cpu0 = 0.0
         self._final_kernel = 0.0
+        self._bufs = None
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -124,7 +125,9 @@ class DamonSampler(Sampler):
 
     def _read_spans(self, t0, t1) -> Spans:
         if self.bpf is not None:
-            k, v = bpfu.drain_hash(self.bpf[b"regions"], _AKEY, _AVAL, ATTACH_MAX_ENTRIES)
+            if self._bufs is None:
+                self._bufs = bpfu.DrainBuffers(_AKEY, _AVAL, ATTACH_MAX_ENTRIES)
+            k, v = bpfu.drain_hash(self.bpf[b"regions"], self._bufs)
             keep = v["n"] > 0
             k, v = k[keep], v[keep]
             w = (v["acc"] / v["n"]).astype(np.float32)

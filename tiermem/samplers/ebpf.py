@@ -87,6 +87,7 @@ class _BpfCounter(Sampler):
         self.bpf = None
         self.stats: bpfu.BpfStats | None = None
         self.dropped_total = 0
+        self._bufs = None
 
     def _load(self, target: Target) -> None:
         if not target.pids:
@@ -103,7 +104,9 @@ class _BpfCounter(Sampler):
             t[ct.c_uint32(p)] = ct.c_uint8(1)
 
     def _read_spans(self, t0, t1) -> Spans:
-        k, v = bpfu.drain_hash(self.bpf[b"counts"], _KEY, _VAL, MAX_ENTRIES)
+        if self._bufs is None:
+            self._bufs = bpfu.DrainBuffers(_KEY, _VAL, MAX_ENTRIES)
+        k, v = bpfu.drain_hash(self.bpf[b"counts"], self._bufs)
         import ctypes as ct
         d = self.bpf[b"dropped"]
         dropped = int(d[ct.c_int(0)].value)
