@@ -30,8 +30,8 @@ def main():
 
 
 def _register():
-    from tiermem.cli import ctl, emulate, move, numastat, sim, topo, trace
-    for mod in (topo, numastat, move, emulate, ctl, sim, trace):
+    from tiermem.cli import ctl, emulate, move, numastat, record, report, sim, topo, trace
+    for mod in (topo, numastat, move, emulate, ctl, sim, trace, record, report):
         main.add_command(mod.command)
 
 
