@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from cxlfork.porter.cli import command as porter_command
 from tiermem.errors import TiermemError
 
 
@@ -215,3 +216,6 @@ def profile(image, pids, as_json):
     else:
         click.echo(f"{r['hot_pages']} of {r['pages']} pages touched "
                    f"({r['hot_pages'] * 4096 / 2**20:.1f} MiB) recorded in {r['file']}")
+
+
+main.add_command(porter_command)

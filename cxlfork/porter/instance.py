@@ -1,0 +1,193 @@
+"""One worker process of a function, started cold (spawn + init) or restored from a cxlfork
+checkpoint, talking newline-delimited JSON over its stdin/stdout pipes, one request at a time.
+
+The porter never calls waitpid on a live instance (a checkpoint ptraces it, and a wait from
+another thread could take its stop); a process is reaped only after it was killed or its
+stdout reached EOF.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+
+from cxlfork.errors import CxlforkError
+
+MAX_LINE = 64 << 20
+
+
+class WorkerDied(Exception):
+    """The worker exited (or closed stdout) before answering."""
+
+
+class WorkerTimeout(Exception):
+    """No answer within the timeout."""
+
+
+class WorkerFailed(Exception):
+    """The worker answered with {"error": ...} (its own error, the instance lives on)."""
+
+
+def _status_text(st: int) -> str:
+    if os.WIFEXITED(st):
+        return f"exited with status {os.WEXITSTATUS(st)}"
+    if os.WIFSIGNALED(st):
+        return f"was killed by signal {signal.Signals(os.WTERMSIG(st)).name}"
+    return f"wait status {st:#x}"
+
+
+class Instance:
+    """A running worker. kind: "cold" or "restored"; state: starting/idle/busy/checkpointing/
+    dead."""
+
+    def __init__(self, pid: int, stdin_fd: int, stdout_fd: int, kind: str, policy: str,
+                 popen: subprocess.Popen | None = None):
+        self.pid, self.kind, self.policy = pid, kind, policy
+        self.stdin_fd, self.stdout_fd = stdin_fd, stdout_fd
+        self.popen = popen
+        self.buf = b""
+        self.state = "starting"
+        self.started = time.monotonic()
+        self.last_used = self.started
+        self.served = 0
+        self.next_id = 1
+        self.local_bytes = 0
+        self.shared_bytes = 0
+        self.start_ms = 0.0
+        self.exit_text = ""
+        self.lock = threading.Lock()
+
+    # -- starting ------------------------------------------------------------------------
+    @classmethod
+    def spawn(cls, command: list[str], env: dict, log_fd: int) -> "Instance":
+        """Start the worker program (a new session; stderr to the function's log)."""
+        try:
+            p = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=log_fd, env=env, close_fds=True, bufsize=0,
+                                 start_new_session=True)
+        except OSError as e:
+            raise WorkerDied(f"cannot start {command[0]}: {e.strerror}") from e
+        inst = cls(p.pid, p.stdin.fileno(), p.stdout.fileno(), "cold", "cold", popen=p)
+        inst.t_spawn = time.perf_counter()
+        return inst
+
+    def initialise(self, init: dict, timeout: float) -> None:
+        """Send {"init": ...} and wait for {"ready": true}."""
+        self._send({"init": init})
+        ans = self._read(timeout, "init")
+        if ans.get("ready") is not True:
+            raise WorkerDied(f"init failed: {ans.get('error', ans)}")
+        self.start_ms = (time.perf_counter() - self.t_spawn) * 1e3
+
+    @classmethod
+    def restore(cls, image: str, policy: str, log_fd: int) -> "Instance":
+        from cxlfork.restore import restore
+        t0 = time.perf_counter()
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pids = restore(image, policy=policy, n=1, stdio=(in_r, out_w, log_fd))
+        except BaseException:
+            for fd in (in_r, in_w, out_r, out_w):
+                os.close(fd)
+            raise
+        os.close(in_r)
+        os.close(out_w)
+        inst = cls(pids[0], in_w, out_r, "restored", policy)
+        inst.start_ms = (time.perf_counter() - t0) * 1e3
+        return inst
+
+    # -- talking -------------------------------------------------------------------------
+    def _send(self, msg: dict) -> None:
+        data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+        try:
+            while data:
+                n = os.write(self.stdin_fd, data)
+                data = data[n:]
+        except (BrokenPipeError, OSError) as e:
+            raise WorkerDied(f"stdin closed ({e.strerror})") from e
+
+    def _read(self, timeout: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerTimeout(f"no answer to the {what} within {timeout:g} s")
+            r, _, _ = select.select([self.stdout_fd], [], [], left)
+            if not r:
+                continue
+            chunk = os.read(self.stdout_fd, 1 << 16)
+            if not chunk:
+                raise WorkerDied(f"closed its stdout during the {what}")
+            self.buf += chunk
+            if len(self.buf) > MAX_LINE:
+                raise WorkerDied(f"answer to the {what} longer than {MAX_LINE >> 20} MiB")
+        line, self.buf = self.buf.split(b"\n", 1)
+        try:
+            ans = json.loads(line)
+        except ValueError as e:
+            raise WorkerDied(f"answered the {what} with a line that is not JSON: "
+                             f"{line[:120]!r}") from e
+        if not isinstance(ans, dict):
+            raise WorkerDied(f"answered the {what} with {line[:120]!r}, not an object")
+        return ans
+
+    def call(self, payload, timeout: float):
+        """One request; returns the worker's output (raises WorkerFailed/Died/Timeout)."""
+        rid = self.next_id
+        self.next_id += 1
+        self._send({"id": rid, "input": payload})
+        ans = self._read(timeout, "request")
+        if ans.get("id") != rid:
+            raise WorkerDied(f"answered request {ans.get('id')!r}, expected {rid}")
+        if "error" in ans:
+            raise WorkerFailed(str(ans["error"]))
+        if "output" not in ans:
+            raise WorkerDied("answer has neither output nor error")
+        return ans["output"]
+
+    # -- ending --------------------------------------------------------------------------
+    def kill(self) -> str:
+        """SIGKILL and reap; returns how it ended. Idempotent and thread-safe. The pipes stay
+        open (a thread may be reading them): the instance's owner calls close()."""
+        with self.lock:
+            if self.state == "dead":
+                return self.exit_text
+            self.state = "dead"
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                if self.popen is not None:
+                    st = self.popen.wait()
+                    self.exit_text = (f"exited with status {st}" if st >= 0 else
+                                      f"was killed by signal {signal.Signals(-st).name}")
+                else:
+                    _, st = os.waitpid(self.pid, 0)
+                    self.exit_text = _status_text(st)
+            except ChildProcessError:
+                self.exit_text = "is gone"
+            return self.exit_text
+
+    def close(self) -> None:
+        """Close the pipes (after kill). Idempotent."""
+        with self.lock:
+            fds, self.stdin_fd, self.stdout_fd = (self.stdin_fd, self.stdout_fd), -1, -1
+            if self.popen is not None:
+                for f in (self.popen.stdin, self.popen.stdout):
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
+                return
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+
+
+__all__ = ["Instance", "WorkerDied", "WorkerTimeout", "WorkerFailed", "CxlforkError"]

@@ -1,0 +1,365 @@
+"""The instances of one function: acquire an instance for a request (an idle one = warm; else
+scale out: restore from the checkpoint if there is one, else cold-start), release it, trigger
+the checkpoint after K invocations, replace instances that crashed or hung, reclaim idle ones.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+
+import numpy as np
+
+from cxlfork.errors import CxlforkError
+from cxlfork.porter.config import FunctionConfig
+from cxlfork.porter.instance import Instance, WorkerDied, WorkerFailed, WorkerTimeout
+
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "NUMEXPR_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class Unavailable(Exception):
+    """No instance could be had (busy, memory limit, start failed, shutting down): 503/502."""
+
+    def __init__(self, msg: str, status: int = 503):
+        super().__init__(msg)
+        self.status = status
+
+
+class InvokeError(Exception):
+    """The request failed in the worker: status 500 (its error), 502 (died), 504 (hung)."""
+
+    def __init__(self, msg: str, status: int):
+        super().__init__(msg)
+        self.status = status
+
+
+def percentiles(xs) -> dict:
+    if not xs:
+        return {"n": 0, "p50": None, "p99": None}
+    a = np.asarray(xs, dtype=float)
+    return {"n": len(a), "p50": round(float(np.percentile(a, 50)), 3),
+            "p99": round(float(np.percentile(a, 99)), 3)}
+
+
+class FunctionPool:
+    def __init__(self, cfg: FunctionConfig, porter):
+        self.cfg = cfg
+        self.porter = porter
+        self.name = cfg.name
+        self.cond = threading.Condition()
+        self.instances: list[Instance] = []
+        self.idle: list[Instance] = []          # most recently used last
+        self.starting = 0                       # reserved slots being started
+        self.spawning: list[Instance] = []      # cold starts waiting for their init
+        self.image: str | None = None
+        self.checkpoint_pending = False
+        self.checkpoint_info: dict = {}
+        self.checkpoint_error: str | None = None
+        self.profiled = False
+        self.policy = "mow" if cfg.policy in ("auto", "cold") else cfg.policy
+        if cfg.policy == "cold":
+            self.policy = "cold"
+        self.policy_changed = 0.0
+        self.switches: collections.deque = collections.deque(maxlen=20)
+        self.starts = {"cold": 0, "warm": 0, "restored": 0}
+        self.errors = collections.Counter()
+        self.restore_failures: list[str] = []
+        self.lat: collections.deque = collections.deque(maxlen=4096)   # (t, ms, start)
+        self.start_ms = {"cold": collections.deque(maxlen=512),
+                         "restored": collections.deque(maxlen=512)}
+        self.est_local = {}                     # kind/policy -> last measured local bytes
+        self.env = dict(os.environ, **WORKER_ENV, **cfg.env)
+        self.log_path = os.path.join(porter.run_dir, f"{self.name}.log")
+        self.log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND |
+                              os.O_CLOEXEC, 0o600)
+
+    def _error(self, kind: str) -> None:
+        self.errors[kind] += 1
+        self.porter.metrics.errors.labels(self.name, kind).inc()
+
+    # -- request path --------------------------------------------------------------------
+    def _start_kind(self) -> str:
+        return "restored" if self.image and self.policy != "cold" else "cold"
+
+    def acquire(self) -> tuple[Instance, str]:
+        """An instance for one request: an idle one ("warm"), else a new one (restored or
+        cold) if max_instances and the local memory limit allow, else wait (queue_timeout_s).
+        """
+        deadline = time.monotonic() + self.cfg.queue_timeout_s
+        tried_reclaim = False
+        while True:
+            with self.cond:
+                if self.porter.stopping:
+                    raise Unavailable("the porter is shutting down")
+                if self.idle:
+                    inst = self.idle.pop()
+                    inst.state = "busy"
+                    return inst, "warm"
+                total = len(self.instances) + self.starting
+                est = self.est_local.get(self._est_key(), 0)
+                memory_blocked = False
+                if total < self.cfg.max_instances:
+                    if total == 0 or self.porter.memory_allows(est):
+                        self.starting += 1
+                        break
+                    memory_blocked = True
+                if not memory_blocked or tried_reclaim:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        why = ("the local memory limit is reached" if memory_blocked else
+                               f"all {total} instances are busy")
+                        raise Unavailable(f"function {self.name}: {why} (waited "
+                                          f"{self.cfg.queue_timeout_s:g} s)")
+                    self.cond.wait(min(left, 0.25))
+                    continue
+            tried_reclaim = True                 # outside the lock: other pools' locks
+            self.porter.reclaim_idle(need=est, exclude=self)
+        try:
+            inst = self._new_instance()
+        finally:
+            with self.cond:
+                self.starting -= 1
+                self.cond.notify()
+        with self.cond:
+            if self.porter.stopping or inst.state == "dead":
+                gone = True
+            else:
+                gone = False
+                inst.state = "busy"
+        if gone:
+            inst.kill()
+            inst.close()
+            with self.cond:
+                if inst in self.instances:
+                    self.instances.remove(inst)
+            raise Unavailable("the porter is shutting down")
+        return inst, inst.kind
+
+    def _est_key(self) -> str:
+        if self._start_kind() == "cold":
+            return "cold"
+        return "mow" if self.policy == "hybrid" and not self.profiled else self.policy
+
+    def _new_instance(self) -> Instance:
+        """Start one instance and list it in self.instances."""
+        if self._start_kind() == "restored":
+            policy = self._est_key()             # hybrid without a hot-page record: mow
+            try:
+                inst = Instance.restore(self.image, policy, self.log_fd)
+            except Exception as e:             # noqa: BLE001 - served by a cold start instead
+                msg = str(e) if isinstance(e, CxlforkError) else f"{type(e).__name__}: {e}"
+                self.restore_failures.append(msg)
+                self._error("restore_failed")
+                self.porter.log(f"restore of {self.name} failed, cold-starting instead: {msg}")
+            else:
+                inst.local_bytes = self.est_local.get(policy, 0)
+                with self.cond:
+                    self.instances.append(inst)
+                    self.start_ms["restored"].append(inst.start_ms)
+                return inst
+        try:
+            inst = Instance.spawn(self.cfg.command, self.env, self.log_fd)
+        except WorkerDied as e:
+            self._error("cold_start_failed")
+            raise Unavailable(f"function {self.name}: cold start failed: {e}", 502) from e
+        inst.local_bytes = self.est_local.get("cold", 0)
+        with self.cond:
+            self.spawning.append(inst)           # stop() kills it while it initialises
+        try:
+            inst.initialise(self.cfg.init, self.cfg.init_timeout_s)
+        except (WorkerDied, WorkerTimeout) as e:
+            inst.kill()
+            inst.close()
+            with self.cond:
+                self.spawning.remove(inst)
+            self._error("cold_start_failed")
+            if self.porter.stopping:
+                raise Unavailable("the porter is shutting down") from e
+            raise Unavailable(f"function {self.name}: cold start failed: {e} (log: "
+                              f"{self.log_path})", 502) from e
+        with self.cond:
+            self.spawning.remove(inst)
+            self.instances.append(inst)
+            self.start_ms["cold"].append(inst.start_ms)
+        return inst
+
+    def invoke(self, payload) -> tuple[object, str, Instance, float]:
+        """Run one request; returns (output, start kind, instance, latency ms)."""
+        t0 = time.perf_counter()
+        inst, start = self.acquire()
+        try:
+            out = inst.call(payload, self.cfg.timeout_s)
+        except WorkerFailed as e:
+            self._error("function_error")
+            self.release(inst)
+            raise InvokeError(f"function {self.name}: {e}", 500) from e
+        except WorkerTimeout as e:
+            self._error("timeout")
+            self._lose(inst)
+            raise InvokeError(f"function {self.name}: instance PID {inst.pid} ({inst.kind}) "
+                              f"gave no answer within {self.cfg.timeout_s:g} s; it was killed "
+                              "and is being replaced", 504) from e
+        except WorkerDied as e:
+            self._error("crash")
+            how = self._lose(inst)
+            if self.porter.stopping:
+                raise Unavailable("the porter is shutting down") from e
+            raise InvokeError(f"function {self.name}: instance PID {inst.pid} ({inst.kind}) "
+                              f"{how} while handling the request; it is being replaced "
+                              f"(log: {self.log_path})", 502) from e
+        ms = (time.perf_counter() - t0) * 1e3
+        with self.cond:
+            self.starts[start] += 1
+            self.lat.append((time.monotonic(), ms, start))
+        self.porter.metrics.observe(self.name, start, ms)
+        self.release(inst)
+        return out, start, inst, ms
+
+    def release(self, inst: Instance) -> None:
+        with self.cond:
+            inst.served += 1
+            inst.last_used = time.monotonic()
+            if inst.state != "busy":
+                return
+            if (self.cfg.policy != "cold" and self.image is None and not self.checkpoint_pending
+                    and self.checkpoint_error is None and inst.kind == "cold"
+                    and inst.served >= self.cfg.checkpoint_after and not self.porter.stopping):
+                inst.state = "checkpointing"
+                self.checkpoint_pending = True
+                self.porter.jobs.put(("checkpoint", self, inst))
+                return
+            if (inst.kind == "restored" and inst.served == 2 and not self.profiled
+                    and self.cfg.policy in ("auto", "hybrid")):
+                self.porter.jobs.put(("profile", self, inst))
+            inst.state = "idle"
+            self.idle.append(inst)
+            self.cond.notify()
+
+    def _lose(self, inst: Instance) -> str:
+        """Kill and forget an instance that crashed or hung; start a replacement."""
+        how = inst.kill()
+        inst.close()
+        with self.cond:
+            if inst in self.instances:
+                self.instances.remove(inst)
+            self.cond.notify()
+        if not self.porter.stopping:
+            threading.Thread(target=self._replace, name=f"replace-{self.name}",
+                             daemon=True).start()
+        return how
+
+    def _replace(self) -> None:
+        try:
+            inst, _ = self.acquire()
+        except (Unavailable, InvokeError):
+            return
+        with self.cond:
+            inst.state = "idle"
+            self.idle.append(inst)
+            self.cond.notify()
+
+    # -- housekeeping (the porter's main thread) -----------------------------------------
+    def checkpoint_done(self, inst: Instance, image: str | None, info: dict,
+                        error: str | None) -> None:
+        with self.cond:
+            self.checkpoint_pending = False
+            if image:
+                self.image, self.checkpoint_info = image, info
+            else:
+                self.checkpoint_error = error
+            if inst.state == "checkpointing":
+                inst.state = "idle"
+                inst.last_used = time.monotonic()
+                self.idle.append(inst)
+            self.cond.notify()
+
+    def reclaim(self, keepalive_s: float, now: float, force: bool = False,
+                need: int = 0) -> int:
+        """Kill idle instances unused for keepalive_s (all idle ones with force, oldest
+        first, until `need` bytes are freed). Returns the local bytes freed."""
+        victims = []
+        freed = 0
+        with self.cond:
+            for inst in list(self.idle):
+                if force or now - inst.last_used >= keepalive_s:
+                    if force and need and freed >= need:
+                        break
+                    self.idle.remove(inst)
+                    self.instances.remove(inst)
+                    victims.append(inst)
+                    freed += inst.local_bytes
+        for inst in victims:
+            inst.kill()
+            inst.close()
+        return freed
+
+    def sample_memory(self, store_dir: str | None) -> None:
+        from cxlfork.porter.memory import process_memory
+        with self.cond:
+            live = [i for i in self.instances if i.state != "dead"]
+        for inst in live:
+            loc, sh = process_memory(inst.pid, store_dir)
+            if loc:
+                inst.local_bytes, inst.shared_bytes = loc, sh
+                self.est_local[inst.policy] = loc
+
+    def window_p99(self, now: float, window_s: float) -> float | None:
+        with self.cond:
+            xs = [ms for t, ms, start in self.lat if now - t <= window_s and start != "cold"]
+        if len(xs) < 8:
+            return None
+        return float(np.percentile(xs, 99))
+
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Kill every instance (the porter's `stopping` is already set). Busy instances'
+        pipes are closed by their request threads; idle ones here."""
+        with self.cond:
+            insts = list(self.instances) + list(self.spawning)
+            self.instances.clear()
+            self.idle.clear()
+            self.cond.notify_all()
+        for inst in insts:
+            busy = inst.state in ("busy", "starting")
+            inst.kill()
+            if not busy:
+                inst.close()
+        deadline = time.monotonic() + wait_s
+        with self.cond:
+            while (self.starting or self.spawning) and time.monotonic() < deadline:
+                for inst in self.spawning:
+                    inst.kill()
+                self.cond.wait(0.1)
+        os.close(self.log_fd)
+
+    def stats(self) -> dict:
+        with self.cond:
+            lat = list(self.lat)
+            insts = list(self.instances)
+            d = {
+                "policy": self.policy, "policy_mode": self.cfg.policy,
+                "slo_ms": self.cfg.slo_ms,
+                "instances": len(insts), "starting": self.starting,
+                "idle": sum(i.state == "idle" for i in insts),
+                "busy": sum(i.state == "busy" for i in insts),
+                "starts": dict(self.starts),
+                "errors": dict(self.errors),
+                "checkpoint": {"image": self.image, "after": self.cfg.checkpoint_after,
+                               "pending": self.checkpoint_pending,
+                               "error": self.checkpoint_error, **self.checkpoint_info},
+                "hot_profile": self.profiled,
+                "policy_switches": list(self.switches),
+                "restore_failures": self.restore_failures[-3:],
+            }
+        d["latency_ms"] = {"all": percentiles([x[1] for x in lat])}
+        for k in ("cold", "warm", "restored"):
+            d["latency_ms"][k] = percentiles([x[1] for x in lat if x[2] == k])
+        d["start_ms"] = {k: percentiles(list(v)) for k, v in self.start_ms.items()}
+        d["memory"] = {"local_bytes": sum(i.local_bytes for i in insts),
+                       "shared_bytes": sum(i.shared_bytes for i in insts)}
+        d["instance_list"] = [{"pid": i.pid, "kind": i.kind, "policy": i.policy,
+                               "state": i.state, "served": i.served,
+                               "local_bytes": i.local_bytes, "shared_bytes": i.shared_bytes,
+                               "start_ms": round(i.start_ms, 3)} for i in insts]
+        return d

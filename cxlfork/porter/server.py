@@ -1,0 +1,161 @@
+"""The porter's HTTP API (a ThreadingHTTPServer; loopback unless configured otherwise).
+
+    POST   /functions/NAME/invoke   JSON body -> the worker's JSON output (200), with headers
+                                    X-Porter-Start (cold|warm|restored), X-Porter-Instance
+                                    (PID), X-Porter-Latency-Ms
+    GET    /functions               the registered functions and their clone policy
+    POST   /functions               register one: {"name": N, "command": [...], ...} (the keys
+                                    of a [functions.NAME] table)
+    GET    /stats                   JSON: per function latency, starts, instances, memory
+    GET    /metrics                 Prometheus text format
+    GET    /healthz                 "ok"
+
+Every error is JSON with one line: {"error": "..."}: 400 malformed JSON or config, 404
+unknown function or path, 405 wrong method, 409 already registered, 411/413 body length,
+500 the function's own error, 502 the worker crashed or failed to start (it is replaced),
+503 no instance available (busy, memory limit, shutting down), 504 the worker hung past
+its timeout (killed, replaced).
+"""
+from __future__ import annotations
+
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cxlfork.porter.config import ConfigError, function_from_dict
+from cxlfork.porter.pool import InvokeError, Unavailable
+
+MAX_BODY = 16 << 20
+
+
+class _Handler(BaseHTTPRequestHandler):
+    porter = None                       # set by make_server
+    protocol_version = "HTTP/1.1"
+    server_version = "cxlfork-porter"
+
+    def log_message(self, fmt, *args):  # no per-request stderr noise
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json",
+              headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj, headers: dict | None = None) -> None:
+        self._send(status, json.dumps(obj, separators=(",", ":")).encode() + b"\n",
+                   headers=headers)
+
+    def _error(self, status: int, msg: str) -> None:
+        self._json(status, {"error": " ".join(str(msg).split())})
+
+    def _body(self):
+        """The parsed JSON body, or None after an error answer."""
+        n = self.headers.get("Content-Length")
+        if n is None:
+            self._error(411, "a Content-Length header is required")
+            return None
+        try:
+            n = int(n)
+        except ValueError:
+            self._error(400, f"bad Content-Length {n!r}")
+            return None
+        if n < 0 or n > MAX_BODY:
+            self.close_connection = True
+            self._error(413, f"request body larger than {MAX_BODY >> 20} MiB")
+            return None
+        raw = self.rfile.read(n)
+        try:
+            return (json.loads(raw),)
+        except ValueError as e:
+            self._error(400, f"request body is not valid JSON: {e}")
+            return None
+
+    def do_GET(self):
+        p = self.porter
+        path = self.path.split("?", 1)[0]
+        if path == "/stats":
+            self._json(200, p.stats())
+        elif path == "/metrics":
+            self._send(200, p.metrics.text(), "text/plain; version=0.0.4")
+        elif path == "/functions":
+            self._json(200, {n: {"policy": p.pool(n).policy, "command": p.pool(n).cfg.command}
+                             for n in p.names()})
+        elif path == "/healthz":
+            self._send(200, b"ok\n", "text/plain")
+        elif path.startswith("/functions/") and path.endswith("/invoke"):
+            self._error(405, "use POST to invoke a function")
+        else:
+            self._error(404, f"no such path {path}")
+
+    def do_POST(self):
+        p = self.porter
+        path = self.path.split("?", 1)[0]
+        parts = path.strip("/").split("/")
+        if len(parts) == 3 and parts[0] == "functions" and parts[2] == "invoke":
+            pool = p.pool(parts[1])
+            if pool is None:
+                self._error(404, f"unknown function {parts[1]!r} (registered: "
+                                 f"{', '.join(p.names()) or 'none'})")
+                return
+            body = self._body()
+            if body is None:
+                return
+            try:
+                out, start, inst, ms = pool.invoke(body[0])
+            except InvokeError as e:
+                self._error(e.status, str(e))
+                return
+            except Unavailable as e:
+                self._error(e.status, str(e))
+                return
+            except Exception as e:             # noqa: BLE001 - a porter bug: answer, log it
+                p.log(f"internal error invoking {parts[1]}: {type(e).__name__}: {e}")
+                self._error(500, f"internal error: {type(e).__name__}: {e}")
+                return
+            self._json(200, out, {"X-Porter-Start": start, "X-Porter-Instance": str(inst.pid),
+                                  "X-Porter-Latency-Ms": f"{ms:.3f}"})
+        elif path == "/functions":
+            body = self._body()
+            if body is None:
+                return
+            d = body[0]
+            if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+                self._error(400, "body must be an object with a \"name\" and the keys of a "
+                                 "[functions.NAME] table")
+                return
+            name = d.pop("name")
+            try:
+                fc = function_from_dict(name, d, p.cfg, "request")
+            except ConfigError as e:
+                self._error(400, str(e))
+                return
+            if p.pool(name) is not None:
+                self._error(409, f"function {name!r} is already registered")
+                return
+            try:
+                p.add_function(fc)
+            except ConfigError as e:
+                self._error(409, str(e))
+                return
+            self._json(201, {"registered": name, "policy": p.pool(name).policy})
+        else:
+            self._error(404, f"no such path {path}")
+
+    def do_PUT(self):
+        self._error(405, f"method PUT not allowed on {self.path}")
+
+    do_DELETE = do_PATCH = do_PUT
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def make_server(porter, host: str, port: int) -> ThreadingHTTPServer:
+    handler = type("Handler", (_Handler,), {"porter": porter})
+    return _Server((host, port), handler)

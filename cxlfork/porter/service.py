@@ -1,0 +1,256 @@
+"""The Porter: function pools, the HTTP server (in a thread) and the housekeeping loop (in
+the main thread, which cxlfork's checkpoint needs: it installs signal handlers).
+
+Housekeeping, every TICK_S: take queued checkpoints and hot-page profiles, sample the
+instances' memory (smaps), compute the local-memory pressure, reclaim idle instances past
+their keep-alive (shorter under pressure), switch auto clone policies, update the gauges.
+stop() (SIGTERM/SIGINT, or a caller) kills every instance, removes the checkpoints and the
+temporary run directory: nothing is left behind.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+from cxlfork.errors import CxlforkError
+from cxlfork.porter import policy as policy_mod
+from cxlfork.porter.config import ConfigError, FunctionConfig, PorterConfig
+from cxlfork.porter.metrics import Metrics
+from cxlfork.porter.pool import FunctionPool
+
+TICK_S = 0.25
+PRESSURE_SHORT_KEEPALIVE = 0.8
+
+
+class Porter:
+    def __init__(self, cfg: PorterConfig, log=None):
+        self.cfg = cfg
+        self.log = log or (lambda msg: None)
+        self.stopping = False
+        self.jobs: queue.Queue = queue.Queue()
+        self.metrics = Metrics()
+        self.started = time.monotonic()
+        self.own_run_dir = not cfg.run_dir
+        self.run_dir = cfg.run_dir or tempfile.mkdtemp(prefix="cxlfork-porter-")
+        os.makedirs(os.path.join(self.run_dir, "images"), exist_ok=True)
+        self.store_dir = None
+        self.lock = threading.Lock()               # guards self.pools
+        self.pools: dict[str, FunctionPool] = {}
+        self.limit = int(cfg.local_memory_limit_mib * 2**20)
+        self.pressure = 0.0
+        self.server = None
+        self.server_thread = None
+        self._images = 0
+        for fc in cfg.functions.values():
+            self.add_function(fc)
+
+    # -- functions -----------------------------------------------------------------------
+    def add_function(self, fc: FunctionConfig) -> FunctionPool:
+        with self.lock:
+            if fc.name in self.pools:
+                raise ConfigError(f"function {fc.name} is already registered")
+            pool = self.pools[fc.name] = FunctionPool(fc, self)
+        self.metrics.set_policy(fc.name, pool.policy)
+        return pool
+
+    def pool(self, name: str) -> FunctionPool | None:
+        with self.lock:
+            return self.pools.get(name)
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return sorted(self.pools)
+
+    # -- memory --------------------------------------------------------------------------
+    def local_total(self) -> int:
+        with self.lock:
+            pools = list(self.pools.values())
+        total = 0
+        for p in pools:
+            with p.cond:
+                total += sum(i.local_bytes for i in p.instances)
+        return total
+
+    def memory_allows(self, extra: int) -> bool:
+        return not self.limit or self.local_total() + extra <= self.limit
+
+    def reclaim_idle(self, need: int, exclude: FunctionPool | None = None) -> int:
+        """Free local memory by killing idle instances of other functions, least recently
+        used pool first, until `need` more bytes fit under the limit."""
+        if not self.limit:
+            return 0
+        with self.lock:
+            pools = [p for p in self.pools.values() if p is not exclude]
+        pools.sort(key=lambda p: max((i.last_used for i in p.idle), default=0))
+        freed = 0
+        for p in pools:
+            over = self.local_total() + need - self.limit
+            if over <= 0:
+                break
+            freed += p.reclaim(0, time.monotonic(), force=True, need=over)
+        return freed
+
+    # -- life cycle ----------------------------------------------------------------------
+    def start_server(self) -> tuple[str, int]:
+        from cxlfork.porter.server import make_server
+        self.server = make_server(self, self.cfg.host, self.cfg.port)
+        self.server_thread = threading.Thread(target=self.server.serve_forever,
+                                              kwargs={"poll_interval": 0.1},
+                                              name="porter-http", daemon=True)
+        self.server_thread.start()
+        host, port = self.server.server_address[:2]
+        return host, port
+
+    def run(self, install_signals: bool = True) -> None:
+        """Housekeeping loop until stop is requested (SIGTERM/SIGINT or request_stop)."""
+        if install_signals:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, lambda *_: self.request_stop())
+        last_policy = 0.0
+        while not self.stopping:
+            try:
+                job = self.jobs.get(timeout=TICK_S)
+            except queue.Empty:
+                job = None
+            if job is not None and not self.stopping:
+                self._run_job(job)
+            now = time.monotonic()
+            self._housekeeping(now, policies=now - last_policy >= 1.0)
+            if now - last_policy >= 1.0:
+                last_policy = now
+
+    def request_stop(self) -> None:
+        self.stopping = True
+        try:
+            self.jobs.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def stop(self) -> None:
+        """Stop serving, kill every instance, remove checkpoints and the run directory."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        with self.lock:
+            pools = list(self.pools.values())
+        for p in pools:
+            p.stop()
+        while True:                                # checkpoints queued but not taken
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job and job[0] == "checkpoint":
+                job[2].kill()
+                job[2].close()
+        from cxlfork import image as image_mod
+        for p in pools:
+            if p.image:
+                try:
+                    image_mod.remove(p.image)
+                except (CxlforkError, OSError) as e:
+                    self.log(f"removing {p.image}: {e}")
+        if self.own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # -- main-thread jobs ----------------------------------------------------------------
+    def _run_job(self, job) -> None:
+        what, pool, inst = job
+        if what == "checkpoint":
+            self._checkpoint(pool, inst)
+        elif what == "profile":
+            self._profile(pool, inst)
+
+    def _checkpoint(self, pool: FunctionPool, inst) -> None:
+        from cxlfork.checkpoint import checkpoint
+        self._images += 1
+        image = os.path.join(self.run_dir, "images", f"{pool.name}.{self._images}.img")
+        try:
+            r = checkpoint(inst.pid, image, self.cfg.store or None, kill=False,
+                           warn=lambda m: self.log(f"checkpoint of {pool.name}: {m}"))
+        except CxlforkError as e:
+            if "interrupted by signal" in str(e):
+                self.request_stop()
+            self.log(f"checkpoint of {pool.name} (PID {inst.pid}) failed: {e}")
+            pool.checkpoint_done(inst, None, {}, str(e))
+            return
+        self.store_dir = os.path.dirname(r["store"])
+        info = {"ms": round(r["total_s"] * 1e3, 3), "frozen_ms": round(r["frozen_ms"], 3),
+                "bytes": r["bytes"], "store_file": r["store"], "pid": inst.pid,
+                "taken_after_invocations": inst.served}
+        self.metrics.checkpoints.labels(pool.name).inc()
+        self.log(f"checkpointed {pool.name} (PID {inst.pid}) after {inst.served} invocations: "
+                 f"{r['bytes'] / 2**20:.1f} MiB in {r['total_s'] * 1e3:.0f} ms")
+        pool.checkpoint_done(inst, image, info, None)
+
+    def _profile(self, pool: FunctionPool, inst) -> None:
+        from cxlfork.profile import record
+        if pool.profiled or inst.state == "dead" or not pool.image:
+            return
+        try:
+            r = record(pool.image, [inst.pid])
+        except CxlforkError as e:
+            self.log(f"hot-page profile of {pool.name}: {e}")
+            return
+        pool.profiled = True
+        pool.checkpoint_info["hot_pages"] = r["hot_pages"]
+
+    def _housekeeping(self, now: float, policies: bool) -> None:
+        with self.lock:
+            pools = list(self.pools.values())
+        for p in pools:
+            p.sample_memory(self.store_dir)
+        total = self.local_total()
+        self.pressure = total / self.limit if self.limit else 0.0
+        self.metrics.pressure.set(self.pressure)
+        short = self.pressure >= PRESSURE_SHORT_KEEPALIVE
+        for p in pools:
+            keep = min(p.cfg.keepalive_s, self.cfg.pressure_keepalive_s) if short \
+                else p.cfg.keepalive_s
+            p.reclaim(keep, now)
+        if not policies:
+            return
+        for p in pools:
+            if p.cfg.policy == "auto":
+                self._switch_policy(p, now)
+            st = p.stats()
+            self.metrics.update(p.name, st, (p.checkpoint_info or {}).get("bytes", 0))
+
+    def _switch_policy(self, p: FunctionPool, now: float) -> None:
+        if now - p.policy_changed < policy_mod.HOLD_S:
+            return
+        p99 = p.window_p99(now, policy_mod.WINDOW_S)
+        change = policy_mod.next_policy(p.policy, p99, p.cfg.slo_ms, self.pressure)
+        if change is None:
+            return
+        new, why = change
+        with p.cond:
+            old, p.policy, p.policy_changed = p.policy, new, now
+            p.switches.append({"t_s": round(now - self.started, 3), "from": old, "to": new,
+                               "reason": why})
+        self.metrics.switches.labels(p.name, new).inc()
+        self.metrics.set_policy(p.name, new)
+        self.log(f"{p.name}: clone policy {old} -> {new} ({why})")
+
+    def stats(self) -> dict:
+        with self.lock:
+            pools = dict(self.pools)
+        fns = {n: p.stats() for n, p in sorted(pools.items())}
+        return {"porter": {"uptime_s": round(time.monotonic() - self.started, 3),
+                           "local_memory_bytes": sum(f["memory"]["local_bytes"]
+                                                     for f in fns.values()),
+                           "shared_memory_bytes": sum(f["memory"]["shared_bytes"]
+                                                      for f in fns.values()),
+                           "store_bytes": sum((p.checkpoint_info or {}).get("bytes", 0)
+                                              for p in pools.values() if p.image),
+                           "local_memory_limit_bytes": self.limit,
+                           "pressure": round(self.pressure, 4),
+                           "ghost_pool": "not available: cxlfork has no API to restore into "
+                                         "a pre-spawned process"},
+                "functions": fns}
