@@ -46,18 +46,26 @@ $(STAMPS)/bcc: $(STAMPS)/guest scripts/bcc-headers.sh | $(STAMPS)
 	touch $@
 
 setup: $(STAMPS)/venv
+
+# The porter's workers: the LLM worker's weights (deterministic, random; safetensors under
+# /var/cache/tiermem/llm) and the C worker binary (/var/cache/tiermem/workers).
+$(STAMPS)/porter-workers: $(STAMPS)/venv cxlfork/workers/llm_weights.py cxlfork/workers/wordcount.c | $(STAMPS)
+	$(PY) -m cxlfork.workers.llm_weights
+	$(PY) -m cxlfork.workers.build_c
+	touch $@
+
 guest: $(STAMPS)/guest
 
-test: $(STAMPS)/guest $(STAMPS)/bcc
+test: $(STAMPS)/guest $(STAMPS)/bcc $(STAMPS)/porter-workers
 	$(PY) -m pytest -ra tests
 
-test-host: $(STAMPS)/venv
+test-host: $(STAMPS)/venv $(STAMPS)/porter-workers
 	$(PY) -m pytest -ra -m "not vm" tests
 
 demo: $(STAMPS)/guest
 	$(PY) -m emulation demo
 
-bench: $(STAMPS)/guest $(STAMPS)/bcc
+bench: $(STAMPS)/guest $(STAMPS)/bcc $(STAMPS)/porter-workers
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
