@@ -20,12 +20,13 @@ import struct
 import numpy as np
 
 PLAN_MAGIC = 0x314E414C50584643
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 REGION_LO, REGION_HI = 0x100000000000, 0x100040000000
 PLAN_ADDR = REGION_LO + 0x20000000
 HDR_WORDS = 32
 (OP_MMAP, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK, OP_SIGMASK, OP_RSEQ,
- OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL) = range(1, 15)
+ OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL, OP_PRLIMIT,
+ OP_WAITGO) = range(1, 17)
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PAGE = 4096
@@ -57,8 +58,8 @@ def _split_hot(run, hot: np.ndarray | None):
 
 
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None) -> bytes:
-    """fdnums: 'store', 'err', 'exe', ('file', vma index), ('obj', object id), 'close' (list of
-    the restorer's own fds), 'cloexec' (list)."""
+    """fdnums: 'store', 'err', 'exe', 'go', ('file', vma index), ('obj', object id), 'close'
+    (list of the restorer's own fds), 'cloexec' (list)."""
     if policy not in POLICIES:
         raise ValueError(policy)
     hot = None
@@ -117,11 +118,16 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None) -> 
         p.op(OP_ROBUST, m["robust_list"]["head"], m["robust_list"]["len"])
     mm_index = len(p.ops)
     p.op(OP_MM_MAP, 0, 104)                        # address patched below
+    from cxlfork.procfs import RLIMITS
+    for name, (soft, hard) in sorted(m["rlimits"].items()):
+        p.op(OP_PRLIMIT, RLIMITS[name], soft, hard)
     for fd in fdnums.get("cloexec", []):
         p.op(OP_CLOEXEC, fd)
+    if "go" in fdnums:
+        p.op(OP_WAITGO, fdnums["go"])
     for fd in fdnums.get("close", []):
         p.op(OP_CLOSE, fd)
-    p.op(OP_SIGMASK, sig["blocked"])
+    # the blocked mask is installed by cxlfork (PTRACE_SETSIGMASK) at the hand-over stop
 
     if len(specials) > 4:
         raise ValueError("too many special mappings")

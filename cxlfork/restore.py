@@ -5,28 +5,34 @@ the address space from the page store -> install registers -> run.
               vvar/vdso sizes of this kernel equal to the checkpoint's
     fds       per clone: stdio (--stdio), files reopened at their offsets, pipes refilled,
               eventfds, memfds (refilled from the store); the restorer's own fds above them
-    spawn     clone3 (set_tid for --same-pid) -> PTRACE_TRACEME -> session/pgrp, cwd, umask ->
-              exec cxlfork-restorer, which runs the plan (cxlfork.plan) and stops itself
-    finish    rlimits (prlimit), then at the restorer's last syscall: xstate + registers, detach
+    spawn     vfork-style clone (clone3 with set_tid for --same-pid) -> signals reset,
+              session/pgrp, cwd, umask, fd table -> exec cxlfork-restorer, which runs the plan
+              (cxlfork.plan: memory, signals, rlimits, mm, ...) while cxlfork PTRACE_SEIZEs it
+              (EXITKILL) and sends it a go byte
+    finish    at the restorer's hand-over stop (the SIGSEGV of returning into its own unmapped
+              code): signal mask, xstate, registers; detach with the signal dropped
 Any failure kills and reaps every clone made so far; nothing half-made is left running.
+
+`prepare_restore(image)` does the check, the plan and the files once and returns an object
+whose `.restore(n, stdio)` makes clones at the per-clone cost only (for servers such as the
+porter that restore the same image again and again).
 """
 from __future__ import annotations
 
 import base64
 import fcntl
 import os
-import resource
 import time
 
 from cxlfork import image as image_mod, plan as plan_mod
 from cxlfork.errors import CxlforkError, ImageError
 from cxlfork.native import ffi, lib, restorer_path
-from cxlfork.procfs import RLIMITS
 from cxlfork.ptrace import REGS_SIZE, regs_pack
 
 PAGE = 4096
 O_CREAT_ETC = os.O_CREAT | os.O_TRUNC | os.O_EXCL | os.O_NOCTTY
-MFD_ALLOW_SEALING = 2
+MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
+F_SEAL_ALL = 0x1 | 0x2 | 0x4 | 0x8   # seal, shrink, grow, write
 F_ADD_SEALS = 1033
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]")
 
@@ -67,6 +73,10 @@ class Prepared:
         if policy not in plan_mod.POLICIES:
             raise CxlforkError(f"unknown policy {policy!r} (mow, moa or hybrid)")
         check_specials(m, self.image)
+        if any(a["sig"] == 11 and a["handler"] == 1 for a in m["signals"]["actions"]):
+            raise CxlforkError(f"image {self.image}: the process ignores SIGSEGV (SIG_IGN); "
+                               "cxlfork's restorer hands over through a SIGSEGV stop, which "
+                               "would reset that disposition: not supported")
         image_mod.check_file(m["process"]["exe"], "executable")
         self.hot = image_mod.load_hot(self.image, m) if policy == "hybrid" else None
         if policy == "hybrid" and self.hot is None and warn:
@@ -102,14 +112,40 @@ class Prepared:
         own = [f["fd"] for f in m["fds"]]
         nxt = max(own + [2]) + 1
         self.num: dict = {}
-        for key in ["err", "store", "exe", "plan"] + [("file", i) for i in self.file_fds] + \
+        for key in ["err", "store", "exe", "plan", "go"] + [("file", i) for i in self.file_fds] + \
                 [("obj", o["id"]) for o in m["objects"]]:
             self.num[key] = nxt
             nxt += 1
-        self.num["close"] = [n for k, n in self.num.items()]
+        # the restorer's own fds, the error pipe last: its closing tells cxlfork that the
+        # plan is done (cx_wait_sigstop)
+        self.num["close"] = [n for k, n in self.num.items() if k != "err"] + [self.num["err"]]
         self.num["cloexec"] = [f["fd"] for f in m["fds"] if f["cloexec"]]
         nums = dict(self.num)
         self.plan = plan_mod.build(m, policy, nums, self.hot)
+        # one sealed memfd holds the plan for every clone (the restorer maps it read-only)
+        plan_fd = lib.cx_memfd(b"cxlfork-plan", MFD_ALLOW_SEALING | MFD_CLOEXEC)
+        if plan_fd < 0:
+            self.close()
+            raise CxlforkError(f"memfd_create: {os.strerror(-plan_fd)}")
+        self.fds_open.append(plan_fd)
+        os.write(plan_fd, self.plan)
+        fcntl.fcntl(plan_fd, F_ADD_SEALS, F_SEAL_ALL)
+        self.plan_fd = plan_fd
+        self.regs = regs_pack(m["regs"])
+        self.xstate = base64.b64decode(m["xstate"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def restore(self, n: int = 1, stdio="inherit", same_pid: bool = False,
+                progress=None) -> list[int]:
+        """Restore n clones; returns their PIDs (children of this process)."""
+        if not self.fds_open:
+            raise CxlforkError(f"restore of {self.image}: this prepared restore was closed")
+        return _restore_prepared(self, n, stdio, same_pid, progress)
 
     def close(self):
         for fd in self.fds_open:
@@ -234,10 +270,11 @@ def _kill(clones: list[Clone]) -> None:
             os.waitpid(c.pid, 0)
         except ChildProcessError:
             pass
-        try:
-            os.close(c.errfd)
-        except OSError:
-            pass
+        if c.errfd >= 0:
+            try:
+                os.close(c.errfd)
+            except OSError:
+                pass
 
 
 def _status_text(st: int) -> str:
@@ -250,6 +287,17 @@ def _status_text(st: int) -> str:
     return f"status {st:#x}"
 
 
+def prepare_restore(image: str, policy: str = "mow", warn=None) -> Prepared:
+    """Check IMAGE, build its restore plan and open the files its clones need, once.
+
+    The returned object restores clones with `.restore(n, stdio)` as often as wanted (the
+    per-clone cost is then only the spawn of the restorer and its plan) and must be closed
+    (`.close()`, or use it as a context manager). Files are checked when it is made: a file
+    that changes afterwards is not noticed by later restores.
+    """
+    return Prepared(image, policy, warn)
+
+
 def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
             same_pid: bool = False, warn=None, progress=None) -> list[int]:
     """Restore n clones of image; returns their PIDs (children of this process)."""
@@ -258,47 +306,58 @@ def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
         raise CxlforkError("-n must be at least 1")
     if same_pid and n != 1:
         raise CxlforkError("--same-pid restores a single clone (-n 1)")
-    p = Prepared(image, policy, warn)
+    with Prepared(image, policy, warn) as p:
+        pids = _restore_prepared(p, n, stdio, same_pid, progress)
+    restore.last_seconds = time.perf_counter() - t0
+    return pids
+
+
+def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress) -> list[int]:
+    if n < 1:
+        raise CxlforkError("-n must be at least 1")
+    if same_pid and n != 1:
+        raise CxlforkError("--same-pid restores a single clone (-n 1)")
     m = p.m
+    image = p.image
     restorer = restorer_path().encode()
     clones: list[Clone] = []
-    regs = regs_pack(m["regs"])
-    xs = base64.b64decode(m["xstate"])
     proc = m["process"]
     sidmode = 1 if proc["sid_leader"] else 2 if proc["pgid_leader"] else 0
     set_tid = proc["pid"] if same_pid else 0
     if same_pid and os.path.exists(f"/proc/{set_tid}"):
-        p.close()
         raise CxlforkError(f"PID {set_tid} is in use; --same-pid needs it free")
+    argv = [ffi.new("char[]", restorer), ffi.new("char[]", str(p.num["plan"]).encode()),
+            ffi.NULL]
+    c_argv = ffi.new("char *[]", argv)
+    c_cwd = proc["cwd"].encode()
+    st = ffi.new("int *")
+    pending = ffi.new("int *")
+    go_w: list[int] = []            # our ends of the clones' go pipes, until sent
     try:
         for k in range(n):
             opened: list[int] = []
             try:
                 src, dst, objfds = _clone_fds(p, stdio, opened)
-                plan_fd = lib.cx_memfd(b"cxlfork-plan", 0)
-                if plan_fd < 0:
-                    raise CxlforkError(f"memfd_create: {os.strerror(-plan_fd)}")
-                opened.append(plan_fd)
-                os.write(plan_fd, p.plan)
                 er, ew = os.pipe2(os.O_CLOEXEC)
                 opened.append(ew)
-                extra = {"err": ew, "store": p.store_fd, "exe": p.exe_fd, "plan": plan_fd}
+                gr, gw = os.pipe2(os.O_CLOEXEC)
+                opened.append(gr)
+                go_w.append(gw)
+                extra = {"err": ew, "store": p.store_fd, "exe": p.exe_fd, "plan": p.plan_fd,
+                         "go": gr}
                 extra.update({("file", i): fd for i, fd in p.file_fds.items()})
                 extra.update({("obj", oid): fd for oid, fd in objfds.items()})
                 err_index = len(src)
                 for key, fd in extra.items():
                     src.append(fd)
                     dst.append(p.num[key])
-                argv = [ffi.new("char[]", restorer), ffi.new("char[]", str(p.num["plan"])
-                                                             .encode()), ffi.NULL]
-                c_argv = ffi.new("char *[]", argv)
                 c_src = ffi.new("int[]", src)
                 c_dst = ffi.new("int[]", dst)
-                pid = lib.cx_spawn(restorer, c_argv, c_src, c_dst, len(src),
-                                   proc["cwd"].encode(), proc["umask"], sidmode, set_tid,
-                                   err_index)
+                pid = lib.cx_spawn(restorer, c_argv, c_src, c_dst, len(src), c_cwd,
+                                   proc["umask"], sidmode, set_tid, err_index)
                 if pid < 0:
                     os.close(er)
+                    os.close(go_w.pop())
                     if same_pid and -pid == 17:
                         raise CxlforkError(f"PID {set_tid} is in use; --same-pid needs it free")
                     raise CxlforkError(f"spawning the restorer: {os.strerror(-pid)}")
@@ -306,24 +365,19 @@ def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
             finally:
                 for fd in opened:
                     os.close(fd)
-            st = ffi.new("int *")
-            e = lib.cx_start(pid, 10000, st)
+            e = lib.cx_start(pid, go_w[-1])
+            os.close(go_w.pop())
             if e < 0:
+                time.sleep(0.01)
                 raise CxlforkError(f"restorer for clone {k + 1} did not start: "
-                                   f"{_error_text(clones[-1]) or _status_text(st[0])}")
+                                   f"{_error_text(clones[-1]) or os.strerror(-e)}")
         for k, c in enumerate(clones):
-            st = ffi.new("int *")
-            e = lib.cx_wait_sigstop(c.pid, 30000, st)
+            e = lib.cx_wait_handover(c.pid, c.errfd, 30000, st, pending)
             if e < 0:
                 msg = _error_text(c) or _status_text(st[0])
                 raise CxlforkError(f"restoring clone {k + 1} of {image} failed: {msg}")
-            for name, (soft, hard) in m["rlimits"].items():
-                try:
-                    resource.prlimit(c.pid, RLIMITS[name], (soft, hard))
-                except (OSError, ValueError) as ex:
-                    raise CxlforkError(f"setting RLIMIT_{name.upper()} of clone {k + 1}: "
-                                       f"{ex}") from ex
-            e = lib.cx_finish(c.pid, regs, REGS_SIZE, xs, len(xs), 10000)
+            e = lib.cx_finish(c.pid, p.regs, REGS_SIZE, p.xstate, len(p.xstate),
+                              m["signals"]["blocked"], pending[0])
             if e < 0:
                 raise CxlforkError(f"installing registers in clone {k + 1}: {os.strerror(-e)} "
                                    f"{_error_text(c)}")
@@ -332,9 +386,8 @@ def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
             if progress:
                 progress(k + 1, n)
     except BaseException:
+        for fd in go_w:
+            os.close(fd)
         _kill([c for c in clones])
-        p.close()
         raise
-    p.close()
-    restore.last_seconds = time.perf_counter() - t0
     return [c.pid for c in clones]

@@ -96,3 +96,46 @@ def test_numpy_with_blas_threads_refused(env):
     finally:
         w.kill()
         w.wait()
+
+
+def _sigs(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, v in (line.split(":", 1) for line in f)
+                if k in ("SigBlk", "SigIgn", "SigCgt")}
+
+
+def test_prepared_restore_api(env):
+    """prepare_restore: one check + plan, several rounds of clones; each clone answers, has the
+    original's signal state (not the restoring Python's: it ignores SIGPIPE), and the closed
+    object refuses further restores."""
+    from cxlfork.errors import CxlforkError
+    from cxlfork.restore import prepare_restore
+    d, s = env
+    w = _worker(8)
+    img = os.path.join(d, "prep.img")
+    try:
+        cxlfork("checkpoint", w.pid, "-o", img, "--store", s)
+        want = _sigs(w.pid)
+        with prepare_restore(img) as p:
+            for n in (1, 2):
+                in_r, in_w = os.pipe()
+                out_r, out_w = os.pipe()
+                pids = p.restore(n, stdio=(in_r, out_w, out_w))
+                try:
+                    assert len(set(pids)) == n
+                    for pid in pids:
+                        assert _sigs(pid) == want
+                    for _ in range(n):      # one line at a time: whichever clone reads it
+                        os.write(in_w, b"go\n")
+                        assert readline(os.fdopen(out_r, "rb", closefd=False)).strip() == "ok"
+                    for pid in pids:
+                        _, st = os.waitpid(pid, 0)
+                        assert os.waitstatus_to_exitcode(st) == 0
+                finally:
+                    for fd in (in_r, in_w, out_r, out_w):
+                        os.close(fd)
+        with pytest.raises(CxlforkError, match="closed"):
+            p.restore(1)
+    finally:
+        w.kill()
+        w.wait()

@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <poll.h>
+#include <pthread.h>
 #include <unistd.h>
 #include <elf.h>
 #include <sched.h>
@@ -101,9 +103,12 @@ static void tiny_sleep(int us)
     nanosleep(&ts, NULL);
 }
 
+/* waitpid with a timeout. Children of cxlfork stop within microseconds of being waited for,
+ * so: yield a little, then sleep in short steps (at most 50 us of added latency). */
 int cx_wait(int pid, int timeout_ms, int *status)
 {
-    int waited_us = 0, step = 0;
+    long waited_us = 0;
+    int step = 0;
     for (;;) {
         int st = 0;
         pid_t r = waitpid(pid, &st, __WALL | WNOHANG);
@@ -113,17 +118,32 @@ int cx_wait(int pid, int timeout_ms, int *status)
         }
         if (r < 0)
             return -errno;
-        if (waited_us >= timeout_ms * 1000)
+        if (waited_us >= (long)timeout_ms * 1000)
             return -ETIMEDOUT;
-        if (step < 50) {
+        if (step < 100) {
             sched_yield();
-            waited_us += 2;
+            waited_us += 1;
         } else {
-            int us = step < 200 ? 20 : 500;
+            int us = step < 1000 ? 10 : 50;
             tiny_sleep(us);
             waited_us += us;
         }
         step++;
+    }
+}
+
+/* Block until fd is readable or its writers are gone (poll), up to timeout_ms. */
+int cx_wait_fd(int fd, int timeout_ms)
+{
+    struct pollfd p = { fd, POLLIN, 0 };
+    for (;;) {
+        int r = poll(&p, 1, timeout_ms);
+        if (r > 0)
+            return 0;
+        if (r == 0)
+            return -ETIMEDOUT;
+        if (errno != EINTR)
+            return -errno;
     }
 }
 
@@ -373,34 +393,35 @@ static void child_fail(int fd, const char *step, int err)
     _exit(127);
 }
 
-int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
-             const char *cwd, int umask_, int sidmode, int set_tid, int errfd)
-{
-    struct cx_clone_args ca;
-    pid_t tid = set_tid;
-    memset(&ca, 0, sizeof ca);
-    ca.exit_signal = SIGCHLD;
-    if (set_tid > 0) {
-        ca.set_tid = (uint64_t)(uintptr_t)&tid;
-        ca.set_tid_size = 1;
-    }
-    long pid = syscall(SYS_clone3, &ca, sizeof ca);
-    if (pid < 0)
-        return -errno;
-    if (pid > 0)
-        return (int)pid;
+struct spawn_args {
+    const char *path;
+    char *const *argv;
+    const int *src, *dst;
+    int nfd, umask_, sidmode, errfd;
+    const char *cwd;
+};
 
-    /* child: no Python from here on */
-    int efd = errfd >= 0 && errfd < nfd ? src[errfd] : -1;
-    if (ptrace(PTRACE_TRACEME, 0, 0, 0) < 0)
-        child_fail(efd, "ptrace(TRACEME)", errno);
-    if (sidmode == 1 && setsid() < 0)
+/* The child of cx_spawn, up to the exec of the restorer. With CLONE_VM|CLONE_VFORK it runs on
+ * its own stack in the parent's memory (as posix_spawn does): it only makes syscalls and
+ * writes to its own stack; every signal is blocked and every disposition is reset to the
+ * default, so no handler of the parent runs here and nothing ignored leaks into the clone. */
+static int spawn_child(void *arg)
+{
+    struct spawn_args *a = arg;
+    int nfd = a->nfd;
+    const int *src = a->src, *dst = a->dst;
+    int efd = a->errfd >= 0 && a->errfd < nfd ? src[a->errfd] : -1;
+    uint64_t dfl[4] = { 0, 0, 0, 0 };    /* kernel sigaction: SIG_DFL, no flags, no mask */
+    for (int s = 1; s < 65; s++)
+        if (s != SIGKILL && s != SIGSTOP)
+            syscall(SYS_rt_sigaction, s, dfl, NULL, 8);
+    if (a->sidmode == 1 && setsid() < 0)
         child_fail(efd, "setsid", errno);
-    if (sidmode == 2 && setpgid(0, 0) < 0)
+    if (a->sidmode == 2 && setpgid(0, 0) < 0)
         child_fail(efd, "setpgid", errno);
-    if (cwd && cwd[0] && chdir(cwd) < 0)
+    if (a->cwd && a->cwd[0] && chdir(a->cwd) < 0)
         child_fail(efd, "chdir", errno);
-    umask(umask_);
+    umask(a->umask_);
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
         rl.rlim_cur = rl.rlim_max;
@@ -417,14 +438,14 @@ int cx_spawn(const char *path, char *const argv[], const int *src, const int *ds
         if (tmp[i] < 0)
             child_fail(efd, "dup fd", errno);
     }
-    if (errfd >= 0 && errfd < nfd)
-        efd = tmp[errfd];
+    if (a->errfd >= 0 && a->errfd < nfd)
+        efd = tmp[a->errfd];
     for (int i = 0; i < nfd; i++) {
         if (dup2(tmp[i], dst[i]) < 0)
             child_fail(efd, "dup2 fd", errno);
     }
-    if (errfd >= 0 && errfd < nfd)
-        efd = dst[errfd];
+    if (a->errfd >= 0 && a->errfd < nfd)
+        efd = dst[a->errfd];
     /* close everything that is not a destination */
     int maxdst = -1;
     for (int i = 0; i < nfd; i++)
@@ -438,70 +459,117 @@ int cx_spawn(const char *path, char *const argv[], const int *src, const int *ds
     }
     syscall(SYS_close_range, maxdst + 1, ~0U, 0);
     char *envp[] = { NULL };
-    execve(path, argv, envp);
+    /* the restorer starts with every signal blocked; its plan sets the checkpointed mask */
+    syscall(SYS_execve, a->path, a->argv, envp);
     child_fail(efd, "execve restorer", errno);
-    return -1;
+    return 127;
 }
 
-int cx_start(int pid, int timeout_ms, int *status_out)
+#define SPAWN_STACK (256 << 10)
+
+int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
+             const char *cwd, int umask_, int sidmode, int set_tid, int errfd)
 {
-    int st, e;
-    if ((e = cx_wait(pid, timeout_ms, &st)) < 0)
-        return e;
-    *status_out = st;
-    if (!WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP)
-        return -ECHILD;
-    if (ptrace(PTRACE_SETOPTIONS, pid, 0,
-               (void *)(long)(PTRACE_O_EXITKILL | PTRACE_O_TRACESYSGOOD)) < 0)
+    struct spawn_args a = { path, argv, src, dst, nfd, umask_, sidmode, errfd, cwd };
+    sigset_t all, old;
+    long pid;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    if (set_tid > 0) {
+        /* clone3 with set_tid: a plain fork (set_tid needs clone3, which has no vfork-style
+         * wrapper with a child function) */
+        struct cx_clone_args ca;
+        pid_t tid = set_tid;
+        memset(&ca, 0, sizeof ca);
+        ca.exit_signal = SIGCHLD;
+        ca.set_tid = (uint64_t)(uintptr_t)&tid;
+        ca.set_tid_size = 1;
+        pid = syscall(SYS_clone3, &ca, sizeof ca);
+        if (pid == 0)
+            _exit(spawn_child(&a));
+        if (pid < 0)
+            pid = -errno;
+    } else {
+        /* vfork-style: no copy of this (possibly large) process's page tables */
+        char *stack = mmap(NULL, SPAWN_STACK, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (stack == MAP_FAILED) {
+            pid = -errno;
+        } else {
+            pid = clone(spawn_child, stack + SPAWN_STACK, CLONE_VM | CLONE_VFORK | SIGCHLD, &a);
+            if (pid < 0)
+                pid = -errno;
+            munmap(stack, SPAWN_STACK);
+        }
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return (int)pid;
+}
+
+/* Take the freshly exec'd restorer under ptrace (PTRACE_O_EXITKILL: if cxlfork dies from now
+ * on, the half-made clone dies too) and send it the go byte it waits for before its hand-over.
+ * Until then it cannot reach the hand-over; if cxlfork dies first, it reads EOF and exits. */
+int cx_start(int pid, int gofd)
+{
+    if (ptrace(PTRACE_SEIZE, pid, 0, (void *)(long)(PTRACE_O_EXITKILL | PTRACE_O_TRACESYSGOOD)) < 0)
         return -errno;
-    return cx_cont(pid, 0);
+    char g = 'g';
+    if (write(gofd, &g, 1) != 1)
+        return -errno;
+    return 0;
 }
 
-int cx_wait_sigstop(int pid, int timeout_ms, int *status_out)
+/* Wait for the restorer's hand-over stop: it closes its error pipe (the last of its own fds)
+ * and unmaps its region, faulting on the next instruction (SIGSEGV, SEGV_MAPERR at rip inside
+ * the region, with munmap's result 0 in rax; orig_rax is -1 at a fault). On an error it writes a line to the pipe and exits. Other signal
+ * stops on the way (a SIGSTOP from someone else) are remembered in *pending and passed on at
+ * detach. */
+int cx_wait_handover(int pid, int errfd, int timeout_ms, int *status_out, int *pending)
 {
     int st, e;
+    *pending = 0;
+    if (errfd >= 0 && (e = cx_wait_fd(errfd, timeout_ms)) < 0)
+        return e;
     for (;;) {
         if ((e = cx_wait(pid, timeout_ms, &st)) < 0)
             return e;
         *status_out = st;
         if (!WIFSTOPPED(st))
             return -ECHILD;
-        if (WSTOPSIG(st) == SIGSTOP)
-            return 0;
-        /* the restorer raises nothing else: a fault in it means a bad plan */
-        return -EFAULT;
+        int sig = WSTOPSIG(st);
+        if (sig == SIGSEGV && (st >> 16) == 0)
+            break;
+        if ((st >> 16) == 0 && sig != SIGTRAP && !*pending)
+            *pending = sig;
+        if (ptrace(PTRACE_CONT, pid, 0, 0) < 0)
+            return -errno;
     }
+    siginfo_t si;
+    struct user_regs_struct r;
+    if (ptrace(PTRACE_GETSIGINFO, pid, 0, &si) < 0)
+        return -errno;
+    if ((e = cx_getregset(pid, NT_PRSTATUS, &r, sizeof r)) < 0)
+        return e;
+    if (si.si_code != SEGV_MAPERR || (uint64_t)(uintptr_t)si.si_addr != r.rip ||
+        r.rip < 0x100000000000UL || r.rip >= 0x100040000000UL || r.rax != 0)
+        return -EFAULT;      /* a real crash of the restorer: a bad plan */
+    return 0;
 }
 
-int cx_finish(int pid, const void *regs, int rsize, const void *xs, int xsize, int timeout_ms)
+int cx_finish(int pid, const void *regs, int rsize, const void *xs, int xsize, uint64_t sigmask,
+              int pending)
 {
     struct user_regs_struct r;
     int e;
-    (void)timeout_ms;
     if (rsize != (int)sizeof r)
         return -EINVAL;
-    /* resume past the SIGSTOP (suppressed) to the restorer's final munmap(self) syscall */
-    if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
+    if (ptrace(PTRACE_SETSIGMASK, pid, (void *)8, &sigmask) < 0)
         return -errno;
-    if ((e = wait_syscall_stop(pid, NULL)) < 0)
-        return e;
-    if ((e = cx_getregset(pid, NT_PRSTATUS, &r, sizeof r)) < 0)
-        return e;
-    if (r.orig_rax != SYS_munmap)
-        return -EPROTO;
-    if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
-        return -errno;
-    if ((e = wait_syscall_stop(pid, NULL)) < 0)
-        return e;
-    if ((e = cx_getregset(pid, NT_PRSTATUS, &r, sizeof r)) < 0)
-        return e;
-    if ((long)r.rax != 0)
-        return (int)(long)r.rax;
     if (xs && xsize > 0 && (e = cx_setregset(pid, NT_X86_XSTATE, xs, xsize)) < 0)
         return e;
     if ((e = cx_setregset(pid, NT_PRSTATUS, regs, rsize)) < 0)
         return e;
-    return cx_detach(pid, 0);
+    return cx_detach(pid, pending);   /* the SIGSEGV of the hand-over is dropped */
 }
 
 int cx_kill(int pid, int sig)

@@ -9,8 +9,11 @@
  *   3. runs the plan's operations in order: mmap (store file MAP_PRIVATE, files, anonymous),
  *      pread (eager copies), mprotect, madvise, sigactions, sigaltstack, signal mask, rseq,
  *      tid address, robust list, prctl(PR_SET_MM_MAP), closing its own fds, FD_CLOEXEC;
- *   4. stops itself with SIGSTOP; the tracer (cxlfork) lets it run into munmap(region) and,
- *      at that syscall's exit, installs the checkpointed registers and detaches.
+ *   4. waits for cxlfork's go byte (cxlfork has PTRACE_SEIZEd it by then; EOF means cxlfork
+ *      is gone, and it exits), closes its own fds, blocks every signal but SIGSEGV and unmaps
+ *      its region; returning into the unmapped code faults, and at that SIGSEGV stop cxlfork
+ *      installs the signal mask, xstate and registers and detaches with the signal dropped.
+ *      (One ptrace stop in all: no exec stop, no SIGSTOP, no syscall stops.)
  * Any failure writes one line to the error fd and exits with status 1.
  */
 #include <stdint.h>
@@ -23,10 +26,11 @@
 #define TASK_TOP    0x7ffffffff000UL
 
 #define PLAN_MAGIC 0x314e414c50584643UL   /* "CFXPLAN1" little-endian */
-#define PLAN_VERSION 1
+#define PLAN_VERSION 2
 
 enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK,
-       OP_SIGMASK, OP_RSEQ, OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL };
+       OP_SIGMASK, OP_RSEQ, OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL,
+       OP_PRLIMIT, OP_WAITGO };
 
 #define NR_read 0
 #define NR_write 1
@@ -49,6 +53,7 @@ enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTST
 #define NR_set_tid_address 218
 #define NR_set_robust_list 273
 #define NR_rseq 334
+#define NR_prlimit64 302
 
 extern char cx_image_start[], cx_image_end[];
 char cx_stack[1 << 16] __attribute__((aligned(64)));
@@ -166,7 +171,7 @@ static void fail(const char *what, long op, unsigned long addr, long err)
 static const char *const op_names[] = {
     "?", "mmap", "pread", "mprotect", "madvise", "rt_sigaction", "sigaltstack",
     "rt_sigprocmask", "rseq", "set_tid_address", "set_robust_list", "prctl(PR_SET_MM_MAP)",
-    "close", "fcntl(FD_CLOEXEC)", "prctl",
+    "close", "fcntl(FD_CLOEXEC)", "prctl", "prlimit64", "read of cxlfork's go byte",
 };
 
 static long run_op(const uint64_t *o)
@@ -219,6 +224,19 @@ static long run_op(const uint64_t *o)
         return sc(NR_fcntl, o[1], 2 /* F_SETFD */, 1 /* FD_CLOEXEC */);
     case OP_PRCTL:
         return sc6(NR_prctl, o[1], o[2], o[3], o[4], o[5], 0);
+    case OP_PRLIMIT: {
+        uint64_t lim[2] = { o[2], o[3] };
+        return sc6(NR_prlimit64, 0, o[1], (long)lim, 0, 0, 0);
+    }
+    case OP_WAITGO: {
+        char c = 0;
+        do
+            r = sc(NR_read, o[1], &c, 1);
+        while (r == -4 /* EINTR */);
+        if (r < 0)
+            return r;
+        return r == 1 && c == 'g' ? 0 : -32;   /* EPIPE: cxlfork went away */
+    }
     }
     return -22;
 }
@@ -287,8 +305,12 @@ __attribute__((used)) void cx_main(uint64_t *sp0)
             fail(o[0] < sizeof op_names / sizeof op_names[0] ? op_names[o[0]] : "?", (long)i,
                  o[1], r);
     }
-    sc(NR_kill, sc(NR_getpid, 0, 0, 0), 19 /* SIGSTOP */, 0);
-    /* the tracer stops us at this syscall's exit and installs the checkpointed registers */
+    /* Hand over: only SIGSEGV unblocked (a fault on a blocked SIGSEGV would reset its action),
+     * unmap the region we run from. Returning from munmap faults on the next instruction; the
+     * tracer sees that SIGSEGV stop, installs the mask, xstate and registers, drops the signal
+     * and detaches. Without a tracer the SIGSEGV kills us, which is right. */
+    uint64_t mask = ~(1UL << 10);
+    sc6(NR_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&mask, 0, 8, 0, 0);
     sc(NR_munmap, REGION_LO, REGION_HI - REGION_LO, 0);
-    sc(NR_exit_group, 126, 0, 0);
+    __builtin_unreachable();
 }
