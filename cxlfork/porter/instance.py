@@ -84,13 +84,19 @@ class Instance:
         self.start_ms = (time.perf_counter() - self.t_spawn) * 1e3
 
     @classmethod
-    def restore(cls, image: str, policy: str, log_fd: int) -> "Instance":
+    def restore(cls, image: str, policy: str, log_fd: int, prepared=None) -> "Instance":
+        """Restore one clone of IMAGE; with `prepared` (cxlfork.restore.prepare_restore of
+        that image and policy) only the per-clone part of the restore is paid."""
         from cxlfork.restore import restore
         t0 = time.perf_counter()
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
-            pids = restore(image, policy=policy, n=1, stdio=(in_r, out_w, log_fd))
+            stdio = (in_r, out_w, log_fd)
+            if prepared is not None:
+                pids = prepared.restore(1, stdio=stdio)
+            else:
+                pids = restore(image, policy=policy, n=1, stdio=stdio)
         except BaseException:
             for fd in (in_r, in_w, out_r, out_w):
                 os.close(fd)

@@ -53,6 +53,7 @@ class FunctionPool:
         self.idle: list[Instance] = []          # most recently used last
         self.starting = 0                       # reserved slots being started
         self.spawning: list[Instance] = []      # cold starts waiting for their init
+        self.prepared: dict = {}                # (image, policy, profiled) -> prepared restore
         self.image: str | None = None
         self.checkpoint_pending = False
         self.checkpoint_info: dict = {}
@@ -98,7 +99,7 @@ class FunctionPool:
                     inst.state = "busy"
                     return inst, "warm"
                 total = len(self.instances) + self.starting
-                est = self.est_local.get(self._est_key(), 0)
+                est = self.est_local.get(self.restore_policy(), 0)
                 memory_blocked = False
                 if total < self.cfg.max_instances:
                     if total == 0 or self.porter.memory_allows(est):
@@ -137,7 +138,9 @@ class FunctionPool:
             raise Unavailable("the porter is shutting down")
         return inst, inst.kind
 
-    def _est_key(self) -> str:
+    def restore_policy(self) -> str:
+        """How the next new instance starts: "cold", or the clone policy of its restore
+        (hybrid without a hot-page record yet restores as mow)."""
         if self._start_kind() == "cold":
             return "cold"
         return "mow" if self.policy == "hybrid" and not self.profiled else self.policy
@@ -145,9 +148,10 @@ class FunctionPool:
     def _new_instance(self) -> Instance:
         """Start one instance and list it in self.instances."""
         if self._start_kind() == "restored":
-            policy = self._est_key()             # hybrid without a hot-page record: mow
+            policy = self.restore_policy()
             try:
-                inst = Instance.restore(self.image, policy, self.log_fd)
+                inst = Instance.restore(self.image, policy, self.log_fd,
+                                        self.prepared_restore(policy))
             except Exception as e:             # noqa: BLE001 - served by a cold start instead
                 msg = str(e) if isinstance(e, CxlforkError) else f"{type(e).__name__}: {e}"
                 self.restore_failures.append(msg)
@@ -184,6 +188,20 @@ class FunctionPool:
             self.instances.append(inst)
             self.start_ms["cold"].append(inst.start_ms)
         return inst
+
+    def prepared_restore(self, policy: str):
+        """The image checked and planned once per (policy, hot-page record), if this cxlfork
+        has prepare_restore (announced for servers like this one); else None (each restore
+        does the whole check)."""
+        from cxlfork import restore as restore_mod
+        if not hasattr(restore_mod, "prepare_restore"):
+            return None
+        key = (self.image, policy, self.profiled)
+        with self.cond:
+            prep = self.prepared.get(key)
+            if prep is None:
+                prep = self.prepared[key] = restore_mod.prepare_restore(self.image, policy)
+            return prep
 
     def invoke(self, payload) -> tuple[object, str, Instance, float]:
         """Run one request; returns (output, start kind, instance, latency ms)."""
@@ -331,6 +349,9 @@ class FunctionPool:
                 for inst in self.spawning:
                     inst.kill()
                 self.cond.wait(0.1)
+            prepared, self.prepared = list(self.prepared.values()), {}
+        for prep in prepared:
+            prep.close()
         os.close(self.log_fd)
 
     def stats(self) -> dict:

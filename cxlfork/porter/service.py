@@ -188,6 +188,14 @@ class Porter:
         self.log(f"checkpointed {pool.name} (PID {inst.pid}) after {inst.served} invocations: "
                  f"{r['bytes'] / 2**20:.1f} MiB in {r['total_s'] * 1e3:.0f} ms")
         pool.checkpoint_done(inst, image, info, None)
+        self._prepare(pool)
+
+    def _prepare(self, pool: FunctionPool) -> None:
+        """Check and plan the restore now, off the request path."""
+        try:
+            pool.prepared_restore(pool.restore_policy())
+        except Exception as e:             # noqa: BLE001 - the request path retries it
+            self.log(f"preparing the restore of {pool.name}: {e}")
 
     def _profile(self, pool: FunctionPool, inst) -> None:
         from cxlfork.profile import record
@@ -200,6 +208,7 @@ class Porter:
             return
         pool.profiled = True
         pool.checkpoint_info["hot_pages"] = r["hot_pages"]
+        self._prepare(pool)
 
     def _housekeeping(self, now: float, policies: bool) -> None:
         with self.lock:

@@ -1,0 +1,348 @@
+"""Benchmark of the cxlfork porter: a bursty, Azure-Functions-like arrival trace replayed at a
+fixed rate against three functions (the LLM worker, the numpy thumbnail worker, the C
+wordcount worker), once per start mode, side by side, measured in the same run:
+
+    cold     every new instance is a cold start (spawn + init), never a checkpoint
+    moa      restore by copying every page into local memory (CRIU-like eager restore)
+    mow      cxlfork restore mapping the page store copy-on-write
+    hybrid   cxlfork restore copying the pages clones touched (hot-page profile), mapping the rest
+
+and again with local memory limited to 25% of the footprint: the porter's pressure signal and
+admission limit (`local_memory_limit_mib`) set to 25% of the peak local memory of the
+unlimited cold run (no cgroup: instances are not OOM-killed, the porter stops scaling out,
+queues, and shortens the keep-alive). Memory is the porter's accounting from smaps (local =
+anonymous pages of all instances; shared = resident page-store pages they map).
+
+    .venv/bin/python bench/bench_porter.py [--duration 10] [--rate 5] [--seed 1]
+
+Needs root (cxlfork). Bounded: per run the trace lasts --duration seconds, each request has
+a 60 s client timeout, and the porter is stopped (SIGTERM) after every run.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+PY = sys.executable
+MODES = ("cold", "moa", "mow", "hybrid")
+FUNCS = ("llm", "thumb", "wc")
+WEIGHT = {"llm": 0.4, "thumb": 0.3, "wc": 0.3}
+
+
+def payload(fn: str, i: int):
+    if fn == "llm":
+        return {"prompt": f"request {i}: the CXL tier", "max_new_tokens": 4}
+    if fn == "thumb":
+        return {"width": 96, "height": 64, "seed": i, "size": [48, 32]}
+    return f"request {i} counts these words\nand lines " * 8
+
+
+# -- the trace ---------------------------------------------------------------------------
+def azure_like_trace(duration: float, rate: float, seed: int) -> list[tuple[float, str]]:
+    """(time s, function) arrivals. Per function an ON/OFF modulated Poisson process (ON
+    bursts ~0.6 s at a high rate, OFF gaps ~2.5 s nearly idle): the bursty, heavy-tailed
+    shape of the Azure Functions traces. Scaled so that the total mean rate is `rate`/s."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for fn in FUNCS:
+        t, on = 0.0, bool(rng.random() < 0.3)
+        while t < duration:
+            length = rng.exponential(0.6 if on else 2.5)
+            lam = 12.0 if on else 0.15
+            n = rng.poisson(lam * length)
+            out += [(float(x), fn) for x in t + np.sort(rng.random(n)) * length
+                    if x < duration]
+            t += length
+            on = not on
+    out.sort()
+    want = int(round(rate * duration))
+    if len(out) > want:                          # thin uniformly to the fixed rate
+        keep = np.sort(rng.choice(len(out), size=want, replace=False))
+        out = [out[i] for i in keep]
+    return out
+
+
+# -- one porter run ----------------------------------------------------------------------
+class PorterRun:
+    def __init__(self, mode: str, weights: str, wc: str, limit_mib: float, k: int):
+        self.dir = tempfile.mkdtemp(prefix="bench-porter-")
+        self.store = tempfile.mkdtemp(prefix="bench-porter-store-", dir="/dev/shm")
+        cfg = os.path.join(self.dir, "porter.toml")
+        fns = {"llm": f'["python", "-m", "cxlfork.workers.llm"]\ninit = {{ weights = '
+                      f'"{weights}" }}',
+               "thumb": '["python", "-m", "cxlfork.workers.thumbnail"]',
+               "wc": f'["{wc}"]'}
+        with open(cfg, "w") as f:
+            f.write(f'[porter]\nport = 0\nstore = "{self.store}"\nkeepalive_s = 1.5\n'
+                    f'pressure_keepalive_s = 0.5\ncheckpoint_after = {k}\n'
+                    f'local_memory_limit_mib = {limit_mib}\n')
+            for fn, cmd in fns.items():
+                f.write(f'\n[functions.{fn}]\ncommand = {cmd}\npolicy = "{mode}"\n'
+                        'max_instances = 4\nqueue_timeout_s = 30\ntimeout_s = 30\n')
+        self.p = subprocess.Popen([PY, "-m", "cxlfork", "porter", "--config", cfg],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.p.stdout.readline()
+        if "listening on" not in line:
+            raise RuntimeError(f"porter did not start: {line} {self.p.stderr.read()}")
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def request(self, method, path, body=None, timeout=60.0):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        c.request(method, path, body=None if body is None else json.dumps(body).encode(),
+                  headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, json.loads(data), r.getheader("X-Porter-Start")
+
+    def stats(self):
+        return self.request("GET", "/stats")[1]
+
+    def wait(self, pred, timeout, what):
+        t = time.monotonic()
+        while time.monotonic() - t < timeout:
+            if pred(self.stats()):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"timed out waiting for {what}")
+
+    def stop(self):
+        self.p.send_signal(signal.SIGTERM)
+        try:
+            self.p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.communicate()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.store, ignore_errors=True)
+
+
+def warm_up(run: PorterRun, mode: str, k: int) -> None:
+    """K invocations per function (checkpoint), one restored instance serving two requests
+    (hot-page profile for hybrid), then scale to zero: every mode starts the trace from zero
+    instances with its checkpoints ready."""
+    for fn in FUNCS:
+        for i in range(k):
+            run.request("POST", f"/functions/{fn}/invoke", payload(fn, -1 - i))
+    if mode == "cold":
+        run.wait(lambda s: all(f["instances"] == 0 for f in s["functions"].values()), 60,
+                 "scale to zero")
+        return
+    run.wait(lambda s: all(f["checkpoint"]["image"] for f in s["functions"].values()), 120,
+             "the checkpoints")
+    run.wait(lambda s: all(f["instances"] == 0 for f in s["functions"].values()), 60,
+             "scale to zero")
+    for fn in FUNCS:
+        for i in range(2):
+            run.request("POST", f"/functions/{fn}/invoke", payload(fn, -100 - i))
+    if mode == "hybrid":
+        run.wait(lambda s: all(f["hot_profile"] for f in s["functions"].values()), 60,
+                 "the hot-page profiles")
+    run.wait(lambda s: all(f["instances"] == 0 for f in s["functions"].values()), 60,
+             "scale to zero")
+
+
+def replay(run: PorterRun, trace) -> tuple[list[dict], list[dict]]:
+    """Send every arrival at its time (open loop); sample /stats every 0.25 s meanwhile."""
+    results, samples = [], []
+    done = threading.Event()
+
+    def sampler():
+        while not done.is_set():
+            try:
+                samples.append(run.stats())
+            except OSError:
+                pass
+            done.wait(0.25)
+
+    def one(i, at, fn):
+        delay = t0 + at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        s = time.monotonic()
+        try:
+            code, body, start = run.request("POST", f"/functions/{fn}/invoke", payload(fn, i))
+        except OSError as e:
+            code, body, start = 0, {"error": str(e)}, None
+        ms = (time.monotonic() - s) * 1e3
+        return {"fn": fn, "code": code, "ms": ms, "start": start,
+                "worker_ms": (body.get("total_ms", 0) - body.get("ttft_ms", 0))
+                if fn == "llm" and code == 200 else 0.0}
+
+    th = threading.Thread(target=sampler, daemon=True)
+    th.start()
+    t0 = time.monotonic() + 0.2
+    with cf.ThreadPoolExecutor(max_workers=64) as ex:
+        futs = [ex.submit(one, i, at, fn) for i, (at, fn) in enumerate(trace)]
+        results = [f.result() for f in futs]
+    done.set()
+    th.join()
+    return results, samples
+
+
+def pct(xs, q):
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
+
+
+def summarise(mode, limit, results, samples) -> dict:
+    ok = [r for r in results if r["code"] == 200]
+    starts = [r for r in ok if r["start"] in ("cold", "restored")]
+    local = [s["porter"]["local_memory_bytes"] / 2**20 for s in samples] or [0]
+    shared = [s["porter"]["shared_memory_bytes"] / 2**20 for s in samples] or [0]
+    per_fn = {}
+    for fn in FUNCS:
+        fr = [r for r in ok if r["fn"] == fn]
+        fs = [r["ms"] for r in fr if r["start"] in ("cold", "restored")]
+        per_fn[fn] = {"n": sum(r["fn"] == fn for r in results), "ok": len(fr),
+                      "p50": pct([r["ms"] for r in fr], 50), "p99": pct([r["ms"] for r in fr], 99),
+                      "start_p99": pct(fs, 99), "starts": len(fs)}
+    llm_inst = {}
+    for s in samples:
+        for i in s["functions"]["llm"]["instance_list"]:
+            key = i["policy"]
+            cur = llm_inst.get(key, (0, 0))
+            if i["served"] >= 1:
+                llm_inst[key] = (max(cur[0], i["local_bytes"]), max(cur[1], i["shared_bytes"]))
+    ttft = {k: [r["ms"] - r["worker_ms"] for r in ok if r["fn"] == "llm" and r["start"] == k]
+            for k in ("cold", "restored", "warm")}
+    last = samples[-1] if samples else {"functions": {}}
+    kinds = {k: sum(r["start"] == k for r in ok) for k in ("cold", "restored", "warm")}
+    return {"mode": mode, "limit": limit, "n": len(results), "ok": len(ok),
+            "errors": len(results) - len(ok), "kinds": kinds,
+            "p50": pct([r["ms"] for r in ok], 50), "p99": pct([r["ms"] for r in ok], 99),
+            "start_p50": pct([r["ms"] for r in starts], 50),
+            "start_p99": pct([r["ms"] for r in starts], 99),
+            "local_mean": float(np.mean(local)), "local_peak": float(np.max(local)),
+            "shared_mean": float(np.mean(shared)), "per_fn": per_fn, "llm_inst": llm_inst,
+            "ttft": {k: (pct(v, 50), len(v)) for k, v in ttft.items()},
+            "porter_start_ms": {fn: f["start_ms"] for fn, f in last["functions"].items()}}
+
+
+def run_mode(mode, limit_mib, trace, weights, wc, k) -> dict:
+    run = PorterRun(mode, weights, wc, limit_mib, k)
+    try:
+        warm_up(run, mode, k)
+        results, samples = replay(run, trace)
+    finally:
+        run.stop()
+    return summarise(mode, limit_mib, results, samples)
+
+
+# -- tables ------------------------------------------------------------------------------
+def row(cells, widths):
+    return " | ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+
+
+def print_tables(rows):
+    cols = ["mode", "local limit", "requests", "ok", "cold/restored/warm", "p50 ms", "p99 ms",
+            "start p50 ms", "start p99 ms", "local MiB mean", "local MiB peak",
+            "shared MiB mean"]
+    w = [max(len(c), 8) for c in cols]
+    print(row(cols, w))
+    for r in rows:
+        lim = f"{r['limit']:.0f} MiB" if r["limit"] else "none"
+        k = r["kinds"]
+        print(row([r["mode"], lim, r["n"], r["ok"], f"{k['cold']}/{k['restored']}/{k['warm']}",
+                   f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{r['start_p50']:.1f}",
+                   f"{r['start_p99']:.1f}", f"{r['local_mean']:.1f}",
+                   f"{r['local_peak']:.1f}", f"{r['shared_mean']:.1f}"], w))
+    print("\nper function: p50 / p99 ms of all invocations, p99 ms of those that started an "
+          "instance (count)")
+    cols = ["mode", "local limit"] + [f"{fn} p50/p99/start-p99 (n)" for fn in FUNCS]
+    w = [8, 11] + [30] * len(FUNCS)
+    print(row(cols, w))
+    for r in rows:
+        lim = f"{r['limit']:.0f} MiB" if r["limit"] else "none"
+        cells = [r["mode"], lim]
+        for fn in FUNCS:
+            f = r["per_fn"][fn]
+            cells.append(f"{f['p50']:.0f}/{f['p99']:.0f}/{f['start_p99']:.0f} ({f['starts']})")
+        print(row(cells, w))
+    print("\nLLM worker: time to first token seen by the client (latency minus the decode of "
+          "the later tokens), p50 ms (count), and memory of one instance (max over samples)")
+    cols = ["mode", "local limit", "TTFT cold start", "TTFT restored", "TTFT warm",
+            "instance local MiB", "instance shared MiB"]
+    w = [8, 11, 16, 16, 16, 20, 20]
+    print(row(cols, w))
+    for r in rows:
+        lim = f"{r['limit']:.0f} MiB" if r["limit"] else "none"
+        t = r["ttft"]
+        mem = r["llm_inst"].get(r["mode"]) or r["llm_inst"].get("cold") or (0, 0)
+        if r["mode"] == "hybrid" and "hybrid" not in r["llm_inst"]:
+            mem = r["llm_inst"].get("mow", mem)
+        print(row([r["mode"], lim] + [f"{t[k][0]:.1f} ({t[k][1]})" for k in
+                                       ("cold", "restored", "warm")] +
+                  [f"{mem[0] / 2**20:.1f}", f"{mem[1] / 2**20:.1f}"], w))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=10.0, help="trace seconds per run")
+    ap.add_argument("--rate", type=float, default=5.0, help="mean arrivals per second")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("-k", type=int, default=4, help="invocations before the checkpoint")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--no-limited", action="store_true", help="skip the 25%% runs")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_porter: needs root (cxlfork checkpoint/restore)")
+    from cxlfork.workers.build_c import build
+    from cxlfork.workers.llm_weights import generate
+    weights, wc = generate(), build()
+    modes = a.modes.split(",")
+    trace = azure_like_trace(a.duration, a.rate, a.seed)
+    counts = {fn: sum(f == fn for _, f in trace) for fn in FUNCS}
+    print(f"trace: {len(trace)} arrivals in {a.duration:g} s (seed {a.seed}; "
+          f"{', '.join(f'{k} {v}' for k, v in counts.items())}); keep-alive 1.5 s, "
+          f"K = {a.k}, max 4 instances per function; load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    t0 = time.monotonic()
+    rows = []
+    for m in modes:
+        rows.append(run_mode(m, 0, trace, weights, wc, a.k))
+        print(f"  ran {m}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    if not a.no_limited:
+        base = next((r for r in rows if r["mode"] == "cold"), rows[0])
+        limit = round(0.25 * base["local_peak"], 1)
+        for m in modes:
+            rows.append(run_mode(m, limit, trace, weights, wc, a.k))
+            print(f"  ran {m} limited: {time.monotonic() - t0:.0f} s", file=sys.stderr,
+                  flush=True)
+    print()
+    print_tables(rows)
+    print(f"\nload average after the runs {os.getloadavg()[0]:.1f}; total "
+          f"{time.monotonic() - t0:.0f} s")
+    unl = {r["mode"]: r for r in rows if not r["limit"]}
+    if "cold" in unl:
+        for m in ("mow", "hybrid", "moa"):
+            if m in unl:
+                print(f"goal: restored-start p99 {m} {unl[m]['start_p99']:.1f} ms vs cold-start "
+                      f"p99 {unl['cold']['start_p99']:.1f} ms: "
+                      f"{unl['cold']['start_p99'] / unl[m]['start_p99']:.1f}x lower (goal 10x)")
+    if "moa" in unl:
+        for m in ("mow", "hybrid"):
+            if m in unl:
+                print(f"goal: mean local memory {m} {unl[m]['local_mean']:.1f} MiB vs copying "
+                      f"restore (moa) {unl['moa']['local_mean']:.1f} MiB")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
