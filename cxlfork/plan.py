@@ -17,8 +17,6 @@ from __future__ import annotations
 import base64
 import struct
 
-import numpy as np
-
 PLAN_MAGIC = 0x314E414C50584643
 PLAN_VERSION = 2
 REGION_LO, REGION_HI = 0x100000000000, 0x100040000000
@@ -41,19 +39,24 @@ class Plan:
         self.ops.append(tuple(int(x) & (2**64 - 1) for x in a) + (0,) * (8 - len(a)))
 
 
-def _split_hot(run, hot: np.ndarray | None):
-    """Split a stored run [addr, pages, store_page] into (addr, pages, store_page, eager)."""
+def _split_hot(run, hot: bytes | None):
+    """Split a stored run [addr, pages, store_page] into (addr, pages, store_page, eager);
+    hot is the hot.json bitmap over store pages (bit i of byte i // 8, least significant
+    first)."""
     addr, n, sp = run
     if hot is None:
         yield addr, n, sp, False
         return
-    seg = hot[sp:sp + n]
+
+    def bit(k):
+        return hot[k >> 3] >> (k & 7) & 1
     i = 0
     while i < n:
+        b = bit(sp + i)
         j = i + 1
-        while j < n and seg[j] == seg[i]:
+        while j < n and bit(sp + j) == b:
             j += 1
-        yield addr + i * PAGE, j - i, sp + i, bool(seg[i])
+        yield addr + i * PAGE, j - i, sp + i, bool(b)
         i = j
 
 
@@ -62,10 +65,7 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None) -> 
     (list of the restorer's own fds), 'cloexec' (list)."""
     if policy not in POLICIES:
         raise ValueError(policy)
-    hot = None
-    if policy == "hybrid" and hot_bits is not None:
-        hot = np.unpackbits(np.frombuffer(hot_bits, dtype=np.uint8),
-                            bitorder="little")[:m["store"]["pages"]].astype(bool)
+    hot = hot_bits if policy == "hybrid" else None
     p = Plan()
     store = fdnums["store"]
     specials = []
@@ -148,6 +148,6 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None) -> 
     hdr += [fdnums["err"], REGION_LO, REGION_HI]
     hdr += [0] * (HDR_WORDS - len(hdr))
     body = struct.pack(f"<{HDR_WORDS}Q", *hdr)
-    body += np.array(p.ops, dtype=np.uint64).tobytes() if p.ops else b""
+    body += b"".join(struct.pack("<8Q", *o) for o in p.ops)
     body += auxv + b"\0" * (mm_off - auxv_off - len(auxv)) + mm_struct
     return body
