@@ -18,7 +18,7 @@ the sampling time. Under QEMU TCG the guest CPU is many times slower than the ho
 these percentages overstate what the same sampler costs on real hardware; compare them with
 each other, not with the goals in absolute terms.
 
-    python bench/bench_samplers.py [--sizes 1024,4096] [--runs 3] [--seconds 10]
+    python bench/bench_samplers.py [--sizes 1024,4096] [--runs 3,1] [--seconds 10]
 """
 from __future__ import annotations
 
@@ -57,13 +57,18 @@ def run_one(vm, binary, sampler, extra, size_mb, seconds, interval):
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="1024,4096")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sizes", default="1024,4096")  # MiB
+    ap.add_argument("--runs", default="3,1", help="runs per size: one number, or one per size "
+                    "(e.g. 3,1)")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--interval", type=float, default=0.5)
     ap.add_argument("--json", help="also write all results to this file")
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
+    runs = [int(x) for x in a.runs.split(",")]
+    runs = runs * len(sizes) if len(runs) == 1 else runs
+    if len(runs) != len(sizes) or min(runs) < 1:
+        ap.error("--runs: one number >= 1, or one per size")
 
     from emulation.config import MachineConfig
     from emulation.machine import Machine, prepare
@@ -80,9 +85,9 @@ def main() -> int:
                f" echo 200 > {NB}/scan_period_max_ms; echo 0 > {NB}/scan_delay_ms;"
                f" echo 8192 > {NB}/scan_size_mb", timeout=60, check=True)
         kernel = vm.run("uname -r", timeout=30).stdout.strip()
-        for size in sizes:
+        for size, nrun in zip(sizes, runs):
             for label, (sampler, extra) in SAMPLERS.items():
-                for i in range(a.runs):
+                for i in range(nrun):
                     t = time.monotonic()
                     res = run_one(vm, binary, sampler, extra, size, a.seconds, a.interval)
                     results.setdefault((size, label), []).append(res)
@@ -92,7 +97,8 @@ def main() -> int:
 
     med = lambda xs: statistics.median(xs)  # noqa: E731
     print(f"\nbench_samplers: guest kernel {kernel} (QEMU TCG), 10% hot set, hot pages "
-          f"accessed 10x as often, {a.seconds:g} s of sampling, median of {a.runs} runs")
+          f"accessed 10x as often, {a.seconds:g} s of sampling, median of "
+          + ", ".join(f"{n} run(s) at {s / 1024:g} GiB" for s, n in zip(sizes, runs)))
     hdr = (f"{'target':>8}  {'sampler':<28} {'CPU % of 1 core':>15} {'precision':>10} "
            f"{'recall':>7} {'prec / baseline':>16} {'pages seen':>11}")
     print(hdr)
