@@ -37,7 +37,8 @@ Roles (after the M5 paper's Monitor / Nominator / Elector / Promoter):
 - **Promoter**: the migration rate (pages per interval) adapts: after each interval it
   measures the benefit of the last promotions (sampled accesses that hit them per promoted
   page) against ``break_even`` accesses per page (the cost of a migration in accesses) and
-  grows the rate x1.5 or shrinks it x0.5, between ``rate_min_pages`` and the budget. It also
+  grows the rate by benefit / break_even (at least x1.5, at most ``rate_max_growth``) or
+  shrinks it x0.5, between ``rate_min_pages`` and the budget. It also
   keeps migration traffic under ``max_bw_share`` of ``slow_bw_gbs`` over the interval.
 
 Cost per interval is O(samples + top_k) numpy work: one bincount per sketch update, sketch
@@ -200,10 +201,13 @@ class M5(Policy):
                             min=1.0),
         "stream_run": Param(int, 4, "address-consecutive pages swept in order that make a "
                                     "stream (0 = no stream detection)", min=0, max=1 << 16),
-        "stream_ahead": Param(float, 0.0, "promote this many run lengths of pages ahead of "
+        "stream_ahead": Param(float, 1.0, "promote this many run lengths of pages ahead of "
                                           "a detected stream (0 = off)", min=0.0, max=16.0),
         "rate_init_pct": Param(float, 50.0, "initial rate, % of the budget", min=0.0,
                                max=100.0),
+        "rate_max_growth": Param(float, 16.0, "largest rate growth per interval (the rate "
+                                             "grows by the promotions' benefit / break_even, "
+                                             "at least x1.5)", min=1.5, max=64.0),
         "rate_min_pages": Param(int, 16, "lowest adaptive rate, pages per interval", min=0),
         "break_even": Param(float, 1.0, "accesses a promoted page must get per interval to "
                                          "pay for its migration", min=0.0),
@@ -354,7 +358,11 @@ class M5(Policy):
         elif self.last_promoted.size:
             per_page = self._last_hits / self.last_promoted.size
             self.benefit_hist.append(per_page)
-            self.rate *= 1.5 if per_page >= p["break_even"] else 0.5
+            # grow with the return on the last migrations (x1.5 .. x rate_max_growth), so
+            # a hot set that moved is followed within a few intervals even from a low rate
+            self.rate *= float(np.clip(per_page / max(p["break_even"], 1e-9), 1.5,
+                                       p["rate_max_growth"])) \
+                if per_page >= p["break_even"] else 0.5
         self.rate = float(min(max(self.rate, p["rate_min_pages"]), budget.pages))
         limit = budget.pages
         if self.duration > 0:
