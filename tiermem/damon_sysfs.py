@@ -387,7 +387,8 @@ class Kdamond:
         return self.index is not None and kfs.read(_kd(self.index) + "/state", "off") == "on"
 
     def snapshot(self) -> dict[str, np.ndarray]:
-        """The monitored regions now: arrays target (index), start, end, nr_accesses, age.
+        """The monitored regions now: arrays start, end, nr_accesses, age (all targets; the
+        snapshot does not say which target a region belongs to).
 
         nr_accesses counts sampling intervals with an access during the last aggregation
         interval (0 .. aggr_us / sample_us)."""
@@ -414,16 +415,7 @@ class Kdamond:
             out["end"][j] = int(kfs.read(base + "end"))
             out["nr_accesses"][j] = int(kfs.read(base + "nr_accesses"))
             out["age"][j] = int(kfs.read(base + "age"))
-        out["target"] = self._region_targets(out["start"])
         return out
-
-    def _region_targets(self, starts: np.ndarray) -> np.ndarray:
-        """Target index of each tried region. Regions are listed target by target, each
-        target's regions in ascending address order; a drop in start marks the next target."""
-        t = np.zeros(starts.size, np.int32)
-        if starts.size > 1 and len(self.cfg.pids) > 1:
-            t[1:] = np.cumsum(starts[1:] < starts[:-1])
-        return t
 
     def cpu_seconds(self) -> float:
         """CPU time the kdamond thread used so far (utime+stime from /proc/PID/stat)."""

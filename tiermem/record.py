@@ -223,23 +223,26 @@ def record(sampler, target, duration: float, interval: float, progress=None) -> 
         sampler.start(target)
         t0 = time.monotonic()
         next_t = t0
-        while True:
-            next_t += interval
-            time.sleep(max(0.0, next_t - time.monotonic()))
-            gone = [p for p in target.pids if not process_alive(p)]
-            try:
-                batches.append(sampler.read_spans())
-            except TiermemError as e:
-                ended = str(e)
-                break
-            if gone:
-                ended = f"process {', '.join(map(str, gone))} exited"
-                break
-            el = time.monotonic() - t0
-            if progress:
-                progress(min(el, duration), duration, len(batches))
-            if el >= duration - 1e-3:
-                break
+        try:
+            while True:
+                next_t += interval
+                time.sleep(max(0.0, next_t - time.monotonic()))
+                gone = [p for p in target.pids if not process_alive(p)]
+                try:
+                    batches.append(sampler.read_spans())
+                except TiermemError as e:
+                    ended = str(e)
+                    break
+                if gone:
+                    ended = f"process {', '.join(map(str, gone))} exited"
+                    break
+                el = time.monotonic() - t0
+                if progress:
+                    progress(min(el, duration), duration, len(batches))
+                if el >= duration - 1e-3:
+                    break
+        except KeyboardInterrupt:
+            ended = "interrupted (SIGINT)"
         meta["sampler_meta"] = sampler.metadata()
         meta["cpu_seconds"] = sampler.cpu_seconds()
         meta["setup_cpu_seconds"] = getattr(sampler, "setup_cpu", 0.0)

@@ -86,6 +86,9 @@ class DamonSampler(Sampler):
             raise TiermemError("DAMON: give pids (vaddr) or physical ranges (paddr), not both")
         if target.pids:
             target.check_pids()
+            if len(target.pids) > 1:
+                raise TiermemError("DAMON sampler: one pid at a time (a tried-regions snapshot "
+                                   "does not say which target a region belongs to)")
             ops = "vaddr"
             if not ds.has_operations("vaddr"):
                 raise TiermemError(
@@ -138,7 +141,7 @@ class DamonSampler(Sampler):
         r = self.kd.snapshot()
         nz = r["nr_accesses"] > 0
         if self.space == "vaddr":
-            pids = np.asarray(self._pids, np.int32)[r["target"][nz]]
+            pids = np.full(int(nz.sum()), self._pids[0], np.int32)
         else:
             pids = np.zeros(int(nz.sum()), np.int32)
         return Spans(pids, r["start"][nz], (r["end"] - r["start"])[nz],
