@@ -93,11 +93,13 @@ class PorterRun:
             for fn, cmd in fns.items():
                 f.write(f'\n[functions.{fn}]\ncommand = {cmd}\npolicy = "{mode}"\n'
                         'max_instances = 4\nqueue_timeout_s = 30\ntimeout_s = 30\n')
-        self.p = subprocess.Popen([PY, "-m", "cxlfork", "porter", "--config", cfg],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.log = os.path.join(self.dir, "porter.log")
+        with open(self.log, "w") as err:
+            self.p = subprocess.Popen([PY, "-m", "cxlfork", "porter", "--config", cfg],
+                                      stdout=subprocess.PIPE, stderr=err, text=True)
         line = self.p.stdout.readline()
         if "listening on" not in line:
-            raise RuntimeError(f"porter did not start: {line} {self.p.stderr.read()}")
+            raise RuntimeError(f"porter did not start: {line} {self.log_tail()}")
         self.port = int(line.rsplit(":", 1)[1])
 
     def request(self, method, path, body=None, timeout=60.0):
@@ -119,6 +121,10 @@ class PorterRun:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"timed out waiting for {what}")
+
+    def log_tail(self) -> str:
+        with open(self.log) as f:
+            return "".join(f.readlines()[-40:]) + f"(porter exit status {self.p.poll()})"
 
     def stop(self):
         self.p.send_signal(signal.SIGTERM)
@@ -237,6 +243,9 @@ def run_mode(mode, limit_mib, trace, weights, wc, k) -> dict:
     try:
         warm_up(run, mode, k)
         results, samples = replay(run, trace)
+    except BaseException:
+        print(f"porter log ({mode}, limit {limit_mib} MiB):\n{run.log_tail()}", file=sys.stderr)
+        raise
     finally:
         run.stop()
     return summarise(mode, limit_mib, results, samples)
@@ -289,6 +298,24 @@ def print_tables(rows):
                   [f"{mem[0] / 2**20:.1f}", f"{mem[1] / 2**20:.1f}"], w))
 
 
+def print_start_table(rows):
+    print("\ninstance start inside the porter (cold: spawn + init; restored: cxlfork restore "
+          "call), p50 / p99 ms (count) at the end of each run")
+    cols = ["mode", "local limit"] + [f"{fn} cold" for fn in FUNCS] + \
+        [f"{fn} restored" for fn in FUNCS]
+    w = [8, 11] + [20] * (2 * len(FUNCS))
+    print(row(cols, w))
+    for r in rows:
+        lim = f"{r['limit']:.0f} MiB" if r["limit"] else "none"
+        cells = [r["mode"], lim]
+        for kind in ("cold", "restored"):
+            for fn in FUNCS:
+                d = r["porter_start_ms"].get(fn, {}).get(kind, {})
+                cells.append(f"{d['p50']:.0f} / {d['p99']:.0f} ({d['n']})" if d.get("n")
+                             else "-")
+        print(row(cells, w))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0, help="trace seconds per run")
@@ -325,6 +352,7 @@ def main():
                   flush=True)
     print()
     print_tables(rows)
+    print_start_table(rows)
     print(f"\nload average after the runs {os.getloadavg()[0]:.1f}; total "
           f"{time.monotonic() - t0:.0f} s")
     unl = {r["mode"]: r for r in rows if not r["limit"]}
