@@ -46,7 +46,8 @@ def busiest_range(addr: np.ndarray, weight: np.ndarray, gap: int = CLUSTER_GAP) 
 
 def heatmap_grid(rec: Record, time_bins: int = 100, addr_bins: int = 200,
                  addr_range: tuple[int, int] | None = None, pid: int | None = None):
-    """(grid [addr_bins, time_bins] of accesses per page, time edges s, address edges)."""
+    """(grid [addr_bins, time_bins] of accesses per page per batch, time edges s, address
+    edges). A batch covers the time bins of its interval."""
     b, p, pg, w = _pages(rec)
     if pid is not None:
         keep = p == pid
@@ -58,16 +59,26 @@ def heatmap_grid(rec: Record, time_bins: int = 100, addr_bins: int = 200,
     if not hi > lo:
         raise TiermemError(f"empty address range {lo:#x}-{hi:#x}")
     keep = (addr >= np.uint64(lo)) & (addr < np.uint64(hi))
-    t_mid = rec.batch_t.mean(axis=1)
+    b, addr, w = b[keep], addr[keep], w[keep]
     t_lo, t_hi = float(rec.batch_t[0, 0]), float(rec.batch_t[-1, 1])
     t_edges = np.linspace(t_lo, max(t_hi, t_lo + 1e-9), time_bins + 1)
     a_edges = np.linspace(lo, hi, addr_bins + 1)
-    grid, _, _ = np.histogram2d((addr[keep] - np.uint64(lo)).astype(np.float64) + lo,
-                                t_mid[b[keep]], bins=[a_edges, t_edges],
-                                weights=w[keep].astype(np.float64))
-    # normalise to accesses per page per batch-second
-    pages_per_bin = (hi - lo) / addr_bins / PAGE_SIZE
-    grid /= max(pages_per_bin, 1e-12)
+    pages_per_bin = max((hi - lo) / addr_bins / PAGE_SIZE, 1e-12)
+    grid = np.zeros((addr_bins, time_bins))
+    cover = np.zeros(time_bins)
+    # every batch fills the time bins its interval covers, at its level (accesses per page)
+    off = np.searchsorted(b, np.arange(rec.nr_batches + 1))
+    for k in range(rec.nr_batches):
+        if off[k] == off[k + 1]:
+            continue
+        h, _ = np.histogram(addr[off[k]:off[k + 1]].astype(np.float64), bins=a_edges,
+                            weights=w[off[k]:off[k + 1]].astype(np.float64))
+        t0, t1 = rec.batch_t[k]
+        i0 = max(int(np.searchsorted(t_edges, t0, "right")) - 1, 0)
+        i1 = max(int(np.searchsorted(t_edges, t1, "left")), i0 + 1)
+        grid[:, i0:min(i1, time_bins)] += (h / pages_per_bin)[:, None]
+        cover[i0:min(i1, time_bins)] += 1
+    grid /= np.maximum(cover, 1)[None, :]        # a bin two batches share: their mean
     return grid, t_edges, a_edges
 
 
