@@ -114,6 +114,11 @@ class PorterRun:
     def stats(self):
         return self.request("GET", "/stats")[1]
 
+    def invoke_ok(self, fn, body):
+        code, out, _ = self.request("POST", f"/functions/{fn}/invoke", body)
+        if code != 200:
+            raise RuntimeError(f"warm-up request to {fn} failed ({code}): {out}")
+
     def wait(self, pred, timeout, what):
         t = time.monotonic()
         while time.monotonic() - t < timeout:
@@ -143,7 +148,7 @@ def warm_up(run: PorterRun, mode: str, k: int) -> None:
     instances with its checkpoints ready."""
     for fn in FUNCS:
         for i in range(k):
-            run.request("POST", f"/functions/{fn}/invoke", payload(fn, -1 - i))
+            run.invoke_ok(fn, payload(fn, 10000 + i))
     if mode == "cold":
         run.wait(lambda s: all(f["instances"] == 0 for f in s["functions"].values()), 60,
                  "scale to zero")
@@ -154,7 +159,7 @@ def warm_up(run: PorterRun, mode: str, k: int) -> None:
              "scale to zero")
     for fn in FUNCS:
         for i in range(2):
-            run.request("POST", f"/functions/{fn}/invoke", payload(fn, -100 - i))
+            run.invoke_ok(fn, payload(fn, 20000 + i))
     if mode == "hybrid":
         run.wait(lambda s: all(f["hot_profile"] for f in s["functions"].values()), 60,
                  "the hot-page profiles")
@@ -328,6 +333,8 @@ def main():
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_porter: needs root (cxlfork checkpoint/restore)")
+    # SIGTERM unwinds like Ctrl-C, so the running porter is stopped (no process left behind)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from cxlfork.workers.build_c import build
     from cxlfork.workers.llm_weights import generate
     weights, wc = generate(), build()

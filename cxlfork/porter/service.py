@@ -68,13 +68,11 @@ class Porter:
 
     # -- memory --------------------------------------------------------------------------
     def local_total(self) -> int:
+        """Local memory of all instances. Takes no pool lock (a pool calls it holding its
+        own: locking the others here could deadlock two pools scaling out at once)."""
         with self.lock:
             pools = list(self.pools.values())
-        total = 0
-        for p in pools:
-            with p.cond:
-                total += sum(i.local_bytes for i in p.instances)
-        return total
+        return sum(i.local_bytes for p in pools for i in list(p.instances))
 
     def memory_allows(self, extra: int) -> bool:
         return not self.limit or self.local_total() + extra <= self.limit
