@@ -29,7 +29,8 @@ $(STAMPS)/apt: | $(STAMPS)
 	touch $@
 
 # A venv from Debian's python3 with system site packages, so bcc (python3-bpfcc) imports.
-$(STAMPS)/venv: $(STAMPS)/apt pyproject.toml setup.py tiermem/native/tiermem_native.c tiermem/native/tiermem_native.h | $(STAMPS)
+NATIVE_SRC := $(wildcard tiermem/native/*.[ch] tiermem/native/build.py cxlfork/native/*.[ch] cxlfork/native/*.ld cxlfork/native/build*.py)
+$(STAMPS)/venv: $(STAMPS)/apt pyproject.toml setup.py $(NATIVE_SRC) | $(STAMPS)
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel cffi
 	$(PIP) install -q -e '.[test]'
