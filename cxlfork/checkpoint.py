@@ -353,63 +353,89 @@ def _layout(state: dict) -> int:
     return p
 
 
+def _segment_tasks(state: dict, memfd: int) -> list[list[tuple[int, list, list, int]]]:
+    """Per 64 MiB segment of the page file, the groups of runs to copy: (source fd or -1 for
+    process_vm_readv, addresses, byte lengths, page-file offset of the first)."""
+    seg_pages = image_mod.SEGMENT // PAGE
+    jobs = []                        # (source, address, pages, first store page), file order
+    for v in state["vmas"]:
+        src = -1 if v["prot"] & 1 else memfd
+        jobs += [(src, r[0], r[1], r[2]) for r in v["runs"]]
+    for o in state["_objs"].by_ino.values():
+        ofd = state["_objs"].fds[o["id"]]
+        jobs += [(ofd, r[0], r[1], r[2]) for r in o["runs"]]
+    segs: list[list] = []
+    for src, addr, n, sp in jobs:
+        while n:                     # split runs at segment boundaries
+            k = sp // seg_pages
+            take = min(n, (k + 1) * seg_pages - sp)
+            while len(segs) <= k:
+                segs.append([])
+            g = segs[k]
+            if g and g[-1][0] == src:
+                g[-1][1].append(addr)
+                g[-1][2].append(take * PAGE)
+            else:
+                g.append((src, [addr], [take * PAGE], sp * PAGE))
+            addr, n, sp = addr + take * PAGE, n - take, sp + take
+    return segs
+
+
 def write_pages(state: dict, tmp_path: str, node: int, progress=None) -> str:
-    """Fill the page file; returns the content hash (hex)."""
+    """Fill the page file; returns the content hash (hex, image.HASH_ALG).
+
+    The file's shared memory policy is bound to the store node first (mbind on a mapping that
+    is never touched). Then each 64 MiB segment is dumped by a worker thread in C (the GIL is
+    released): batches of runs are read into a cache-sized buffer (process_vm_readv, or pread
+    of /proc/PID/mem or of a shmem object), hashed, and pwritten: full-page writes into tmpfs
+    allocate pages on the node without zeroing them first, and no page faults on a mapping.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
     pid = state["process"]["pid"]
     npages = _layout(state)
     size = npages * PAGE
     fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    h = ffi.new("cx_hash_t *")
-    lib.cx_hash_init(h)
     try:
         os.ftruncate(fd, size)
         if size == 0:
-            return f"{lib.cx_hash_final(h):016x}"
+            return image_mod.combine_segment_hashes([])
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        buf = ffi.from_buffer(mm)
         try:
-            base = ffi.cast("char *", buf)
-            e = lib.cx_mbind_shared(base, size, node)
+            buf = ffi.from_buffer(mm)
+            e = lib.cx_mbind_shared(ffi.cast("char *", buf), size, node)
+            del buf
             if e < 0 and e != -errno.ENOSYS:
                 raise CxlforkError(f"mbind of the page file to node {node}: {os.strerror(-e)}")
-            os.posix_fallocate(fd, 0, size)     # allocate in bulk (on node), not per fault
-            memfd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-            done = 0
-            try:
-                # jobs in page-file order: (source fd or -1, [(addr, bytes)], first store page)
-                jobs = []
-                for v in state["vmas"]:
-                    src = -1 if v["prot"] & 1 else memfd
-                    jobs += [(src, r[0], r[1], r[2]) for r in v["runs"]]
-                for o in state["_objs"].by_ino.values():
-                    ofd = state["_objs"].fds[o["id"]]
-                    jobs += [(ofd, r[0], r[1], r[2]) for r in o["runs"]]
-                i = 0
-                while i < len(jobs):
-                    src = jobs[i][0]
-                    j, nbytes = i, 0
-                    while j < len(jobs) and jobs[j][0] == src and nbytes < CHUNK:
-                        nbytes += jobs[j][2] * PAGE
-                        j += 1
-                    addrs = np.array([x[1] for x in jobs[i:j]], dtype=np.uint64)
-                    lens = np.array([x[2] * PAGE for x in jobs[i:j]], dtype=np.uint64)
-                    r = lib.cx_dump_runs(pid, src, j - i,
-                                         ffi.cast("uint64_t *", addrs.ctypes.data),
-                                         ffi.cast("uint64_t *", lens.ctypes.data),
-                                         base + jobs[i][3] * PAGE, h)
-                    if r < 0:
-                        raise CxlforkError(f"reading the memory of PID {pid}: "
-                                           f"{os.strerror(-r)}")
-                    done += r
-                    if progress:
-                        progress(done, size)
-                    i = j
-            finally:
-                os.close(memfd)
         finally:
-            del buf
             mm.close()
-        return f"{lib.cx_hash_final(h):016x}"
+        memfd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        lock = threading.Lock()
+        done = [0]
+
+        def dump(groups) -> int:
+            h = ffi.new("cx_hash_t *")
+            lib.cx_hash_init(h)
+            bounce = ffi.new("char[]", lib.CX_DUMP_BATCH)
+            for src, addrs, lens, off in groups:
+                r = lib.cx_dump_runs(pid, src, len(addrs), ffi.new("uint64_t[]", addrs),
+                                     ffi.new("uint64_t[]", lens), bounce, h, fd, off)
+                if r < 0:
+                    raise CxlforkError(f"reading the memory of PID {pid} into the page "
+                                       f"file: {os.strerror(-r)}")
+                if progress:
+                    with lock:
+                        done[0] += r
+                        progress(done[0], size)
+            return lib.cx_hash_final(h)
+
+        ex = ThreadPoolExecutor(image_mod.workers())
+        try:
+            hashes = list(ex.map(dump, _segment_tasks(state, memfd)))
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)    # no worker uses fd after this
+            os.close(memfd)
+        return image_mod.combine_segment_hashes(hashes)
     finally:
         os.close(fd)
 
@@ -461,7 +487,8 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
             "machine": os.uname().machine, **state,
             "objects": sorted(objs.by_ino.values(), key=lambda o: o["id"]),
             "store": {"dir": store.path, "file": os.path.basename(store.pages_path(image_id)),
-                      "pages": npages, "hash": phash, "node": store.node},
+                      "pages": npages, "hash": phash, "hash_alg": image_mod.HASH_ALG,
+                      "node": store.node},
         }
         objs.close()
         manifest["stats"] = {"freeze_ms": (t_frozen - t0) * 1e3,

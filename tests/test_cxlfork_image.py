@@ -137,6 +137,30 @@ def test_hostile_manifests(env):
     _hostile(env, "h6.img", lambda m: m["fds"].append({"fd": 7, "kind": "socket", "flags": 0,
                                                        "cloexec": False}), "fds[")
     _hostile(env, "h7.img", lambda m: m["vmas"][0].__setitem__("prot", "rwx"), "prot")
+    _hostile(env, "h8.img", lambda m: m["store"].__setitem__("hash_alg", "md4"), "hash_alg")
+
+
+def test_first_version_content_hash_still_verifies(env):
+    """Images written before per-segment hashing (no store.hash_alg: one stream over the whole
+    page file) verify with their own algorithm; the segmented hash differs from it."""
+    from cxlfork import image as image_mod
+    from cxlfork.native import lib
+    d, s, img, p = env
+    m = image_mod.read_manifest_raw(img)
+    fd = os.open(image_mod.store_file(m), os.O_RDONLY)
+    try:
+        legacy = f"{lib.cx_hash_file(fd, 0, m['store']['pages'] * 4096):016x}"
+    finally:
+        os.close(fd)
+    assert m["store"]["hash_alg"] == image_mod.HASH_ALG and m["store"]["hash"] != legacy
+    del m["store"]["hash_alg"]
+    m["store"]["hash"] = legacy
+    m["checksum"] = image_mod.checksum(m)
+    old = os.path.join(d, "v1hash.img")
+    os.mkdir(old, 0o700)
+    with open(os.path.join(old, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    assert json.loads(cxlfork("verify", old, "--json").stdout)["ok"]
 
 
 def test_page_file_truncated_or_modified(env):

@@ -22,9 +22,11 @@ ffibuilder.cdef(_header_decls())
 ffibuilder.set_source(
     "cxlfork._native",
     '#include "cxlfork_native.h"',
-    sources=[os.path.relpath(os.path.join(HERE, "cxlfork_native.c"))],
+    sources=[os.path.relpath(os.path.join(HERE, "cxlfork_native.c")),
+             os.path.relpath(os.path.join(HERE, "lazy.c"))],
     include_dirs=[os.path.relpath(HERE)],
-    extra_compile_args=["-O2", "-Wall", "-std=gnu11"],
+    extra_compile_args=["-O2", "-Wall", "-std=gnu11", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ int cx_tee(int in_fd, int out_fd, uint64_t len);
 int cx_memfd(const char *name, int flags);
 
 int64_t cx_dump_runs(int pid, int memfd, int n, const uint64_t *addr, const uint64_t *len,
-                     void *dst, cx_hash_t *h);
+                     void *dst, cx_hash_t *h, int outfd, uint64_t out_off);
+enum { CX_DUMP_BATCH = 1048576 };   /* bytes per batch of cx_dump_runs */
 int cx_mbind_shared(void *addr, uint64_t len, int node);
 
 int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
@@ -35,3 +36,10 @@ int cx_wait_fd(int fd, int timeout_ms);
 int cx_finish(int pid, const void *regs, int rsize, const void *xs, int xsize, uint64_t sigmask,
               int pending);
 int cx_kill(int pid, int sig);
+
+/* lazy moa: userfaultfd handler (lazy.c) */
+enum { CX_LAZY_BLOCK = 262144 };   /* bytes copied around a faulting page */
+int cx_lazy_add(int sock, int pidfd, int store_fd, uint64_t store_len, int n,
+                const uint64_t *addr, const uint64_t *len, const uint64_t *off);
+int cx_lazy_serve(void);
+void cx_lazy_stats(uint64_t *out3);
