@@ -10,7 +10,7 @@ import pytest
 
 from tiermem import damon_sysfs as ds
 from tiermem.errors import TiermemError
-from tiermem.samplers import REGISTRY, Target
+from tiermem.samplers import Target
 from tiermem.samplers.bpf import bcc_available
 from tiermem.samplers.damon import DamonSampler
 from tiermem.samplers.ebpf import FaultSampler, MemSampler
@@ -28,7 +28,7 @@ needs_bcc = pytest.mark.skipif(not bcc_available()[0], reason=bcc_available()[1]
 @pytest.fixture(scope="module")
 def hot_binary(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("wl") / "sampler_hot")
-    subprocess.run(["gcc", "-O2", "-o", out,
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", out,
                     os.path.join(ROOT, "emulation/workloads/sampler_hot.c")], check=True)
     return out
 

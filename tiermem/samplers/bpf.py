@@ -21,7 +21,7 @@ _libc = ct.CDLL(None, use_errno=True)
 
 def bcc_available() -> tuple[bool, str]:
     try:
-        import bcc  # noqa: F401
+        import bcc  # noqa: F401  (the import is the check)
     except ImportError:
         return False, ("bcc is not importable: install Debian's python3-bpfcc and use a "
                        "python with system site packages (make setup)")
