@@ -173,6 +173,13 @@ def test_cli_record_bad_input(tmp_path):
     _one_error_line(_cli("record", str(os.getpid()), "-s", "pagemap", "--mode", "present",
                          "-o", str(tmp_path / "no" / "dir.rec")), "does not exist")
     _one_error_line(_cli("record", "-s", "ebpf", "-o", str(out)), "needs target PIDs")
+    from tiermem.samplers.ebpf import MemSampler
+    from tiermem.samplers.idle import IdleSampler
+    for name, cls, why in (("idle", IdleSampler, "CONFIG_IDLE_PAGE_TRACKING"),
+                           ("ebpf-mem", MemSampler, "not available")):
+        if not cls.available()[0]:          # a sampler this kernel lacks
+            _one_error_line(_cli("record", str(os.getpid()), "-s", name, "-d", "1",
+                                 "-o", str(out)), why)
     assert not out.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".record-")]
 
