@@ -296,8 +296,49 @@ env = {{ PORTER_TEST_TAG = "@TAG@" }}
     # wc (keep-alive 2 s): scaled to zero after its checkpoint, back up by a restore
     p.wait_for(lambda s: s["functions"]["wc"]["instances"] == 0, 30, "wc scaled to zero")
     code, out, r = p.invoke("wc", "two words\nand more")
-    assert code == 200 and out == wc_ref and r.getheader("X-Porter-Start") == "restored"
+    assert code == 200 and out == wc_ref
+    assert r.getheader("X-Porter-Start") == "restored", p.stats()["functions"]["wc"]
     st = p.stats()["functions"]
     assert st["llm"]["starts"]["restored"] == 1 and st["wc"]["starts"]["restored"] == 1
     assert not st["llm"]["restore_failures"] and not st["wc"]["restore_failures"]
     assert st["wc"]["instance_list"][0]["policy"] == "moa"
+
+
+def test_auto_policy_switches_on_slo_and_metrics_show_it(porter):
+    # an SLO no invocation can meet: after the checkpoint and 8 warm invocations the auto
+    # policy steps from mow toward copying (hybrid)
+    p = porter(ECHO.format(policy="auto", slo=0.001))
+    for i in range(3):
+        assert p.invoke("echo", i)[0] == 200
+    p.wait_for(lambda s: s["functions"]["echo"]["checkpoint"]["image"], 60, "the checkpoint")
+    assert p.stats()["functions"]["echo"]["policy"] == "mow"
+    for i in range(8):
+        assert p.invoke("echo", i)[0] == 200
+    st = p.wait_for(lambda s: s["functions"]["echo"]["policy"] == "hybrid", 15,
+                    "the switch to hybrid")
+    sw = st["functions"]["echo"]["policy_switches"][0]
+    assert sw["from"] == "mow" and sw["to"] == "hybrid" and "> SLO" in sw["reason"]
+    metrics = p.request("GET", "/metrics")[1]
+    assert 'porter_policy{function="echo",policy="hybrid"} 1.0' in metrics
+    assert 'porter_policy{function="echo",policy="mow"} 0.0' in metrics
+    assert 'porter_policy_switches_total{function="echo",to="hybrid"} 1.0' in metrics
+
+
+def test_local_memory_limit_blocks_scale_out(porter):
+    fns = ECHO.format(policy="cold", slo=1000).replace("ballast_mib = 8", "ballast_mib = 16") \
+        .replace("queue_timeout_s = 30", "queue_timeout_s = 1")
+    p = porter(fns, "local_memory_limit_mib = 20\npressure_keepalive_s = 30")
+    assert p.invoke("echo", 0)[0] == 200
+    p.wait_for(lambda s: s["porter"]["pressure"] >= 0.8, 10, "a memory sample")
+    res = []
+    t = threading.Thread(target=lambda: res.append(p.invoke("echo", {"sleep": 2.5})))
+    t.start()
+    time.sleep(0.5)
+    # the one instance is busy and a second (16+ MiB) does not fit under 20 MiB: 503
+    code, out, _ = p.invoke("echo", {"x": 1})
+    t.join()
+    assert code == 503 and "local memory limit" in out["error"], out
+    assert res[0][0] == 200
+    st = p.stats()
+    assert st["porter"]["local_memory_limit_bytes"] == 20 << 20
+    assert st["functions"]["echo"]["starts"]["cold"] == 1
