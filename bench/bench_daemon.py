@@ -7,7 +7,8 @@
    its hot set, uniformly), for tiermemd with the m5, damon and tpp policies (DAMON vaddr
    sampler), and for the kernel's NUMA-balancing tiering (numa_balancing=2, demotion on).
 2. tiermemd's own CPU cost, % of one core, for a 1 GiB target: on this host (real CPU; one
-   node, so the loop is sampling-free upkeep: discovery, placement scans, policy) with the
+   node, so the loop is sampling-free upkeep: discovery, placement scans, policy; 60 s
+   windows, so each covers at least two full scans) with the
    default rescan_every=30 next to a scan every loop; and in the guest with the DAMON
    sampler (TCG: every figure is inflated by emulation, compare the rows, not the value).
 
@@ -46,7 +47,7 @@ def host_cpu(runs: int):
         vals = []
         for i in range(runs):
             wd = tempfile.mkdtemp(prefix="bench-daemon-")
-            r = subprocess.run([PY, SCENARIO, "cpu", wd, "1024", "64", "none", "5", "20",
+            r = subprocess.run([PY, SCENARIO, "cpu", wd, "1024", "64", "none", "5", "60",
                                 str(rescan)], capture_output=True, text=True, timeout=300)
             d = json.loads(r.stdout)
             if "exception" in d:

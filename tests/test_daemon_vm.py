@@ -16,7 +16,7 @@ SCENARIO = os.path.join(ROOT, "tests", "progs", "daemon_scenario.py")
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
-def scenario(vm, *args, timeout=600):
+def scenario(vm, *args, timeout=1500):
     wd = os.path.join(vm.workdir, "daemon-" + args[0])
     r = vm.run([sys.executable, SCENARIO, args[0], wd, *args[1:]], timeout=timeout)
     assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"

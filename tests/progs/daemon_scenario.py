@@ -69,7 +69,7 @@ def rundir(wd):
     return d
 
 
-def write_config(wd, targets, extra="", bandwidth="64MB/s"):
+def write_config(wd, targets, extra="", bandwidth="64MB/s", rescan=5):
     path = os.path.join(wd, "tiermemd.toml")
     with open(path, "w") as f:
         f.write(f"""[daemon]
@@ -77,7 +77,7 @@ interval = "1s"
 socket = "{rundir(wd)}/ctl.sock"
 state_dir = "{rundir(wd)}/state"
 metrics = "127.0.0.1:9473"
-rescan_every = 5
+rescan_every = {rescan}
 [migration]
 bandwidth = "{bandwidth}"
 batch_pages = 256
@@ -247,7 +247,7 @@ name = "w"
 cmdline = "tiermemd.workload {total} {hot} 0"
 sampler = "{sampler}"
 policy = "m5"
-""").replace("rescan_every = 5", f"rescan_every = {rescan}")
+""", rescan=rescan)
     d = Daemon(wd, cfg)
     res = {}
     try:
@@ -300,13 +300,13 @@ def faults(wd):
         f.write(FAILING_POLICY)
     with open(os.path.join(wd, "promote_all.py"), "w") as f:
         f.write(PROMOTE_ALL_POLICY)
-    ws = {"exits": Workload(48, 16, 1, "exits"), "dmn": Workload(32, 8, 1, "dmn"),
-          "raises": Workload(32, 8, 1, "raises"), "nosampler": Workload(32, 8, 1, "nosampler"),
-          "good": Workload(360, 8, 1, "good")}
-    # fill the fast node, leaving 300 MiB, so promoting 'good' runs into ENOMEM
+    ws = {"exits": Workload(16, 4, 1, "exits"), "dmn": Workload(16, 4, 1, "dmn"),
+          "raises": Workload(16, 4, 1, "raises"), "nosampler": Workload(16, 4, 1, "nosampler"),
+          "good": Workload(160, 4, 1, "good")}
+    # fill the fast node, leaving 112 MiB, so promoting 'good' runs into ENOMEM
     free_kb = int([ln.split()[3] for ln in open("/sys/devices/system/node/node0/meminfo")
                    if "MemFree" in ln][0])
-    res["hog_mb"] = max(64, free_kb // 1024 - 300)
+    res["hog_mb"] = max(64, free_kb // 1024 - 112)
     hog = Workload(res["hog_mb"], 1, 0, "hog")
     go = os.path.join(wd, "exec-now")
     if os.path.exists(go):
