@@ -342,3 +342,40 @@ def test_local_memory_limit_blocks_scale_out(porter):
     st = p.stats()
     assert st["porter"]["local_memory_limit_bytes"] == 20 << 20
     assert st["functions"]["echo"]["starts"]["cold"] == 1
+
+
+def test_refused_checkpoint_and_failed_cold_starts_are_reported(porter):
+    # a worker with a second thread cannot be checkpointed: the function keeps cold starts,
+    # and /stats names the reason
+    threaded = ('import threading, time; threading.Thread(target=time.sleep, args=(1e6,), '
+                'daemon=True).start(); from cxlfork.workers.echo import init, handle, serve; '
+                'serve(init, handle)')
+    fns = f"""
+[functions.threaded]
+command = ["python", "-c", "{threaded}"]
+policy = "mow"
+checkpoint_after = 2
+env = {{ PORTER_TEST_TAG = "@TAG@" }}
+
+[functions.mute]
+command = ["sleep", "100"]
+init_timeout_s = 1
+env = {{ PORTER_TEST_TAG = "@TAG@" }}
+
+[functions.quits]
+command = ["true"]
+env = {{ PORTER_TEST_TAG = "@TAG@" }}
+"""
+    p = porter(fns)
+    for i in range(2):
+        assert p.invoke("threaded", i)[0] == 200
+    st = p.wait_for(lambda s: s["functions"]["threaded"]["checkpoint"]["error"], 30,
+                    "the refused checkpoint")
+    assert "thread" in st["functions"]["threaded"]["checkpoint"]["error"]
+    code, out, _ = p.invoke("threaded", 3)
+    assert code == 200
+    code, out, _ = p.invoke("mute", 1)
+    assert code == 502 and "no answer to the init within 1 s" in out["error"], out
+    code, out, _ = p.invoke("quits", 1)
+    assert code == 502 and "cold start failed" in out["error"], out
+    assert p.stats()["functions"]["mute"]["errors"]["cold_start_failed"] == 1

@@ -30,6 +30,7 @@ MAX_BODY = 16 << 20
 class _Handler(BaseHTTPRequestHandler):
     porter = None                       # set by make_server
     protocol_version = "HTTP/1.1"
+    timeout = 120                       # a client that stalls mid-request loses its socket
     server_version = "cxlfork-porter"
 
     def log_message(self, fmt, *args):  # no per-request stderr noise
