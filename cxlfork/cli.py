@@ -79,8 +79,12 @@ def checkpoint(pid, image, leave_running, store, as_json):
 @main.command()
 @click.argument("image", type=click.Path())
 @click.option("--policy", type=click.Choice(["mow", "moa", "hybrid"]), default="mow",
-              show_default=True, help="mow: map the store copy-on-write; moa: copy every page "
-              "to local memory; hybrid: copy pages clones touched (cxlfork profile), map the rest")
+              show_default=True, help="mow: map the store copy-on-write; moa: migrate on access "
+              "(each block copied to local memory on first touch, through userfaultfd; --eager "
+              "copies everything at restore); hybrid: copy pages clones touched (cxlfork "
+              "profile), map the rest")
+@click.option("--eager", is_flag=True, help="with --policy moa: copy every page at restore "
+              "instead of on first touch")
 @click.option("-n", "count", type=int, default=1, show_default=True, help="number of clones")
 @click.option("--detach", is_flag=True, help="do not wait for the clones")
 @click.option("--pidfile", type=click.Path(), default=None,
@@ -89,14 +93,26 @@ def checkpoint(pid, image, leave_running, store, as_json):
               help="fds 0-2 of the clones: inherit, null, or a FILE (appended to)")
 @click.option("--same-pid", is_flag=True, help="restore one clone under the original PID")
 @click.option("--json", "as_json", is_flag=True, help="print PIDs and timing as JSON")
-def restore(image, policy, count, detach, pidfile, stdio, same_pid, as_json):
+def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_json):
     """Restore clones of IMAGE; waits for them unless --detach (exit status: the first
-    failing clone's)."""
+    failing clone's). With lazy moa this command serves the clones' first touches while it
+    waits; with --detach a small process it forks stays behind to do it until they exit."""
     import time
-    from cxlfork.restore import restore as do
+    from cxlfork.errors import CxlforkError
+    from cxlfork.restore import restore as do, serve_lazy_forever
+    if eager and policy != "moa":
+        raise CxlforkError("--eager goes with --policy moa")
     t0 = time.perf_counter()
-    pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn)
+    pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
+              eager=eager)
     dt = time.perf_counter() - t0
+    if detach and policy == "moa" and not eager and os.fork() == 0:
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.setsid()
+        serve_lazy_forever()
+        os._exit(0)
     if pidfile:
         tmp = f"{pidfile}.tmp.{os.getpid()}"
         with open(tmp, "w") as f:

@@ -24,7 +24,7 @@ PLAN_ADDR = REGION_LO + 0x20000000
 HDR_WORDS = 32
 (OP_MMAP, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK, OP_SIGMASK, OP_RSEQ,
  OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL, OP_PRLIMIT,
- OP_WAITGO) = range(1, 17)
+ OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND) = range(1, 20)
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PAGE = 4096
@@ -60,7 +60,19 @@ def _split_hot(run, hot: bytes | None):
         i = j
 
 
-def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None) -> bytes:
+def lazy_runs(m: dict) -> list[tuple[int, int, int]]:
+    """Lazy moa: the (address, bytes, page-file offset) of each stored run the clone maps from
+    the store and registers with its userfaultfd (anonymous memory, stacks excepted: they are
+    copied at restore). Sorted by address."""
+    return [(a, n * PAGE, sp * PAGE) for v in m["vmas"]
+            if v["kind"] == "anon" and not v["growsdown"] for a, n, sp in v["runs"]]
+
+
+def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
+          lazy: bool = False) -> bytes:
+    """lazy (policy moa): map stored runs from the store as mow does and register them with a
+    userfaultfd in MINOR mode, sent to cxlfork over fdnums['uffd_sock'] (native/lazy.c
+    copies each block on first touch)."""
     """fdnums: 'store', 'err', 'exe', 'go', ('file', vma index), ('obj', object id), 'close'
     (list of the restorer's own fds), 'cloexec' (list)."""
     if policy not in POLICIES:
@@ -76,7 +88,7 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None) -> 
             specials.append((v["start"], v["end"] - v["start"], v["path"]))
             continue
         runs = v["runs"]
-        eager_all = policy == "moa" or v["growsdown"]
+        eager_all = (policy == "moa" and not lazy) or v["growsdown"]
         needs_w = False
         if kind == "anon":
             flags = MAP_PRIVATE | MAP_ANON | (MAP_GROWSDOWN if v["growsdown"] else 0)
@@ -103,6 +115,12 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None) -> 
             p.op(OP_MPROTECT, s, e - s, prot)
         for adv in v["madvise"]:
             p.op(OP_MADVISE, s, e - s, adv)
+
+    if lazy:
+        p.op(OP_UFFD_OPEN)
+        for addr, nbytes, _ in lazy_runs(m):
+            p.op(OP_UFFD_REG, addr, nbytes)
+        p.op(OP_UFFD_SEND, fdnums["uffd_sock"])
 
     sig = m["signals"]
     for a in sig["actions"]:

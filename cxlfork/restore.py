@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import os
+import socket
 import time
 
 from cxlfork import image as image_mod, plan as plan_mod
@@ -66,8 +67,9 @@ def check_specials(m: dict, image: str) -> None:
 class Prepared:
     """Everything shared by the clones of one restore: manifest, plan bytes, open files."""
 
-    def __init__(self, image: str, policy: str = "mow", warn=None):
+    def __init__(self, image: str, policy: str = "mow", warn=None, eager: bool = False):
         self.image = os.path.abspath(image)
+        self.lazy = policy == "moa" and not eager
         self.m = m = image_mod.load(self.image)
         self.policy = policy
         if policy not in plan_mod.POLICIES:
@@ -112,7 +114,8 @@ class Prepared:
         own = [f["fd"] for f in m["fds"]]
         nxt = max(own + [2]) + 1
         self.num: dict = {}
-        for key in ["err", "store", "exe", "plan", "go"] + [("file", i) for i in self.file_fds] + \
+        for key in ["err", "store", "exe", "plan", "go"] + (["uffd_sock"] if self.lazy else []) + \
+                [("file", i) for i in self.file_fds] + \
                 [("obj", o["id"]) for o in m["objects"]]:
             self.num[key] = nxt
             nxt += 1
@@ -121,7 +124,11 @@ class Prepared:
         self.num["close"] = [n for k, n in self.num.items() if k != "err"] + [self.num["err"]]
         self.num["cloexec"] = [f["fd"] for f in m["fds"] if f["cloexec"]]
         nums = dict(self.num)
-        self.plan = plan_mod.build(m, policy, nums, self.hot)
+        self.plan = plan_mod.build(m, policy, nums, self.hot, lazy=self.lazy)
+        if self.lazy:
+            runs = plan_mod.lazy_runs(m)
+            self.lazy_runs = [ffi.new("uint64_t[]", [r[k] for r in runs]) for k in range(3)]
+            self.lazy_n = len(runs)
         # one sealed memfd holds the plan for every clone (the restorer maps it read-only)
         plan_fd = lib.cx_memfd(b"cxlfork-plan", MFD_ALLOW_SEALING | MFD_CLOEXEC)
         if plan_fd < 0:
@@ -287,7 +294,7 @@ def _status_text(st: int) -> str:
     return f"status {st:#x}"
 
 
-def prepare_restore(image: str, policy: str = "mow", warn=None) -> Prepared:
+def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = False) -> Prepared:
     """Check IMAGE, build its restore plan and open the files its clones need, once.
 
     The returned object restores clones with `.restore(n, stdio)` as often as wanted (the
@@ -295,21 +302,53 @@ def prepare_restore(image: str, policy: str = "mow", warn=None) -> Prepared:
     (`.close()`, or use it as a context manager). Files are checked when it is made: a file
     that changes afterwards is not noticed by later restores.
     """
-    return Prepared(image, policy, warn)
+    return Prepared(image, policy, warn, eager)
 
 
 def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
-            same_pid: bool = False, warn=None, progress=None) -> list[int]:
-    """Restore n clones of image; returns their PIDs (children of this process)."""
+            same_pid: bool = False, warn=None, progress=None, eager: bool = False) -> list[int]:
+    """Restore n clones of image; returns their PIDs (children of this process).
+
+    policy "moa" is lazy unless eager=True: the clones map the store as in mow and a
+    userfaultfd handler thread of this process (native/lazy.c) copies each block on first touch;
+    when this process exits, untouched pages simply stay shared from the store (mow)."""
     t0 = time.perf_counter()
     if n < 1:
         raise CxlforkError("-n must be at least 1")
     if same_pid and n != 1:
         raise CxlforkError("--same-pid restores a single clone (-n 1)")
-    with Prepared(image, policy, warn) as p:
+    with Prepared(image, policy, warn, eager) as p:
         pids = _restore_prepared(p, n, stdio, same_pid, progress)
     restore.last_seconds = time.perf_counter() - t0
     return pids
+
+
+def _lazy_add(p: Prepared, pid: int, sock: int) -> None:
+    """Give the clone's socket (its restorer sends the userfaultfd there) to the handler."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as e:
+        os.close(sock)
+        raise CxlforkError(f"pidfd_open of clone {pid}: {e.strerror}") from e
+    e = lib.cx_lazy_add(sock, pidfd, p.store_fd, p.m["store"]["pages"] * PAGE, p.lazy_n,
+                        *p.lazy_runs)
+    if e < 0:
+        os.close(sock)
+        os.close(pidfd)
+        raise CxlforkError(f"starting the lazy moa handler: {os.strerror(-e)}")
+
+
+def lazy_stats() -> dict:
+    """The lazy moa handler of this process: clones served, faults, pages copied."""
+    out = ffi.new("uint64_t[3]")
+    lib.cx_lazy_stats(out)
+    return {"clones": out[0], "faults": out[1], "pages_copied": out[2]}
+
+
+def serve_lazy_forever() -> None:
+    """Serve the lazy moa clones of this process in the calling thread until all have exited
+    (for a process forked to stay behind a detached restore)."""
+    lib.cx_lazy_serve()
 
 
 def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress) -> list[int]:
@@ -345,6 +384,11 @@ def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress) -> l
                 go_w.append(gw)
                 extra = {"err": ew, "store": p.store_fd, "exe": p.exe_fd, "plan": p.plan_fd,
                          "go": gr}
+                if p.lazy:
+                    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    opened.append(theirs.detach())
+                    lazy_sock = mine.detach()
+                    extra["uffd_sock"] = opened[-1]
                 extra.update({("file", i): fd for i, fd in p.file_fds.items()})
                 extra.update({("obj", oid): fd for oid, fd in objfds.items()})
                 err_index = len(src)
@@ -358,10 +402,14 @@ def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress) -> l
                 if pid < 0:
                     os.close(er)
                     os.close(go_w.pop())
+                    if p.lazy:
+                        os.close(lazy_sock)
                     if same_pid and -pid == 17:
                         raise CxlforkError(f"PID {set_tid} is in use; --same-pid needs it free")
                     raise CxlforkError(f"spawning the restorer: {os.strerror(-pid)}")
                 clones.append(Clone(pid, er))
+                if p.lazy:
+                    _lazy_add(p, pid, lazy_sock)
             finally:
                 for fd in opened:
                     os.close(fd)

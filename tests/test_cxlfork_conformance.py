@@ -22,16 +22,16 @@ def env():
     rmtree(s)
 
 
-def _roundtrip(env, prog, policy="mow", args=()):
+def _roundtrip(env, prog, policy="mow", args=(), extra=()):
     d, store = env
     exe = build_prog(prog, d)
     work = tempfile.mkdtemp(dir=d)
     orig = start([exe, *[a.format(work=work) for a in args]], cwd=d)
-    img = os.path.join(d, f"{prog}-{policy}.img")
+    img = os.path.join(d, f"{prog}-{policy}{''.join(extra)}.img")
     try:
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
         pidfile = img + ".pids"
-        clone = restore_popen(img, "--policy", policy, "--pidfile", pidfile)
+        clone = restore_popen(img, "--policy", policy, *extra, "--pidfile", pidfile)
         # the clone is restored (and blocked in its read) before the original goes on and,
         # e.g., unlinks a file both have mapped
         wait_file(pidfile, clone)
@@ -55,6 +55,12 @@ def test_fds_cwd_umask_rlimits(env):
     _roundtrip(env, "fds", args=["{work}"])
 
 
-@pytest.mark.parametrize("policy", ["moa", "hybrid"])
+@pytest.mark.parametrize("policy", ["moa", "moa --eager", "hybrid"])
 def test_memory_other_policies(env, policy):
-    _roundtrip(env, "mem", policy)
+    """moa is lazy (userfaultfd, first touch) unless --eager."""
+    _roundtrip(env, "mem", policy.split()[0], extra=policy.split()[1:])
+
+
+@pytest.mark.parametrize("prog", ["regs", "sig", "misc"])
+def test_state_survives_lazy_moa(env, prog):
+    _roundtrip(env, prog, "moa")

@@ -139,3 +139,67 @@ def test_prepared_restore_api(env):
     finally:
         w.kill()
         w.wait()
+
+
+def _private(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(int(line.split()[1]) * 1024 for line in f
+                   if line.startswith(("Private_Clean", "Private_Dirty")))
+
+
+def test_lazy_moa_copies_on_first_touch(env):
+    """moa (lazy): the clone starts with the array mapped from the store and not copied; reading
+    it copies it into private memory through the userfaultfd handler; a child the clone forks
+    and the clone's own checks work."""
+    from cxlfork.restore import lazy_stats, restore
+    d, s = env
+    w = _worker(32)
+    img = os.path.join(d, "lazy.img")
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    rd = os.fdopen(out_r, "rb", closefd=False)
+    try:
+        cxlfork("checkpoint", w.pid, "-o", img, "--store", s)
+        before = lazy_stats()["pages_copied"]
+        (pid,) = restore(img, "moa", stdio=(in_r, out_w, out_w))
+        os.write(in_w, b"ping\n")
+        assert readline(rd).strip() == "pong"
+        assert _private(pid) < 24 << 20           # the 32 MiB array is not copied yet
+        os.write(in_w, b"read\n")
+        assert readline(rd).strip() == "done"
+        assert _private(pid) >= 32 << 20          # now it is, page by page on first touch
+        assert lazy_stats()["pages_copied"] - before >= (32 << 20) // 4096
+        os.write(in_w, b"fork\n")                 # a child of the clone (no registration)
+        assert readline(rd).strip() == "pong"
+        os.write(in_w, b"go\n")
+        assert readline(rd).strip() == "ok"
+        _, st = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(st) == 0
+    finally:
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)
+        w.kill()
+        w.wait()
+
+
+def test_lazy_moa_handler_gone_keeps_clone_correct(env):
+    """If the process serving the userfaultfd dies (restore killed with SIGKILL), the kernel
+    drops the registration and untouched pages are mapped from the store as in mow: the clone
+    still has the right contents."""
+    d, s = env
+    w = _worker(16)
+    img = os.path.join(d, "lazy-gone.img")
+    try:
+        cxlfork("checkpoint", w.pid, "-o", img, "--store", s)
+        pidfile = img + ".pid"
+        r = restore_popen(img, "--policy", "moa", "--pidfile", pidfile)
+        pid = int(wait_file(pidfile, r))
+        r.kill()
+        r.wait()
+        assert os.path.exists(f"/proc/{pid}")
+        r.stdin.write(b"go\n")
+        r.stdin.flush()
+        assert readline(r.stdout).strip() == "ok"
+    finally:
+        w.kill()
+        w.wait()

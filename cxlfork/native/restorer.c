@@ -17,6 +17,8 @@
  * Any failure writes one line to the error fd and exits with status 1.
  */
 #include <stdint.h>
+#include <linux/ioctl.h>
+#include <linux/userfaultfd.h>
 
 #define REGION_LO   0x100000000000UL
 #define REGION_HI   0x100040000000UL
@@ -30,7 +32,7 @@
 
 enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK,
        OP_SIGMASK, OP_RSEQ, OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL,
-       OP_PRLIMIT, OP_WAITGO };
+       OP_PRLIMIT, OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND };
 
 #define NR_read 0
 #define NR_write 1
@@ -54,6 +56,9 @@ enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTST
 #define NR_set_robust_list 273
 #define NR_rseq 334
 #define NR_prlimit64 302
+#define NR_ioctl 16
+#define NR_sendmsg 46
+#define NR_userfaultfd 323
 
 extern char cx_image_start[], cx_image_end[];
 char cx_stack[1 << 16] __attribute__((aligned(64)));
@@ -172,7 +177,28 @@ static const char *const op_names[] = {
     "?", "mmap", "pread", "mprotect", "madvise", "rt_sigaction", "sigaltstack",
     "rt_sigprocmask", "rseq", "set_tid_address", "set_robust_list", "prctl(PR_SET_MM_MAP)",
     "close", "fcntl(FD_CLOEXEC)", "prctl", "prlimit64", "read of cxlfork's go byte",
+    "userfaultfd (lazy moa)", "UFFDIO_REGISTER (lazy moa)", "sendmsg of the userfaultfd",
 };
+
+static long uffd = -1;
+
+/* lazy moa: hand the userfaultfd to cxlfork over the unix socket sock (SCM_RIGHTS) */
+static long send_uffd(long sock)
+{
+    char byte = 'u';
+    uint64_t iov[2] = { (uint64_t)&byte, 1 };
+    uint32_t cmsg[6] = { 20, 0, 1 /* SOL_SOCKET */, 1 /* SCM_RIGHTS */, (uint32_t)uffd, 0 };
+    struct {
+        uint64_t name;
+        uint32_t namelen, pad;
+        uint64_t iov, iovlen, control, controllen;
+        int32_t flags, pad2;
+    } mh = { 0, 0, 0, (uint64_t)iov, 1, (uint64_t)cmsg, 24, 0, 0 };
+    long r = sc(NR_sendmsg, sock, &mh, 0x4000 /* MSG_NOSIGNAL */);
+    sc(NR_close, uffd, 0, 0);
+    uffd = -1;
+    return r < 0 ? r : 0;
+}
 
 static long run_op(const uint64_t *o)
 {
@@ -237,6 +263,21 @@ static long run_op(const uint64_t *o)
             return r;
         return r == 1 && c == 'g' ? 0 : -32;   /* EPIPE: cxlfork went away */
     }
+    case OP_UFFD_OPEN: {
+        r = sc(NR_userfaultfd, 02000000 | 04000 /* O_CLOEXEC | O_NONBLOCK */, 0, 0);
+        if (r < 0)
+            return r;
+        uffd = r;
+        struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_MINOR_SHMEM };
+        return sc(NR_ioctl, uffd, UFFDIO_API, &api);
+    }
+    case OP_UFFD_REG: {
+        struct uffdio_register reg = { .range = { o[1], o[2] },
+                                       .mode = UFFDIO_REGISTER_MODE_MINOR };
+        return sc(NR_ioctl, uffd, UFFDIO_REGISTER, &reg);
+    }
+    case OP_UFFD_SEND:
+        return send_uffd((long)o[1]);
     }
     return -22;
 }
