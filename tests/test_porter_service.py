@@ -379,3 +379,26 @@ env = {{ PORTER_TEST_TAG = "@TAG@" }}
     code, out, _ = p.invoke("quits", 1)
     assert code == 502 and "cold start failed" in out["error"], out
     assert p.stats()["functions"]["mute"]["errors"]["cold_start_failed"] == 1
+
+
+def test_sigint_with_a_request_in_flight_leaves_nothing(porter):
+    p = porter(ECHO.format(policy="cold", slo=1000))
+    assert p.invoke("echo", 1)[0] == 200
+    res = []
+
+    def call():
+        try:
+            res.append(p.invoke("echo", {"sleep": 2.5})[0])
+        except (OSError, http.client.HTTPException) as e:   # the porter may exit first
+            res.append(type(e).__name__)
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.7)
+    pids = set(p.seen) | set(p.tagged_pids())
+    assert pids
+    p.p.send_signal(signal.SIGINT)
+    rc, err = p.stop()
+    t.join(30)
+    assert rc == 0, err
+    assert res and res[0] in (503, "RemoteDisconnected", "ConnectionResetError"), res
+    assert not p.tagged_pids() and not any(_alive(x) for x in pids)
