@@ -26,6 +26,7 @@ from tiermem.movers import TargetGone, make_mover
 from tiermem.policies import POLICIES
 from tiermem.policies.base import FAST, SLOW, Budget, Capacity, MigrationPlan, Placement
 from tiermem.samplers.base import Target
+from tiermem.samplers.ebpf import MAX_PIDS as EBPF_MAX_PIDS
 from tiermemd import discovery, tracking
 from tiermemd.config import NO_SAMPLER, Config, TargetConfig, sampler_registry
 from tiermemd.metrics import Stats
@@ -144,6 +145,18 @@ class SamplerGroup:
             self.pids = frozenset()
             self.retry_at = time.monotonic() + SAMPLER_RETRY_S
             return None
+
+
+# Processes one sampler instance can follow, when the sampler class does not say (max_pids).
+# DAMON: one (its tried-regions snapshot carries no target id, and the sysfs interface runs
+# one kdamond at a time, so a second instance cannot start either); eBPF: its pid map size.
+SAMPLER_MAX_PIDS = {"damon": 1, "ebpf": EBPF_MAX_PIDS, "ebpf-mem": EBPF_MAX_PIDS}
+
+
+def max_pids(name: str) -> int | None:
+    if name == NO_SAMPLER:
+        return None
+    return getattr(sampler_registry()[name], "max_pids", None) or SAMPLER_MAX_PIDS.get(name)
 
 
 def _key(tc: TargetConfig) -> tuple:
@@ -292,6 +305,15 @@ class Engine:
             if g is None:
                 tc = next(t for t in self.targets.values() if _key(t) == key)
                 g = self.groups[key] = SamplerGroup(tc.sampler, tc.sampler_params)
+            cap = max_pids(g.name)
+            if cap is not None and len(pids) > cap:
+                keep = sorted(pids & g.pids)[:cap]          # no restart while they live
+                keep += sorted(pids - set(keep))[:cap - len(keep)]
+                for pid in sorted(pids - set(keep)):
+                    self._once(f"target {self.procs[pid].target}: process {pid} is not "
+                               f"sampled: sampler {g.name} follows {cap} process(es) at a "
+                               "time; it waits for a free slot")
+                pids = set(keep)
             if not g.ensure(frozenset(pids)):
                 continue
             ok_pids |= pids
