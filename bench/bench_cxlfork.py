@@ -2,10 +2,17 @@
 1 GiB with --full) of initialised numpy state, next to its baselines measured in the same run:
 os.fork() of the warm worker, a cold start of the same worker, and `criu restore` when a
 working criu is on PATH (skipped otherwise). Then the memory of N = 1, 4, 16 clones (sum of
-PSS and of private bytes from /proc/PID/smaps_rollup) for mow, moa and hybrid.
+PSS and of private bytes from /proc/PID/smaps_rollup) for mow, moa (lazy), moa --eager and
+hybrid.
 
 Latency = from the start of the restore (or fork, or cold start) to the clone answering
-"pong" on a pipe. Medians of --runs runs. Run as root:  .venv/bin/python bench/bench_cxlfork.py
+"pong" on a pipe. "API" = cxlfork.restore.restore() (checks the image, builds the plan, opens
+files, restores); "prepared" = Prepared.restore() of an object made once by prepare_restore()
+(what a server that restores the same image again and again pays); "CLI" = `python -m cxlfork
+restore --detach`, interpreter start included. The checkpoint rate is next to the rate this
+machine fills fresh memory (numpy.ones of the same size in this process), the bound for
+anything that writes a new copy. Medians of --runs runs.
+Run as root:  .venv/bin/python bench/bench_cxlfork.py [--full]
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1")
 from cxlfork import image as image_mod  # noqa: E402
 from cxlfork.checkpoint import checkpoint  # noqa: E402
 from cxlfork.profile import record  # noqa: E402
-from cxlfork.restore import restore  # noqa: E402
+from cxlfork.restore import prepare_restore, restore  # noqa: E402
+from cxlfork.store import cxl_node, mount_options  # noqa: E402
 
 
 def readline(fd: int, timeout=120.0) -> str:
@@ -129,18 +137,37 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
                 img, nbytes = path, r["bytes"]
             else:
                 image_mod.remove(path)
+        fill = []
+        import numpy as np
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            a = np.ones(nbytes // 8)
+            fill.append(nbytes / (time.perf_counter() - t0))
+            del a
         lat = {}
-        for policy in ("mow", "moa"):
+        for key, policy, eager in (("mow", "mow", False), ("moa", "moa", False),
+                                   ("moa-eager", "moa", True)):
             ts = []
             for _ in range(runs):
                 pp = Pipes()
                 t0 = time.perf_counter()
-                pids = restore(img, policy, stdio=pp.fds())
+                pids = restore(img, policy, stdio=pp.fds(), eager=eager)
                 assert pp.ask("ping") == "pong"
                 ts.append(time.perf_counter() - t0)
                 kill_all(pids)
                 pp.close()
-            lat[policy] = med(ts)
+            lat[key] = med(ts)
+        ts = []
+        with prepare_restore(img, "mow") as prep:
+            for _ in range(runs):
+                pp = Pipes()
+                t0 = time.perf_counter()
+                pids = prep.restore(1, stdio=pp.fds())
+                assert pp.ask("ping") == "pong"
+                ts.append(time.perf_counter() - t0)
+                kill_all(pids)
+                pp.close()
+        lat["prepared"] = med(ts)
         cli = []
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -160,8 +187,8 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
         criu = "skipped: no criu on PATH" if not shutil.which("criu") else \
             "skipped: criu comparison not automated in this version"
         fork_s = med(forks)
-        rows.append((mib, nbytes, med(ck), med(ck_pages), fork_s, lat["mow"], lat["moa"],
-                     med(cli), cold_s, criu))
+        rows.append((mib, nbytes, med(ck), med(ck_pages), med(fill), fork_s, lat["mow"],
+                     lat["prepared"], lat["moa"], lat["moa-eager"], med(cli), cold_s, criu))
         # hybrid profile: one clone that answered a ping (touched the interpreter, not the array)
         pp = Pipes()
         pids = restore(img, "mow", stdio=pp.fds())
@@ -169,17 +196,22 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
         record(img, pids)
         kill_all(pids)
         pp.close()
-        for policy in ("mow", "moa", "hybrid"):
+        for label in ("mow", "moa", "moa --eager", "hybrid"):
+            policy, eager = label.split()[0], label.endswith("--eager")
             for n in counts:
                 if policy == "moa" and n * mib > 4096:
-                    memrows.append((mib, policy, n, None, None, "skipped: > 4 GiB of copies"))
+                    memrows.append((mib, label, n, None, None, None, None,
+                                    "skipped: > 4 GiB of copies"))
                     continue
                 pp = Pipes()
-                pids = restore(img, policy, n=n, stdio=pp.fds())
+                pids = restore(img, policy, n=n, stdio=pp.fds(), eager=eager)
+                for _ in range(n):                     # a light request per clone
+                    assert pp.ask("ping") == "pong"
+                pss0, priv0 = mem_of(pids)
                 for _ in range(n):                     # every clone reads its whole state
                     assert pp.ask("read") == "done"
                 pss, priv = mem_of(pids)
-                memrows.append((mib, policy, n, pss, priv, ""))
+                memrows.append((mib, label, n, pss0, priv0, pss, priv, ""))
                 kill_all(pids)
                 pp.close()
         image_mod.remove(img)
@@ -200,7 +232,12 @@ def main():
     sizes = [int(x) for x in (a.sizes or ("64,256,1024" if a.full else "64,256")).split(",")]
     counts = [int(x) for x in a.counts.split(",")]
     work = tempfile.mkdtemp(prefix="cxlfork-bench-")
-    store = tempfile.mkdtemp(prefix="cxlfork-bench-store-", dir="/dev/shm")
+    # the page store: a tmpfs mounted like cxlfork's default store (huge=within_size, bound
+    # to the CXL node), private to this run
+    store = tempfile.mkdtemp(prefix="cxlfork-bench-store-")
+    node, _ = cxl_node()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", mount_options(node), "cxlfork-bench", store],
+                   check=True)
     rows, memrows = [], []
     try:
         for mib in sizes:
@@ -208,25 +245,32 @@ def main():
             bench_size(mib, a.runs, counts, work, store, rows, memrows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(store, ignore_errors=True)
+        subprocess.run(["umount", store], check=False)
+        os.rmdir(store)
     print(f"\ncxlfork restore latency (start -> clone answers on a pipe), medians of {a.runs}; "
           "kernel " + os.uname().release)
-    hdr = ("state", "stored", "ckpt total", "ckpt pages", "os.fork()", "mow (API)",
-           "mow/fork", "moa (API)", "mow (CLI)", "cold start", "criu restore")
-    print(" | ".join(f"{h:>12s}" for h in hdr))
-    for (mib, nb, ck, rate, fk, mow, moa, cli, cold, criu) in rows:
+    hdr = ("state", "stored", "ckpt total", "ckpt pages", "fresh fill", "os.fork()",
+           "mow (API)", "mow prepared", "prepared/fork", "moa lazy", "moa eager", "mow (CLI)",
+           "cold start", "criu restore")
+    print(" | ".join(f"{h:>13s}" for h in hdr))
+    for (mib, nb, ck, rate, fill, fk, mow, prep, moa, moae, cli, cold, criu) in rows:
         vals = (f"{mib} MiB", f"{nb / 2**20:.0f} MiB", f"{ck * 1e3:.1f} ms",
-                f"{rate / 1e9:.2f} GB/s", f"{fk * 1e3:.2f} ms", f"{mow * 1e3:.2f} ms",
-                f"{mow / fk:.2f}x", f"{moa * 1e3:.2f} ms", f"{cli * 1e3:.1f} ms",
+                f"{rate / 1e9:.2f} GB/s", f"{fill / 1e9:.2f} GB/s", f"{fk * 1e3:.2f} ms",
+                f"{mow * 1e3:.2f} ms", f"{prep * 1e3:.2f} ms", f"{prep / fk:.2f}x",
+                f"{moa * 1e3:.2f} ms", f"{moae * 1e3:.2f} ms", f"{cli * 1e3:.1f} ms",
                 f"{cold * 1e3:.0f} ms", criu)
-        print(" | ".join(f"{v:>12s}" for v in vals))
-    print("\nmemory of N clones after each read its whole state (sums over clones)")
-    print(" | ".join(f"{h:>12s}" for h in ("state", "policy", "N", "sum PSS", "sum private",
+        print(" | ".join(f"{v:>13s}" for v in vals))
+    print("\nmemory of N clones (sums over clones): after one ping each, then after each read "
+          "its whole state")
+
+    def mb(x):
+        return "-" if x is None else f"{x / 2**20:.0f} MiB"
+    print(" | ".join(f"{h:>13s}" for h in ("state", "policy", "N", "PSS (ping)",
+                                            "private (ping)", "PSS (read)", "private (read)",
                                             "note")))
-    for (mib, pol, n, pss, priv, note) in memrows:
-        vals = (f"{mib} MiB", pol, str(n), "-" if pss is None else f"{pss / 2**20:.0f} MiB",
-                "-" if priv is None else f"{priv / 2**20:.0f} MiB", note)
-        print(" | ".join(f"{v:>12s}" for v in vals))
+    for (mib, pol, n, pss0, priv0, pss, priv, note) in memrows:
+        vals = (f"{mib} MiB", pol, str(n), mb(pss0), mb(priv0), mb(pss), mb(priv), note)
+        print(" | ".join(f"{v:>13s}" for v in vals))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ host); independent of the mount, the writer binds each page file's shared policy
 mbind(2) before filling it.
 
 Default location: $CXLFORK_STORE, else /var/lib/cxlfork/store (mounted as tmpfs when root),
-else /dev/shm/cxlfork-store.
+else /dev/shm/cxlfork-store. The store cxlfork mounts uses `huge=within_size`: page files are
+written in 2 MiB folios (about 3x faster to fill than 4 KiB pages here), and clones still map
+and copy them page by page.
 """
 from __future__ import annotations
 
@@ -20,6 +22,11 @@ from cxlfork.errors import CxlforkError
 
 DEFAULT = "/var/lib/cxlfork/store"
 FALLBACK = "/dev/shm/cxlfork-store"
+
+
+def mount_options(node: int) -> str:
+    """tmpfs options of a store cxlfork mounts (the default one; the benchmark's)."""
+    return f"mode=0700,mpol=bind:{node},huge=within_size"
 
 
 def mount_of(path: str) -> tuple[str, str, str]:
@@ -92,7 +99,7 @@ def open_store(path: str | None = None, create: bool = True) -> Store:
     if create and os.geteuid() == 0:
         try:
             _ensure_dir(DEFAULT)
-            r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"mode=0700,mpol=bind:{node}",
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", mount_options(node),
                                 "cxlfork-store", DEFAULT], capture_output=True, text=True)
             if r.returncode == 0:
                 return Store(DEFAULT, node, warning)

@@ -203,3 +203,29 @@ def test_lazy_moa_handler_gone_keeps_clone_correct(env):
     finally:
         w.kill()
         w.wait()
+
+
+def test_huge_tmpfs_store(env):
+    """A store on tmpfs with huge=within_size (as cxlfork mounts its default store): the page
+    file is written in 2 MiB folios; mow and lazy moa clones of it are right, verify passes."""
+    import subprocess
+    from cxlfork.store import mount_options
+    d, _ = env
+    s = tempfile.mkdtemp(prefix="cxlfork-huge-store-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", mount_options(0), "cxlfork-test", s],
+                   check=True)
+    w = _worker(16)
+    img = os.path.join(d, "huge.img")
+    try:
+        cxlfork("checkpoint", w.pid, "-o", img, "--store", s)
+        assert json.loads(cxlfork("verify", img, "--json").stdout)["ok"]
+        for policy in ("mow", "moa"):
+            c = restore_popen(img, "--policy", policy)
+            o, rc, err = go(c)
+            assert o.strip() == "ok" and rc == 0, (policy, err)
+    finally:
+        w.kill()
+        w.wait()
+        cxlfork("rm", img, check=False)
+        subprocess.run(["umount", s], check=False)
+        os.rmdir(s)
