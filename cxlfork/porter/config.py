@@ -14,7 +14,7 @@
     [functions.NAME]
     command = ["python", "-m", "cxlfork.workers.llm"]   # "python" = the porter's interpreter
     init = {}                     # sent once as {"init": ...}
-    policy = "auto"               # auto | mow | moa | hybrid | cold (never checkpoint)
+    policy = "auto"               # auto | mow | moa | moa-eager | hybrid | cold (never checkpoint)
     slo_ms = 1000                 # target p99 for auto
     timeout_s = 30                # per request; past it the instance is killed (504)
     init_timeout_s = 60
@@ -34,7 +34,7 @@ import tomllib
 
 from tiermem.errors import TiermemError
 
-POLICIES = ("auto", "mow", "moa", "hybrid", "cold")
+POLICIES = ("auto", "mow", "moa", "moa-eager", "hybrid", "cold")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -40,6 +40,15 @@ def _status_text(st: int) -> str:
     return f"wait status {st:#x}"
 
 
+def cxlfork_policy(policy: str) -> tuple[str, bool]:
+    """A porter clone policy as cxlfork's (policy, eager): "moa" is cxlfork's lazy
+    migrate-on-access (blocks copied on first touch), "moa-eager" copies every page at restore
+    (the CRIU-like restore)."""
+    if policy == "moa-eager":
+        return "moa", True
+    return policy, False
+
+
 class Instance:
     """A running worker. kind: "cold" or "restored"; state: starting/idle/busy/checkpointing/
     dead."""
@@ -85,8 +94,9 @@ class Instance:
 
     @classmethod
     def restore(cls, image: str, policy: str, log_fd: int, prepared=None) -> "Instance":
-        """Restore one clone of IMAGE; with `prepared` (cxlfork.restore.prepare_restore of
-        that image and policy) only the per-clone part of the restore is paid."""
+        """Restore one clone of IMAGE with a porter policy (cxlfork_policy); with `prepared`
+        (cxlfork.restore.prepare_restore of that image and policy) only the per-clone part of
+        the restore is paid."""
         from cxlfork.restore import restore
         t0 = time.perf_counter()
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
@@ -96,7 +106,8 @@ class Instance:
             if prepared is not None:
                 pids = prepared.restore(1, stdio=stdio)
             else:
-                pids = restore(image, policy=policy, n=1, stdio=stdio)
+                cx_policy, eager = cxlfork_policy(policy)
+                pids = restore(image, policy=cx_policy, n=1, stdio=stdio, eager=eager)
         except BaseException:
             for fd in (in_r, in_w, out_r, out_w):
                 os.close(fd)

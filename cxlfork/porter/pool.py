@@ -13,7 +13,8 @@ import numpy as np
 
 from cxlfork.errors import CxlforkError
 from cxlfork.porter.config import FunctionConfig
-from cxlfork.porter.instance import Instance, WorkerDied, WorkerFailed, WorkerTimeout
+from cxlfork.porter.instance import (Instance, WorkerDied, WorkerFailed, WorkerTimeout,
+                                     cxlfork_policy)
 
 WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "NUMEXPR_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -190,17 +191,15 @@ class FunctionPool:
         return inst
 
     def prepared_restore(self, policy: str):
-        """The image checked and planned once per (policy, hot-page record), if this cxlfork
-        has prepare_restore (announced for servers like this one); else None (each restore
-        does the whole check)."""
-        from cxlfork import restore as restore_mod
-        if not hasattr(restore_mod, "prepare_restore"):
-            return None
+        """The image checked and planned once per (policy, hot-page record)."""
+        from cxlfork.restore import prepare_restore
         key = (self.image, policy, self.profiled)
         with self.cond:
             prep = self.prepared.get(key)
             if prep is None:
-                prep = self.prepared[key] = restore_mod.prepare_restore(self.image, policy)
+                cx_policy, eager = cxlfork_policy(policy)
+                prep = self.prepared[key] = prepare_restore(self.image, cx_policy,
+                                                            eager=eager)
             return prep
 
     def invoke(self, payload) -> tuple[object, str, Instance, float]:

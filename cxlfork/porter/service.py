@@ -246,6 +246,7 @@ class Porter:
         self.log(f"{p.name}: clone policy {old} -> {new} ({why})")
 
     def stats(self) -> dict:
+        from cxlfork.restore import lazy_stats
         with self.lock:
             pools = dict(self.pools)
         fns = {n: p.stats() for n, p in sorted(pools.items())}
@@ -258,6 +259,7 @@ class Porter:
                                               for p in pools.values() if p.image),
                            "local_memory_limit_bytes": self.limit,
                            "pressure": round(self.pressure, 4),
+                           "lazy_moa": lazy_stats(),
                            "ghost_pool": "not available: cxlfork has no API to restore into "
                                          "a pre-spawned process"},
                 "functions": fns}
