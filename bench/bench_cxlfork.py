@@ -127,6 +127,7 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
             t0 = time.perf_counter()
             assert ask(w, "fork") == "pong"
             forks.append(time.perf_counter() - t0)
+        assert ask(w, "ping") == "pong"     # the worker has reaped its last fork child
         ck, ck_pages, img = [], [], None
         for k in range(runs):
             path = os.path.join(work, f"w{mib}-{k}.img")
@@ -189,6 +190,7 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
         fork_s = med(forks)
         rows.append((mib, nbytes, med(ck), med(ck_pages), med(fill), fork_s, lat["mow"],
                      lat["prepared"], lat["moa"], lat["moa-eager"], med(cli), cold_s, criu))
+        print(f"    {rows[-1]}", file=sys.stderr, flush=True)
         # hybrid profile: one clone that answered a ping (touched the interpreter, not the array)
         pp = Pipes()
         pids = restore(img, "mow", stdio=pp.fds())

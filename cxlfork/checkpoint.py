@@ -267,11 +267,23 @@ def collect_vmas(pid: int, maps: list[dict], objs: _Objects) -> list[dict]:
     return vmas
 
 
+def _thread_state(t: Tracee, main: Tracee) -> dict:
+    """What a thread has of its own: registers (its TLS in fs_base), xstate, signal mask,
+    sigaltstack, rseq, robust list, clear-child-tid address (injected syscalls in that thread,
+    through the main thread's scratch page)."""
+    t.syscall_ip, t.scratch = main.syscall_ip, main.scratch
+    altstack = t.sigaltstack()
+    tid_address = t.tid_address()
+    head, rlen = t.robust_list()
+    return {"tid": t.pid, "regs": restart_adjusted(t.regs, live=False),
+            "xstate": image_mod.b64(t.xstate()), "rseq": t.rseq(),
+            "robust_list": {"head": head, "len": rlen}, "tid_address": tid_address,
+            "altstack": altstack, "blocked": int(procfs.status(t.pid)["SigBlk"], 16)}
+
+
 def collect(tr: Tracee) -> dict:
     pid = tr.pid
-    if len(procfs.tasks(pid)) > 1:
-        raise Refused(f"PID {pid} has {len(procfs.tasks(pid))} threads; multi-threaded "
-                      "processes are not supported yet")
+    tr.freeze_threads()
     kids = procfs.children(pid)
     if kids:
         raise Refused(f"PID {pid} has child processes ({', '.join(map(str, kids[:5]))}); "
@@ -293,7 +305,11 @@ def collect(tr: Tracee) -> dict:
         altstack = tr.sigaltstack()
         tid_address = tr.tid_address()
         brk = tr.brk()
+        threads = [_thread_state(t, tr) for t in tr.threads]
     finally:
+        for t in tr.threads:
+            t.scratch = 0
+            t.put_back_regs()
         tr.unmap_scratch()
         tr.put_back_regs()
     head, rlen = tr.robust_list()
@@ -333,6 +349,7 @@ def collect(tr: Tracee) -> dict:
         "rlimits": procfs.rlimits(pid),
         "fds": fds,
         "vmas": vmas,
+        "threads": threads,
         "_objs": objs,
     }
 

@@ -20,6 +20,7 @@ from cxlfork import FORMAT, FORMAT_VERSION
 from cxlfork.errors import ImageError
 
 MANIFEST = "manifest.json"
+MAX_THREADS = 1024                        # restorer stacks: 64 KiB each in its region
 HOT = "hot.json"
 MAX_MANIFEST = 256 << 20
 PAGE = 4096
@@ -216,6 +217,33 @@ def validate(m: dict, image: str = "?") -> dict:
         if not (isinstance(val, list) and len(val) == 2
                 and all(isinstance(x, int) and -1 <= x < 2**64 for x in val)):
             v.fail(f"rlimits.{k}", "expected [soft, hard]")
+
+    threads = v.get(m, "threads", list, "", optional=True) or []
+    if len(threads) > MAX_THREADS:
+        v.fail("threads", f"{len(threads)} threads; at most {MAX_THREADS} are supported")
+    for i, t in enumerate(threads):
+        w = f"threads[{i}]"
+        v.int_in(t, "tid", 1, 2**22 + 1, w)
+        tr = v.get(t, "regs", dict, w)
+        for n in REG_NAMES:
+            v.int_in(tr, n, 0, 2**64, f"{w}.regs")
+        txs = unb64(v.get(t, "xstate", str, w), f"{w}.xstate")
+        if not 512 <= len(txs) <= 16384:
+            v.fail(f"{w}.xstate", f"{len(txs)} bytes, expected 512..16384")
+        v.int_in(t, "blocked", 0, 2**64, w)
+        v.int_in(t, "tid_address", 0, USER_TOP, w)
+        trl = v.get(t, "robust_list", dict, w)
+        v.int_in(trl, "head", 0, USER_TOP, f"{w}.robust_list")
+        v.int_in(trl, "len", 0, 4096, f"{w}.robust_list")
+        ta = v.get(t, "altstack", dict, w)
+        v.int_in(ta, "sp", 0, USER_TOP, f"{w}.altstack")
+        v.int_in(ta, "flags", -2**31, 2**31, f"{w}.altstack")
+        v.int_in(ta, "size", 0, 2**40, f"{w}.altstack")
+        trs = v.get(t, "rseq", dict, w, optional=True)
+        if trs is not None:
+            v.int_in(trs, "addr", 1, USER_TOP, f"{w}.rseq")
+            v.int_in(trs, "len", 20, 4096, f"{w}.rseq")
+            v.int_in(trs, "sig", 0, 2**32, f"{w}.rseq")
 
     store = v.get(m, "store", dict, "")
     sf = v.get(store, "file", str, "store")

@@ -21,10 +21,11 @@ PLAN_MAGIC = 0x314E414C50584643
 PLAN_VERSION = 2
 REGION_LO, REGION_HI = 0x100000000000, 0x100040000000
 PLAN_ADDR = REGION_LO + 0x20000000
+THREAD_PARK = REGION_LO + 0x3ffff000        # never mapped; see restorer.c
 HDR_WORDS = 32
 (OP_MMAP, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK, OP_SIGMASK, OP_RSEQ,
  OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL, OP_PRLIMIT,
- OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND) = range(1, 20)
+ OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD) = range(1, 21)
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PAGE = 4096
@@ -141,8 +142,15 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
         p.op(OP_PRLIMIT, RLIMITS[name], soft, hard)
     for fd in fdnums.get("cloexec", []):
         p.op(OP_CLOEXEC, fd)
+    threads = m.get("threads", [])
+    thread_ops = []
     if "go" in fdnums:
-        p.op(OP_WAITGO, fdnums["go"])
+        p.op(OP_WAITGO, fdnums["go"])             # cxlfork is attached from here on
+        if threads:
+            for i in range(len(threads)):
+                thread_ops.append(len(p.ops))
+                p.op(OP_THREAD, 0)                # record address patched below
+            p.op(OP_WAITGO, fdnums["go"])         # every thread is parked
     for fd in fdnums.get("close", []):
         p.op(OP_CLOSE, fd)
     # the blocked mask is installed by cxlfork (PTRACE_SETSIGMASK) at the hand-over stop
@@ -153,12 +161,21 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     auxv = base64.b64decode(m["mm"]["auxv"])
     auxv_off = ops_off + len(p.ops) * 64
     mm_off = auxv_off + ((len(auxv) + 15) // 16) * 16
+    threads_off = mm_off + 112
     mmf = m["mm"]
     mm_struct = struct.pack("<11QQII", *(mmf[k] for k in (
         "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
         "arg_start", "arg_end", "env_start", "env_end")), PLAN_ADDR + auxv_off, len(auxv),
         fdnums["exe"])
     p.ops[mm_index] = (OP_MM_MAP, PLAN_ADDR + mm_off, len(mm_struct), 0, 0, 0, 0, 0)
+    records = b""
+    for i, (k, t) in enumerate(zip(thread_ops, threads)):
+        p.ops[k] = (OP_THREAD, PLAN_ADDR + threads_off + i * 80, 0, 0, 0, 0, 0, 0)
+        alt, rseq, rl = t["altstack"], t["rseq"] or {"addr": 0, "len": 0, "sig": 0}, \
+            t["robust_list"]
+        records += struct.pack("<10Q", alt["sp"], alt["flags"] & 0xFFFFFFFF, alt["size"],
+                               rseq["addr"], rseq["len"], rseq["sig"], t["tid_address"],
+                               rl["head"], rl["len"], i)
     vdso = next((a for a, _, name in specials if name == "[vdso]"), 0)
     hdr = [PLAN_MAGIC, PLAN_VERSION, len(p.ops), ops_off, len(specials), vdso]
     for j in range(4):
@@ -168,4 +185,5 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     body = struct.pack(f"<{HDR_WORDS}Q", *hdr)
     body += b"".join(struct.pack("<8Q", *o) for o in p.ops)
     body += auxv + b"\0" * (mm_off - auxv_off - len(auxv)) + mm_struct
+    body += b"\0" * (threads_off - mm_off - len(mm_struct)) + records
     return body

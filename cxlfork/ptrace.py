@@ -26,6 +26,13 @@ NR = {"mmap": 9, "munmap": 11, "rt_sigaction": 13, "sigaltstack": 131, "brk": 12
 PR_GET_TID_ADDRESS = 40
 
 
+def _tasks(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return []
+
+
 def regs_unpack(raw: bytes) -> dict[str, int]:
     return dict(zip(REG_NAMES, struct.unpack(f"<{len(REG_NAMES)}Q", raw)))
 
@@ -71,6 +78,7 @@ class Tracee:
         self.attached = False
         self.held_signal = 0
         self.scratch = 0
+        self.threads: list[Tracee] = []     # the other threads, for the main one
         e = lib.cx_seize(pid)
         if e < 0:
             e = -e
@@ -200,8 +208,27 @@ class Tracee:
                                    f"{os.strerror(-e)}")
             self.injected = False
 
+    def freeze_threads(self) -> None:
+        """Freeze every other thread of the process too (one ptrace attach per thread), until
+        no new thread shows up in /proc/PID/task."""
+        seen = {self.pid}
+        while True:
+            new = [t for t in _tasks(self.pid) if t not in seen]
+            if not new:
+                return
+            for t in new:
+                seen.add(t)
+                try:
+                    self.threads.append(Tracee(t))
+                except CxlforkError:
+                    if os.path.exists(f"/proc/{self.pid}/task/{t}"):
+                        raise
+                    # it exited meanwhile
+
     def detach(self) -> None:
         """Put the original registers back (if still needed) and resume the process."""
+        for t in self.threads:
+            t.detach()
         if not self.attached:
             return
         if getattr(self, "injected", False):
@@ -221,8 +248,9 @@ class Tracee:
         except ProcessLookupError:
             pass
         st = ffi.new("int *")
-        for _ in range(100):
-            if lib.cx_wait(self.pid, 5000, st) < 0 or os.WIFEXITED(st[0]) \
-                    or os.WIFSIGNALED(st[0]):
-                break
-        self.attached = False
+        for t in self.threads + [self]:     # traced threads are reaped before the leader
+            for _ in range(100):
+                if lib.cx_wait(t.pid, 5000, st) < 0 or os.WIFEXITED(st[0]) \
+                        or os.WIFSIGNALED(st[0]):
+                    break
+            t.attached = False

@@ -35,6 +35,7 @@ O_CREAT_ETC = os.O_CREAT | os.O_TRUNC | os.O_EXCL | os.O_NOCTTY
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
 F_SEAL_ALL = 0x1 | 0x2 | 0x4 | 0x8   # seal, shrink, grow, write
 F_ADD_SEALS = 1033
+WALL = 0x40000000                    # waitpid's __WALL
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]")
 
 
@@ -140,6 +141,9 @@ class Prepared:
         self.plan_fd = plan_fd
         self.regs = regs_pack(m["regs"])
         self.xstate = base64.b64decode(m["xstate"])
+        # other threads: (registers, xstate, blocked mask), in the plan's creation order
+        self.threads = [(regs_pack(t["regs"]), base64.b64decode(t["xstate"]), t["blocked"])
+                        for t in m.get("threads", [])]
 
     def __enter__(self):
         return self
@@ -256,6 +260,7 @@ class Clone:
     def __init__(self, pid: int, errfd: int):
         self.pid = pid
         self.errfd = errfd
+        self.tids: list[int] = []       # its other threads, once created
 
 
 def _error_text(c: Clone) -> str:
@@ -273,6 +278,11 @@ def _kill(clones: list[Clone]) -> None:
         except ProcessLookupError:
             pass
     for c in clones:
+        for t in c.tids:                # traced threads are reaped before their leader
+            try:
+                os.waitpid(t, WALL)
+            except ChildProcessError:
+                pass
         try:
             os.waitpid(c.pid, 0)
         except ChildProcessError:
@@ -413,17 +423,33 @@ def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress) -> l
             finally:
                 for fd in opened:
                     os.close(fd)
-            e = lib.cx_start(pid, go_w[-1])
-            os.close(go_w.pop())
+            e = lib.cx_start(pid, go_w[-1], 1 if p.threads else 0)
             if e < 0:
+                os.close(go_w.pop())
                 time.sleep(0.01)
                 raise CxlforkError(f"restorer for clone {k + 1} did not start: "
                                    f"{_error_text(clones[-1]) or os.strerror(-e)}")
+            if p.threads:
+                tids = ffi.new("int[]", len(p.threads))
+                e = lib.cx_wait_threads(pid, len(p.threads), tids, plan_mod.THREAD_PARK,
+                                        go_w[-1], 30000)
+                clones[-1].tids = [t for t in tids if t > 0]
+                if e < 0:
+                    os.close(go_w.pop())
+                    time.sleep(0.01)
+                    raise CxlforkError(f"creating the threads of clone {k + 1}: "
+                                       f"{_error_text(clones[-1]) or os.strerror(-e)}")
+            os.close(go_w.pop())
         for k, c in enumerate(clones):
             e = lib.cx_wait_handover(c.pid, c.errfd, 30000, st, pending)
             if e < 0:
                 msg = _error_text(c) or _status_text(st[0])
                 raise CxlforkError(f"restoring clone {k + 1} of {image} failed: {msg}")
+            for tid, (tregs, txs, tmask) in zip(c.tids, p.threads):
+                e = lib.cx_finish(tid, tregs, REGS_SIZE, txs, len(txs), tmask, 0)
+                if e < 0:
+                    raise CxlforkError(f"installing the registers of a thread of clone "
+                                       f"{k + 1}: {os.strerror(-e)}")
             e = lib.cx_finish(c.pid, p.regs, REGS_SIZE, p.xstate, len(p.xstate),
                               m["signals"]["blocked"], pending[0])
             if e < 0:

@@ -61,6 +61,11 @@ def test_memory_other_policies(env, policy):
     _roundtrip(env, "mem", policy.split()[0], extra=policy.split()[1:])
 
 
+@pytest.mark.parametrize("policy", ["mow", "moa"])
+def test_threads(env, policy):
+    _roundtrip(env, "threads", policy)
+
+
 @pytest.mark.parametrize("prog", ["regs", "sig", "misc"])
 def test_state_survives_lazy_moa(env, prog):
     _roundtrip(env, prog, "moa")

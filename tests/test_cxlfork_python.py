@@ -83,19 +83,36 @@ def test_kill_then_restore_same_pid(env):
     assert o.strip() == "ok" and rc == 0, err
 
 
-def test_numpy_with_blas_threads_refused(env):
+def test_numpy_with_blas_threads(env):
+    """numpy with several OpenBLAS threads (blocked in futex waits when checkpointed): mow and
+    lazy moa clones have all the threads and run multi-threaded BLAS right."""
     d, s = env
-    w = start([sys.executable, os.path.join(PROGS, "worker.py"), "1"],
-              env=dict(os.environ, OPENBLAS_NUM_THREADS="2"))
+    w = start([sys.executable, os.path.join(PROGS, "worker.py"), "4"],
+              env=dict(os.environ, OPENBLAS_NUM_THREADS="3"))
+    img = os.path.join(d, "blas3.img")
     try:
-        if len(os.listdir(f"/proc/{w.pid}/task")) == 1:
+        n = len(os.listdir(f"/proc/{w.pid}/task"))
+        if n == 1:
             pytest.skip("numpy's BLAS started no threads here")
-        r = cxlfork("checkpoint", w.pid, "-o", os.path.join(d, "t.img"), "--store", s,
-                    check=False)
-        assert r.returncode == 1 and "threads" in r.stderr
+        cxlfork("checkpoint", w.pid, "-o", img, "--store", s)
+        assert len(json.loads(cxlfork("inspect", img, "--json").stdout)["threads"]) == n - 1
+        for policy in ("mow", "moa"):
+            pidfile = img + policy
+            c = restore_popen(img, "--policy", policy, "--pidfile", pidfile)
+            pid = int(wait_file(pidfile, c))
+            assert len(os.listdir(f"/proc/{pid}/task")) == n
+            for cmd, want in (("blas", "ok"), ("blas", "ok"), ("go", "ok")):
+                c.stdin.write(cmd.encode() + b"\n")
+                c.stdin.flush()
+                assert readline(c.stdout).strip() == want, (policy, cmd)
+            c.communicate(timeout=60)
+            assert c.returncode == 0
+        o, rc, _ = go(w)
+        assert o.strip() == "ok" and rc == 0
     finally:
-        w.kill()
-        w.wait()
+        if w.poll() is None:
+            w.kill()
+            w.wait()
 
 
 def _sigs(pid):

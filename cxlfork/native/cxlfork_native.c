@@ -526,9 +526,10 @@ int cx_spawn(const char *path, char *const argv[], const int *src, const int *ds
 /* Take the freshly exec'd restorer under ptrace (PTRACE_O_EXITKILL: if cxlfork dies from now
  * on, the half-made clone dies too) and send it the go byte it waits for before its hand-over.
  * Until then it cannot reach the hand-over; if cxlfork dies first, it reads EOF and exits. */
-int cx_start(int pid, int gofd)
+int cx_start(int pid, int gofd, int traceclone)
 {
-    if (ptrace(PTRACE_SEIZE, pid, 0, (void *)(long)(PTRACE_O_EXITKILL | PTRACE_O_TRACESYSGOOD)) < 0)
+    long opts = PTRACE_O_EXITKILL | PTRACE_O_TRACESYSGOOD | (traceclone ? PTRACE_O_TRACECLONE : 0);
+    if (ptrace(PTRACE_SEIZE, pid, 0, (void *)opts) < 0)
         return -errno;
     char g = 'g';
     if (write(gofd, &g, 1) != 1)
@@ -570,6 +571,77 @@ int cx_wait_handover(int pid, int errfd, int timeout_ms, int *status_out, int *p
     if (si.si_code != SEGV_MAPERR || (uint64_t)(uintptr_t)si.si_addr != r.rip ||
         r.rip < 0x100000000000UL || r.rip >= 0x100040000000UL || r.rax != 0)
         return -EFAULT;      /* a real crash of the restorer: a bad plan */
+    return 0;
+}
+
+/* A multi-threaded image: the restorer (traced with PTRACE_O_TRACECLONE) creates nthreads
+ * threads; each new one is auto-attached. Let the restorer go on at each clone event (its tid
+ * goes to tids[] in creation order), let each thread run to its park (a SIGSEGV at park, where
+ * it stays stopped), then send the second go byte. */
+int cx_wait_threads(int pid, int nthreads, int *tids, uint64_t park, int gofd, int timeout_ms)
+{
+    int made = 0, parked = 0, st;
+    char done[nthreads > 0 ? nthreads : 1];
+    memset(done, 0, sizeof done);
+    long waited_us = 0;
+    for (int step = 0; parked < nthreads; step++) {
+        int progress = 0;
+        pid_t r = waitpid(pid, &st, __WALL | WNOHANG);
+        if (r < 0)
+            return -errno;
+        if (r == pid) {
+            progress = 1;
+            if (!WIFSTOPPED(st))
+                return -ECHILD;
+            if ((st >> 8) == (SIGTRAP | (PTRACE_EVENT_CLONE << 8))) {
+                unsigned long tid;
+                if (ptrace(PTRACE_GETEVENTMSG, pid, 0, &tid) < 0)
+                    return -errno;
+                if (made >= nthreads)
+                    return -EPROTO;
+                tids[made++] = (int)tid;
+            } else if ((st >> 16) == 0 && WSTOPSIG(st) == SIGSEGV) {
+                return -EFAULT;                 /* the restorer crashed */
+            }
+            if (ptrace(PTRACE_CONT, pid, 0, 0) < 0)
+                return -errno;
+        }
+        for (int i = 0; i < made; i++) {
+            if (done[i])
+                continue;
+            r = waitpid(tids[i], &st, __WALL | WNOHANG);
+            if (r < 0)
+                return -errno;
+            if (r != tids[i])
+                continue;
+            progress = 1;
+            if (!WIFSTOPPED(st))
+                return -ECHILD;
+            if ((st >> 16) == 0 && WSTOPSIG(st) == SIGSEGV) {
+                struct user_regs_struct g;
+                int e = cx_getregset(tids[i], NT_PRSTATUS, &g, sizeof g);
+                if (e < 0)
+                    return e;
+                if (g.rip != park)
+                    return -EFAULT;
+                done[i] = 1;
+                parked++;
+                continue;
+            }
+            if (ptrace(PTRACE_CONT, tids[i], 0, 0) < 0)   /* its first stop, or a signal */
+                return -errno;
+        }
+        if (progress)
+            continue;
+        if (waited_us >= (long)timeout_ms * 1000)
+            return -ETIMEDOUT;
+        int us = step < 1000 ? 10 : 50;
+        tiny_sleep(us);
+        waited_us += us;
+    }
+    char g = 'g';
+    if (write(gofd, &g, 1) != 1)
+        return -errno;
     return 0;
 }
 

@@ -30,7 +30,8 @@ int cx_mbind_shared(void *addr, uint64_t len, int node);
 
 int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
              const char *cwd, int umask_, int sidmode, int set_tid, int errfd);
-int cx_start(int pid, int gofd);
+int cx_start(int pid, int gofd, int traceclone);
+int cx_wait_threads(int pid, int nthreads, int *tids, uint64_t park, int gofd, int timeout_ms);
 int cx_wait_handover(int pid, int errfd, int timeout_ms, int *status_out, int *pending);
 int cx_wait_fd(int fd, int timeout_ms);
 int cx_finish(int pid, const void *regs, int rsize, const void *xs, int xsize, uint64_t sigmask,

@@ -9,7 +9,11 @@
  *   3. runs the plan's operations in order: mmap (store file MAP_PRIVATE, files, anonymous),
  *      pread (eager copies), mprotect, madvise, sigactions, sigaltstack, signal mask, rseq,
  *      tid address, robust list, prctl(PR_SET_MM_MAP), closing its own fds, FD_CLOEXEC;
- *   4. waits for cxlfork's go byte (cxlfork has PTRACE_SEIZEd it by then; EOF means cxlfork
+ *   4. creates the other threads (OP_THREAD: clone with CLONE_THREAD onto a stack in the
+ *      region; each sets its own sigaltstack, rseq, tid address and robust list, then calls
+ *      THREAD_PARK, which is never mapped: cxlfork, attached with PTRACE_O_TRACECLONE, keeps
+ *      each thread at that SIGSEGV stop) and waits for a second go byte (all parked);
+ *   5. waits for cxlfork's go byte (cxlfork has PTRACE_SEIZEd it by then; EOF means cxlfork
  *      is gone, and it exits), closes its own fds, blocks every signal but SIGSEGV and unmaps
  *      its region; returning into the unmapped code faults, and at that SIGSEGV stop cxlfork
  *      installs the signal mask, xstate and registers and detaches with the signal dropped.
@@ -26,13 +30,16 @@
 #define PLAN_ADDR   (REGION_LO + 0x20000000UL)
 #define SPECIAL_TMP (REGION_LO + 0x30000000UL)
 #define TASK_TOP    0x7ffffffff000UL
+#define THREAD_STACKS (REGION_LO + 0x38000000UL)
+#define THREAD_STACK  0x10000UL
+#define THREAD_PARK   (REGION_LO + 0x3ffff000UL)   /* never mapped */
 
 #define PLAN_MAGIC 0x314e414c50584643UL   /* "CFXPLAN1" little-endian */
 #define PLAN_VERSION 2
 
 enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK,
        OP_SIGMASK, OP_RSEQ, OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL,
-       OP_PRLIMIT, OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND };
+       OP_PRLIMIT, OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD };
 
 #define NR_read 0
 #define NR_write 1
@@ -92,6 +99,23 @@ void *memset(void *d, int c, unsigned long n)
         *dd++ = (char)c;
     return d;
 }
+
+/* clone(flags, newsp) for a thread: the child pops its record from the new stack and runs
+ * cx_thread_main; the parent returns the new tid (or -errno). */
+long cx_clone_thread(long flags, uint64_t *newsp);
+__asm__(".text\n.globl cx_clone_thread\ncx_clone_thread:\n"
+        "  mov $56, %eax\n"
+        "  xor %edx, %edx\n"
+        "  xor %r10d, %r10d\n"
+        "  xor %r8d, %r8d\n"
+        "  syscall\n"
+        "  test %rax, %rax\n"
+        "  jz 1f\n"
+        "  ret\n"
+        "1: pop %rdi\n"
+        "  and $-16, %rsp\n"
+        "  call cx_thread_main\n"
+        "  ud2\n");
 
 __asm__(".text\n.globl _start\n_start:\n"
         "  mov %rsp, %r12\n"
@@ -178,6 +202,7 @@ static const char *const op_names[] = {
     "rt_sigprocmask", "rseq", "set_tid_address", "set_robust_list", "prctl(PR_SET_MM_MAP)",
     "close", "fcntl(FD_CLOEXEC)", "prctl", "prlimit64", "read of cxlfork's go byte",
     "userfaultfd (lazy moa)", "UFFDIO_REGISTER (lazy moa)", "sendmsg of the userfaultfd",
+    "clone of a thread",
 };
 
 static long uffd = -1;
@@ -198,6 +223,27 @@ static long send_uffd(long sock)
     sc(NR_close, uffd, 0, 0);
     uffd = -1;
     return r < 0 ? r : 0;
+}
+
+/* A restored thread's own state, then park at THREAD_PARK. rec (in the plan): sigaltstack
+ * sp/flags/size, rseq address/length/signature, tid address, robust list head/length, index. */
+__attribute__((used, noreturn)) void cx_thread_main(const uint64_t *rec)
+{
+    long r;
+    if (!(rec[1] & 2)) {                       /* SS_DISABLE: nothing to set */
+        uint64_t ss[3] = { rec[0], rec[1] & ~1UL & 0xffffffffUL, rec[2] };
+        if ((r = sc(NR_sigaltstack, ss, 0, 0)) < 0)
+            fail("sigaltstack of a thread", (long)rec[9], rec[0], r);
+    }
+    if (rec[3] && (r = sc6(NR_rseq, rec[3], rec[4], 0, rec[5], 0, 0)) < 0)
+        fail("rseq of a thread", (long)rec[9], rec[3], r);
+    sc(NR_set_tid_address, rec[6], 0, 0);
+    if (rec[7] && (r = sc(NR_set_robust_list, rec[7], rec[8], 0)) < 0)
+        fail("set_robust_list of a thread", (long)rec[9], rec[7], r);
+    uint64_t mask = ~(1UL << 10);              /* only SIGSEGV, for the park below */
+    sc6(NR_rt_sigprocmask, 2, (long)&mask, 0, 8, 0, 0);
+    ((void (*)(void))THREAD_PARK)();
+    __builtin_unreachable();
 }
 
 static long run_op(const uint64_t *o)
@@ -278,6 +324,20 @@ static long run_op(const uint64_t *o)
     }
     case OP_UFFD_SEND:
         return send_uffd((long)o[1]);
+    case OP_THREAD: {
+        const uint64_t *rec = (const uint64_t *)o[1];
+        uint64_t stk = THREAD_STACKS + rec[9] * THREAD_STACK;
+        if (stk + THREAD_STACK > THREAD_PARK)
+            return -12;                            /* ENOMEM: too many threads */
+        r = sc6(NR_mmap, stk, THREAD_STACK, 3, 0x32 /* PRIVATE|FIXED|ANON */, -1, 0);
+        if (r != (long)stk)
+            return r < 0 ? r : -17;
+        uint64_t *top = (uint64_t *)(stk + THREAD_STACK);
+        top[-2] = (uint64_t)rec;
+        /* VM|FS|FILES|SIGHAND|THREAD|SYSVSEM */
+        r = cx_clone_thread(0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000, top - 2);
+        return r < 0 ? r : 0;
+    }
     }
     return -22;
 }

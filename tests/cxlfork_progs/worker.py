@@ -3,7 +3,9 @@
 argv[1] = MiB of initialised state (a numpy array). Prints "ready", then per stdin line:
 "ping" -> "pong"; "go" -> checks its state and the interpreter ("ok"/"FAIL ...") and exits;
 "touch F" -> writes fraction F of the array's pages (a write-heavy clone), answers "done";
-"read" -> reads the whole array, answers "done"; "fork" -> os.fork(), the child answers "pong".
+"read" -> reads the whole array, answers "done"; "fork" -> os.fork(), the child answers "pong";
+"blas" -> a 256x256 matrix product (big enough for OpenBLAS to use its threads) checked against
+the one computed at start, answers "ok"/"FAIL".
 """
 import os
 import sys
@@ -14,6 +16,8 @@ mib = int(sys.argv[1]) if len(sys.argv) > 1 else 16
 state = (np.arange(mib * 2**20 // 8, dtype=np.uint64) * np.uint64(2654435761)) ^ np.uint64(7)
 want = int(np.bitwise_xor.reduce(state))
 words = {f"k{i}": i * i for i in range(10000)}
+mat = (np.arange(256 * 256, dtype=np.float64).reshape(256, 256) % 7) - 3
+prod_sum = float((mat @ mat.T).sum())
 sys.stdout.write("ready\n")
 sys.stdout.flush()
 for line in sys.stdin:
@@ -27,6 +31,8 @@ for line in sys.stdin:
             print("pong", flush=True)
             os._exit(0)
         os.wait()
+    elif cmd[0] == "blas":
+        print("ok" if float((mat @ mat.T).sum()) == prod_sum else "FAIL blas", flush=True)
     elif cmd[0] == "read":              # read the whole state (a read-mostly request)
         int(np.bitwise_xor.reduce(state))
         print("done", flush=True)
