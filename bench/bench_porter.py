@@ -232,6 +232,10 @@ def summarise(mode, limit, results, samples) -> dict:
     ttft = {k: [r["ms"] - r["worker_ms"] for r in ok if r["fn"] == "llm" and r["start"] == k]
             for k in ("cold", "restored", "warm")}
     last = samples[-1] if samples else {"functions": {}}
+    failures = {fn: f["restore_failures"] for fn, f in last["functions"].items()
+                if f["restore_failures"]}
+    if failures:
+        print(f"  {mode} (limit {limit}): restore failures: {failures}", file=sys.stderr)
     kinds = {k: sum(r["start"] == k for r in ok) for k in ("cold", "restored", "warm")}
     return {"mode": mode, "limit": limit, "n": len(results), "ok": len(ok),
             "errors": len(results) - len(ok), "kinds": kinds,
@@ -330,6 +334,9 @@ def main():
     ap.add_argument("-k", type=int, default=4, help="invocations before the checkpoint")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--no-limited", action="store_true", help="skip the 25%% runs")
+    ap.add_argument("--limit-mib", type=float, default=0,
+                    help="local memory limit of the limited runs (default: 25%% of the peak "
+                         "local memory of the unlimited cold run)")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -353,7 +360,7 @@ def main():
         print(f"  ran {m}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     if not a.no_limited:
         base = next((r for r in rows if r["mode"] == "cold"), rows[0])
-        limit = round(0.25 * base["local_peak"], 1)
+        limit = a.limit_mib or round(0.25 * base["local_peak"], 1)
         for m in modes:
             rows.append(run_mode(m, limit, trace, weights, wc, a.k))
             print(f"  ran {m} limited: {time.monotonic() - t0:.0f} s", file=sys.stderr,

@@ -341,14 +341,13 @@ def test_local_memory_limit_blocks_scale_out(porter):
 
 
 def test_refused_checkpoint_and_failed_cold_starts_are_reported(porter):
-    # a worker with a second thread cannot be checkpointed: the function keeps cold starts,
-    # and /stats names the reason
-    threaded = ('import threading, time; threading.Thread(target=time.sleep, args=(1e6,), '
-                'daemon=True).start(); from cxlfork.workers.echo import init, handle, serve; '
-                'serve(init, handle)')
+    # a worker holding a socket cannot be checkpointed: the function keeps cold starts, and
+    # /stats names the reason
+    holds_socket = ('import socket; s = socket.socket(); '
+                    'from cxlfork.workers.echo import init, handle, serve; serve(init, handle)')
     fns = f"""
-[functions.threaded]
-command = ["python", "-c", "{threaded}"]
+[functions.sock]
+command = ["python", "-c", "{holds_socket}"]
 policy = "mow"
 checkpoint_after = 2
 env = {{ PORTER_TEST_TAG = "@TAG@" }}
@@ -364,11 +363,11 @@ env = {{ PORTER_TEST_TAG = "@TAG@" }}
 """
     p = porter(fns)
     for i in range(2):
-        assert p.invoke("threaded", i)[0] == 200
-    st = p.wait_for(lambda s: s["functions"]["threaded"]["checkpoint"]["error"], 30,
+        assert p.invoke("sock", i)[0] == 200
+    st = p.wait_for(lambda s: s["functions"]["sock"]["checkpoint"]["error"], 30,
                     "the refused checkpoint")
-    assert "thread" in st["functions"]["threaded"]["checkpoint"]["error"]
-    code, out, _ = p.invoke("threaded", 3)
+    assert "socket" in st["functions"]["sock"]["checkpoint"]["error"]
+    code, out, _ = p.invoke("sock", 3)
     assert code == 200
     code, out, _ = p.invoke("mute", 1)
     assert code == 502 and "no answer to the init within 1 s" in out["error"], out
