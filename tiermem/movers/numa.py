@@ -5,7 +5,8 @@ Per page, the kernel answers with the node the page is now on or -errno:
   * -EBUSY, -EACCES, -EIO... left where it is, counted; the policy may try again later
   * -EFAULT, -ENOENT         the page is no longer mapped/present: reported as gone
   * -ENOMEM                  the destination node is full: the rest of this request is not
-                             attempted (it would fail the same way) and ``node_full`` is set
+                             attempted (it would fail the same way) and ``node_full`` is set;
+                             a call that fails as a whole with ENOMEM is treated the same
 A call-level ESRCH means the process exited: TargetGone is raised with the count moved so
 far. Each call covers at most ``batch_pages`` pages; between calls the mover sleeps as long
 as needed to stay within ``rate_bps``.
@@ -59,6 +60,12 @@ class NumaMover(Mover):
                 if e.errno == errno.EPERM:
                     raise TiermemError(f"not allowed to move pages of PID {pid} "
                                        "(needs CAP_SYS_NICE): run as root") from None
+                if e.errno == errno.ENOMEM:
+                    # the kernel may fail the whole call when the destination node has no
+                    # room (rather than per page): the same answer as per-page ENOMEM
+                    out.add_failures({"ENOMEM": int(chunk.size)})
+                    out.node_full = True
+                    break
                 if e.errno == errno.ENODEV:
                     raise TiermemError(f"node {node} is not online") from None
                 raise TiermemError(f"move_pages on PID {pid}: {e.strerror}") from None
