@@ -63,8 +63,17 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--interval", type=float, default=0.5)
     ap.add_argument("--json", help="also write all results to this file")
+    ap.add_argument("--samplers", default=None,
+                    help="comma-separated subset of: " + ", ".join(SAMPLERS))
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
+    chosen = dict(SAMPLERS)
+    if a.samplers:
+        want = [x.strip() for x in a.samplers.split(",")]
+        bad = [w for w in want if w not in SAMPLERS]
+        if bad:
+            ap.error(f"unknown samplers {bad}; have {list(SAMPLERS)}")
+        chosen = {k: SAMPLERS[k] for k in SAMPLERS if k in want}
     runs = [int(x) for x in a.runs.split(",")]
     runs = runs * len(sizes) if len(runs) == 1 else runs
     if len(runs) != len(sizes) or min(runs) < 1:
@@ -86,13 +95,20 @@ def main() -> int:
                f" echo 8192 > {NB}/scan_size_mb", timeout=60, check=True)
         kernel = vm.run("uname -r", timeout=30).stdout.strip()
         for size, nrun in zip(sizes, runs):
-            for label, (sampler, extra) in SAMPLERS.items():
+            for label, (sampler, extra) in chosen.items():
                 for i in range(nrun):
                     t = time.monotonic()
-                    res = run_one(vm, binary, sampler, extra, size, a.seconds, a.interval)
+                    try:
+                        res = run_one(vm, binary, sampler, extra, size, a.seconds, a.interval)
+                    except RuntimeError as e:
+                        print(f"# {size} MiB {label} run {i + 1} FAILED: {e}", file=sys.stderr,
+                              flush=True)
+                        continue
                     results.setdefault((size, label), []).append(res)
                     print(f"# {size} MiB {label} run {i + 1}: precision {res['precision']:.3f} "
                           f"recall {res['recall']:.3f} cpu {res['cpu_percent']:.3f} % "
+                          f"pages seen {res['pages_seen']} "
+                          f"dropped {res['sampler_meta'].get('dropped', '-')} "
                           f"({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
 
     med = lambda xs: statistics.median(xs)  # noqa: E731
@@ -104,14 +120,18 @@ def main() -> int:
     print(hdr)
     print("-" * len(hdr))
     for size in sizes:
-        base = med([r["precision"] for r in results[(size, "pagemap present (baseline)")]])
-        for label in SAMPLERS:
-            rs = results[(size, label)]
+        bl = results.get((size, "pagemap present (baseline)"))
+        base = med([r["precision"] for r in bl]) if bl else 0.0
+        for label in chosen:
+            rs = results.get((size, label))
+            if not rs:
+                print(f"{size / 1024:>6.0f} GiB  {label:<28} failed (see stderr)")
+                continue
             p = med([r["precision"] for r in rs])
             print(f"{size / 1024:>6.0f} GiB  {label:<28} "
                   f"{med([r['cpu_percent'] for r in rs]):>15.3f} {p:>10.3f} "
                   f"{med([r['recall'] for r in rs]):>7.3f} "
-                  f"{(p / base if base > 0 else float('inf')):>15.2f}x "
+                  f"{(f'{p / base:.2f}x' if base > 0 else 'n/a'):>16} "
                   f"{int(med([r['pages_seen'] for r in rs])):>11}")
     left = [(k, r["kdamonds_after"], r["bpf_progs_left"]) for k, rs in results.items()
             for r in rs if r["kdamonds_after"] != r["kdamonds_before"] or r["bpf_progs_left"]]
