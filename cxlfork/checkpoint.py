@@ -278,7 +278,8 @@ def _thread_state(t: Tracee, main: Tracee) -> dict:
     return {"tid": t.pid, "regs": restart_adjusted(t.regs, live=False),
             "xstate": image_mod.b64(t.xstate()), "rseq": t.rseq(),
             "robust_list": {"head": head, "len": rlen}, "tid_address": tid_address,
-            "altstack": altstack, "blocked": int(procfs.status(t.pid)["SigBlk"], 16)}
+            "altstack": altstack, "blocked": int(procfs.status(t.pid)["SigBlk"], 16),
+            "comm": procfs.status(t.pid).get("Name", "").strip()}
 
 
 def collect(tr: Tracee) -> dict:

@@ -177,6 +177,9 @@ def validate(m: dict, image: str = "?") -> dict:
         v.fail("xstate", f"{len(xs)} bytes, expected 512..16384")
     proc = v.get(m, "process", dict, "")
     v.get(proc, "cwd", str, "process")
+    comm = v.get(proc, "comm", str, "process", optional=True)
+    if comm is not None and ("\0" in comm or len(comm.encode()) > 64):
+        v.fail("process.comm", "not a process name")
     v.int_in(proc, "umask", 0, 0o1000, "process")
     for k in ("pgid_leader", "sid_leader"):
         v.get(proc, k, bool, "process")
@@ -231,6 +234,9 @@ def validate(m: dict, image: str = "?") -> dict:
         if not 512 <= len(txs) <= 16384:
             v.fail(f"{w}.xstate", f"{len(txs)} bytes, expected 512..16384")
         v.int_in(t, "blocked", 0, 2**64, w)
+        tc = v.get(t, "comm", str, w, optional=True)
+        if tc is not None and ("\0" in tc or len(tc.encode()) > 64):
+            v.fail(f"{w}.comm", "not a thread name")
         v.int_in(t, "tid_address", 0, USER_TOP, w)
         trl = v.get(t, "robust_list", dict, w)
         v.int_in(trl, "head", 0, USER_TOP, f"{w}.robust_list")

@@ -137,6 +137,10 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
         p.op(OP_ROBUST, m["robust_list"]["head"], m["robust_list"]["len"])
     mm_index = len(p.ops)
     p.op(OP_MM_MAP, 0, 104)                        # address patched below
+    comm = m["process"].get("comm", "").encode()[:15]
+    comm_index = len(p.ops)
+    if comm:
+        p.op(OP_PRCTL, 15, 0)                      # PR_SET_NAME; address patched below
     from cxlfork.procfs import RLIMITS
     for name, (soft, hard) in sorted(m["rlimits"].items()):
         p.op(OP_PRLIMIT, RLIMITS[name], soft, hard)
@@ -170,12 +174,12 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     p.ops[mm_index] = (OP_MM_MAP, PLAN_ADDR + mm_off, len(mm_struct), 0, 0, 0, 0, 0)
     records = b""
     for i, (k, t) in enumerate(zip(thread_ops, threads)):
-        p.ops[k] = (OP_THREAD, PLAN_ADDR + threads_off + i * 80, 0, 0, 0, 0, 0, 0)
+        p.ops[k] = (OP_THREAD, PLAN_ADDR + threads_off + i * 96, 0, 0, 0, 0, 0, 0)
         alt, rseq, rl = t["altstack"], t["rseq"] or {"addr": 0, "len": 0, "sig": 0}, \
             t["robust_list"]
-        records += struct.pack("<10Q", alt["sp"], alt["flags"] & 0xFFFFFFFF, alt["size"],
+        records += struct.pack("<10Q16s", alt["sp"], alt["flags"] & 0xFFFFFFFF, alt["size"],
                                rseq["addr"], rseq["len"], rseq["sig"], t["tid_address"],
-                               rl["head"], rl["len"], i)
+                               rl["head"], rl["len"], i, t.get("comm", "").encode()[:15])
     vdso = next((a for a, _, name in specials if name == "[vdso]"), 0)
     hdr = [PLAN_MAGIC, PLAN_VERSION, len(p.ops), ops_off, len(specials), vdso]
     for j in range(4):
@@ -186,4 +190,10 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     body += b"".join(struct.pack("<8Q", *o) for o in p.ops)
     body += auxv + b"\0" * (mm_off - auxv_off - len(auxv)) + mm_struct
     body += b"\0" * (threads_off - mm_off - len(mm_struct)) + records
+    if comm:                                       # the name, NUL-padded to 16 bytes
+        p_comm = PLAN_ADDR + len(body)
+        body += comm + b"\0" * (16 - len(comm))
+        body = body[:ops_off + comm_index * 64] + struct.pack("<8Q", OP_PRCTL, 15, p_comm,
+                                                              0, 0, 0, 0, 0) + \
+            body[ops_off + (comm_index + 1) * 64:]
     return body

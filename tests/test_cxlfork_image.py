@@ -74,9 +74,17 @@ def _restore_fails(img: str, needle: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("cxlfork: error: "), r.stderr
     assert needle in lines[0], lines[0]
     time.sleep(0.05)
-    left = [pid for pid in _children_of_restore_left(before)
-            if os.path.exists(f"/proc/{pid}/exe")
-            and os.readlink(f"/proc/{pid}/exe").endswith(("misc", "cxlfork-restorer"))]
+    # ours only: a clone (or its restorer) of this image runs in the image's working
+    # directory; other users of cxlfork on the machine may be restoring at the same time
+    cwd = os.path.dirname(os.path.abspath(img))
+
+    def ours(pid):
+        try:
+            return os.readlink(f"/proc/{pid}/exe").endswith(("misc", "cxlfork-restorer")) \
+                and os.readlink(f"/proc/{pid}/cwd") == cwd
+        except OSError:
+            return False
+    left = [pid for pid in _children_of_restore_left(before) if ours(pid)]
     assert not left, f"processes left behind: {left}"
 
 

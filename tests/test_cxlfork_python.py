@@ -142,6 +142,8 @@ def test_prepared_restore_api(env):
                     assert len(set(pids)) == n
                     for pid in pids:
                         assert _sigs(pid) == want
+                        with open(f"/proc/{pid}/comm") as f:
+                            assert f.read().strip() == "python"
                     for _ in range(n):      # one line at a time: whichever clone reads it
                         os.write(in_w, b"go\n")
                         assert readline(os.fdopen(out_r, "rb", closefd=False)).strip() == "ok"

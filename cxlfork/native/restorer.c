@@ -226,7 +226,8 @@ static long send_uffd(long sock)
 }
 
 /* A restored thread's own state, then park at THREAD_PARK. rec (in the plan): sigaltstack
- * sp/flags/size, rseq address/length/signature, tid address, robust list head/length, index. */
+ * sp/flags/size, rseq address/length/signature, tid address, robust list head/length, index,
+ * then its name (16 bytes). */
 __attribute__((used, noreturn)) void cx_thread_main(const uint64_t *rec)
 {
     long r;
@@ -240,6 +241,8 @@ __attribute__((used, noreturn)) void cx_thread_main(const uint64_t *rec)
     sc(NR_set_tid_address, rec[6], 0, 0);
     if (rec[7] && (r = sc(NR_set_robust_list, rec[7], rec[8], 0)) < 0)
         fail("set_robust_list of a thread", (long)rec[9], rec[7], r);
+    if (((const char *)&rec[10])[0])            /* its name (comm), NUL-padded */
+        sc(NR_prctl, 15 /* PR_SET_NAME */, &rec[10], 0);
     uint64_t mask = ~(1UL << 10);              /* only SIGSEGV, for the park below */
     sc6(NR_rt_sigprocmask, 2, (long)&mask, 0, 8, 0, 0);
     ((void (*)(void))THREAD_PARK)();

@@ -1,12 +1,13 @@
 /* Threads: every thread's registers, TLS (fs base), signal mask and sigaltstack survive, and
  * the blocking calls they sit in when checkpointed are resumed: a futex wait
- * (pthread_cond_wait), a nanosleep loop, a read on a pipe. The threads are joined at the end
+ * (pthread_cond_wait), a nanosleep loop, a read on a pipe. Thread names (comm) too. The threads are joined at the end
  * (pthread_join waits on the kernel clearing the thread's tid address). */
 #include "conform.h"
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <time.h>
+#include <sys/prctl.h>
 
 static __thread long tls_value;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -25,6 +26,10 @@ struct check {
 static void *check_own(struct check *c, const char *who)
 {
     CHECK(tls_value == c->id, "%s: TLS value %ld, want %ld", who, tls_value, c->id);
+    char name[16] = "", want[16];
+    prctl(PR_GET_NAME, name);
+    snprintf(want, sizeof want, "cx-t%ld", c->id);
+    CHECK(strcmp(name, want) == 0, "%s: thread name %s, want %s", who, name, want);
     sigset_t now;
     pthread_sigmask(SIG_SETMASK, NULL, &now);
     CHECK(sigismember(&now, c->sig), "%s: signal %d no longer blocked", who, c->sig);
@@ -39,6 +44,9 @@ static void *check_own(struct check *c, const char *who)
 static void setup(struct check *c)
 {
     tls_value = c->id;
+    char name[16];
+    snprintf(name, sizeof name, "cx-t%ld", c->id);
+    prctl(PR_SET_NAME, name);
     sigset_t s;
     sigemptyset(&s);
     sigaddset(&s, c->sig);
@@ -95,6 +103,9 @@ int main(void)
     ready();
     wait_go();
     CHECK(tls_value == 100, "main: TLS value %ld", tls_value);
+    char name[16] = "";
+    prctl(PR_GET_NAME, name);
+    CHECK(strcmp(name, "threads") == 0, "main: name %s", name);
     pthread_mutex_lock(&mu);
     go_flag = 1;
     pthread_cond_broadcast(&cv);
