@@ -222,12 +222,48 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
         w.wait()
 
 
+def alternate(mib: int, runs: int, work: str, store: str) -> str:
+    """os.fork(), a prepared mow restore and a one-shot API mow restore, alternating (so all
+    three see the same load); returns the summary line."""
+    w, _ = start_worker(mib)
+    try:
+        img = os.path.join(work, f"alt{mib}.img")
+        checkpoint(w.pid, img, store)
+        f, p, a = [], [], []
+        with prepare_restore(img, "mow") as prep:
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                assert ask(w, "fork") == "pong"
+                f.append(time.perf_counter() - t0)
+                assert ask(w, "ping") == "pong"
+                for out, go in ((p, lambda pp: prep.restore(1, stdio=pp.fds())),
+                                (a, lambda pp: restore(img, "mow", stdio=pp.fds()))):
+                    pp = Pipes()
+                    t0 = time.perf_counter()
+                    pids = go(pp)
+                    assert pp.ask("ping") == "pong"
+                    out.append(time.perf_counter() - t0)
+                    kill_all(pids)
+                    pp.close()
+        image_mod.remove(img)
+    finally:
+        w.kill()
+        w.wait()
+    return (f"{mib} MiB, {runs} alternating runs (medians, min): os.fork() {med(f) * 1e3:.2f} "
+            f"ms ({min(f) * 1e3:.2f}); prepared mow {med(p) * 1e3:.2f} ms ({min(p) * 1e3:.2f}); "
+            f"one-shot API mow {med(a) * 1e3:.2f} ms ({min(a) * 1e3:.2f}); prepared/fork "
+            f"{med(p) / med(f):.2f}x; load average {os.getloadavg()[0]:.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="add the 1 GiB worker")
     ap.add_argument("--sizes", default=None, help="MiB list, e.g. 64,256")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--counts", default="1,4,16")
+    ap.add_argument("--alternate", type=int, default=0, metavar="N",
+                    help="only: N alternating runs of os.fork(), prepared and one-shot mow "
+                         "restore per size")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_cxlfork: run as root (ptrace, PR_SET_MM_MAP)")
@@ -242,6 +278,10 @@ def main():
                    check=True)
     rows, memrows = [], []
     try:
+        if a.alternate:
+            for mib in sizes:
+                print(alternate(mib, a.alternate, work, store), flush=True)
+            return
         for mib in sizes:
             print(f"... {mib} MiB worker", file=sys.stderr, flush=True)
             bench_size(mib, a.runs, counts, work, store, rows, memrows)
