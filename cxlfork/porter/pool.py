@@ -53,6 +53,7 @@ class FunctionPool:
         self.instances: list[Instance] = []
         self.idle: list[Instance] = []          # most recently used last
         self.starting = 0                       # reserved slots being started
+        self.reserved_bytes = 0                 # their estimated local memory
         self.spawning: list[Instance] = []      # cold starts waiting for their init
         self.prepared: dict = {}                # (image, policy, profiled) -> prepared restore
         self.image: str | None = None
@@ -105,6 +106,7 @@ class FunctionPool:
                 if total < self.cfg.max_instances:
                     if total == 0 or self.porter.memory_allows(est):
                         self.starting += 1
+                        self.reserved_bytes += est       # counted until it is running
                         break
                     memory_blocked = True
                 if not memory_blocked or tried_reclaim:
@@ -123,6 +125,7 @@ class FunctionPool:
         finally:
             with self.cond:
                 self.starting -= 1
+                self.reserved_bytes -= est
                 self.cond.notify()
         with self.cond:
             if self.porter.stopping or inst.state == "dead":

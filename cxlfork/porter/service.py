@@ -68,11 +68,13 @@ class Porter:
 
     # -- memory --------------------------------------------------------------------------
     def local_total(self) -> int:
-        """Local memory of all instances. Takes no pool lock (a pool calls it holding its
-        own: locking the others here could deadlock two pools scaling out at once)."""
+        """Local memory of all instances, and the estimate of those being started. Takes no
+        pool lock (a pool calls it holding its own: locking the others here could deadlock
+        two pools scaling out at once)."""
         with self.lock:
             pools = list(self.pools.values())
-        return sum(i.local_bytes for p in pools for i in list(p.instances))
+        return sum(i.local_bytes for p in pools for i in list(p.instances)) + \
+            sum(p.reserved_bytes for p in pools)
 
     def memory_allows(self, extra: int) -> bool:
         return not self.limit or self.local_total() + extra <= self.limit
