@@ -248,3 +248,48 @@ def test_huge_tmpfs_store(env):
         cxlfork("rm", img, check=False)
         subprocess.run(["umount", s], check=False)
         os.rmdir(s)
+
+
+def test_lazy_moa_detach_keeps_serving(env):
+    """restore --detach with lazy moa: the command exits, a process it forked serves the
+    clone's first touches (the clone copies its array) and exits once the clone has."""
+    import subprocess
+    import time
+    d, s = env
+    w = _worker(16)
+    img = os.path.join(d, "lazy-detach.img")
+    try:
+        cxlfork("checkpoint", w.pid, "-o", img, "--store", s)
+        pidfile = img + ".pid"
+        r = subprocess.Popen([sys.executable, "-m", "cxlfork", "restore", img, "--policy", "moa",
+                              "--detach", "--pidfile", pidfile], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True)
+        pid = int(wait_file(pidfile, r))
+        assert r.wait(timeout=60) == 0
+        servers = [int(x) for x in os.listdir("/proc") if x.isdigit()
+                   and _cmdline(int(x)).endswith(f"restore\0{img}\0--policy\0moa\0--detach\0"
+                                                 f"--pidfile\0{pidfile}\0")]
+        assert len(servers) == 1, servers
+        assert readline(r.stdout).strip() == str(pid)       # what --detach prints
+        r.stdin.write(b"read\n")            # the clone copies its whole array on first touch
+        r.stdin.flush()
+        assert readline(r.stdout).strip() == "done"
+        assert _private(pid) >= 16 << 20
+        r.stdin.write(b"go\n")
+        r.stdin.flush()
+        assert readline(r.stdout).strip() == "ok"
+        t = time.monotonic()
+        while _cmdline(servers[0]) and time.monotonic() - t < 20:
+            time.sleep(0.05)
+        assert not _cmdline(servers[0]), "the lazy moa server did not exit with its clone"
+    finally:
+        w.kill()
+        w.wait()
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read()
+    except OSError:
+        return ""
