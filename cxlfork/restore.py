@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import functools
 import os
 import socket
 import time
@@ -39,6 +40,7 @@ WALL = 0x40000000                    # waitpid's __WALL
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]")
 
 
+@functools.lru_cache(maxsize=1)
 def _self_specials() -> dict[str, tuple[int, int]]:
     out = {}
     with open("/proc/self/maps") as f:
@@ -65,13 +67,45 @@ def check_specials(m: dict, image: str) -> None:
                                  "the checkpoint's")
 
 
+# Validated manifests and built plans of this process, keyed by the manifest file's identity
+# (device, inode, size, mtime): a restore of an image restored before skips the JSON parse, the
+# checksum, the field validation and the plan build (a changed manifest is a new key). Files,
+# the page file's size and the kernel's vvar/vdso are still checked every time.
+_CACHE: dict[str, tuple] = {}
+_CACHE_MAX = 64
+
+
+def _stat_key(path: str):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _load_cached(image: str) -> tuple[dict, dict]:
+    """(validated manifest, its plan cache) of image."""
+    key = _stat_key(os.path.join(image, image_mod.MANIFEST))
+    hit = _CACHE.get(image)
+    if key is not None and hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    m = image_mod.load(image)
+    if key is not None:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[image] = (key, m, {})
+        return m, _CACHE[image][2]
+    return m, {}
+
+
 class Prepared:
     """Everything shared by the clones of one restore: manifest, plan bytes, open files."""
 
     def __init__(self, image: str, policy: str = "mow", warn=None, eager: bool = False):
         self.image = os.path.abspath(image)
         self.lazy = policy == "moa" and not eager
-        self.m = m = image_mod.load(self.image)
+        self.m, plans = _load_cached(self.image)
+        m = self.m
         self.policy = policy
         if policy not in plan_mod.POLICIES:
             raise CxlforkError(f"unknown policy {policy!r} (mow, moa or hybrid)")
@@ -125,7 +159,10 @@ class Prepared:
         self.num["close"] = [n for k, n in self.num.items() if k != "err"] + [self.num["err"]]
         self.num["cloexec"] = [f["fd"] for f in m["fds"] if f["cloexec"]]
         nums = dict(self.num)
-        self.plan = plan_mod.build(m, policy, nums, self.hot, lazy=self.lazy)
+        pkey = (policy, self.lazy, self.hot)      # the plan depends on these and on m
+        self.plan = plans.get(pkey)
+        if self.plan is None:
+            self.plan = plans[pkey] = plan_mod.build(m, policy, nums, self.hot, lazy=self.lazy)
         if self.lazy:
             runs = plan_mod.lazy_runs(m)
             self.lazy_runs = [ffi.new("uint64_t[]", [r[k] for r in runs]) for k in range(3)]

@@ -293,3 +293,30 @@ def _cmdline(pid):
             return f.read()
     except OSError:
         return ""
+
+
+def test_api_cache_sees_a_changed_manifest(env):
+    """Restores in one process reuse the validated manifest and plan only while manifest.json
+    is the same file: an edit (valid checksum, hostile field) is caught by the next restore."""
+    from cxlfork import image as image_mod
+    from cxlfork.errors import ImageError
+    from cxlfork.restore import restore
+    d, s = env
+    w = _worker(4)
+    img = os.path.join(d, "cache.img")
+    try:
+        cxlfork("checkpoint", w.pid, "-o", img, "--store", s)
+        for _ in range(2):
+            (pid,) = restore(img, "mow", stdio="null")   # stdin /dev/null: it exits at once
+            _, st = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(st) == 0
+        m = image_mod.read_manifest_raw(img)
+        next(v for v in m["vmas"] if v["runs"])["runs"][0][2] = 10**9
+        m["checksum"] = image_mod.checksum(m)
+        with open(os.path.join(img, "manifest.json"), "w") as f:
+            json.dump(m, f)
+        with pytest.raises(ImageError, match="past the end of the page file"):
+            restore(img, "mow", stdio="null")
+    finally:
+        w.kill()
+        w.wait()
