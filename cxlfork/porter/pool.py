@@ -323,7 +323,8 @@ class FunctionPool:
             loc, sh = process_memory(inst.pid, store_dir)
             if loc:
                 inst.local_bytes, inst.shared_bytes = loc, sh
-                self.est_local[inst.policy] = loc
+                # the largest seen: lazy moa and mow clones grow as they serve requests
+                self.est_local[inst.policy] = max(loc, self.est_local.get(inst.policy, 0))
 
     def window_p99(self, now: float, window_s: float) -> float | None:
         with self.cond:
