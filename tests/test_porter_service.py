@@ -100,6 +100,17 @@ class Porter:
         return self.p.returncode, err
 
 
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once pid has exited and was reaped (the porter kills a reclaimed instance just
+    after taking it off its list)."""
+    t = time.monotonic()
+    while _alive(pid):
+        if time.monotonic() - t > timeout:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -244,7 +255,7 @@ def test_register_by_api_and_keepalive_scale_to_zero(porter):
     pid = out["pid"]
     st = p.wait_for(lambda s: s["functions"]["e"]["instances"] == 0, 30, "scale to zero")
     assert st["functions"]["e"]["starts"]["cold"] == 1
-    assert not _alive(pid)
+    assert _gone(pid)
     code, out, r = p.invoke("e", 5)                  # and back up from zero
     assert code == 200 and r.getheader("X-Porter-Start") == "cold"
 
