@@ -36,3 +36,19 @@ def cxl_vm(tmp_path_factory):
         yield machine
     finally:
         machine.stop()
+
+
+DAMON_RESET = (
+    "d=/sys/kernel/mm/damon/admin/kdamonds; [ -d $d ] || exit 0; "
+    "for k in $d/[0-9]*; do [ -d $k ] && echo off > $k/state 2>/dev/null; done; "
+    "echo 0 > $d/nr_kdamonds 2>/dev/null; exit 0")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_damon_in_guest(request):
+    """Tests in the guest share one machine: start each with no kdamond left by an earlier
+    (failed) test, so one failure does not cascade. Tests that check clean-up check their
+    own leftovers after their own run."""
+    if "cxl_vm" in request.fixturenames:
+        request.getfixturevalue("cxl_vm").run(DAMON_RESET, timeout=60)
+    yield
