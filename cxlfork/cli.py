@@ -99,14 +99,17 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
     waits; with --detach a small process it forks stays behind to do it until they exit."""
     import time
     from cxlfork.errors import CxlforkError
-    from cxlfork.restore import restore as do, serve_lazy_forever
+    from cxlfork.restore import restore as do, serve_lazy_forever, sync_lazy
     if eager and policy != "moa":
         raise CxlforkError("--eager goes with --policy moa")
     t0 = time.perf_counter()
     pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
               eager=eager)
     dt = time.perf_counter() - t0
-    if detach and policy == "moa" and not eager and os.fork() == 0:
+    lazy_detach = detach and policy == "moa" and not eager
+    if lazy_detach:
+        sync_lazy()
+    if lazy_detach and os.fork() == 0:
         null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)

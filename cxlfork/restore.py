@@ -398,6 +398,14 @@ def serve_lazy_forever() -> None:
     lib.cx_lazy_serve()
 
 
+def sync_lazy(timeout_s: float = 5.0) -> None:
+    """Make sure the handler holds every clone's userfaultfd (call before os.fork(), so that
+    the child takes them along)."""
+    if lib.cx_lazy_sync(int(timeout_s * 1000)):
+        raise CxlforkError("the lazy moa handler did not receive every clone's userfaultfd "
+                           f"within {timeout_s:g} s")
+
+
 def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress) -> list[int]:
     if n < 1:
         raise CxlforkError("-n must be at least 1")

@@ -43,4 +43,5 @@ enum { CX_LAZY_BLOCK = 262144 };   /* bytes copied around a faulting page */
 int cx_lazy_add(int sock, int pidfd, int store_fd, uint64_t store_len, int n,
                 const uint64_t *addr, const uint64_t *len, const uint64_t *off);
 int cx_lazy_serve(void);
+int cx_lazy_sync(int timeout_ms);
 void cx_lazy_stats(uint64_t *out3);

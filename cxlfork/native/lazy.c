@@ -314,6 +314,23 @@ int cx_lazy_serve(void)
     }
 }
 
+/* Wait (up to timeout_ms) until the handler holds the userfaultfd of every clone, i.e. has
+ * received what each restorer sent. Before a fork that must take the handler's state along.
+ * Returns the number still missing. */
+int cx_lazy_sync(int timeout_ms)
+{
+    for (int waited = 0;; waited++) {
+        int missing = 0;
+        pthread_mutex_lock(&mu);
+        for (struct lz_clone *c = clones; c; c = c->next)
+            missing += c->sock >= 0;
+        pthread_mutex_unlock(&mu);
+        if (!missing || waited >= timeout_ms)
+            return missing;
+        usleep(1000);
+    }
+}
+
 void cx_lazy_stats(uint64_t *out3)
 {
     pthread_mutex_lock(&mu);
