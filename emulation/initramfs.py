@@ -51,6 +51,12 @@ mount -t tracefs nodev $R/sys/kernel/tracing
 mount -t debugfs nodev $R/sys/kernel/debug
 mount -t bpf bpf $R/sys/fs/bpf
 mount -t cgroup2 nodev $R/sys/fs/cgroup
+PROJ=$(arg tiermem.project)
+if [ -n "$PROJ" ]; then
+  mkdir -p $R$PROJ 2>/dev/null
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=@MSIZE@ project $R$PROJ \
+    || fail "cannot mount the project checkout on $PROJ (9p tag project)"
+fi
 WORK=$(arg tiermem.work)
 if [ -n "$WORK" ]; then
   mkdir -p $R$WORK 2>/dev/null

@@ -36,6 +36,9 @@ STATE = "state.json"
 QBOOT = "/usr/share/qemu/qboot.rom"   # minimal firmware: boots -kernel faster than SeaBIOS
 BIOS = ["-bios", QBOOT] if os.path.exists(QBOOT) and not os.environ.get("TIERMEM_SEABIOS") else []
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# This checkout, shared read-only at its own path: the guest mounts tmpfs on /tmp, /run,
+# /var/tmp and /dev/shm, which would hide a checkout (and its venv) living there.
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class GuestTimeout(TiermemError):
@@ -106,6 +109,7 @@ class Machine:
         self.rundir = rundir or tempfile.mkdtemp(prefix="tiermem-vm-")
         self.workdir = os.path.abspath(workdir or os.path.join(self.rundir, "work"))
         check_guest_path(self.workdir, "work folder")
+        check_guest_path(PROJECT, "project checkout")
         check_guest_path(AGENT, "guest agent path")
         self.python = sys.executable
         self.pid: int | None = None
@@ -139,6 +143,7 @@ class Machine:
             "transparent_hugepage=madvise", "rdinit=/init", "i8042.noaux", "i8042.nokbd",
             "i8042.nopnp", "tsc=reliable", "no_timer_check", *_lpj_args(),
             f"tiermem.agent={AGENT}", f"tiermem.work={self.workdir}",
+            f"tiermem.project={PROJECT}",
             f"tiermem.python={os.path.realpath('/usr/bin/python3')}"])
         return [QEMU, "-name", "tiermem-cxl", "-machine", "pc,hmat=on", *BIOS,
                 "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(c.cpus),
@@ -147,6 +152,8 @@ class Machine:
                 "-serial", f"file:{self.console_log}", "-monitor", "none",
                 "-kernel", vmlinuz, "-initrd", initrd, "-append", append,
                 "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+                "-virtfs", f"local,path={PROJECT},mount_tag=project,security_model=none,"
+                           "readonly=on,multidevs=remap",
                 "-virtfs", f"local,path={self.workdir},mount_tag=work,security_model=none",
                 "-device", "virtio-serial-pci",
                 "-chardev", f"socket,id=agent,path={self.socket_path},server=on,wait=off",
