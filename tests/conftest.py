@@ -52,3 +52,20 @@ def _fresh_damon_in_guest(request):
     if "cxl_vm" in request.fixturenames:
         request.getfixturevalue("cxl_vm").run(DAMON_RESET, timeout=60)
     yield
+
+
+def unprivileged_cannot_read_checkout() -> str | None:
+    """Why the unprivileged user (nobody, 65534) cannot import this checkout, or None.
+
+    Tests of 'a non-root caller is refused' run the project's code as nobody; in a checkout
+    under a directory only root may enter (e.g. a 0700 /tmp) they cannot import it at all."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    probe = os.path.join(root, "tiermem", "__init__.py")
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "test", "-r", probe], capture_output=True)
+    if r.returncode != 0:
+        return (f"the unprivileged user (uid 65534) cannot read this checkout ({probe}): a "
+                f"parent directory is closed to others, so its code cannot run as non-root")
+    return None

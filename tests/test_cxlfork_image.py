@@ -205,6 +205,9 @@ def test_bad_pid_and_existing_output(env):
 
 
 def test_refuses_unprivileged_caller(env):
+    from conftest import unprivileged_cannot_read_checkout
+    if (why := unprivileged_cannot_read_checkout()):
+        pytest.skip(why)
     d, s, img, p = env
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                         sys.executable, "-m", "cxlfork", "checkpoint", str(p.pid), "-o",

@@ -124,6 +124,9 @@ def test_pid_exits_during_move():
 
 def test_not_root_refused(worker):
     """Moving another user's pages without CAP_SYS_NICE: one clear line."""
+    from conftest import unprivileged_cannot_read_checkout
+    if (why := unprivileged_cannot_read_checkout()):
+        pytest.skip(why)
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to an unprivileged user for this check")
     p, info = worker
