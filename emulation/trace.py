@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from tiermem.access import PAGE_SHIFT, WORD_SHIFT, AccessBatch
 from tiermem.errors import TiermemError
+from tiermem.npzfile import save_atomic
 
 FORMAT = "tiermem-trace"
 VERSION = 1
@@ -158,20 +158,7 @@ class Trace:
         for name in ("word", "is_write", "weight", "epoch"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
-        d = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(d):
-            raise TiermemError(f"cannot write trace {path}: directory {d} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=".trace-", suffix=".npz", dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        save_atomic(path, arrays, "trace")
 
 
 def load(path: str) -> Trace:

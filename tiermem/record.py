@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import socket
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tiermem.errors import TiermemError
+from tiermem.npzfile import save_atomic
 from tiermem.samplers.base import Spans
 
 FORMAT = "tiermem-record"
@@ -110,20 +110,7 @@ class Record:
         arrays = {"meta": np.array(json.dumps(meta)), "batch_t": self.batch_t,
                   "batch_off": self.batch_off, "pid": self.pid, "addr": self.addr,
                   "length": self.length, "weight": self.weight}
-        d = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(d):
-            raise TiermemError(f"cannot write record {path}: directory {d} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=".record-", suffix=".npz", dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        save_atomic(path, arrays, "record", compressed=True)
 
 
 def load(path: str) -> Record:

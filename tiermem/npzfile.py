@@ -1,0 +1,28 @@
+"""Atomic writes of .npz files (temp file in the same directory, then rename), shared by the
+trace and record formats so a crash never leaves a half-written file under the real name."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from tiermem.errors import TiermemError
+
+
+def save_atomic(path: str, arrays: dict, what: str, compressed: bool = False) -> None:
+    """Write arrays to path as .npz; `what` names the file kind in errors ('trace', ...)."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise TiermemError(f"cannot write {what} {path}: directory {d} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{what}-", suffix=".npz", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            (np.savez_compressed if compressed else np.savez)(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
