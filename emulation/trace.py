@@ -32,7 +32,7 @@ import numpy as np
 
 from tiermem.access import PAGE_SHIFT, WORD_SHIFT, AccessBatch
 from tiermem.errors import TiermemError
-from tiermem.npzfile import save_atomic
+from tiermem.npzfile import read_meta, save_atomic
 
 FORMAT = "tiermem-trace"
 VERSION = 1
@@ -175,15 +175,7 @@ def load(path: str) -> Trace:
         missing = {"meta", "page_pid", "page_num", "page_idx"} - files
         if missing:
             raise TiermemError(f"{where}: missing arrays {', '.join(sorted(missing))}")
-        try:
-            meta = json.loads(str(z["meta"]))
-        except (ValueError, TypeError) as e:
-            raise TiermemError(f"{where}: meta is not JSON: {e}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise TiermemError(f"{where}: meta.format is not {FORMAT!r}")
-        if meta.get("version") != VERSION:
-            raise TiermemError(f"{where}: trace format version {meta.get('version')!r} "
-                               f"not supported (this tiermem reads version {VERSION})")
+        meta = read_meta(z, where, FORMAT, VERSION, "trace")
         want = {"page_pid": np.int32, "page_num": np.uint64, "page_idx": np.uint32,
                 "word": np.uint8, "is_write": np.bool_, "weight": np.float32,
                 "epoch": np.uint32}

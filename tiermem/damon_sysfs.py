@@ -23,6 +23,7 @@ import numpy as np
 
 from tiermem import kfs
 from tiermem.errors import TiermemError
+from tiermem.procmaps import pid_alive
 
 ADMIN = "/sys/kernel/mm/damon/admin"
 KDAMONDS = ADMIN + "/kdamonds"
@@ -215,19 +216,9 @@ def _write_state(d: dict | None) -> None:
     os.replace(tmp, p)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def describe_running(k: dict, st: dict | None) -> str:
     mine = st is not None and st.get("index") == k["index"] and st.get("kdamond_pid") == k["pid"]
-    if mine and not _pid_alive(int(st.get("owner_pid", -1))):
+    if mine and not pid_alive(int(st.get("owner_pid", -1))):
         who = f"stale: left by tiermem pid {st.get('owner_pid')} which is gone"
     elif mine:
         who = f"owned by running tiermem pid {st.get('owner_pid')}"

@@ -26,3 +26,18 @@ def save_atomic(path: str, arrays: dict, what: str, compressed: bool = False) ->
         except OSError:
             pass
         raise
+
+
+def read_meta(z, where: str, fmt: str, version: int, kind: str) -> dict:
+    """The JSON `meta` array of an opened .npz, checked for its format name and version."""
+    import json
+    try:
+        meta = json.loads(str(z["meta"]))
+    except (ValueError, TypeError) as e:
+        raise TiermemError(f"{where}: meta is not JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise TiermemError(f"{where}: meta.format is not {fmt!r}")
+    if meta.get("version") != version:
+        raise TiermemError(f"{where}: {kind} format version {meta.get('version')!r} "
+                           f"not supported (this tiermem reads version {version})")
+    return meta

@@ -96,3 +96,15 @@ def read_vmas(pid: int, with_rss: bool = True) -> list[Vma]:
 
 def process_exists(pid: int) -> bool:
     return kfs.exists(f"/proc/{pid}/stat")
+
+
+def pid_alive(pid: int) -> bool:
+    """True while a process with this PID exists (signal 0; EPERM still means it exists)."""
+    import os
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

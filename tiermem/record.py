@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tiermem.errors import TiermemError
-from tiermem.npzfile import save_atomic
+from tiermem.npzfile import read_meta, save_atomic
 from tiermem.samplers.base import Spans
 
 FORMAT = "tiermem-record"
@@ -127,15 +127,7 @@ def load(path: str) -> Record:
             if missing:
                 raise TiermemError(f"{where}: not a tiermem record (missing "
                                    f"{', '.join(sorted(missing))})")
-            try:
-                meta = json.loads(str(z["meta"]))
-            except (ValueError, TypeError) as e:
-                raise TiermemError(f"{where}: meta is not JSON: {e}") from None
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise TiermemError(f"{where}: meta.format is not {FORMAT!r}")
-            if meta.get("version") != VERSION:
-                raise TiermemError(f"{where}: record format version {meta.get('version')!r} "
-                                   f"not supported (this tiermem reads version {VERSION})")
+            meta = read_meta(z, where, FORMAT, VERSION, "record")
             arr = {}
             for name, dt in want.items():
                 a = z[name]

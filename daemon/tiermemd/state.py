@@ -21,16 +21,7 @@ import time
 
 from tiermem import kfs
 from tiermem.errors import TiermemError
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+from tiermem.procmaps import pid_alive
 
 
 def _is_tiermemd(pid: int) -> bool:
@@ -74,7 +65,7 @@ def check_and_clean(sf: StateFile, socket_path: str, log) -> list[str]:
     done: list[str] = []
     if st is not None:
         pid = int(st.get("pid", -1))
-        if pid != os.getpid() and _alive(pid) and _is_tiermemd(pid):
+        if pid != os.getpid() and pid_alive(pid) and _is_tiermemd(pid):
             raise TiermemError(f"tiermemd is already running as PID {pid} "
                                f"(state file {sf.path})")
         log.warning("previous tiermemd (PID %d) did not stop cleanly: cleaning up", pid)
@@ -124,7 +115,7 @@ def _clean_damon() -> list[str]:
     except (OSError, ValueError):
         return []
     owner = int(rec.get("owner_pid", -1))
-    if _alive(owner):
+    if pid_alive(owner):
         return []
     out = []
     for k in ds.running_kdamonds():
