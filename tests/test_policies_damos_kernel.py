@@ -56,10 +56,10 @@ GUEST_SCRIPT = textwrap.dedent("""
         print(json.dumps(out)); sys.exit(0)
     try:
         t0 = time.time()
-        while time.time() - t0 < 40:
+        while time.time() - t0 < 120:           # DAMOS under TCG sometimes needs >40 s
             arr[::64] += 1                       # touch every cache line: hot
             now = np.bincount(native.query_nodes(os.getpid(), pages).clip(0), minlength=2)
-            if now[0] >= 0.8 * len(pages):
+            if now[0] >= 0.8 * len(pages) or (time.time() - t0 > 40 and now[0] > 256):
                 break
         out["after"] = now.tolist()
         out["seconds"] = time.time() - t0
@@ -75,7 +75,7 @@ def test_guest_kernel_damos_promotes_hot_pages(cxl_vm):
     script = os.path.join(cxl_vm.workdir, "damos_kernel_probe.py")
     with open(script, "w") as f:
         f.write(GUEST_SCRIPT)
-    r = cxl_vm.run([cxl_vm.python, script], timeout=180)
+    r = cxl_vm.run([cxl_vm.python, script], timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["before"][1] >= 0.9 * sum(out["before"])     # started on the slow node
