@@ -241,13 +241,26 @@ def check_free(force: bool = False) -> bool:
             f"DAMON is busy: {desc}. The sysfs interface cannot add a kdamond while another "
             "runs; stop it, or pass --force to turn it off and take DAMON over")
     for k in running:
-        kfs.write(_kd(k["index"]) + "/state", "off")
+        turn_off(k["index"])
     _wait_off([k["index"] for k in running])
     if st is not None:
         _write_state(None)
     # Taken over: their configuration goes when nr_kdamonds is rewritten (the kernel
     # rebuilds every kdamond directory), so on stop none of them is put back.
     return True
+
+
+def turn_off(index: int) -> None:
+    """Turn kdamond `index` off. A kdamond stops by itself when all its vaddr targets exit,
+    and then the kernel answers EPERM to 'off': that race counts as success."""
+    kd = _kd(index)
+    if kfs.read(kd + "/state", "off") != "on":
+        return
+    try:
+        kfs.write(kd + "/state", "off")
+    except TiermemError:
+        if kfs.read(kd + "/state", "off") == "on":
+            raise
 
 
 def _wait_off(indices, timeout: float = 10.0) -> None:
@@ -417,10 +430,8 @@ class Kdamond:
     def stop(self) -> None:
         if self.index is None:
             return
-        kd = _kd(self.index)
-        if kfs.read(kd + "/state", "off") == "on":
-            kfs.write(kd + "/state", "off")
-            _wait_off([self.index])
+        turn_off(self.index)
+        _wait_off([self.index])
         # Back to the count we found; fails only if someone else started one meanwhile.
         try:
             kfs.write(KDAMONDS + "/nr_kdamonds", self.prev_nr)

@@ -120,7 +120,7 @@ def _clean_damon() -> list[str]:
     out = []
     for k in ds.running_kdamonds():
         if k["index"] == rec.get("index") and k["pid"] == rec.get("kdamond_pid"):
-            kfs.write(f"{ds.KDAMONDS}/{k['index']}/state", "off")
+            ds.turn_off(k["index"])
             deadline = time.monotonic() + 10
             while kfs.read(f"{ds.KDAMONDS}/{k['index']}/state", "off") != "off":
                 if time.monotonic() > deadline:
