@@ -15,18 +15,21 @@ Any failure kills and reaps every clone made so far; nothing half-made is left r
 
 `prepare_restore(image)` does the check, the plan and the files once and returns an object
 whose `.restore(n, stdio)` makes clones at the per-clone cost only (for servers such as the
-porter that restore the same image again and again).
+porter that restore the same image again and again). With `ghosts=` (a
+cxlfork.ghosts.GhostPool) the spawn step is replaced by handing the fds and the plan to a
+pre-spawned restorer.
 """
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import functools
 import os
 import socket
 import time
 
-from cxlfork import image as image_mod, plan as plan_mod
+from cxlfork import ghosts as ghosts_mod, image as image_mod, plan as plan_mod
 from cxlfork.errors import CxlforkError, ImageError
 from cxlfork.native import ffi, lib, restorer_path
 from cxlfork.ptrace import REGS_SIZE, regs_pack
@@ -189,11 +192,13 @@ class Prepared:
         self.close()
 
     def restore(self, n: int = 1, stdio="inherit", same_pid: bool = False,
-                progress=None) -> list[int]:
-        """Restore n clones; returns their PIDs (children of this process)."""
+                progress=None, ghosts=None) -> list[int]:
+        """Restore n clones; returns their PIDs (children of this process). ghosts: a
+        cxlfork.ghosts.GhostPool whose idle ghosts become the clones (spawned as usual when it
+        is empty)."""
         if not self.fds_open:
             raise CxlforkError(f"restore of {self.image}: this prepared restore was closed")
-        return _restore_prepared(self, n, stdio, same_pid, progress)
+        return _restore_prepared(self, n, stdio, same_pid, progress, ghosts)
 
     def close(self):
         for fd in self.fds_open:
@@ -353,7 +358,8 @@ def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = Fa
 
 
 def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
-            same_pid: bool = False, warn=None, progress=None, eager: bool = False) -> list[int]:
+            same_pid: bool = False, warn=None, progress=None, eager: bool = False,
+            ghosts=None) -> list[int]:
     """Restore n clones of image; returns their PIDs (children of this process).
 
     policy "moa" is lazy unless eager=True: the clones map the store as in mow and a
@@ -364,8 +370,11 @@ def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
         raise CxlforkError("-n must be at least 1")
     if same_pid and n != 1:
         raise CxlforkError("--same-pid restores a single clone (-n 1)")
+    if same_pid and ghosts is not None:
+        raise CxlforkError("--same-pid cannot restore into a ghost: a ghost's PID is fixed "
+                           "when it is spawned (restore without ghosts)")
     with Prepared(image, policy, warn, eager) as p:
-        pids = _restore_prepared(p, n, stdio, same_pid, progress)
+        pids = _restore_prepared(p, n, stdio, same_pid, progress, ghosts)
     restore.last_seconds = time.perf_counter() - t0
     return pids
 
@@ -406,11 +415,39 @@ def sync_lazy(timeout_s: float = 5.0) -> None:
                            f"within {timeout_s:g} s")
 
 
-def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress) -> list[int]:
+def _into_ghost(p: Prepared, pool, c_src, c_dst, nfd: int, c_cwd, sidmode: int,
+                err_index: int) -> int:
+    """Hand the clone's fd table and plan to an idle ghost of pool; its PID, or 0 when there
+    is none (the pool is empty, or this image has more fds than one message carries)."""
+    if nfd > ghosts_mod.MAX_FDS or 64 + 4 * nfd + len(p.m["process"]["cwd"].encode()) >= \
+            lib.CX_GHOST_MSG:
+        return 0
+    while True:
+        g = pool.take()
+        if g is None:
+            return 0
+        e = lib.cx_ghost_send(g.sock, c_src, c_dst, nfd, c_cwd, p.m["process"]["umask"],
+                              sidmode, err_index, p.num["plan"])
+        os.close(g.sock)            # the ghost has its message (or is gone)
+        g.sock = -1
+        if e == 0:
+            return g.pid
+        if -e in (errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED):
+            pool.dead(g)            # killed by someone: try the next one
+            continue
+        g.discard()
+        raise CxlforkError(f"handing a restore to ghost {g.pid}: {os.strerror(-e)}")
+
+
+def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress,
+                      ghosts=None) -> list[int]:
     if n < 1:
         raise CxlforkError("-n must be at least 1")
     if same_pid and n != 1:
         raise CxlforkError("--same-pid restores a single clone (-n 1)")
+    if same_pid and ghosts is not None:
+        raise CxlforkError("--same-pid cannot restore into a ghost: a ghost's PID is fixed "
+                           "when it is spawned (restore without ghosts)")
     m = p.m
     image = p.image
     restorer = restorer_path().encode()
@@ -452,8 +489,11 @@ def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress) -> l
                     dst.append(p.num[key])
                 c_src = ffi.new("int[]", src)
                 c_dst = ffi.new("int[]", dst)
-                pid = lib.cx_spawn(restorer, c_argv, c_src, c_dst, len(src), c_cwd,
-                                   proc["umask"], sidmode, set_tid, err_index)
+                pid = _into_ghost(p, ghosts, c_src, c_dst, len(src), c_cwd, sidmode,
+                                  err_index) if ghosts is not None else 0
+                if not pid:
+                    pid = lib.cx_spawn(restorer, c_argv, c_src, c_dst, len(src), c_cwd,
+                                       proc["umask"], sidmode, set_tid, err_index)
                 if pid < 0:
                     os.close(er)
                     os.close(go_w.pop())

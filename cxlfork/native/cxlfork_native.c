@@ -25,6 +25,7 @@
 #include <sys/mman.h>
 #include <sys/ptrace.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -521,6 +522,49 @@ int cx_spawn(const char *path, char *const argv[], const int *src, const int *ds
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     return (int)pid;
+}
+
+/* Hand one restore to a ghost (a restorer waiting in ghost mode on the unix socket sock):
+ * the fds src[] to install at dst[] (SCM_RIGHTS), cwd, umask, session mode, the index of the
+ * error pipe in src[] and the plan's fd number. Message layout: see ghost_wait in restorer.c.
+ * -EPIPE/-ECONNRESET: the ghost is gone. */
+int cx_ghost_send(int sock, const int *src, const int *dst, int nfd, const char *cwd, int umask_,
+                  int sidmode, int errindex, int planfd)
+{
+    static __thread char buf[CX_GHOST_MSG];
+    size_t clen = cwd ? strlen(cwd) : 0;
+    size_t len = 64 + (size_t)nfd * 4 + clen;
+    if (nfd < 1 || nfd > CX_GHOST_MAXFD || len >= CX_GHOST_MSG)
+        return -E2BIG;
+    uint64_t h[8] = { 0x3154534f48475843ULL, (uint64_t)nfd, (uint64_t)umask_,
+                      (uint64_t)sidmode, (uint64_t)planfd, (uint64_t)errindex, clen, 0 };
+    memcpy(buf, h, 64);
+    for (int i = 0; i < nfd; i++)
+        memcpy(buf + 64 + 4 * i, &dst[i], 4);
+    memcpy(buf + 64 + 4 * nfd, cwd, clen);
+    union {
+        struct cmsghdr c;
+        char b[CMSG_SPACE(sizeof(int) * CX_GHOST_MAXFD)];
+    } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct iovec iov = { buf, len };
+    struct msghdr mh = { 0 };
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = ctl.b;
+    mh.msg_controllen = CMSG_SPACE(sizeof(int) * nfd);
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * nfd);
+    memcpy(CMSG_DATA(c), src, sizeof(int) * nfd);
+    ssize_t r;
+    do
+        r = sendmsg(sock, &mh, MSG_NOSIGNAL);
+    while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return -errno;
+    return r == (ssize_t)len ? 0 : -EPROTO;
 }
 
 /* Take the freshly exec'd restorer under ptrace (PTRACE_O_EXITKILL: if cxlfork dies from now

@@ -31,6 +31,9 @@ int cx_mbind_shared(void *addr, uint64_t len, int node);
 int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
              const char *cwd, int umask_, int sidmode, int set_tid, int errfd);
 int cx_start(int pid, int gofd, int traceclone);
+enum { CX_GHOST_MAXFD = 253, CX_GHOST_MSG = 8192 };
+int cx_ghost_send(int sock, const int *src, const int *dst, int nfd, const char *cwd, int umask_,
+                  int sidmode, int errindex, int planfd);
 int cx_wait_threads(int pid, int nthreads, int *tids, uint64_t park, int gofd, int timeout_ms);
 int cx_wait_handover(int pid, int errfd, int timeout_ms, int *status_out, int *pending);
 int cx_wait_fd(int fd, int timeout_ms);

@@ -19,6 +19,12 @@
  *      installs the signal mask, xstate and registers and detaches with the signal dropped.
  *      (One ptrace stop in all: no exec stop, no SIGSTOP, no syscall stops.)
  * Any failure writes one line to the error fd and exits with status 1.
+ *
+ * Ghost mode (argv: restorer ghost FD): a pre-spawned "ghost" (cxlfork.ghosts) blocks in
+ * recvmsg on the unix socket FD until cxlfork sends it one restore: the clone's fds
+ * (SCM_RIGHTS) with their numbers, cwd, umask and session mode. It lays out its fd table as
+ * the spawn path would, closes the socket and goes on at step 2 (with the plan fd from the
+ * message). EOF on the socket (its owner closed the pool or died) makes it exit.
  */
 #include <stdint.h>
 #include <linux/ioctl.h>
@@ -66,6 +72,16 @@ enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTST
 #define NR_ioctl 16
 #define NR_sendmsg 46
 #define NR_userfaultfd 323
+#define NR_recvmsg 47
+#define NR_dup2 33
+#define NR_chdir 80
+#define NR_umask 95
+#define NR_setsid 112
+#define NR_setpgid 109
+#define NR_close_range 436
+
+#define GHOST_MAGIC 0x3154534f48475843UL   /* "CXGHOST1" little-endian */
+#define GHOST_MAXFD 253                      /* SCM_MAX_FD */
 
 extern char cx_image_start[], cx_image_end[];
 char cx_stack[1 << 16] __attribute__((aligned(64)));
@@ -345,6 +361,73 @@ static long run_op(const uint64_t *o)
     return -22;
 }
 
+/* Ghost mode: wait for one restore on socket sock, lay out the fd table it carries; returns
+ * the plan fd. Message: u64 magic, nfd, umask, session mode (1 setsid, 2 setpgid), plan fd,
+ * error-pipe index, cwd length, 0; then nfd int32 destination numbers, then the cwd; the
+ * nfd fds in SCM_RIGHTS, in the same order. Fails with exit statuses 126/127 before the
+ * error pipe is in place. */
+static char ghost_buf[8192] __attribute__((aligned(8)));
+static uint64_t ghost_cmsg[(16 + GHOST_MAXFD * 4 + 7) / 8 + 1];
+
+static long ghost_wait(long sock)
+{
+    uint64_t iov[2] = { (uint64_t)ghost_buf, sizeof ghost_buf };
+    struct {
+        uint64_t name;
+        uint32_t namelen, pad;
+        uint64_t iov, iovlen, control, controllen;
+        int32_t flags, pad2;
+    } mh = { 0, 0, 0, (uint64_t)iov, 1, (uint64_t)ghost_cmsg, sizeof ghost_cmsg, 0, 0 };
+    long n;
+    do
+        n = sc(NR_recvmsg, sock, &mh, 0x40000000 /* MSG_CMSG_CLOEXEC */);
+    while (n == -4 /* EINTR */);
+    if (n <= 0)                                /* EOF: the pool is closed or its owner gone */
+        sc(NR_exit_group, 0, 0, 0);
+    const uint64_t *h = (const uint64_t *)ghost_buf;
+    uint64_t nfd = h[1];
+    const uint32_t *c = (const uint32_t *)ghost_cmsg;   /* len (u64), level, type, fds */
+    if (n < 64 || n >= (long)sizeof ghost_buf || h[0] != GHOST_MAGIC || nfd > GHOST_MAXFD ||
+        (mh.flags & 0x28 /* MSG_CTRUNC, MSG_TRUNC */) ||
+        mh.controllen < 16 || c[2] != 1 || c[3] != 1 ||
+        ghost_cmsg[0] != 16 + nfd * 4 || (uint64_t)n < 64 + nfd * 4 + h[6])
+        sc(NR_exit_group, 126, 0, 0);
+    const int32_t *dst = (const int32_t *)(ghost_buf + 64);
+    const int32_t *got = (const int32_t *)(c + 4);
+    char *cwd = ghost_buf + 64 + nfd * 4;
+    int32_t tmp[GHOST_MAXFD];
+    long base = sock + 1, r;
+    for (uint64_t i = 0; i < nfd; i++)
+        if (dst[i] >= base)
+            base = dst[i] + 1;
+    /* out of the way of every destination, then into place (as cx_spawn's child does) */
+    for (uint64_t i = 0; i < nfd; i++) {
+        r = sc(NR_fcntl, got[i], 0 /* F_DUPFD */, base);
+        if (r < 0)
+            sc(NR_exit_group, 127, 0, 0);
+        sc(NR_close, got[i], 0, 0);
+        tmp[i] = (int32_t)r;
+    }
+    sc(NR_close, sock, 0, 0);
+    for (uint64_t i = 0; i < nfd; i++)
+        if (sc(NR_dup2, tmp[i], dst[i], 0) < 0)
+            sc(NR_exit_group, 127, 0, 0);
+    sc6(NR_close_range, base, ~0U, 0, 0, 0, 0);
+    if (h[5] < nfd)
+        errfd = dst[h[5]];
+    if (h[6]) {
+        cwd[h[6]] = 0;
+        if ((r = sc(NR_chdir, cwd, 0, 0)) < 0)
+            fail("chdir to the checkpointed cwd", -1, 0, r);
+    }
+    sc(NR_umask, h[2], 0, 0);
+    if (h[3] == 1 && (r = sc(NR_setsid, 0, 0, 0)) < 0)
+        fail("setsid", -1, 0, r);
+    if (h[3] == 2 && (r = sc(NR_setpgid, 0, 0, 0)) < 0)
+        fail("setpgid", -1, 0, r);
+    return (long)h[4];
+}
+
 __attribute__((used)) void cx_main(uint64_t *sp0)
 {
     long argc = (long)sp0[0];
@@ -360,8 +443,15 @@ __attribute__((used)) void cx_main(uint64_t *sp0)
     if (argc < 2)
         sc(NR_exit_group, 122, 0, 0);
     long planfd = 0;
-    for (const char *s = argv[1]; *s; s++)
+    int ghost = argv[1][0] == 'g';
+    const char *num = ghost ? (argc > 2 ? argv[2] : "x") : argv[1];
+    for (const char *s = num; *s; s++) {
+        if (*s < '0' || *s > '9')
+            sc(NR_exit_group, 122, 0, 0);
         planfd = planfd * 10 + (*s - '0');
+    }
+    if (ghost)
+        planfd = ghost_wait(planfd);
 
     uint64_t st[18];               /* struct stat: st_size at word 6 */
     if (sc(NR_fstat, planfd, st, 0) < 0)
