@@ -133,6 +133,8 @@ def test_prepared_restore_api(env):
     try:
         cxlfork("checkpoint", w.pid, "-o", img, "--store", s)
         want = _sigs(w.pid)
+        with open(f"/proc/{w.pid}/comm") as f:
+            comm = f.read().strip()         # python or python3, after how pytest was started
         with prepare_restore(img) as p:
             for n in (1, 2):
                 in_r, in_w = os.pipe()
@@ -143,7 +145,7 @@ def test_prepared_restore_api(env):
                     for pid in pids:
                         assert _sigs(pid) == want
                         with open(f"/proc/{pid}/comm") as f:
-                            assert f.read().strip() == "python"
+                            assert f.read().strip() == comm
                     for _ in range(n):      # one line at a time: whichever clone reads it
                         os.write(in_w, b"go\n")
                         assert readline(os.fdopen(out_r, "rb", closefd=False)).strip() == "ok"
