@@ -9,8 +9,11 @@ How a policy turns into ops, per mapping of the image:
     anon    mmap anonymous (MAP_GROWSDOWN for stacks); then each stored run either
             mmap'd from the page file MAP_PRIVATE (mow; hybrid for pages nobody touched) or
             pread into the anonymous memory (moa; hybrid for touched pages; always for stacks)
-    file    mmap the file (MAP_PRIVATE/MAP_SHARED); copied-on-write pages pread back in
-    shmem   mmap the clone's own memfd holding the object (MAP_SHARED, or MAP_PRIVATE + pages)
+    file    mmap the file (MAP_PRIVATE/MAP_SHARED); its copied-on-write pages mapped from the
+            page file MAP_PRIVATE over it (mow; hybrid for pages nobody touched), or pread
+            back in (moa; hybrid for touched pages)
+    shmem   mmap the clone's own memfd holding the object (MAP_SHARED, or MAP_PRIVATE + its
+            copied-on-write pages as for files)
 """
 from __future__ import annotations
 
@@ -107,11 +110,17 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
             fd = fdnums[("file", i)] if kind == "file" else fdnums[("obj", v["object"])]
             p.op(OP_MMAP, s, e - s, prot, MAP_SHARED if v["shared"] else MAP_PRIVATE, fd,
                  v["offset"])
-            if runs and not prot & PROT_W:
-                p.op(OP_MPROTECT, s, e - s, prot | PROT_W)
-                needs_w = True
-            for addr, n, sp in runs:
-                p.op(OP_PREAD, store, addr, n * PAGE, sp * PAGE)
+            # copied-on-write pages: mapped from the page file like anonymous runs (mow;
+            # hybrid for pages nobody touched), else read into the file mapping
+            for addr, n, sp, eager in (x for r in runs for x in _split_hot(r, hot)):
+                if eager or policy == "moa":
+                    if not prot & PROT_W and not needs_w:
+                        p.op(OP_MPROTECT, s, e - s, prot | PROT_W)
+                        needs_w = True
+                    p.op(OP_PREAD, store, addr, n * PAGE, sp * PAGE)
+                else:
+                    p.op(OP_MMAP, addr, n * PAGE, prot | (PROT_W if needs_w else 0),
+                         MAP_PRIVATE, store, sp * PAGE)
         if needs_w:
             p.op(OP_MPROTECT, s, e - s, prot)
         for adv in v["madvise"]:
