@@ -29,7 +29,7 @@ def test_good_config_defaults(tmp_path):
     ("[porter]\nprot = 1\n", ":porter.prot:", "unknown key"),
     ("[porter]\nport = \"x\"\n", ":porter.port:", "must be an integer"),
     ("[porter]\nport = 70000\n", ":porter.port:", "<= 65535"),
-    ("[porter]\nghost_pool = 2\n", ":porter.ghost_pool:", "cxlfork has none"),
+    ("[porter]\nghost_pool = -1\n", ":porter.ghost_pool:", "must be >= 0"),
     ("[functions.f]\ncommand = []\n", ":functions.f.command:", "non-empty list"),
     ("[functions.f]\ncommand = [\"true\"]\npolicy = \"fast\"\n", ":functions.f.policy:",
      "must be one of"),

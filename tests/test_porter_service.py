@@ -334,20 +334,20 @@ def test_auto_policy_switches_on_slo_and_metrics_show_it(porter):
 def test_local_memory_limit_blocks_scale_out(porter):
     fns = ECHO.format(policy="cold", slo=1000).replace("ballast_mib = 8", "ballast_mib = 16") \
         .replace("queue_timeout_s = 30", "queue_timeout_s = 1")
-    p = porter(fns, "local_memory_limit_mib = 20\npressure_keepalive_s = 30")
+    p = porter(fns, "local_memory_limit_mib = 36\npressure_keepalive_s = 30")
     assert p.invoke("echo", 0)[0] == 200
-    p.wait_for(lambda s: s["porter"]["pressure"] >= 0.8, 10, "a memory sample")
+    p.wait_for(lambda s: s["porter"]["local_memory_bytes"] >= 16 << 20, 10, "a memory sample")
     res = []
     t = threading.Thread(target=lambda: res.append(p.invoke("echo", {"sleep": 2.5})))
     t.start()
     time.sleep(0.5)
-    # the one instance is busy and a second (16+ MiB) does not fit under 20 MiB: 503
+    # the one instance is busy and a second (16+ MiB) does not fit under 36 MiB: 503
     code, out, _ = p.invoke("echo", {"x": 1})
     t.join()
     assert code == 503 and "local memory limit" in out["error"], out
     assert res[0][0] == 200
     st = p.stats()
-    assert st["porter"]["local_memory_limit_bytes"] == 20 << 20
+    assert st["porter"]["local_memory_limit_bytes"] == 36 << 20
     assert st["functions"]["echo"]["starts"]["cold"] == 1
 
 

@@ -8,6 +8,8 @@ with cxlfork after K invocations, and scales out later instances by restoring th
     config    TOML config, validated (file:key: reason)
     instance  one worker process: cold start or restore, one request at a time over pipes
     memory    local (anonymous) and shared (page-store) memory of a process, from smaps
+    cgroup    the porter's memory cgroup (v2 or v1): the kernel enforces the local limit
+    ghosts    per-function pools of pre-spawned restorers (cxlfork ghosts) in that cgroup
     pool      the instances of one function: acquire / release, scale-out, checkpoint trigger
     policy    the per-function clone-policy switch (SLO, pressure)
     metrics   Prometheus metrics and the /stats document

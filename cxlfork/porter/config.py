@@ -5,11 +5,12 @@
     port = 8470                   # 0: any free port (printed at start)
     run_dir = ""                  # images and worker logs; "" = a fresh temporary directory
     store = ""                    # cxlfork page store directory; "" = cxlfork's default
-    local_memory_limit_mib = 0    # 0 = no limit; else the pressure signal's 100%
+    local_memory_limit_mib = 0    # 0 = no limit; else a memory cgroup's limit (enforced by
+                                  # the kernel), the pressure signal's 100%, admission limit
     keepalive_s = 60              # idle instances are reclaimed after this (scale to zero)
     pressure_keepalive_s = 2      # ... and after this while pressure >= 0.8
     checkpoint_after = 16         # K: invocations served before the checkpoint
-    ghost_pool = 0                # pre-spawned restore targets (refused: no cxlfork API yet)
+    ghost_pool = 0                # per function: idle pre-spawned restorers (cxlfork ghosts)
 
     [functions.NAME]
     command = ["python", "-m", "cxlfork.workers.llm"]   # "python" = the porter's interpreter
@@ -158,10 +159,6 @@ def from_dict(d: dict, source: str) -> PorterConfig:
     cfg.checkpoint_after = c.number(pt, "checkpoint_after", "porter.checkpoint_after",
                                     cfg.checkpoint_after, lo=1, integer=True)
     cfg.ghost_pool = c.number(pt, "ghost_pool", "porter.ghost_pool", 0, lo=0, integer=True)
-    if cfg.ghost_pool:
-        c.fail("porter.ghost_pool", "pre-spawned ghost processes need a cxlfork API that "
-                                    "restores into an existing process; cxlfork has none yet "
-                                    "(set 0)")
     fns = d.get("functions", {})
     if not isinstance(fns, dict):
         c.fail("functions", "must be a table of [functions.NAME] tables")

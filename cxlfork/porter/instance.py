@@ -72,12 +72,19 @@ class Instance:
 
     # -- starting ------------------------------------------------------------------------
     @classmethod
-    def spawn(cls, command: list[str], env: dict, log_fd: int) -> "Instance":
-        """Start the worker program (a new session; stderr to the function's log)."""
+    def spawn(cls, command: list[str], env: dict, log_fd: int,
+              cgroup_procs_fd: int = -1) -> "Instance":
+        """Start the worker program (a new session; stderr to the function's log). With
+        cgroup_procs_fd (an open cgroup.procs) the child joins that cgroup before it execs,
+        so every page of the instance is charged there."""
+        join = None
+        if cgroup_procs_fd >= 0:
+            def join():
+                os.write(cgroup_procs_fd, b"0")
         try:
             p = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=log_fd, env=env, close_fds=True, bufsize=0,
-                                 start_new_session=True)
+                                 start_new_session=True, preexec_fn=join)
         except OSError as e:
             raise WorkerDied(f"cannot start {command[0]}: {e.strerror}") from e
         inst = cls(p.pid, p.stdin.fileno(), p.stdout.fileno(), "cold", "cold", popen=p)
@@ -93,10 +100,12 @@ class Instance:
         self.start_ms = (time.perf_counter() - self.t_spawn) * 1e3
 
     @classmethod
-    def restore(cls, image: str, policy: str, log_fd: int, prepared=None) -> "Instance":
+    def restore(cls, image: str, policy: str, log_fd: int, prepared=None,
+                ghosts=None) -> "Instance":
         """Restore one clone of IMAGE with a porter policy (cxlfork_policy); with `prepared`
         (cxlfork.restore.prepare_restore of that image and policy) only the per-clone part of
-        the restore is paid."""
+        the restore is paid; `ghosts`: where the clone's process comes from (FunctionGhosts
+        .source())."""
         from cxlfork.restore import restore
         t0 = time.perf_counter()
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
@@ -104,10 +113,11 @@ class Instance:
         try:
             stdio = (in_r, out_w, log_fd)
             if prepared is not None:
-                pids = prepared.restore(1, stdio=stdio)
+                pids = prepared.restore(1, stdio=stdio, ghosts=ghosts)
             else:
                 cx_policy, eager = cxlfork_policy(policy)
-                pids = restore(image, policy=cx_policy, n=1, stdio=stdio, eager=eager)
+                pids = restore(image, policy=cx_policy, n=1, stdio=stdio, eager=eager,
+                               ghosts=ghosts)
         except BaseException:
             for fd in (in_r, in_w, out_r, out_w):
                 os.close(fd)
@@ -119,6 +129,17 @@ class Instance:
         return inst
 
     # -- talking -------------------------------------------------------------------------
+    def gone(self) -> bool:
+        """True when an idle instance's stdout is readable: it hit EOF (the process died,
+        e.g. OOM-killed while idle) or wrote without being asked; either way it is unusable."""
+        if self.buf:
+            return True
+        try:
+            r, _, _ = select.select([self.stdout_fd], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(r)
+
     def _send(self, msg: dict) -> None:
         data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
         try:

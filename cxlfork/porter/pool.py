@@ -77,6 +77,9 @@ class FunctionPool:
         self.log_path = os.path.join(porter.run_dir, f"{self.name}.log")
         self.log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND |
                               os.O_CLOEXEC, 0o600)
+        self.cgroup = porter.cgroup             # the porter's MemoryCgroup, or None
+        self.oom_seen = 0                       # OOM kills of this function accounted for
+        self.ghosts = None                      # FunctionGhosts, made with the checkpoint
 
     def _error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -96,8 +99,13 @@ class FunctionPool:
             with self.cond:
                 if self.porter.stopping:
                     raise Unavailable("the porter is shutting down")
-                if self.idle:
+                while self.idle:
                     inst = self.idle.pop()
+                    if inst.gone():              # died while idle (e.g. OOM-killed)
+                        self.instances.remove(inst)
+                        inst.state = "lost"
+                        self.porter.jobs.put(("reap", self, inst))
+                        continue
                     inst.state = "busy"
                     return inst, "warm"
                 total = len(self.instances) + self.starting
@@ -155,7 +163,8 @@ class FunctionPool:
             policy = self.restore_policy()
             try:
                 inst = Instance.restore(self.image, policy, self.log_fd,
-                                        self.prepared_restore(policy))
+                                        self.prepared_restore(policy),
+                                        self.ghosts.source() if self.ghosts else None)
             except Exception as e:             # noqa: BLE001 - served by a cold start instead
                 msg = str(e) if isinstance(e, CxlforkError) else f"{type(e).__name__}: {e}"
                 self.restore_failures.append(msg)
@@ -168,7 +177,8 @@ class FunctionPool:
                     self.start_ms["restored"].append(inst.start_ms)
                 return inst
         try:
-            inst = Instance.spawn(self.cfg.command, self.env, self.log_fd)
+            inst = Instance.spawn(self.cfg.command, self.env, self.log_fd,
+                                  self.cgroup.procs_fd(self.name) if self.cgroup else -1)
         except WorkerDied as e:
             self._error("cold_start_failed")
             raise Unavailable(f"function {self.name}: cold start failed: {e}", 502) from e
@@ -222,8 +232,8 @@ class FunctionPool:
                               f"gave no answer within {self.cfg.timeout_s:g} s; it was killed "
                               "and is being replaced", 504) from e
         except WorkerDied as e:
-            self._error("crash")
             how = self._lose(inst)
+            self._error("oom_kill" if "OOM" in how else "crash")
             if self.porter.stopping:
                 raise Unavailable("the porter is shutting down") from e
             raise InvokeError(f"function {self.name}: instance PID {inst.pid} ({inst.kind}) "
@@ -258,9 +268,13 @@ class FunctionPool:
             self.cond.notify()
 
     def _lose(self, inst: Instance) -> str:
-        """Kill and forget an instance that crashed or hung; start a replacement."""
+        """Kill and forget an instance that crashed or hung; start a replacement. Returns
+        how it ended (naming the OOM killer when the cgroup counted a kill)."""
         how = inst.kill()
         inst.close()
+        if self.oom_killed():
+            how += (" (the kernel's OOM killer: the porter's memory cgroup reached its limit "
+                    f"of {self.porter.limit / 2**20:g} MiB)")
         with self.cond:
             if inst in self.instances:
                 self.instances.remove(inst)
@@ -269,6 +283,22 @@ class FunctionPool:
             threading.Thread(target=self._replace, name=f"replace-{self.name}",
                              daemon=True).start()
         return how
+
+    def oom_killed(self) -> bool:
+        """True (once per kill) when the cgroup counted a new OOM kill in this function."""
+        if self.cgroup is None:
+            return False
+        n = self.cgroup.oom_kills(self.name)
+        with self.cond:
+            new, self.oom_seen = n > self.oom_seen, max(n, self.oom_seen)
+        return new
+
+    def reap_lost(self, inst: Instance) -> None:
+        """An instance found dead while idle (main thread): reap it, count it, replace it."""
+        inst.kill()
+        inst.close()
+        self._error("oom_kill" if self.oom_killed() else "died_idle")
+        self.porter.log(f"{self.name}: idle instance PID {inst.pid} {inst.exit_text}")
 
     def _replace(self) -> None:
         try:
@@ -283,6 +313,13 @@ class FunctionPool:
     # -- housekeeping (the porter's main thread) -----------------------------------------
     def checkpoint_done(self, inst: Instance, image: str | None, info: dict,
                         error: str | None) -> None:
+        if image and self.ghosts is None and not self.porter.stopping:
+            from cxlfork.porter.ghosts import FunctionGhosts
+            try:                                  # before the image is published
+                self.ghosts = FunctionGhosts(self.name, self.porter.cfg.ghost_pool,
+                                             self.cgroup)
+            except CxlforkError as e:             # restores spawn their restorer
+                self.porter.log(f"ghost pool of {self.name}: {e}")
         with self.cond:
             self.checkpoint_pending = False
             if image:
@@ -353,6 +390,9 @@ class FunctionPool:
                     inst.kill()
                 self.cond.wait(0.1)
             prepared, self.prepared = list(self.prepared.values()), {}
+            ghosts, self.ghosts = self.ghosts, None
+        if ghosts is not None:
+            ghosts.close()
         for prep in prepared:
             prep.close()
         os.close(self.log_fd)
@@ -375,6 +415,7 @@ class FunctionPool:
                 "hot_profile": self.profiled,
                 "policy_switches": list(self.switches),
                 "restore_failures": self.restore_failures[-3:],
+                "ghosts": self.ghosts.stats() if self.ghosts else None,
             }
         d["latency_ms"] = {"all": percentiles([x[1] for x in lat])}
         for k in ("cold", "warm", "restored"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from cxlfork.porter.cgroup import CgroupError
 from cxlfork.porter.config import ConfigError, function_from_dict
 from cxlfork.porter.pool import InvokeError, Unavailable
 
@@ -141,6 +142,9 @@ class _Handler(BaseHTTPRequestHandler):
                 p.add_function(fc)
             except ConfigError as e:
                 self._error(409, str(e))
+                return
+            except CgroupError as e:
+                self._error(500, str(e))
                 return
             self._json(201, {"registered": name, "policy": p.pool(name).policy})
         else:

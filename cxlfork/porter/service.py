@@ -19,6 +19,7 @@ import time
 
 from cxlfork.errors import CxlforkError
 from cxlfork.porter import policy as policy_mod
+from cxlfork.porter.cgroup import MemoryCgroup
 from cxlfork.porter.config import ConfigError, FunctionConfig, PorterConfig
 from cxlfork.porter.metrics import Metrics
 from cxlfork.porter.pool import FunctionPool
@@ -46,14 +47,24 @@ class Porter:
         self.server = None
         self.server_thread = None
         self._images = 0
-        for fc in cfg.functions.values():
-            self.add_function(fc)
+        self.cgroup = None
+        self.cgroup_stats: dict = {}
+        try:
+            if self.limit:
+                self.cgroup = MemoryCgroup.create(self.limit, self.log)
+            for fc in cfg.functions.values():
+                self.add_function(fc)
+        except BaseException:
+            self.stop()
+            raise
 
     # -- functions -----------------------------------------------------------------------
     def add_function(self, fc: FunctionConfig) -> FunctionPool:
         with self.lock:
             if fc.name in self.pools:
                 raise ConfigError(f"function {fc.name} is already registered")
+            if self.cgroup is not None:
+                self.cgroup.add_function(fc.name)
             pool = self.pools[fc.name] = FunctionPool(fc, self)
         self.metrics.set_policy(fc.name, pool.policy)
         return pool
@@ -146,7 +157,7 @@ class Porter:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
-            if job and job[0] == "checkpoint":
+            if job and job[0] in ("checkpoint", "reap"):
                 job[2].kill()
                 job[2].close()
         from cxlfork import image as image_mod
@@ -156,6 +167,8 @@ class Porter:
                     image_mod.remove(p.image)
                 except (CxlforkError, OSError) as e:
                     self.log(f"removing {p.image}: {e}")
+        if self.cgroup is not None:
+            self.cgroup.remove()
         if self.own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -166,6 +179,8 @@ class Porter:
             self._checkpoint(pool, inst)
         elif what == "profile":
             self._profile(pool, inst)
+        elif what == "reap":
+            pool.reap_lost(inst)
 
     def _checkpoint(self, pool: FunctionPool, inst) -> None:
         from cxlfork.checkpoint import checkpoint
@@ -216,6 +231,12 @@ class Porter:
         for p in pools:
             p.sample_memory(self.store_dir)
         total = self.local_total()
+        if self.cgroup is not None:
+            try:
+                self.cgroup_stats = self.cgroup.stats()
+                total = self.cgroup_stats["working_set_bytes"]
+            except (OSError, KeyError, ValueError) as e:
+                self.log(f"reading the memory cgroup: {e}")
         self.pressure = total / self.limit if self.limit else 0.0
         self.metrics.pressure.set(self.pressure)
         short = self.pressure >= PRESSURE_SHORT_KEEPALIVE
@@ -262,6 +283,6 @@ class Porter:
                            "local_memory_limit_bytes": self.limit,
                            "pressure": round(self.pressure, 4),
                            "lazy_moa": lazy_stats(),
-                           "ghost_pool": "not available: cxlfork has no API to restore into "
-                                         "a pre-spawned process"},
+                           "ghost_pool": self.cfg.ghost_pool,
+                           "cgroup": self.cgroup_stats or None},
                 "functions": fns}
