@@ -58,6 +58,9 @@ def test_instances_in_the_cgroup_oom_kill_gives_502_and_a_replacement(porter):
     clone = int(r.getheader("X-Porter-Instance"))
     assert clone in ghosts and clone in _procs(fn_cg)
     assert p.stats()["functions"]["echo"]["ghosts"]["taken"] >= 1
+    metrics = p.request("GET", "/metrics")[1]
+    assert 'porter_ghosts{function="echo",state="idle"}' in metrics
+    assert 'porter_cgroup_memory_bytes{function="echo",kind="working_set"}' in metrics
     # 200 MiB more in one instance cannot fit under 96 MiB: the kernel kills it
     code, out, r = p.invoke("echo", {"alloc_mib": 200})
     assert code == 502 and "OOM killer" in out["error"] and "96 MiB" in out["error"], out

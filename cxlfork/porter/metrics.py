@@ -11,7 +11,13 @@
     porter_policy{function,policy}               1 for the clone policy in use, else 0
     porter_policy_switches_total{function,to}
     porter_checkpoints_total{function}
-    porter_local_memory_pressure                 local memory / limit (0: no limit)
+    porter_local_memory_pressure                 cgroup working set / limit (0: no limit)
+    porter_cgroup_memory_bytes{function,kind}    the function's memory cgroup: usage,
+                                                 working_set, anon, file (with a limit)
+    porter_oom_kills{function}                   instances the kernel OOM-killed
+    porter_ghosts{function,state}                ghost pool: idle (gauge)
+    porter_ghosts_events{function,event}         spawned | taken | fallbacks | dead |
+                                                 spawned_on_the_spot (totals so far)
 """
 from __future__ import annotations
 
@@ -48,6 +54,14 @@ class Metrics:
                                    registry=r)
         self.pressure = Gauge("porter_local_memory_pressure", "Local memory / limit",
                               registry=r)
+        self.cgroup = Gauge("porter_cgroup_memory_bytes", "The function's memory cgroup",
+                            ["function", "kind"], registry=r)
+        self.oom_kills = Gauge("porter_oom_kills", "Instances OOM-killed by the kernel",
+                               ["function"], registry=r)
+        self.ghosts = Gauge("porter_ghosts", "Idle ghosts (pre-spawned restorers)",
+                            ["function", "state"], registry=r)
+        self.ghost_events = Gauge("porter_ghosts_events", "Ghost pool events so far",
+                                  ["function", "event"], registry=r)
 
     def observe(self, fn: str, start: str, ms: float) -> None:
         self.invocations.labels(fn, start).inc()
@@ -57,8 +71,17 @@ class Metrics:
         for p in POLICY_NAMES:
             self.policy.labels(fn, p).set(1 if p == policy else 0)
 
-    def update(self, fn: str, st: dict, store_bytes: int) -> None:
-        """Gauges from one function's stats() document."""
+    def update(self, fn: str, st: dict, store_bytes: int, cgroup: dict | None) -> None:
+        """Gauges from one function's stats() document and its cgroup's usage."""
+        if cgroup:
+            for k in ("usage", "working_set", "anon", "file"):
+                self.cgroup.labels(fn, k).set(cgroup[f"{k}_bytes"])
+            self.oom_kills.labels(fn).set(cgroup["oom_kills"])
+        if st.get("ghosts"):
+            self.ghosts.labels(fn, "idle").set(st["ghosts"]["idle"])
+            for k in ("spawned", "taken", "fallbacks", "dead", "spawned_on_the_spot"):
+                if k in st["ghosts"]:
+                    self.ghost_events.labels(fn, k).set(st["ghosts"][k])
         self.instances.labels(fn).set(st["instances"])
         self.local.labels(fn).set(st["memory"]["local_bytes"])
         self.shared.labels(fn).set(st["memory"]["shared_bytes"])

@@ -250,7 +250,8 @@ class Porter:
             if p.cfg.policy == "auto":
                 self._switch_policy(p, now)
             st = p.stats()
-            self.metrics.update(p.name, st, (p.checkpoint_info or {}).get("bytes", 0))
+            self.metrics.update(p.name, st, (p.checkpoint_info or {}).get("bytes", 0),
+                                (self.cgroup_stats.get("functions") or {}).get(p.name))
 
     def _switch_policy(self, p: FunctionPool, now: float) -> None:
         if now - p.policy_changed < policy_mod.HOLD_S:
