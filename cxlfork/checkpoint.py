@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from cxlfork import FORMAT, FORMAT_VERSION, image as image_mod, procfs
+from cxlfork import socketpairs
 from cxlfork.errors import CxlforkError, Refused
 from cxlfork.native import ffi, lib
 from cxlfork.ptrace import Tracee, restart_adjusted
@@ -118,6 +119,7 @@ def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
 def collect_fds(pid: int, objs: _Objects) -> list[dict]:
     out: list[dict] = []
     pipes: dict[int, list[dict]] = {}
+    socks: list[dict] = []
     by_link: dict[str, list[int]] = {}
     for f in procfs.fds(pid):
         n, link, flags = f["fd"], f["link"], f["flags"]
@@ -175,10 +177,18 @@ def collect_fds(pid: int, objs: _Objects) -> list[dict]:
             rec.update(kind="eventfd", count=int(info.get("eventfd-count", "0"), 16),
                        semaphore=info.get("eventfd-semaphore", "0").strip() == "1")
         elif link.startswith("socket:"):
-            raise Refused(f"fd {n} is a socket ({link}); sockets are not supported yet")
+            dfd = lib.cx_pidfd_getfd(pid, n)
+            if dfd < 0:
+                raise CxlforkError(f"pidfd_getfd(fd {n}) of PID {pid}: {os.strerror(-dfd)}")
+            rec.update(socketpairs.collect(dfd, n, link))
+            socks.append(rec)
         else:
             raise Refused(f"fd {n} is {link}; this kind of fd is not supported yet")
         out.append(rec)
+    socketpairs.pair_up(socks)
+    for r in socks:
+        r["queue"] = [image_mod.b64(q) for q in r["queue"]]
+        del r["ino"], r["peer"]
     for ino, ends in pipes.items():
         kinds = {e["end"] for e in ends}
         if kinds != {"r", "w"}:

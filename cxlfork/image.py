@@ -27,7 +27,7 @@ PAGE = 4096
 USER_TOP = 1 << 47
 REGION = (0x100000000000, 0x100040000000)    # the restorer's; see native/restorer.ld
 VMA_KINDS = {"anon", "file", "shmem", "special"}
-FD_KINDS = {"file", "dir", "chr", "pipe", "eventfd", "memfd", "stdio"}
+FD_KINDS = {"file", "dir", "chr", "pipe", "eventfd", "memfd", "stdio", "socket"}
 REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
              "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base",
              "gs_base", "ds", "es", "fs", "gs")
@@ -316,6 +316,7 @@ def validate(m: dict, image: str = "?") -> dict:
 
     fds = v.get(m, "fds", list, "")
     seen = set()
+    socks: dict[int, list] = {}
     for i, f in enumerate(fds):
         w = f"fds[{i}]"
         n = v.int_in(f, "fd", 0, 1 << 20, w)
@@ -341,12 +342,27 @@ def validate(m: dict, image: str = "?") -> dict:
             if f["end"] not in ("r", "w"):
                 v.fail(f"{w}.end", "expected r or w")
             unb64(v.get(f, "data", str, w, optional=True) or "", f"{w}.data")
+        if k == "socket":
+            if v.int_in(f, "sotype", 1, 6, w) not in (1, 2, 5):
+                v.fail(f"{w}.sotype", "expected 1, 2 or 5 (stream, dgram, seqpacket)")
+            v.int_in(f, "pair", 0, 1 << 40, w)
+            v.int_in(f, "end", 0, 2, w)
+            for key in ("sndbuf", "rcvbuf"):
+                v.int_in(f, key, 0, 1 << 31, w)
+            for j, q in enumerate(v.get(f, "queue", list, w)):
+                if not isinstance(q, str):
+                    v.fail(f"{w}.queue[{j}]", "expected a base64 string")
+                unb64(q, f"{w}.queue[{j}]")
+            socks.setdefault(f["pair"], []).append((f["end"], f["sotype"], w))
         if k == "eventfd":
             v.int_in(f, "count", 0, 2**64, w)
         if k == "memfd":
             if v.int_in(f, "object", 0, 2**31, w) not in obj_ids:
                 v.fail(f"{w}.object", "no such object")
             v.int_in(f, "pos", 0, 1 << 62, w)
+    for ends in socks.values():
+        if sorted(e[0] for e in ends) != [0, 1] or ends[0][1] != ends[1][1]:
+            v.fail(ends[0][2], "a socketpair needs its two ends (0 and 1), of one type")
     return m
 
 

@@ -29,7 +29,7 @@ import os
 import socket
 import time
 
-from cxlfork import ghosts as ghosts_mod, image as image_mod, plan as plan_mod
+from cxlfork import ghosts as ghosts_mod, image as image_mod, plan as plan_mod, socketpairs
 from cxlfork.errors import CxlforkError, ImageError
 from cxlfork.native import ffi, lib, restorer_path
 from cxlfork.ptrace import REGS_SIZE, regs_pack
@@ -250,6 +250,7 @@ def _clone_fds(p: Prepared, stdio: str, opened: list[int]) -> tuple[list[int], l
             fcntl.fcntl(fd, F_ADD_SEALS, o["seals"])
         objfds[o["id"]] = fd
     pipes: dict[int, tuple[int, int]] = {}
+    socks = _socketpairs(m, opened)
     for f in m["fds"]:
         n, kind = f["fd"], f["kind"]
         flags = f["flags"] & ~O_CREAT_ETC
@@ -278,6 +279,10 @@ def _clone_fds(p: Prepared, stdio: str, opened: list[int]) -> tuple[list[int], l
                 os.write(w, data)
             fl = fcntl.fcntl(s, fcntl.F_GETFL)
             fcntl.fcntl(s, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (flags & os.O_NONBLOCK))
+        elif kind == "socket":
+            s = socks[f["pair"]][f["end"]]
+            fl = fcntl.fcntl(s, fcntl.F_GETFL)
+            fcntl.fcntl(s, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (flags & os.O_NONBLOCK))
         elif kind == "eventfd":
             efl = os.EFD_CLOEXEC | (os.EFD_NONBLOCK if flags & os.O_NONBLOCK else 0) | \
                 (os.EFD_SEMAPHORE if f.get("semaphore") else 0)
@@ -296,6 +301,20 @@ def _clone_fds(p: Prepared, stdio: str, opened: list[int]) -> tuple[list[int], l
         src.append(s)
         dst.append(n)
     return src, dst, objfds
+
+
+def _socketpairs(m: dict, opened: list[int]) -> dict[int, tuple[int, int]]:
+    """A new socketpair, queues refilled, for each pair of the image: {pair: (end 0, end 1)}."""
+    ends: dict[int, list] = {}
+    for f in m["fds"]:
+        if f["kind"] == "socket" and f.get("dup_of") is None:
+            rec = dict(f, queue=[base64.b64decode(q) for q in f["queue"]])
+            ends.setdefault(f["pair"], [None, None])[f["end"]] = rec
+    out = {}
+    for pair, (e0, e1) in ends.items():
+        out[pair] = socketpairs.recreate(e0["sotype"], (e0, e1))
+        opened += out[pair]
+    return out
 
 
 class Clone:

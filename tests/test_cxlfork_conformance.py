@@ -55,6 +55,12 @@ def test_fds_cwd_umask_rlimits(env):
     _roundtrip(env, "fds", args=["{work}"])
 
 
+@pytest.mark.parametrize("policy", ["mow", "moa"])
+def test_socketpairs(env, policy):
+    """AF_UNIX socketpairs (stream, dgram, seqpacket) with queued data both ways."""
+    _roundtrip(env, "sockets", policy)
+
+
 @pytest.mark.parametrize("policy", ["moa", "moa --eager", "hybrid"])
 def test_memory_other_policies(env, policy):
     """moa is lazy (userfaultfd, first touch) unless --eager."""

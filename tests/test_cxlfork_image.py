@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,8 +16,8 @@ import zlib
 
 import pytest
 
-from cxlfork_util import (PROGS, build_prog, cxlfork, go, new_store, restore_popen, rmtree,
-                          start, wait_file)
+from cxlfork_util import (PROGS, build_prog, cxlfork, go, new_store, readline, restore_popen,
+                          rmtree, start, wait_file)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, PR_SET_MM_MAP)")
 
@@ -220,21 +221,37 @@ def test_refuses_unprivileged_caller(env):
 
 
 def test_refuses_sockets_not_threads(env):
-    """A socket is refused (nothing published, the process goes on); a Python thread sleeping
+    """Sockets other than socketpairs inside the process are refused with the fd named
+    (nothing published, the process goes on): an AF_INET socket, a socketpair whose other end
+    is outside the process, one with an fd in flight (SCM_RIGHTS). A Python thread sleeping
     in time.sleep is checkpointed and the clone runs (the sleep gets EINTR and goes on)."""
     d, s, img, p = env
-    code = ("import socket,threading,sys,time\n"
+    code = ("import socket,threading,sys,time,os\n"
             "mode=sys.argv[1]\n"
             "if mode=='thread': threading.Thread(target=time.sleep,args=(60,),daemon=True).start()\n"
-            "else: s=socket.socket(); s.bind(('127.0.0.1',0))\n"
+            "elif mode=='inet': s=socket.socket(); s.bind(('127.0.0.1',0))\n"
+            "elif mode=='outside': s=socket.socket(fileno=int(sys.argv[2]))\n"
+            "else:\n"
+            "    a,b=socket.socketpair(); f=open('/dev/null')\n"
+            "    a.sendmsg([b'x'],[(socket.SOL_SOCKET,socket.SCM_RIGHTS,"
+            "f.fileno().to_bytes(4,'little'))])\n"
             "print('ready',flush=True); sys.stdin.readline()\n")
-    for mode in ("thread", "socket"):
-        q = start([sys.executable, "-c", code, mode])
+    want = {"inet": "is an AF_INET socket", "outside": "whose other end is outside the process",
+            "inflight": "file descriptors or credentials in flight"}
+    for mode in ("thread", "inet", "outside", "inflight"):
+        mine, theirs = socket.socketpair()
+        q = subprocess.Popen([sys.executable, "-c", code, mode, str(theirs.fileno())],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             pass_fds=[theirs.fileno()] if mode == "outside" else [])
+        theirs.close()
+        assert readline(q.stdout).strip() == "ready"
         try:
             out = os.path.join(d, f"ref-{mode}.img")
             r = cxlfork("checkpoint", q.pid, "-o", out, "--store", s, check=False)
-            if mode == "socket":
-                assert r.returncode == 1 and "is a socket" in r.stderr, r.stderr
+            if mode != "thread":
+                assert r.returncode == 1 and want[mode] in r.stderr, r.stderr
+                errors = [x for x in r.stderr.splitlines() if x.startswith("cxlfork: error:")]
+                assert len(errors) == 1 and "fd " in errors[0], r.stderr
                 assert not os.path.exists(out)
                 assert not [x for x in os.listdir(s) if ".tmp." in x]
             else:
@@ -244,6 +261,7 @@ def test_refuses_sockets_not_threads(env):
             out_, rc, _ = go(q)              # still alive and well
             assert rc == 0
         finally:
+            mine.close()
             q.kill()
             q.wait()
 
