@@ -68,6 +68,7 @@ class Instance:
         self.shared_bytes = 0
         self.start_ms = 0.0
         self.exit_text = ""
+        self.phases: dict[str, float] = {}     # where the start's time went, ms
         self.lock = threading.Lock()
 
     # -- starting ------------------------------------------------------------------------
@@ -98,6 +99,7 @@ class Instance:
         if ans.get("ready") is not True:
             raise WorkerDied(f"init failed: {ans.get('error', ans)}")
         self.start_ms = (time.perf_counter() - self.t_spawn) * 1e3
+        self.phases["spawn_init"] = self.start_ms
 
     @classmethod
     def restore(cls, image: str, policy: str, log_fd: int, prepared=None,
@@ -126,6 +128,7 @@ class Instance:
         os.close(out_w)
         inst = cls(pids[0], in_w, out_r, "restored", policy)
         inst.start_ms = (time.perf_counter() - t0) * 1e3
+        inst.phases["restore"] = inst.start_ms
         return inst
 
     # -- talking -------------------------------------------------------------------------

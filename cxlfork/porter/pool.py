@@ -56,6 +56,7 @@ class FunctionPool:
         self.reserved_bytes = 0                 # their estimated local memory
         self.spawning: list[Instance] = []      # cold starts waiting for their init
         self.prepared: dict = {}                # (image, policy, profiled) -> prepared restore
+        self.prepare_lock = threading.Lock()    # one preparation at a time
         self.image: str | None = None
         self.checkpoint_pending = False
         self.checkpoint_info: dict = {}
@@ -72,6 +73,8 @@ class FunctionPool:
         self.lat: collections.deque = collections.deque(maxlen=4096)   # (t, ms, start)
         self.start_ms = {"cold": collections.deque(maxlen=512),
                          "restored": collections.deque(maxlen=512)}
+        self.start_phases = {"cold": collections.deque(maxlen=512),   # Instance.phases
+                             "restored": collections.deque(maxlen=512)}
         self.est_local = {}                     # kind/policy -> last measured local bytes
         self.env = dict(os.environ, **WORKER_ENV, **cfg.env)
         self.log_path = os.path.join(porter.run_dir, f"{self.name}.log")
@@ -93,6 +96,7 @@ class FunctionPool:
         """An instance for one request: an idle one ("warm"), else a new one (restored or
         cold) if max_instances and the local memory limit allow, else wait (queue_timeout_s).
         """
+        t0 = time.perf_counter()
         deadline = time.monotonic() + self.cfg.queue_timeout_s
         tried_reclaim = False
         while True:
@@ -128,8 +132,10 @@ class FunctionPool:
                     continue
             tried_reclaim = True                 # outside the lock: other pools' locks
             self.porter.reclaim_idle(need=est, exclude=self)
+        queued_ms = (time.perf_counter() - t0) * 1e3
         try:
             inst = self._new_instance()
+            inst.phases["queue"] = queued_ms
         finally:
             with self.cond:
                 self.starting -= 1
@@ -162,9 +168,12 @@ class FunctionPool:
         if self._start_kind() == "restored":
             policy = self.restore_policy()
             try:
-                inst = Instance.restore(self.image, policy, self.log_fd,
-                                        self.prepared_restore(policy),
+                t0 = time.perf_counter()
+                prepared = self.prepared_restore(policy)
+                prep_ms = (time.perf_counter() - t0) * 1e3
+                inst = Instance.restore(self.image, policy, self.log_fd, prepared,
                                         self.ghosts.source() if self.ghosts else None)
+                inst.phases["prepare"] = prep_ms
             except Exception as e:             # noqa: BLE001 - served by a cold start instead
                 msg = str(e) if isinstance(e, CxlforkError) else f"{type(e).__name__}: {e}"
                 self.restore_failures.append(msg)
@@ -209,16 +218,26 @@ class FunctionPool:
         key = (self.image, policy, self.profiled)
         with self.cond:
             prep = self.prepared.get(key)
+        if prep is not None:
+            return prep
+        with self.prepare_lock:                  # not under self.cond: releases go on
+            with self.cond:
+                prep = self.prepared.get(key)
             if prep is None:
                 cx_policy, eager = cxlfork_policy(policy)
-                prep = self.prepared[key] = prepare_restore(self.image, cx_policy,
-                                                            eager=eager)
+                prep = prepare_restore(key[0], cx_policy, eager=eager)
+                with self.cond:
+                    if self.porter.stopping:
+                        prep.close()
+                        raise CxlforkError("the porter is shutting down")
+                    self.prepared[key] = prep
             return prep
 
     def invoke(self, payload) -> tuple[object, str, Instance, float]:
         """Run one request; returns (output, start kind, instance, latency ms)."""
         t0 = time.perf_counter()
         inst, start = self.acquire()
+        t1 = time.perf_counter()
         try:
             out = inst.call(payload, self.cfg.timeout_s)
         except WorkerFailed as e:
@@ -239,8 +258,12 @@ class FunctionPool:
             raise InvokeError(f"function {self.name}: instance PID {inst.pid} ({inst.kind}) "
                               f"{how} while handling the request; it is being replaced "
                               f"(log: {self.log_path})", 502) from e
-        ms = (time.perf_counter() - t0) * 1e3
+        t2 = time.perf_counter()
+        ms = (t2 - t0) * 1e3
         with self.cond:
+            if start != "warm":
+                inst.phases["first_request"] = (t2 - t1) * 1e3
+                self.start_phases[start].append(inst.phases)
             self.starts[start] += 1
             self.lat.append((time.monotonic(), ms, start))
         self.porter.metrics.observe(self.name, start, ms)
@@ -421,10 +444,19 @@ class FunctionPool:
         for k in ("cold", "warm", "restored"):
             d["latency_ms"][k] = percentiles([x[1] for x in lat if x[2] == k])
         d["start_ms"] = {k: percentiles(list(v)) for k, v in self.start_ms.items()}
+        with self.cond:
+            phases = {k: list(v) for k, v in self.start_phases.items()}
+        d["start_phases_ms"] = {
+            k: {ph: percentiles([x[ph] for x in v if ph in x])
+                for ph in dict.fromkeys(ph for x in v for ph in x)}
+            for k, v in phases.items()}
         d["memory"] = {"local_bytes": sum(i.local_bytes for i in insts),
                        "shared_bytes": sum(i.shared_bytes for i in insts)}
         d["instance_list"] = [{"pid": i.pid, "kind": i.kind, "policy": i.policy,
                                "state": i.state, "served": i.served,
                                "local_bytes": i.local_bytes, "shared_bytes": i.shared_bytes,
-                               "start_ms": round(i.start_ms, 3)} for i in insts]
+                               "start_ms": round(i.start_ms, 3),
+                               "start_phases_ms": {k: round(v, 3)
+                                                   for k, v in dict(i.phases).items()}}
+                              for i in insts]
         return d
