@@ -222,6 +222,59 @@ def test_one_instance_and_kill9_recovery(tmp_path, worker):
         assert d2.stop() == 0
 
 
+def daemon_prog_ids(pid):
+    """Ids of the BPF programs a process holds (prog_id: lines of its fds' fdinfo)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                ids.update(int(ln.split()[1]) for ln in f if ln.startswith("prog_id:"))
+        except OSError:
+            pass
+    return ids
+
+
+def test_kill9_with_ebpf_sampler_leaves_no_bpf_program(tmp_path, worker):
+    """kill -9 of a daemon whose target is sampled by eBPF: the target keeps running with
+    its memory intact, the daemon's BPF programs are gone with it (they are held by its file
+    descriptors, nothing is pinned), and the next start serves the target again."""
+    from tiermem.samplers.bpf import bcc_available
+    ok, why = bcc_available()
+    if not ok:
+        pytest.skip(why)
+    sys.path.insert(0, os.path.join(ROOT, "emulation", "workloads"))
+    from sampler_hotcheck import prog_loaded
+    wp, info = worker
+    cfg, _ = config(tmp_path, TARGET.replace('"first-touch"', '"m5"\nsampler = "ebpf"'))
+    d = D(tmp_path, cfg)
+    ids = set()
+    try:
+        for _ in range(600):                 # bcc compiles the program: up to 60 s
+            ids = daemon_prog_ids(d.p.pid)
+            if ids or d.p.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert ids, "the daemon holds no BPF program: " + d.text()[-2000:]
+        assert all(prog_loaded(i) for i in ids)
+    finally:
+        d.stop(signal.SIGKILL)
+    assert wp.poll() is None                             # the target keeps running
+    deadline = time.monotonic() + 10                     # freed once the last fd is closed
+    while any(prog_loaded(i) for i in ids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(prog_loaded(i) for i in ids), "BPF programs left after kill -9"
+    d2 = D(tmp_path, cfg)
+    try:
+        assert f"previous tiermemd (PID {d.p.pid}) did not stop cleanly" in d2.text()
+        assert json.loads(d2.ctl("status", "--json").stdout)["targets"][0]["pids"] == \
+            [info["pid"]]
+    finally:
+        assert d2.stop() == 0
+    wp.stdin.write("verify\n")
+    wp.stdin.flush()
+    assert wp.stdout.readline().strip() == "ok"
+
+
 def test_sampler_that_cannot_start_is_contained(tmp_path, worker):
     """DAMON here: either the kernel has no vaddr or another kdamond runs; either way the
     sampler fails to start, the daemon says so in one line and keeps serving the other
