@@ -284,6 +284,7 @@ class DamonConfig:
     update_us: int = 1_000_000
     min_nr_regions: int = 10
     max_nr_regions: int = 1000
+    stat_scheme: bool = True          # a 'stat' scheme, for tried-regions snapshots
 
     def validate(self) -> None:
         if self.ops not in ("vaddr", "paddr"):
@@ -310,8 +311,8 @@ class DamonConfig:
 
 
 class Kdamond:
-    """One kdamond of tiermem's with one context, monitoring + a 'stat' scheme whose
-    tried_regions snapshot gives the monitoring results."""
+    """One kdamond of tiermem's with one context: monitoring, plus (cfg.stat_scheme) a
+    'stat' scheme whose tried_regions snapshot gives the monitoring results."""
 
     def __init__(self, cfg: DamonConfig, force: bool = False):
         cfg.validate()
@@ -341,7 +342,8 @@ class Kdamond:
         kfs.write(KDAMONDS + "/nr_kdamonds", self.index + 1)
         try:
             self._configure()
-            if not kfs.exists(_ctx(self.index) + "/schemes/0/tried_regions"):
+            if self.cfg.stat_scheme and not kfs.exists(
+                    _ctx(self.index) + "/schemes/0/tried_regions"):
                 raise TiermemError("DAMON tried_regions (Linux 6.2) missing on this kernel: "
                                    "cannot read monitoring results")
             kfs.write(_kd(self.index) + "/state", "on")
@@ -374,6 +376,8 @@ class Kdamond:
             for i, (s, e) in enumerate(c.ranges):
                 kfs.write(f"{t}/regions/{i}/start", s)
                 kfs.write(f"{t}/regions/{i}/end", e)
+        if not c.stat_scheme:
+            return
         # One 'stat' scheme matching every region: its tried_regions are the results.
         kfs.write(ctx + "/schemes/nr_schemes", 1)
         s = ctx + "/schemes/0"
@@ -398,6 +402,8 @@ class Kdamond:
         interval (0 .. aggr_us / sample_us)."""
         if self.index is None:
             raise TiermemError("kdamond not started")
+        if not self.cfg.stat_scheme:
+            raise TiermemError("this kdamond has no 'stat' scheme: no tried-regions snapshots")
         kd = _kd(self.index)
         if kfs.read(kd + "/state", "off") != "on":
             raise TiermemError(f"kdamond {self.index} stopped (its target exited?)")

@@ -63,6 +63,11 @@ def _list_samplers(as_json: bool) -> None:
 @click.option("--max-regions", type=int, default=1000, show_default=True)
 @click.option("--attach-kdamond", type=int, default=None,
               help="DAMON: read a running kdamond's results (read-only) instead of starting one.")
+@click.option("--damon-results", default="auto", show_default=True,
+              type=click.Choice(["auto", "tracepoint", "snapshot"]),
+              help="DAMON own kdamond: read results from the damon_aggregated tracepoint "
+                   "with BPF, or from tried-regions snapshots (auto: tracepoint when bcc and "
+                   "the event are there).")
 @click.option("--force", is_flag=True,
               help="DAMON: turn off running/stale kdamonds and take the interface over.")
 @click.option("--mode", default="soft-dirty", show_default=True,
@@ -72,8 +77,8 @@ def _list_samplers(as_json: bool) -> None:
               "this kernel has, and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the list) as JSON.")
 def command(pids, sampler_name, duration, interval, output, node, phys_range, sample_us,
-            aggr_us, update_us, min_regions, max_regions, attach_kdamond, force, mode,
-            trace_file, list_samplers, as_json):
+            aggr_us, update_us, min_regions, max_regions, attach_kdamond, damon_results,
+            force, mode, trace_file, list_samplers, as_json):
     """Sample the memory accesses of PIDS (or of physical memory) into a record file."""
     if list_samplers:
         return _list_samplers(as_json)
@@ -89,7 +94,7 @@ def command(pids, sampler_name, duration, interval, output, node, phys_range, sa
     target = Target(pids=list(pids), phys_ranges=ranges)
     if sampler_name == "damon":
         s = DamonSampler(sample_us, aggr_us, update_us, min_regions, max_regions, force,
-                         attach_kdamond)
+                         attach_kdamond, damon_results)
         if interval is None:
             interval = max(aggr_us / 1e6, 0.1) if attach_kdamond is None else 1.0
     elif sampler_name == "pagemap":
