@@ -13,10 +13,12 @@ from cold, so its top-k is an arbitrary 10% of resident pages). The table shows 
 --runs runs and each sampler's precision as a ratio to the baseline's.
 
 CPU cost: the sampler's own CPU time after its one-off start (Python thread time + kdamond
-thread utime/stime, or BPF program run time from the kernel's BPF statistics), divided by
-the sampling time. Under QEMU TCG the guest CPU is many times slower than the host's, so
-these percentages overstate what the same sampler costs on real hardware; compare them with
-each other, not with the goals in absolute terms.
+thread utime/stime + BPF program run time from the kernel's BPF statistics), divided by
+the sampling time; "of it reading" is the Python thread's part (reading the results). The
+two DAMON rows are the same kdamond read two ways: tried-regions snapshots (sysfs) and the
+damon_aggregated tracepoint (BPF map). Under QEMU TCG the guest CPU is many times slower
+than the host's, so these percentages overstate what the same sampler costs on real
+hardware; compare them with each other, not with the goals in absolute terms.
 
     python bench/bench_samplers.py [--sizes 1024,4096] [--runs 3,1] [--seconds 10]
 """
@@ -38,7 +40,10 @@ NB = "/sys/kernel/debug/sched/numa_balancing"
 SAMPLERS = {
     # name: (hotcheck sampler, extra args)
     "pagemap present (baseline)": ("pagemap-present", []),
-    "damon vaddr": ("damon", ["--sample-us", "5000", "--aggr-us", "100000"]),
+    "damon vaddr, snapshots": ("damon", ["--sample-us", "5000", "--aggr-us", "100000",
+                                         "--damon-results", "snapshot"]),
+    "damon vaddr, tracepoint": ("damon", ["--sample-us", "5000", "--aggr-us", "100000",
+                                          "--damon-results", "tracepoint"]),
     "pagemap soft-dirty": ("pagemap", []),
     "ebpf hint faults": ("ebpf", []),
 }
@@ -108,6 +113,7 @@ def main() -> int:
                     results.setdefault((size, label), []).append(res)
                     print(f"# {size} MiB {label} run {i + 1}: precision {res['precision']:.3f} "
                           f"recall {res['recall']:.3f} cpu {res['cpu_percent']:.3f} % "
+                          f"(reading {res['reader_cpu_percent']:.3f} %) "
                           f"pages seen {res['pages_seen']} "
                           f"dropped {res['sampler_meta'].get('dropped', '-')} "
                           f"({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
@@ -116,7 +122,8 @@ def main() -> int:
     print(f"\nbench_samplers: guest kernel {kernel} (QEMU TCG), 10% hot set, hot pages "
           f"accessed 10x as often, {a.seconds:g} s of sampling, median of "
           + ", ".join(f"{n} run(s) at {s / 1024:g} GiB" for s, n in zip(sizes, runs)))
-    hdr = (f"{'target':>8}  {'sampler':<28} {'CPU % of 1 core':>15} {'precision':>10} "
+    hdr = (f"{'target':>8}  {'sampler':<28} {'CPU % of 1 core':>15} {'of it reading':>13} "
+           f"{'precision':>10} "
            f"{'recall':>7} {'prec / baseline':>16} {'pages seen':>11}")
     print(hdr)
     print("-" * len(hdr))
@@ -130,7 +137,8 @@ def main() -> int:
                 continue
             p = med([r["precision"] for r in rs])
             print(f"{size / 1024:>6.0f} GiB  {label:<28} "
-                  f"{med([r['cpu_percent'] for r in rs]):>15.3f} {p:>10.3f} "
+                  f"{med([r['cpu_percent'] for r in rs]):>15.3f} "
+                  f"{med([r['reader_cpu_percent'] for r in rs]):>13.3f} {p:>10.3f} "
                   f"{med([r['recall'] for r in rs]):>7.3f} "
                   f"{(f'{p / base:.2f}x' if base > 0 else 'n/a'):>16} "
                   f"{int(med([r['pages_seen'] for r in rs])):>11}")

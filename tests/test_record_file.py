@@ -208,3 +208,18 @@ def test_chunk_bytes_and_idle_bits():
     assert idle_bits(pfns, w, vals).tolist() == [True, False, True]
     with pytest.raises(TiermemError):
         idle_bits(np.array([5000], np.uint64), w, vals)
+
+
+def test_damon_mean_over_aggregations_splits_overlaps():
+    """Regions of several DAMON aggregations overlap (split/merge between them): each page
+    gets its summed nr_accesses over the aggregations divided by their number."""
+    from tiermem.samplers.damon import mean_over_aggregations
+    # aggregation 1: [0,10)=2 [10,20)=6; aggregation 2: [0,5)=1 [5,20)=3; [30,40)=0 never hot
+    s = np.array([0, 10, 0, 5, 30], np.uint64)
+    e = np.array([10, 20, 5, 20, 40], np.uint64)
+    a = np.array([2, 6, 1, 3, 0], np.uint64)
+    st, en, w = mean_over_aggregations(s, e, a, 2)
+    assert st.tolist() == [0, 5, 10] and en.tolist() == [5, 10, 20]
+    assert w.tolist() == [1.5, 2.5, 4.5]
+    st, en, w = mean_over_aggregations(s[:0], e[:0], a[:0], 0)
+    assert st.size == en.size == w.size == 0

@@ -4,11 +4,12 @@
         --sampler damon|damon-paddr|ebpf|pagemap|pagemap-present|idle
         [--size-mb 64] [--regions 8] [--hot 3] [--seconds 4] [--pass-us 10000]
         [--cold-ppm 100000] [--interval 0.5] [--sample-us 5000] [--aggr-us 100000]
+        [--damon-results auto|tracepoint|snapshot]
 
 Prints one JSON object: the workload's hot range, the sampler's top-k pages (k = number of
 hot pages) scored against it (precision, recall), whether the hottest merged range from
 reports.hot() lies inside the hot range, the sampler's CPU cost (% of one core, after its
-one-off start cost), and what was left in the kernel after stop() (running kdamonds, BPF
+one-off start cost; and the part of it spent reading results in this process), and what was left in the kernel after stop() (running kdamonds, BPF
 program ids still loaded). Used by the VM tests and by bench/bench_samplers.py; runs on the
 host or in the emulated CXL machine.
 """
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-regions", type=int, default=10)
     ap.add_argument("--max-regions", type=int, default=1000)
     ap.add_argument("--warmup", type=float, default=0.5)
+    ap.add_argument("--damon-results", default="auto", choices=["auto", "tracepoint", "snapshot"])
     a = ap.parse_args(argv)
 
     from tiermem import damon_sysfs, reports
@@ -78,11 +80,11 @@ def main(argv=None) -> int:
         target = Target(pids=[wl.pid])
         if a.sampler == "damon":
             s = DamonSampler(a.sample_us, a.aggr_us, max(a.aggr_us, 1_000_000),
-                             a.min_regions, a.max_regions)
+                             a.min_regions, a.max_regions, results=a.damon_results)
         elif a.sampler == "damon-paddr":
             # physical monitoring of the node the workload's memory is on
             s = DamonSampler(a.sample_us, a.aggr_us, max(a.aggr_us, 1_000_000),
-                             a.min_regions, a.max_regions)
+                             a.min_regions, a.max_regions, results=a.damon_results)
             target = Target(phys_ranges=[damon_sysfs.node_phys_range(0)])
         elif a.sampler == "pagemap-present":
             from tiermem.samplers.pagemap import PagemapSampler
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
         hs, he = int(f["hot_start"], 16), int(f["hot_end"], 16)
         time.sleep(a.warmup)
         s.read_spans()                       # drop first touches and warm-up
-        cpu0 = s.cpu_seconds()
+        cpu0, th0 = s.cpu_seconds(), s.thread_cpu_seconds()
         t0 = time.monotonic()
         batches = []
         nxt = t0
@@ -114,6 +116,7 @@ def main(argv=None) -> int:
             batches.append(s.read_spans())
         dur = time.monotonic() - t0
         cpu = s.cpu_seconds() - cpu0
+        th = s.thread_cpu_seconds() - th0
         setup = s.setup_cpu
         page = 4096
         if a.sampler == "damon-paddr":      # physical pages of the workload, while it lives
@@ -150,6 +153,7 @@ def main(argv=None) -> int:
                "top_inside_hot": bool(top and hs <= top[0]["start"] and top[0]["end"] <= he),
                "cpu_seconds": cpu, "duration_s": dur,
                "cpu_percent": 100.0 * cpu / dur if dur > 0 else 0.0,
+               "reader_cpu_percent": 100.0 * th / dur if dur > 0 else 0.0,
                "setup_cpu_seconds": setup, "sampler_meta": smeta,
                "kdamonds_before": kd_before, "kdamonds_after": kd_after,
                "bpf_prog_ids": ids, "bpf_progs_left": [i for i in ids if prog_loaded(i)],

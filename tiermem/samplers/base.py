@@ -167,6 +167,10 @@ class Sampler(abc.ABC):
     def cpu_seconds(self) -> float:
         return self._cpu + self._kernel_cpu_seconds()
 
+    def thread_cpu_seconds(self) -> float:
+        """The part of cpu_seconds() spent in this process's thread (reading results)."""
+        return self._cpu
+
     def stop(self) -> None:
         if not self._started:
             return

@@ -30,35 +30,75 @@ from tiermem.errors import TiermemError
 from tiermem.samplers import bpf as bpfu
 from tiermem.samplers.base import Sampler, Spans, Target
 
+# Sums nr_accesses per region shape (target, start, end) over the aggregations between two
+# reads, and counts the aggregations per target: a target's regions come in ascending
+# address order, so a start at or below the previous one opens a new aggregation. Only the
+# kdamond thread runs this for its own events, so plain updates suffice.
 _AGG_PROG = r"""
-struct key_t { u64 target; u64 start; };
-struct val_t { u64 end; u64 acc; u64 n; u64 age; };
+struct key_t { u64 target; u64 start; u64 end; };
+struct val_t { u64 acc; u64 n; u64 age; };
 BPF_HASH(regions, struct key_t, struct val_t, MAX_ENTRIES);
-
-BPF_ARRAY(kdpid, u32, 1);    /* the kdamond to listen to; 0 = none yet */
+BPF_ARRAY(kdpid, u32, 1);                 /* the kdamond to listen to; 0 = none yet */
+BPF_ARRAY(last_start, u64, MAX_TARGETS);  /* previous region's start + 1, per target */
+BPF_ARRAY(aggs, u64, MAX_TARGETS);        /* aggregations seen, per target */
+BPF_ARRAY(dropped, u64, 1);
 
 TRACEPOINT_PROBE(damon, damon_aggregated) {
     int z = 0;
     u32 *want = kdpid.lookup(&z);
     if (!want || *want == 0 || (u32)(bpf_get_current_pid_tgid() & 0xffffffff) != *want)
         return 0;
+    u32 t = args->target_id < MAX_TARGETS ? args->target_id : MAX_TARGETS - 1;
+    u64 *ls = last_start.lookup(&t);
+    u64 *ag = aggs.lookup(&t);
+    if (!ls || !ag)
+        return 0;
+    u64 s1 = args->start + 1;
+    if (*ls == 0 || s1 <= *ls)
+        *ag += 1;
+    *ls = s1;
     struct key_t k = {};
     struct val_t zero = {};
-    k.target = args->target_id;
+    k.target = t;
     k.start = args->start;
+    k.end = args->end;
     struct val_t *v = regions.lookup_or_try_init(&k, &zero);
     if (v) {
-        v->end = args->end;
         v->acc += args->nr_accesses;
         v->n += 1;
         v->age = args->age;
+    } else {
+        u64 *d = dropped.lookup(&z);
+        if (d)
+            *d += 1;
     }
     return 0;
 }
 """
-_AKEY = np.dtype([("target", "<u8"), ("start", "<u8")])
-_AVAL = np.dtype([("end", "<u8"), ("acc", "<u8"), ("n", "<u8"), ("age", "<u8")])
-ATTACH_MAX_ENTRIES = 1 << 16
+_AKEY = np.dtype([("target", "<u8"), ("start", "<u8"), ("end", "<u8")])
+_AVAL = np.dtype([("acc", "<u8"), ("n", "<u8"), ("age", "<u8")])
+AGG_MAX_ENTRIES = 1 << 17       # region shapes between two reads (DAMON reshapes every aggr.)
+MAX_TARGETS = 64
+
+
+def mean_over_aggregations(start: np.ndarray, end: np.ndarray, acc: np.ndarray,
+                           n_aggs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Regions of several aggregations (they overlap: DAMON splits and merges regions at
+    every one) -> disjoint (start, end, weight) pieces where weight is the sum of acc over the
+    regions covering the piece divided by n_aggs: each page's mean nr_accesses."""
+    if start.size == 0:
+        z = np.empty(0, np.uint64)
+        return z, z, np.empty(0, np.float32)
+    b = np.concatenate([start, end]).astype(np.uint64)
+    d = np.concatenate([acc, -acc.astype(np.int64)]).astype(np.int64)
+    order = np.argsort(b, kind="stable")
+    b, c = b[order], np.cumsum(d[order])
+    last = np.r_[b[1:] != b[:-1], True]        # the running sum after each boundary
+    ub, cw = b[last], c[last]
+    w = cw[:-1]
+    keep = w > 0
+    return (ub[:-1][keep], ub[1:][keep],
+            (w[keep] / max(n_aggs, 1)).astype(np.float32))
 
 
 RESULTS = ("auto", "tracepoint", "snapshot")
@@ -104,6 +144,7 @@ class DamonSampler(Sampler):
         self._kd_pid = -1
         self._final_kernel = 0.0
         self._bufs = None
+        self.dropped_total = 0
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -168,7 +209,9 @@ class DamonSampler(Sampler):
 
     def _load_agg(self) -> None:
         self.stats = bpfu.BpfStats()
-        self.bpf = bpfu.load(_AGG_PROG, cflags=[f"-DMAX_ENTRIES={ATTACH_MAX_ENTRIES}"])
+        self.bpf = bpfu.load(_AGG_PROG, cflags=[f"-DMAX_ENTRIES={AGG_MAX_ENTRIES}",
+                                                f"-DMAX_TARGETS={MAX_TARGETS}"])
+        self._aggs_seen = np.zeros(MAX_TARGETS, np.uint64)
 
     def _listen(self, kdamond_pid: int) -> None:
         import ctypes as ct
@@ -207,28 +250,33 @@ class DamonSampler(Sampler):
                      r["nr_accesses"][nz].astype(np.float32), False, self.space, t0, t1)
 
     def _drain_aggregated(self, t0, t1) -> Spans:
+        import ctypes as ct
         if self._bufs is None:
-            self._bufs = bpfu.DrainBuffers(_AKEY, _AVAL, ATTACH_MAX_ENTRIES)
+            self._bufs = bpfu.DrainBuffers(_AKEY, _AVAL, AGG_MAX_ENTRIES)
         k, v = bpfu.drain_hash(self.bpf[b"regions"], self._bufs)
-        keep = v["n"] > 0
-        k, v = k[keep], v[keep]
-        # Regions split and merge between aggregations: one key per (target, start) seen,
-        # with the end it last had. Clip each to the next start so no page counts twice.
-        order = np.lexsort((k["start"], k["target"]))
-        k, v = k[order], v[order]
-        end = v["end"].copy()
-        if k.size > 1:
-            same = k["target"][1:] == k["target"][:-1]
-            end[:-1] = np.where(same, np.minimum(end[:-1], k["start"][1:]), end[:-1])
-        w = (v["acc"] / v["n"]).astype(np.float32)
-        nz = (w > 0) & (end > k["start"])
-        if self.space == "vaddr" and self._pids:
-            tid = k["target"][nz].astype(np.int64)
-            pids = np.asarray(self._pids, np.int32)[np.minimum(tid, len(self._pids) - 1)]
-        else:
-            pids = np.zeros(int(nz.sum()), np.int32)
-        return Spans(pids, k["start"][nz], (end - k["start"])[nz], w[nz], False,
-                     self.space, t0, t1)
+        aggs = self.bpf[b"aggs"]
+        now = np.array([aggs[ct.c_int(i)].value for i in range(MAX_TARGETS)], np.uint64) \
+            if k.size else self._aggs_seen
+        n_aggs, self._aggs_seen = now - self._aggs_seen, now
+        d = self.bpf[b"dropped"]
+        dropped = int(d[ct.c_int(0)].value)
+        if dropped:
+            d[ct.c_int(0)] = ct.c_uint64(0)
+            self.dropped_total += dropped
+        parts = []
+        for t in np.unique(k["target"]) if k.size else []:
+            m = k["target"] == t
+            s, e, w = mean_over_aggregations(k["start"][m], k["end"][m], v["acc"][m],
+                                             int(n_aggs[int(t)]))
+            if self.space == "vaddr" and self._pids:
+                pid = self._pids[min(int(t), len(self._pids) - 1)]
+            else:
+                pid = 0
+            parts.append((np.full(s.size, pid, np.int32), s, e - s, w))
+        if not parts:
+            return Spans.empty(self.space, t0, t1)
+        pid, s, ln, w = (np.concatenate(x) for x in zip(*parts))
+        return Spans(pid, s, ln, w, False, self.space, t0, t1)
 
     def regions(self) -> dict[str, np.ndarray]:
         """All monitored regions now, including unaccessed ones (own kdamond with snapshot
@@ -280,4 +328,6 @@ class DamonSampler(Sampler):
                 m["results_fallback"] = self.results_note
         else:
             m["attached_kdamond"] = self.attach
+        if self.results_used == "tracepoint":
+            m.update(map_entries=AGG_MAX_ENTRIES, dropped=self.dropped_total)
         return m
