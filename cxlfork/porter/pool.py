@@ -116,15 +116,23 @@ class FunctionPool:
                 est = self.est_local.get(self.restore_policy(), 0)
                 memory_blocked = False
                 if total < self.cfg.max_instances:
-                    if total == 0 or self.porter.memory_allows(est):
+                    # the limit is a cgroup's: starting past it would make the kernel
+                    # OOM-kill an instance, so even a function with none waits for room
+                    if self.porter.memory_allows(est):
                         self.starting += 1
                         self.reserved_bytes += est       # counted until it is running
                         break
+                    if est > self.porter.limit:
+                        raise Unavailable(
+                            f"function {self.name}: one {self.restore_policy()} instance "
+                            f"needs about {est / 2**20:.1f} MiB, more than the local memory "
+                            f"limit of {self.porter.limit / 2**20:g} MiB")
                     memory_blocked = True
                 if not memory_blocked or tried_reclaim:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        why = ("the local memory limit is reached" if memory_blocked else
+                        why = (f"the local memory limit ({self.porter.limit / 2**20:g} MiB) "
+                               f"is reached" if memory_blocked else
                                f"all {total} instances are busy")
                         raise Unavailable(f"function {self.name}: {why} (waited "
                                           f"{self.cfg.queue_timeout_s:g} s)")
@@ -316,6 +324,18 @@ class FunctionPool:
             new, self.oom_seen = n > self.oom_seen, max(n, self.oom_seen)
         return new
 
+    def reap_gone_idle(self) -> None:
+        """Take idle instances that died (OOM-killed while idle, ...) off the pool and reap
+        them (housekeeping, each tick: one select per idle instance)."""
+        with self.cond:
+            gone = [i for i in self.idle if i.gone()]
+            for inst in gone:
+                self.idle.remove(inst)
+                self.instances.remove(inst)
+                inst.state = "lost"
+        for inst in gone:
+            self.reap_lost(inst)
+
     def reap_lost(self, inst: Instance) -> None:
         """An instance found dead while idle (main thread): reap it, count it, replace it."""
         inst.kill()
@@ -347,6 +367,10 @@ class FunctionPool:
             self.checkpoint_pending = False
             if image:
                 self.image, self.checkpoint_info = image, info
+            elif inst.gone():
+                # the instance died under the checkpoint (e.g. OOM-killed): not a refusal,
+                # the next cold instance that served K invocations is checkpointed
+                self.checkpoint_info = {"last_failure": error}
             else:
                 self.checkpoint_error = error
             if inst.state == "checkpointing":

@@ -79,13 +79,16 @@ class Porter:
 
     # -- memory --------------------------------------------------------------------------
     def local_total(self) -> int:
-        """Local memory of all instances, and the estimate of those being started. Takes no
+        """Local memory of all instances (smaps, or the cgroup's working set at the last
+        tick when larger), and the estimate of those being started. Takes no
         pool lock (a pool calls it holding its own: locking the others here could deadlock
         two pools scaling out at once)."""
         with self.lock:
             pools = list(self.pools.values())
-        return sum(i.local_bytes for p in pools for i in list(p.instances)) + \
-            sum(p.reserved_bytes for p in pools)
+        measured = sum(i.local_bytes for p in pools for i in list(p.instances))
+        # the cgroup also charges page tables, kernel memory and page cache: the larger
+        measured = max(measured, self.cgroup_stats.get("working_set_bytes", 0))
+        return measured + sum(p.reserved_bytes for p in pools)
 
     def memory_allows(self, extra: int) -> bool:
         return not self.limit or self.local_total() + extra <= self.limit
@@ -229,6 +232,7 @@ class Porter:
         with self.lock:
             pools = list(self.pools.values())
         for p in pools:
+            p.reap_gone_idle()
             p.sample_memory(self.store_dir)
         total = self.local_total()
         if self.cgroup is not None:
