@@ -20,6 +20,7 @@ is empty (or a ghost has died) a restore spawns its restorer as usual (counted i
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 
@@ -31,17 +32,26 @@ MAX_FDS = 253                # SCM_MAX_FD: one message carries the whole fd tabl
 
 
 class Ghost:
-    """One idle ghost: its PID (a child of this process) and our end of its socket."""
+    """One idle ghost: its PID (a child of this process), our end of its socket and, for a
+    warm ghost, the fds of the shared-memory objects it has mapped ({object id: fd})."""
 
-    def __init__(self, pid: int, sock: int):
+    def __init__(self, pid: int, sock: int, objfds: dict[int, int] | None = None):
         self.pid = pid
         self.sock = sock
+        self.objfds = objfds
+
+    def alive(self) -> bool:
+        """Still waiting: no hang-up and nothing (an error line) on its socket."""
+        return not select.select([self.sock], [], [], 0)[0]
 
     def discard(self) -> None:
         """Close our end (the ghost reads EOF and exits), kill and reap it."""
         if self.sock >= 0:
             os.close(self.sock)
             self.sock = -1
+        for fd in (self.objfds or {}).values():
+            os.close(fd)
+        self.objfds = None
         try:
             os.kill(self.pid, 9)
         except ProcessLookupError:
@@ -52,21 +62,55 @@ class Ghost:
             pass
 
 
-def spawn_ghost() -> Ghost:
-    """Spawn one ghost (vfork-style clone + exec of the restorer in ghost mode)."""
+def spawn_ghost(prepared=None, timeout_s: float = 30.0) -> Ghost:
+    """Spawn one ghost (vfork-style clone + exec of the restorer). Cold (prepared None): in
+    ghost mode, waiting for a whole restore. Warm: it runs the memory, signal and mm part of
+    prepared's plan now (with the files, store and objects it needs) and waits for the
+    clone's own fds; returns once it is ready, or raises with the restorer's error line."""
     path = restorer_path().encode()
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    opened: list[int] = []
+    objfds = None
     try:
-        argv = [ffi.new("char[]", path), ffi.new("char[]", b"ghost"),
-                ffi.new("char[]", str(GHOST_FD).encode()), ffi.NULL]
-        pid = lib.cx_spawn(path, ffi.new("char *[]", argv), ffi.new("int[]", [theirs.fileno()]),
-                           ffi.new("int[]", [GHOST_FD]), 1, b"/", 0o022, 0, 0, -1)
+        if prepared is None:
+            args = [b"ghost", str(GHOST_FD).encode()]
+            src, dst = [theirs.fileno()], [GHOST_FD]
+        else:
+            from cxlfork.restore import make_objects
+            p = prepared
+            plan_fd, sock_num = p.warm_plan()
+            objfds = make_objects(p, opened)
+            fds = {"plan": plan_fd, "store": p.store_fd, "exe": p.exe_fd,
+                   **{("file", i): fd for i, fd in p.file_fds.items()},
+                   **{("obj", oid): fd for oid, fd in objfds.items()}}
+            src = list(fds.values()) + [theirs.fileno(), theirs.fileno()]
+            dst = [p.num[k] for k in fds] + [sock_num, p.num["err"]]  # errors: the socket
+            args = [str(p.num["plan"]).encode()]
+        argv = [ffi.new("char[]", path)] + [ffi.new("char[]", a) for a in args] + [ffi.NULL]
+        pid = lib.cx_spawn(path, ffi.new("char *[]", argv), ffi.new("int[]", src),
+                           ffi.new("int[]", dst), len(src), b"/", 0o022, 0, 0, -1)
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        mine.close()
+        raise
     finally:
         theirs.close()
     if pid < 0:
+        for fd in opened:
+            os.close(fd)
         mine.close()
         raise CxlforkError(f"spawning a ghost restorer: {os.strerror(-pid)}")
-    return Ghost(pid, mine.detach())
+    g = Ghost(pid, mine.detach(), objfds)
+    if prepared is not None:
+        ready = select.select([g.sock], [], [], timeout_s)[0]
+        got = os.read(g.sock, 512) if ready else b""
+        if got != b"r":
+            g.discard()
+            why = got.decode(errors="replace").strip() if got else \
+                "it exited" if ready else f"not ready within {timeout_s:g} s"
+            raise CxlforkError(f"a warm ghost for {prepared.image} failed: {why}")
+    return g
 
 
 class GhostPool:
@@ -74,19 +118,24 @@ class GhostPool:
     .refill() (refill="manual"). Thread-safe. Close it (or use it as a context manager): idle
     ghosts are killed and reaped; ghosts already restored into are clones, not the pool's."""
 
-    def __init__(self, size: int, refill: str = "background"):
+    def __init__(self, size: int, refill: str = "background", prepared=None):
         if not isinstance(size, int) or size < 1:
             raise CxlforkError(f"ghost pool size must be a positive integer, not {size!r}")
         if refill not in ("background", "manual"):
             raise CxlforkError(f"ghost pool refill must be 'background' or 'manual', "
                                f"not {refill!r}")
         restorer_path()
+        if prepared is not None and not prepared.fds_open:
+            raise CxlforkError(f"ghost pool: the prepared restore of {prepared.image} is "
+                               "closed")
+        self.prepared = prepared
         self.size = size
         self._idle: list[Ghost] = []
         self._lock = threading.Condition()
         self._closed = False
         self._counts = {"spawned": 0, "taken": 0, "fallbacks": 0, "dead": 0}
         self._thread = None
+        self.last_error = None        # of the background refill
         try:
             self.refill()
         except BaseException:
@@ -110,7 +159,7 @@ class GhostPool:
             with self._lock:
                 if self._closed or len(self._idle) >= self.size:
                     return made
-            g = spawn_ghost()
+            g = spawn_ghost(self.prepared)
             with self._lock:
                 if self._closed:
                     g.discard()
@@ -128,25 +177,29 @@ class GhostPool:
                     return
             try:
                 self.refill()
-            except CxlforkError:          # e.g. out of PIDs: try again at the next take
+            except CxlforkError as e:     # e.g. out of PIDs: try again a second later
                 with self._lock:
+                    self.last_error = str(e)
                     if not self._closed:
                         self._lock.wait(1.0)
 
     def take(self) -> Ghost | None:
         """An idle ghost for one restore (the caller owns it from now on), or None when the
         pool is empty or closed (the restore then spawns its restorer)."""
+        dead = []
         with self._lock:
-            g = self._idle.pop(0) if self._idle and not self._closed else None
+            g = None
+            while self._idle and not self._closed and g is None:
+                g = self._idle.pop(0)
+                if not g.alive():                # killed by someone: skip it
+                    dead.append(g)
+                    g = None
+            self._counts["dead"] += len(dead)
             self._counts["taken" if g else "fallbacks"] += 1
             self._lock.notify_all()
+        for d in dead:
+            d.discard()
         return g
-
-    def dead(self, g: Ghost) -> None:
-        """A taken ghost turned out to be gone (its socket refused the restore): reap it."""
-        with self._lock:
-            self._counts["dead"] += 1
-        g.discard()
 
     def stats(self) -> dict:
         """size, idle, and counts of ghosts spawned, taken, dead and of restores that found

@@ -21,14 +21,15 @@ import base64
 import struct
 
 PLAN_MAGIC = 0x314E414C50584643
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 REGION_LO, REGION_HI = 0x100000000000, 0x100040000000
 PLAN_ADDR = REGION_LO + 0x20000000
 THREAD_PARK = REGION_LO + 0x3ffff000        # never mapped; see restorer.c
 HDR_WORDS = 32
 (OP_MMAP, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK, OP_SIGMASK, OP_RSEQ,
  OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL, OP_PRLIMIT,
- OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD) = range(1, 21)
+ OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
+ OP_GHOSTWAIT) = range(1, 23)
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PAGE = 4096
@@ -73,12 +74,17 @@ def lazy_runs(m: dict) -> list[tuple[int, int, int]]:
 
 
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
-          lazy: bool = False) -> bytes:
+          lazy: bool = False, warm_sock: int | None = None) -> bytes:
     """lazy (policy moa): map stored runs from the store as mow does and register them with a
     userfaultfd in MINOR mode, sent to cxlfork over fdnums['uffd_sock'] (native/lazy.c
     copies each block on first touch)."""
-    """fdnums: 'store', 'err', 'exe', 'go', ('file', vma index), ('obj', object id), 'close'
-    (list of the restorer's own fds), 'cloexec' (list)."""
+    """fdnums: 'store', 'err', 'exe', 'go', ('file', vma index), ('obj', object id),
+    'cloexec' (list); the process's own fds must be below 'err' and the restorer's above it.
+    warm_sock: the plan of a warm ghost, which waits on that fd for the clone's fds after the
+    memory, signal and mm parts."""
+    if any(n <= fdnums["err"] for k, n in fdnums.items() if k not in ("err", "cloexec")) or \
+            any(n >= fdnums["err"] for n in fdnums.get("cloexec", [])):
+        raise ValueError("the restorer's fds must be numbered above the error pipe")
     if policy not in POLICIES:
         raise ValueError(policy)
     hot = hot_bits if policy == "hybrid" else None
@@ -126,12 +132,6 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
         for adv in v["madvise"]:
             p.op(OP_MADVISE, s, e - s, adv)
 
-    if lazy:
-        p.op(OP_UFFD_OPEN)
-        for addr, nbytes, _ in lazy_runs(m):
-            p.op(OP_UFFD_REG, addr, nbytes)
-        p.op(OP_UFFD_SEND, fdnums["uffd_sock"])
-
     sig = m["signals"]
     for a in sig["actions"]:
         p.op(OP_SIGACTION, a["sig"], a["handler"], a["flags"], a["restorer"], a["mask"])
@@ -150,6 +150,15 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     comm_index = len(p.ops)
     if comm:
         p.op(OP_PRCTL, 15, 0)                      # PR_SET_NAME; address patched below
+    # a warm ghost (cxlfork.ghosts) runs everything above when it is spawned, then waits here
+    # for the clone's own fds (stdio, files, pipes..., the error and go pipes)
+    if warm_sock is not None:
+        p.op(OP_GHOSTWAIT, warm_sock)
+    if lazy:
+        p.op(OP_UFFD_OPEN)
+        for addr, nbytes, _ in lazy_runs(m):
+            p.op(OP_UFFD_REG, addr, nbytes)
+        p.op(OP_UFFD_SEND, fdnums["uffd_sock"])
     from cxlfork.procfs import RLIMITS
     for name, (soft, hard) in sorted(m["rlimits"].items()):
         p.op(OP_PRLIMIT, RLIMITS[name], soft, hard)
@@ -164,8 +173,10 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
                 thread_ops.append(len(p.ops))
                 p.op(OP_THREAD, 0)                # record address patched below
             p.op(OP_WAITGO, fdnums["go"])         # every thread is parked
-    for fd in fdnums.get("close", []):
-        p.op(OP_CLOSE, fd)
+    # the restorer's own fds are numbered above the process's, the error pipe first: close
+    # every fd above it, then the error pipe (its EOF tells cxlfork the plan is done)
+    p.op(OP_CLOSEFROM, fdnums["err"] + 1)
+    p.op(OP_CLOSE, fdnums["err"])
     # the blocked mask is installed by cxlfork (PTRACE_SETSIGMASK) at the hand-over stop
 
     if len(specials) > 4:

@@ -22,7 +22,6 @@ pre-spawned restorer.
 from __future__ import annotations
 
 import base64
-import errno
 import fcntl
 import functools
 import os
@@ -101,6 +100,17 @@ def _load_cached(image: str) -> tuple[dict, dict]:
     return m, {}
 
 
+def _sealed_memfd(data: bytes, fds: list[int]) -> int:
+    """A sealed memfd holding data (its fd is appended to fds)."""
+    fd = lib.cx_memfd(b"cxlfork-plan", MFD_ALLOW_SEALING | MFD_CLOEXEC)
+    if fd < 0:
+        raise CxlforkError(f"memfd_create: {os.strerror(-fd)}")
+    fds.append(fd)
+    os.write(fd, data)
+    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_ALL)
+    return fd
+
+
 class Prepared:
     """Everything shared by the clones of one restore: manifest, plan bytes, open files."""
 
@@ -157,9 +167,6 @@ class Prepared:
                 [("obj", o["id"]) for o in m["objects"]]:
             self.num[key] = nxt
             nxt += 1
-        # the restorer's own fds, the error pipe last: its closing tells cxlfork that the
-        # plan is done (cx_wait_sigstop)
-        self.num["close"] = [n for k, n in self.num.items() if k != "err"] + [self.num["err"]]
         self.num["cloexec"] = [f["fd"] for f in m["fds"] if f["cloexec"]]
         nums = dict(self.num)
         pkey = (policy, self.lazy, self.hot)      # the plan depends on these and on m
@@ -171,19 +178,26 @@ class Prepared:
             self.lazy_runs = [ffi.new("uint64_t[]", [r[k] for r in runs]) for k in range(3)]
             self.lazy_n = len(runs)
         # one sealed memfd holds the plan for every clone (the restorer maps it read-only)
-        plan_fd = lib.cx_memfd(b"cxlfork-plan", MFD_ALLOW_SEALING | MFD_CLOEXEC)
-        if plan_fd < 0:
+        try:
+            self.plan_fd = _sealed_memfd(self.plan, self.fds_open)
+        except BaseException:
             self.close()
-            raise CxlforkError(f"memfd_create: {os.strerror(-plan_fd)}")
-        self.fds_open.append(plan_fd)
-        os.write(plan_fd, self.plan)
-        fcntl.fcntl(plan_fd, F_ADD_SEALS, F_SEAL_ALL)
-        self.plan_fd = plan_fd
+            raise
+        self._warm = None
         self.regs = regs_pack(m["regs"])
         self.xstate = base64.b64decode(m["xstate"])
         # other threads: (registers, xstate, blocked mask), in the plan's creation order
         self.threads = [(regs_pack(t["regs"]), base64.b64decode(t["xstate"]), t["blocked"])
                         for t in m.get("threads", [])]
+
+    def warm_plan(self) -> tuple[int, int]:
+        """(sealed memfd of the plan for warm ghosts, the fd number of their socket)."""
+        if self._warm is None:
+            sock = max(v for k, v in self.num.items() if k != "cloexec") + 1
+            plan = plan_mod.build(self.m, self.policy, dict(self.num), self.hot, lazy=self.lazy,
+                                  warm_sock=sock)
+            self._warm = (_sealed_memfd(plan, self.fds_open), sock)
+        return self._warm
 
     def __enter__(self):
         return self
@@ -223,15 +237,11 @@ def _stdio_fds(stdio, opened: list[int]) -> list[int]:
     return [null, out, out]
 
 
-def _clone_fds(p: Prepared, stdio: str, opened: list[int]) -> tuple[list[int], list[int]]:
-    """(source fds in this process, destination numbers in the clone)."""
-    m = p.m
-    src, dst = [], []
-    by_num: dict[int, int] = {}
-    io = _stdio_fds(stdio, opened)
+def make_objects(p: Prepared, opened: list[int]) -> dict[int, int]:
+    """One clone's own shared-memory objects (memfds refilled from the store): {id: fd}."""
     objfds = {}
     store = p.store_fd
-    for o in m["objects"]:
+    for o in p.m["objects"]:
         fd = lib.cx_memfd(f"cxlfork-{o['kind']}:{o['name']}".encode()[:240], MFD_ALLOW_SEALING)
         if fd < 0:
             raise CxlforkError(f"memfd_create: {os.strerror(-fd)}")
@@ -249,6 +259,19 @@ def _clone_fds(p: Prepared, stdio: str, opened: list[int]) -> tuple[list[int], l
         if o["seals"]:
             fcntl.fcntl(fd, F_ADD_SEALS, o["seals"])
         objfds[o["id"]] = fd
+    return objfds
+
+
+def _clone_fds(p: Prepared, stdio: str, opened: list[int], objfds: dict[int, int] | None = None
+               ) -> tuple[list[int], list[int], dict[int, int]]:
+    """(source fds in this process, destination numbers in the clone, its objects' fds);
+    objfds: objects made already (a warm ghost's)."""
+    m = p.m
+    src, dst = [], []
+    by_num: dict[int, int] = {}
+    io = _stdio_fds(stdio, opened)
+    if objfds is None:
+        objfds = make_objects(p, opened)
     pipes: dict[int, tuple[int, int]] = {}
     socks = _socketpairs(m, opened)
     for f in m["fds"]:
@@ -434,28 +457,36 @@ def sync_lazy(timeout_s: float = 5.0) -> None:
                            f"within {timeout_s:g} s")
 
 
-def _into_ghost(p: Prepared, pool, c_src, c_dst, nfd: int, c_cwd, sidmode: int,
-                err_index: int) -> int:
-    """Hand the clone's fd table and plan to an idle ghost of pool; its PID, or 0 when there
-    is none (the pool is empty, or this image has more fds than one message carries)."""
-    if nfd > ghosts_mod.MAX_FDS or 64 + 4 * nfd + len(p.m["process"]["cwd"].encode()) >= \
+def _take_ghost(p: Prepared, pool, same_pid: bool):
+    """An idle ghost of pool for one clone, or None (no pool, the pool is empty, or this
+    image has more fds or a longer cwd than one message to a ghost carries)."""
+    if pool is None:
+        return None
+    if same_pid:
+        raise CxlforkError("--same-pid cannot restore into a ghost: a ghost's PID is fixed "
+                           "when it is spawned (restore without ghosts)")
+    if pool.prepared is not None and pool.prepared is not p:
+        raise CxlforkError(f"this ghost pool is warm for {pool.prepared.image} "
+                           f"({pool.prepared.policy}), not for this prepared restore of "
+                           f"{p.image} ({p.policy})")
+    if len(p.m["fds"]) + len(p.num) + 1 > ghosts_mod.MAX_FDS or \
+            64 + 4 * ghosts_mod.MAX_FDS + len(p.m["process"]["cwd"].encode()) >= \
             lib.CX_GHOST_MSG:
-        return 0
-    while True:
-        g = pool.take()
-        if g is None:
-            return 0
-        e = lib.cx_ghost_send(g.sock, c_src, c_dst, nfd, c_cwd, p.m["process"]["umask"],
-                              sidmode, err_index, p.num["plan"])
-        os.close(g.sock)            # the ghost has its message (or is gone)
-        g.sock = -1
-        if e == 0:
-            return g.pid
-        if -e in (errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED):
-            pool.dead(g)            # killed by someone: try the next one
-            continue
+        return None
+    return pool.take()
+
+
+def _send_to_ghost(p: Prepared, g, c_src, c_dst, nfd: int, c_cwd, sidmode: int,
+                   err_index: int) -> int:
+    """Hand the clone's fd table (and, to a cold ghost, its plan) to ghost g; its PID."""
+    e = lib.cx_ghost_send(g.sock, c_src, c_dst, nfd, c_cwd, p.m["process"]["umask"],
+                          sidmode, err_index, p.num["plan"])
+    os.close(g.sock)                # the ghost has its message (or is gone)
+    g.sock = -1
+    if e < 0:
         g.discard()
         raise CxlforkError(f"handing a restore to ghost {g.pid}: {os.strerror(-e)}")
+    return g.pid
 
 
 def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress,
@@ -465,8 +496,7 @@ def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress,
     if same_pid and n != 1:
         raise CxlforkError("--same-pid restores a single clone (-n 1)")
     if same_pid and ghosts is not None:
-        raise CxlforkError("--same-pid cannot restore into a ghost: a ghost's PID is fixed "
-                           "when it is spawned (restore without ghosts)")
+        _take_ghost(p, ghosts, same_pid)          # refuses
     m = p.m
     image = p.image
     restorer = restorer_path().encode()
@@ -486,31 +516,36 @@ def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress,
     try:
         for k in range(n):
             opened: list[int] = []
+            g = _take_ghost(p, ghosts, same_pid)
+            warm = g is not None and g.objfds is not None
             try:
-                src, dst, objfds = _clone_fds(p, stdio, opened)
+                src, dst, objfds = _clone_fds(p, stdio, opened, g.objfds if warm else None)
+                if warm:
+                    opened += g.objfds.values()     # the ghost has its own references
                 er, ew = os.pipe2(os.O_CLOEXEC)
                 opened.append(ew)
                 gr, gw = os.pipe2(os.O_CLOEXEC)
                 opened.append(gr)
                 go_w.append(gw)
-                extra = {"err": ew, "store": p.store_fd, "exe": p.exe_fd, "plan": p.plan_fd,
-                         "go": gr}
+                extra = {"err": ew, "go": gr}
+                if not warm:                        # a warm ghost holds these already
+                    extra.update({"store": p.store_fd, "exe": p.exe_fd, "plan": p.plan_fd})
+                    extra.update({("file", i): fd for i, fd in p.file_fds.items()})
+                    extra.update({("obj", oid): fd for oid, fd in objfds.items()})
                 if p.lazy:
                     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                     opened.append(theirs.detach())
                     lazy_sock = mine.detach()
                     extra["uffd_sock"] = opened[-1]
-                extra.update({("file", i): fd for i, fd in p.file_fds.items()})
-                extra.update({("obj", oid): fd for oid, fd in objfds.items()})
                 err_index = len(src)
                 for key, fd in extra.items():
                     src.append(fd)
                     dst.append(p.num[key])
                 c_src = ffi.new("int[]", src)
                 c_dst = ffi.new("int[]", dst)
-                pid = _into_ghost(p, ghosts, c_src, c_dst, len(src), c_cwd, sidmode,
-                                  err_index) if ghosts is not None else 0
-                if not pid:
+                if g is not None:
+                    pid = _send_to_ghost(p, g, c_src, c_dst, len(src), c_cwd, sidmode, err_index)
+                else:
                     pid = lib.cx_spawn(restorer, c_argv, c_src, c_dst, len(src), c_cwd,
                                        proc["umask"], sidmode, set_tid, err_index)
                 if pid < 0:

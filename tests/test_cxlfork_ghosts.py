@@ -66,11 +66,14 @@ class _Clone:
             os.close(fd)
 
 
-@pytest.mark.parametrize("prog,policy", [("fds", "mow"), ("threads", "mow"), ("mem", "moa")])
-def test_restore_into_ghost(env, prog, policy):
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("prog,policy", [("fds", "mow"), ("threads", "mow"), ("mem", "moa"),
+                                         ("sockets", "hybrid")])
+def test_restore_into_ghost(env, prog, policy, warm):
     """The clone is the ghost we handed the restore to; its fd table is exactly the
     checkpointed one (no socket of the ghost left over), and the program's own checks pass:
-    fds, cwd (the ghost was spawned in /), umask, rlimits; threads; lazy moa."""
+    fds, cwd (the ghost was spawned in /), umask, rlimits; threads; lazy moa; socketpairs.
+    Cold ghosts get the whole restore; warm ones ran the memory part of the plan before."""
     from cxlfork.ghosts import GhostPool
     from cxlfork.restore import prepare_restore
     d, s = env
@@ -83,10 +86,12 @@ def test_restore_into_ghost(env, prog, policy):
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
         want_fds = sorted(f["fd"] for f in json.load(open(os.path.join(img, "manifest.json")))
                           ["fds"])
-        with GhostPool(1, refill="manual") as pool, prepare_restore(img, policy) as p:
+        with prepare_restore(img, policy) as p, \
+                GhostPool(1, refill="manual", prepared=p if warm else None) as pool:
             ghost = pool.pids()[0]
             with open(f"/proc/{ghost}/status") as f:
-                assert "cxlfork-restor" in f.read()
+                # a warm ghost has set its name already (PR_SET_MM_MAP, PR_SET_NAME)
+                assert (prog if warm else "cxlfork-restor") in f.read()
             assert os.listdir(f"/proc/{ghost}/cwd") == os.listdir("/")
             pid, = p.restore(1, stdio=c.stdio(), ghosts=pool)
             assert pid == ghost
@@ -130,7 +135,7 @@ def test_pool_fallback_dead_ghost_close(env):
                 p.restore(1, same_pid=True, ghosts=pool)
             pids = p.restore(3, stdio=c.stdio(), ghosts=pool)
             assert pids[0] == g2 and g1 not in pids and len(set(pids)) == 3
-            assert pool.stats() == {"size": 2, "idle": 0, "spawned": 2, "taken": 2,
+            assert pool.stats() == {"size": 2, "idle": 0, "spawned": 2, "taken": 1,
                                     "fallbacks": 2, "dead": 1}
             for _ in pids:
                 assert c.send(b"ping\n") == "pong"
@@ -144,6 +149,19 @@ def test_pool_fallback_dead_ghost_close(env):
             more = p.restore(1, stdio=c.stdio(), ghosts=pool)
             pids += more
             assert c.send(b"ping\n") == "pong"
+            # a warm pool serves only the prepared restore it was made for
+            with GhostPool(1, refill="manual", prepared=p) as warm, \
+                    prepare_restore(img) as other:
+                with pytest.raises(CxlforkError, match="warm for"):
+                    other.restore(1, stdio=c.stdio(), ghosts=warm)
+                wpid = warm.pids()[0]
+                pids += p.restore(1, stdio=c.stdio(), ghosts=warm)
+                assert pids[-1] == wpid and c.send(b"ping\n") == "pong"
+                warm.refill()
+                idle = warm.pids()
+            assert not _wait_gone(idle, timeout=0.1)
+        with pytest.raises(CxlforkError, match="closed"):
+            GhostPool(1, prepared=p)
         with pytest.raises(CxlforkError, match="positive"):
             GhostPool(0)
     finally:

@@ -41,11 +41,12 @@
 #define THREAD_PARK   (REGION_LO + 0x3ffff000UL)   /* never mapped */
 
 #define PLAN_MAGIC 0x314e414c50584643UL   /* "CFXPLAN1" little-endian */
-#define PLAN_VERSION 2
+#define PLAN_VERSION 3
 
 enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK,
        OP_SIGMASK, OP_RSEQ, OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL,
-       OP_PRLIMIT, OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD };
+       OP_PRLIMIT, OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
+       OP_GHOSTWAIT };
 
 #define NR_read 0
 #define NR_write 1
@@ -218,7 +219,7 @@ static const char *const op_names[] = {
     "rt_sigprocmask", "rseq", "set_tid_address", "set_robust_list", "prctl(PR_SET_MM_MAP)",
     "close", "fcntl(FD_CLOEXEC)", "prctl", "prlimit64", "read of cxlfork's go byte",
     "userfaultfd (lazy moa)", "UFFDIO_REGISTER (lazy moa)", "sendmsg of the userfaultfd",
-    "clone of a thread",
+    "clone of a thread", "close_range", "wait of a warm ghost",
 };
 
 static long uffd = -1;
@@ -263,102 +264,6 @@ __attribute__((used, noreturn)) void cx_thread_main(const uint64_t *rec)
     sc6(NR_rt_sigprocmask, 2, (long)&mask, 0, 8, 0, 0);
     ((void (*)(void))THREAD_PARK)();
     __builtin_unreachable();
-}
-
-static long run_op(const uint64_t *o)
-{
-    long r;
-    switch (o[0]) {
-    case OP_MMAP:
-        r = sc6(NR_mmap, o[1], o[2], o[3], o[4] | 0x10 /* MAP_FIXED */, (long)o[5], o[6]);
-        return r == (long)o[1] ? 0 : (r < 0 ? r : -17);
-    case OP_PREAD: {
-        uint64_t done = 0;
-        while (done < o[3]) {
-            r = sc6(NR_pread64, o[1], o[2] + done, o[3] - done, o[4] + done, 0, 0);
-            if (r < 0)
-                return r;
-            if (r == 0)
-                return -5;   /* EIO: store file shorter than the plan says */
-            done += r;
-        }
-        return 0;
-    }
-    case OP_MPROTECT:
-        return sc(NR_mprotect, o[1], o[2], o[3]);
-    case OP_MADVISE:
-        return sc(NR_madvise, o[1], o[2], o[3]);
-    case OP_SIGACTION: {
-        uint64_t act[4] = { o[2], o[3], o[4], o[5] };
-        return sc6(NR_rt_sigaction, o[1], (long)act, 0, 8, 0, 0);
-    }
-    case OP_SIGALTSTACK: {
-        uint64_t ss[3] = { o[1], o[2], o[3] };
-        return sc(NR_sigaltstack, ss, 0, 0);
-    }
-    case OP_SIGMASK: {
-        uint64_t m = o[1];
-        return sc6(NR_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&m, 0, 8, 0, 0);
-    }
-    case OP_RSEQ:
-        return sc6(NR_rseq, o[1], o[2], 0, o[3], 0, 0);
-    case OP_TIDADDR:
-        sc(NR_set_tid_address, o[1], 0, 0);
-        return 0;
-    case OP_ROBUST:
-        return sc(NR_set_robust_list, o[1], o[2], 0);
-    case OP_MM_MAP:
-        return sc6(NR_prctl, 35 /* PR_SET_MM */, 14 /* PR_SET_MM_MAP */, o[1], o[2], 0, 0);
-    case OP_CLOSE:
-        return sc(NR_close, o[1], 0, 0);
-    case OP_CLOEXEC:
-        return sc(NR_fcntl, o[1], 2 /* F_SETFD */, 1 /* FD_CLOEXEC */);
-    case OP_PRCTL:
-        return sc6(NR_prctl, o[1], o[2], o[3], o[4], o[5], 0);
-    case OP_PRLIMIT: {
-        uint64_t lim[2] = { o[2], o[3] };
-        return sc6(NR_prlimit64, 0, o[1], (long)lim, 0, 0, 0);
-    }
-    case OP_WAITGO: {
-        char c = 0;
-        do
-            r = sc(NR_read, o[1], &c, 1);
-        while (r == -4 /* EINTR */);
-        if (r < 0)
-            return r;
-        return r == 1 && c == 'g' ? 0 : -32;   /* EPIPE: cxlfork went away */
-    }
-    case OP_UFFD_OPEN: {
-        r = sc(NR_userfaultfd, 02000000 | 04000 /* O_CLOEXEC | O_NONBLOCK */, 0, 0);
-        if (r < 0)
-            return r;
-        uffd = r;
-        struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_MINOR_SHMEM };
-        return sc(NR_ioctl, uffd, UFFDIO_API, &api);
-    }
-    case OP_UFFD_REG: {
-        struct uffdio_register reg = { .range = { o[1], o[2] },
-                                       .mode = UFFDIO_REGISTER_MODE_MINOR };
-        return sc(NR_ioctl, uffd, UFFDIO_REGISTER, &reg);
-    }
-    case OP_UFFD_SEND:
-        return send_uffd((long)o[1]);
-    case OP_THREAD: {
-        const uint64_t *rec = (const uint64_t *)o[1];
-        uint64_t stk = THREAD_STACKS + rec[9] * THREAD_STACK;
-        if (stk + THREAD_STACK > THREAD_PARK)
-            return -12;                            /* ENOMEM: too many threads */
-        r = sc6(NR_mmap, stk, THREAD_STACK, 3, 0x32 /* PRIVATE|FIXED|ANON */, -1, 0);
-        if (r != (long)stk)
-            return r < 0 ? r : -17;
-        uint64_t *top = (uint64_t *)(stk + THREAD_STACK);
-        top[-2] = (uint64_t)rec;
-        /* VM|FS|FILES|SIGHAND|THREAD|SYSVSEM */
-        r = cx_clone_thread(0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000, top - 2);
-        return r < 0 ? r : 0;
-    }
-    }
-    return -22;
 }
 
 /* Ghost mode: wait for one restore on socket sock, lay out the fd table it carries; returns
@@ -426,6 +331,112 @@ static long ghost_wait(long sock)
     if (h[3] == 2 && (r = sc(NR_setpgid, 0, 0, 0)) < 0)
         fail("setpgid", -1, 0, r);
     return (long)h[4];
+}
+
+static long run_op(const uint64_t *o)
+{
+    long r;
+    switch (o[0]) {
+    case OP_MMAP:
+        r = sc6(NR_mmap, o[1], o[2], o[3], o[4] | 0x10 /* MAP_FIXED */, (long)o[5], o[6]);
+        return r == (long)o[1] ? 0 : (r < 0 ? r : -17);
+    case OP_PREAD: {
+        uint64_t done = 0;
+        while (done < o[3]) {
+            r = sc6(NR_pread64, o[1], o[2] + done, o[3] - done, o[4] + done, 0, 0);
+            if (r < 0)
+                return r;
+            if (r == 0)
+                return -5;   /* EIO: store file shorter than the plan says */
+            done += r;
+        }
+        return 0;
+    }
+    case OP_MPROTECT:
+        return sc(NR_mprotect, o[1], o[2], o[3]);
+    case OP_MADVISE:
+        return sc(NR_madvise, o[1], o[2], o[3]);
+    case OP_SIGACTION: {
+        uint64_t act[4] = { o[2], o[3], o[4], o[5] };
+        return sc6(NR_rt_sigaction, o[1], (long)act, 0, 8, 0, 0);
+    }
+    case OP_SIGALTSTACK: {
+        uint64_t ss[3] = { o[1], o[2], o[3] };
+        return sc(NR_sigaltstack, ss, 0, 0);
+    }
+    case OP_SIGMASK: {
+        uint64_t m = o[1];
+        return sc6(NR_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&m, 0, 8, 0, 0);
+    }
+    case OP_RSEQ:
+        return sc6(NR_rseq, o[1], o[2], 0, o[3], 0, 0);
+    case OP_TIDADDR:
+        sc(NR_set_tid_address, o[1], 0, 0);
+        return 0;
+    case OP_ROBUST:
+        return sc(NR_set_robust_list, o[1], o[2], 0);
+    case OP_MM_MAP:
+        return sc6(NR_prctl, 35 /* PR_SET_MM */, 14 /* PR_SET_MM_MAP */, o[1], o[2], 0, 0);
+    case OP_CLOSE:
+        return sc(NR_close, o[1], 0, 0);
+    case OP_CLOSEFROM:
+        return sc(NR_close_range, o[1], ~0U, 0);
+    case OP_GHOSTWAIT: {
+        /* a warm ghost: tell the pool it is ready, then wait for the clone's fds */
+        char c = 'r';
+        if ((r = sc(NR_write, o[1], &c, 1)) != 1)
+            return r < 0 ? r : -5;
+        ghost_wait((long)o[1]);
+        return 0;
+    }
+    case OP_CLOEXEC:
+        return sc(NR_fcntl, o[1], 2 /* F_SETFD */, 1 /* FD_CLOEXEC */);
+    case OP_PRCTL:
+        return sc6(NR_prctl, o[1], o[2], o[3], o[4], o[5], 0);
+    case OP_PRLIMIT: {
+        uint64_t lim[2] = { o[2], o[3] };
+        return sc6(NR_prlimit64, 0, o[1], (long)lim, 0, 0, 0);
+    }
+    case OP_WAITGO: {
+        char c = 0;
+        do
+            r = sc(NR_read, o[1], &c, 1);
+        while (r == -4 /* EINTR */);
+        if (r < 0)
+            return r;
+        return r == 1 && c == 'g' ? 0 : -32;   /* EPIPE: cxlfork went away */
+    }
+    case OP_UFFD_OPEN: {
+        r = sc(NR_userfaultfd, 02000000 | 04000 /* O_CLOEXEC | O_NONBLOCK */, 0, 0);
+        if (r < 0)
+            return r;
+        uffd = r;
+        struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_MINOR_SHMEM };
+        return sc(NR_ioctl, uffd, UFFDIO_API, &api);
+    }
+    case OP_UFFD_REG: {
+        struct uffdio_register reg = { .range = { o[1], o[2] },
+                                       .mode = UFFDIO_REGISTER_MODE_MINOR };
+        return sc(NR_ioctl, uffd, UFFDIO_REGISTER, &reg);
+    }
+    case OP_UFFD_SEND:
+        return send_uffd((long)o[1]);
+    case OP_THREAD: {
+        const uint64_t *rec = (const uint64_t *)o[1];
+        uint64_t stk = THREAD_STACKS + rec[9] * THREAD_STACK;
+        if (stk + THREAD_STACK > THREAD_PARK)
+            return -12;                            /* ENOMEM: too many threads */
+        r = sc6(NR_mmap, stk, THREAD_STACK, 3, 0x32 /* PRIVATE|FIXED|ANON */, -1, 0);
+        if (r != (long)stk)
+            return r < 0 ? r : -17;
+        uint64_t *top = (uint64_t *)(stk + THREAD_STACK);
+        top[-2] = (uint64_t)rec;
+        /* VM|FS|FILES|SIGHAND|THREAD|SYSVSEM */
+        r = cx_clone_thread(0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000, top - 2);
+        return r < 0 ? r : 0;
+    }
+    }
+    return -22;
 }
 
 __attribute__((used)) void cx_main(uint64_t *sp0)
