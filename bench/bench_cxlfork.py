@@ -10,7 +10,8 @@ Latency = from the start of the restore (or fork, or cold start) to the clone an
 files, restores); "prepared" = Prepared.restore() of an object made once by prepare_restore()
 (what a server that restores the same image again and again pays); "ghost" = the same into
 an idle ghost of a cxlfork.ghosts.GhostPool (refilled between runs, outside the timing: the
-steady state of a pool that keeps up); "CLI" = `python -m cxlfork
+steady state of a pool that keeps up); "warm ghost" = into a warm ghost (GhostPool(prepared=),
+which ran the memory part of the plan when spawned); "CLI" = `python -m cxlfork
 restore --detach`, interpreter start included. The checkpoint rate is next to the rate this
 machine fills fresh memory (numpy.ones of the same size in this process), the bound for
 anything that writes a new copy. Medians of --runs runs.
@@ -161,10 +162,11 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
                 kill_all(pids)
                 pp.close()
             lat[key] = med(ts)
-        ts, tg = [], []
-        with prepare_restore(img, "mow") as prep, GhostPool(1, refill="manual") as pool:
+        ts, tg, tw = [], [], []
+        with prepare_restore(img, "mow") as prep, GhostPool(1, refill="manual") as pool, \
+                GhostPool(1, refill="manual", prepared=prep) as warm:
             for _ in range(runs):
-                for out, ghosts in ((ts, None), (tg, pool)):
+                for out, ghosts in ((ts, None), (tg, pool), (tw, warm)):
                     pp = Pipes()
                     t0 = time.perf_counter()
                     pids = prep.restore(1, stdio=pp.fds(), ghosts=ghosts)
@@ -173,9 +175,11 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
                     kill_all(pids)
                     pp.close()
                     pool.refill()
-            assert pool.stats()["fallbacks"] == 0
+                    warm.refill()
+            assert pool.stats()["fallbacks"] == 0 and warm.stats()["fallbacks"] == 0
         lat["prepared"] = med(ts)
         lat["ghost"] = med(tg)
+        lat["warm"] = med(tw)
         cli = []
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -196,7 +200,7 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
             "skipped: criu comparison not automated in this version"
         fork_s = med(forks)
         rows.append((mib, nbytes, med(ck), med(ck_pages), med(fill), fork_s, lat["mow"],
-                     lat["prepared"], lat["ghost"], lat["moa"], lat["moa-eager"], med(cli), cold_s, criu))
+                     lat["prepared"], lat["ghost"], lat["warm"], lat["moa"], lat["moa-eager"], med(cli), cold_s, criu))
         print(f"    {rows[-1]}", file=sys.stderr, flush=True)
         # hybrid profile: one clone that answered a ping (touched the interpreter, not the array)
         pp = Pipes()
@@ -236,8 +240,9 @@ def alternate(mib: int, runs: int, work: str, store: str) -> str:
     try:
         img = os.path.join(work, f"alt{mib}.img")
         checkpoint(w.pid, img, store)
-        f, p, g, a = [], [], [], []
-        with prepare_restore(img, "mow") as prep, GhostPool(1, refill="manual") as pool:
+        f, p, g, wg, a = [], [], [], [], []
+        with prepare_restore(img, "mow") as prep, GhostPool(1, refill="manual") as pool, \
+                GhostPool(1, refill="manual", prepared=prep) as warm:
             for _ in range(runs):
                 t0 = time.perf_counter()
                 assert ask(w, "fork") == "pong"
@@ -245,6 +250,7 @@ def alternate(mib: int, runs: int, work: str, store: str) -> str:
                 assert ask(w, "ping") == "pong"
                 for out, go in ((p, lambda pp: prep.restore(1, stdio=pp.fds())),
                                 (g, lambda pp: prep.restore(1, stdio=pp.fds(), ghosts=pool)),
+                                (wg, lambda pp: prep.restore(1, stdio=pp.fds(), ghosts=warm)),
                                 (a, lambda pp: restore(img, "mow", stdio=pp.fds()))):
                     pp = Pipes()
                     t0 = time.perf_counter()
@@ -254,16 +260,19 @@ def alternate(mib: int, runs: int, work: str, store: str) -> str:
                     kill_all(pids)
                     pp.close()
                     pool.refill()
-            assert pool.stats()["fallbacks"] == 0
+                    warm.refill()
+            assert pool.stats()["fallbacks"] == 0 and warm.stats()["fallbacks"] == 0
         image_mod.remove(img)
     finally:
         w.kill()
         w.wait()
     return (f"{mib} MiB, {runs} alternating runs (medians, min): os.fork() {med(f) * 1e3:.2f} "
             f"ms ({min(f) * 1e3:.2f}); prepared mow {med(p) * 1e3:.2f} ms ({min(p) * 1e3:.2f}); "
-            f"into a ghost {med(g) * 1e3:.2f} ms ({min(g) * 1e3:.2f}); one-shot API mow "
+            f"into a ghost {med(g) * 1e3:.2f} ms ({min(g) * 1e3:.2f}); into a warm ghost "
+            f"{med(wg) * 1e3:.2f} ms ({min(wg) * 1e3:.2f}); one-shot API mow "
             f"{med(a) * 1e3:.2f} ms ({min(a) * 1e3:.2f}); prepared/fork {med(p) / med(f):.2f}x; "
-            f"ghost/fork {med(g) / med(f):.2f}x; load average {os.getloadavg()[0]:.1f}")
+            f"ghost/fork {med(g) / med(f):.2f}x; warm/fork {med(wg) / med(f):.2f}x; "
+            f"load average {os.getloadavg()[0]:.1f}")
 
 
 def main():
@@ -273,8 +282,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--counts", default="1,4,16")
     ap.add_argument("--alternate", type=int, default=0, metavar="N",
-                    help="only: N alternating runs of os.fork(), prepared (spawned and into "
-                         "a ghost) and one-shot mow restore per size")
+                    help="only: N alternating runs of os.fork(), prepared (spawned, into a "
+                         "ghost, into a warm ghost) and one-shot mow restore per size")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_cxlfork: run as root (ptrace, PR_SET_MM_MAP)")
@@ -303,14 +312,17 @@ def main():
     print(f"\ncxlfork restore latency (start -> clone answers on a pipe), medians of {a.runs}; "
           "kernel " + os.uname().release)
     hdr = ("state", "stored", "ckpt total", "ckpt pages", "fresh fill", "os.fork()",
-           "mow (API)", "mow prepared", "prepared/fork", "mow ghost", "ghost/fork", "moa lazy", "moa eager", "mow (CLI)",
+           "mow (API)", "mow prepared", "prepared/fork", "mow ghost", "ghost/fork",
+           "warm ghost", "warm/fork", "moa lazy", "moa eager", "mow (CLI)",
            "cold start", "criu restore")
     print(" | ".join(f"{h:>13s}" for h in hdr))
-    for (mib, nb, ck, rate, fill, fk, mow, prep, ghost, moa, moae, cli, cold, criu) in rows:
+    for (mib, nb, ck, rate, fill, fk, mow, prep, ghost, wghost, moa, moae, cli, cold,
+         criu) in rows:
         vals = (f"{mib} MiB", f"{nb / 2**20:.0f} MiB", f"{ck * 1e3:.1f} ms",
                 f"{rate / 1e9:.2f} GB/s", f"{fill / 1e9:.2f} GB/s", f"{fk * 1e3:.2f} ms",
                 f"{mow * 1e3:.2f} ms", f"{prep * 1e3:.2f} ms", f"{prep / fk:.2f}x",
                 f"{ghost * 1e3:.2f} ms", f"{ghost / fk:.2f}x",
+                f"{wghost * 1e3:.2f} ms", f"{wghost / fk:.2f}x",
                 f"{moa * 1e3:.2f} ms", f"{moae * 1e3:.2f} ms", f"{cli * 1e3:.1f} ms",
                 f"{cold * 1e3:.0f} ms", criu)
         print(" | ".join(f"{v:>13s}" for v in vals))
