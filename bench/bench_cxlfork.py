@@ -186,16 +186,24 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
             c = subprocess.Popen([sys.executable, "-m", "cxlfork", "restore", img, "--detach",
                                   "--pidfile", img + ".pid"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, close_fds=True)
-            c.stdin.write(b"ping\n")
-            c.stdin.flush()
-            # two lines, in either order: the PID line of --detach and the clone's pong
-            got = [readline(c.stdout.fileno())]
-            if got[0] != "pong":
-                got.append(readline(c.stdout.fileno()))
-            assert "pong" in got, got
-            cli.append(time.perf_counter() - t0)
-            c.wait()
-            kill_all([int(open(img + ".pid").read())])
+            try:
+                c.stdin.write(b"ping\n")
+                c.stdin.flush()
+                # two lines, in either order (the PID line of --detach and the clone's pong,
+                # written by two processes: they can interleave)
+                got = readline(c.stdout.fileno())
+                if "pong" not in got:
+                    got += readline(c.stdout.fileno())
+                assert "pong" in got, got
+                cli.append(time.perf_counter() - t0)
+                c.wait()
+            finally:
+                if c.poll() is None:
+                    c.kill()
+                    c.wait()
+                if os.path.exists(img + ".pid"):
+                    kill_all([int(open(img + ".pid").read())])
+                    os.unlink(img + ".pid")
         criu = "skipped: no criu on PATH" if not shutil.which("criu") else \
             "skipped: criu comparison not automated in this version"
         fork_s = med(forks)
