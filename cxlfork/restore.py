@@ -17,7 +17,8 @@ Any failure kills and reaps every clone made so far; nothing half-made is left r
 whose `.restore(n, stdio)` makes clones at the per-clone cost only (for servers such as the
 porter that restore the same image again and again). With `ghosts=` (a
 cxlfork.ghosts.GhostPool) the spawn step is replaced by handing the fds and the plan to a
-pre-spawned restorer.
+pre-spawned restorer; a warm pool's ghosts have run the memory part of the plan already and
+get only the clone's own fds.
 """
 from __future__ import annotations
 
@@ -522,6 +523,7 @@ def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress,
                 src, dst, objfds = _clone_fds(p, stdio, opened, g.objfds if warm else None)
                 if warm:
                     opened += g.objfds.values()     # the ghost has its own references
+                    g.objfds = {}
                 er, ew = os.pipe2(os.O_CLOEXEC)
                 opened.append(ew)
                 gr, gw = os.pipe2(os.O_CLOEXEC)
@@ -559,6 +561,10 @@ def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress,
                 clones.append(Clone(pid, er))
                 if p.lazy:
                     _lazy_add(p, pid, lazy_sock)
+            except BaseException:
+                if g is not None and g.sock >= 0:   # taken, not handed the restore
+                    g.discard()
+                raise
             finally:
                 for fd in opened:
                     os.close(fd)

@@ -25,6 +25,11 @@
  * (SCM_RIGHTS) with their numbers, cwd, umask and session mode. It lays out its fd table as
  * the spawn path would, closes the socket and goes on at step 2 (with the plan fd from the
  * message). EOF on the socket (its owner closed the pool or died) makes it exit.
+ *
+ * Warm ghosts run a plan with OP_GHOSTWAIT (normal argv, spawned with the store, exe, file and
+ * object fds): everything before that op (memory, signals, mm) runs at once; the op writes a
+ * ready byte on its socket and waits there, as above, for the clone's own fds only. Until
+ * then the error fd is a copy of that socket, so a failure line reaches the pool.
  */
 #include <stdint.h>
 #include <linux/ioctl.h>
