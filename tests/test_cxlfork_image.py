@@ -147,6 +147,9 @@ def test_hostile_manifests(env):
                                                        "cloexec": False}), "fds[")
     _hostile(env, "h7.img", lambda m: m["vmas"][0].__setitem__("prot", "rwx"), "prot")
     _hostile(env, "h8.img", lambda m: m["store"].__setitem__("hash_alg", "md4"), "hash_alg")
+    _hostile(env, "h9.img", lambda m: m["fds"].append(
+        {"fd": 9, "kind": "socket", "flags": 2, "cloexec": False, "sotype": 1, "pair": 5,
+         "end": 0, "sndbuf": 4096, "rcvbuf": 4096, "queue": []}), "its two ends")
 
 
 def test_first_version_content_hash_still_verifies(env):
