@@ -408,3 +408,34 @@ def test_sigint_with_a_request_in_flight_leaves_nothing(porter):
     assert rc == 0, err
     assert res and res[0] in (503, "RemoteDisconnected", "ConnectionResetError"), res
     assert not p.tagged_pids() and not any(_alive(x) for x in pids)
+
+
+def test_ghost_pool_clones_are_warm_ghosts_and_the_pool_is_closed(porter):
+    p = porter(ECHO.format(policy="moa-eager", slo=1000), "ghost_pool = 2")
+    for i in range(3):
+        assert p.invoke("echo", i)[0] == 200
+    st = p.wait_for(lambda s: s["functions"]["echo"]["ghosts"]
+                    and s["functions"]["echo"]["ghosts"]["idle"] == 2, 30, "2 warm ghosts")
+    g = st["functions"]["echo"]["ghosts"]
+    assert g["warm"] and g["size"] == 2
+    idle = set(g["idle_pids"])
+    res = []
+    t = threading.Thread(target=lambda: res.append(p.invoke("echo", {"sleep": 1.0})))
+    t.start()
+    time.sleep(0.3)
+    code, out, r = p.invoke("echo", "x")
+    t.join()
+    assert code == 200 and r.getheader("X-Porter-Start") == "restored", out
+    assert int(r.getheader("X-Porter-Instance")) in idle        # the clone is a ghost
+    assert out["n"] == 4                                        # with the original's state
+    st = p.wait_for(lambda s: s["functions"]["echo"]["ghosts"]["idle"] == 2, 30, "a refill")
+    assert st["functions"]["echo"]["ghosts"]["taken"] == 1
+    ghosts = set(st["functions"]["echo"]["ghosts"]["idle_pids"])
+    t0 = time.monotonic()                                       # gauges: once a second
+    while 'porter_ghosts{function="echo",state="idle"} 2.0' not in \
+            p.request("GET", "/metrics")[1]:
+        assert time.monotonic() - t0 < 10, "porter_ghosts never showed 2 idle ghosts"
+        time.sleep(0.2)
+    rc, err = p.stop()
+    assert rc == 0, err
+    assert not any(_alive(x) for x in ghosts | p.seen)

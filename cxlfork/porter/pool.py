@@ -82,7 +82,11 @@ class FunctionPool:
                               os.O_CLOEXEC, 0o600)
         self.cgroup = porter.cgroup             # the porter's MemoryCgroup, or None
         self.oom_seen = 0                       # OOM kills of this function accounted for
-        self.ghosts = None                      # FunctionGhosts, made with the checkpoint
+        self.ghosts = None                      # FunctionGhosts for the current restore
+        self.spot_ghosts = None                 # ... without a pool, with a cgroup
+        if self.cgroup is not None:
+            from cxlfork.porter.ghosts import FunctionGhosts
+            self.spot_ghosts = FunctionGhosts(self.name, 0, self.cgroup)
 
     def _error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -179,8 +183,9 @@ class FunctionPool:
                 t0 = time.perf_counter()
                 prepared = self.prepared_restore(policy)
                 prep_ms = (time.perf_counter() - t0) * 1e3
+                ghosts = self.ghosts or self.spot_ghosts
                 inst = Instance.restore(self.image, policy, self.log_fd, prepared,
-                                        self.ghosts.source() if self.ghosts else None)
+                                        ghosts.source(prepared) if ghosts else None)
                 inst.phases["prepare"] = prep_ms
             except Exception as e:             # noqa: BLE001 - served by a cold start instead
                 msg = str(e) if isinstance(e, CxlforkError) else f"{type(e).__name__}: {e}"
@@ -240,6 +245,27 @@ class FunctionPool:
                         raise CxlforkError("the porter is shutting down")
                     self.prepared[key] = prep
             return prep
+
+    def refresh_ghosts(self, prepared) -> None:
+        """Make the ghost pool serve `prepared` (warm for it where possible), replacing one
+        made for another policy or profile (main thread: spawning warm ghosts takes a
+        while)."""
+        from cxlfork.porter.ghosts import FunctionGhosts
+        if self.porter.cfg.ghost_pool == 0 or self.porter.stopping:
+            return
+        if self.ghosts is not None and self.ghosts.suits(prepared):
+            return
+        try:
+            new = FunctionGhosts(self.name, self.porter.cfg.ghost_pool, self.cgroup, prepared)
+        except CxlforkError as e:                 # restores spawn their restorer
+            self.porter.log(f"ghost pool of {self.name}: {e}")
+            return
+        with self.cond:
+            old, self.ghosts = self.ghosts, new
+            if self.porter.stopping:              # stop() has taken self.ghosts already
+                old, self.ghosts = new, None
+        if old is not None:
+            old.close()
 
     def invoke(self, payload) -> tuple[object, str, Instance, float]:
         """Run one request; returns (output, start kind, instance, latency ms)."""
@@ -356,13 +382,6 @@ class FunctionPool:
     # -- housekeeping (the porter's main thread) -----------------------------------------
     def checkpoint_done(self, inst: Instance, image: str | None, info: dict,
                         error: str | None) -> None:
-        if image and self.ghosts is None and not self.porter.stopping:
-            from cxlfork.porter.ghosts import FunctionGhosts
-            try:                                  # before the image is published
-                self.ghosts = FunctionGhosts(self.name, self.porter.cfg.ghost_pool,
-                                             self.cgroup)
-            except CxlforkError as e:             # restores spawn their restorer
-                self.porter.log(f"ghost pool of {self.name}: {e}")
         with self.cond:
             self.checkpoint_pending = False
             if image:
@@ -462,7 +481,8 @@ class FunctionPool:
                 "hot_profile": self.profiled,
                 "policy_switches": list(self.switches),
                 "restore_failures": self.restore_failures[-3:],
-                "ghosts": self.ghosts.stats() if self.ghosts else None,
+                "ghosts": (self.ghosts or self.spot_ghosts).stats()
+                if (self.ghosts or self.spot_ghosts) else None,
             }
         d["latency_ms"] = {"all": percentiles([x[1] for x in lat])}
         for k in ("cold", "warm", "restored"):

@@ -209,11 +209,15 @@ class Porter:
         self._prepare(pool)
 
     def _prepare(self, pool: FunctionPool) -> None:
-        """Check and plan the restore now, off the request path."""
+        """Check and plan the restore now and make its ghost pool, off the request path."""
+        if not pool.image or pool.restore_policy() == "cold":
+            return
         try:
-            pool.prepared_restore(pool.restore_policy())
+            prep = pool.prepared_restore(pool.restore_policy())
         except Exception as e:             # noqa: BLE001 - the request path retries it
             self.log(f"preparing the restore of {pool.name}: {e}")
+            return
+        pool.refresh_ghosts(prep)
 
     def _profile(self, pool: FunctionPool, inst) -> None:
         from cxlfork.profile import record
@@ -269,6 +273,7 @@ class Porter:
             old, p.policy, p.policy_changed = p.policy, new, now
             p.switches.append({"t_s": round(now - self.started, 3), "from": old, "to": new,
                                "reason": why})
+        self._prepare(p)                   # the new policy's plan and ghosts, now
         self.metrics.switches.labels(p.name, new).inc()
         self.metrics.set_policy(p.name, new)
         self.log(f"{p.name}: clone policy {old} -> {new} ({why})")
