@@ -3,7 +3,7 @@
 os.fork() of the warm worker, a cold start of the same worker, and `criu restore` when a
 working criu is on PATH (skipped otherwise). Then the memory of N = 1, 4, 16 clones (sum of
 PSS and of private bytes from /proc/PID/smaps_rollup) for mow, moa (lazy), moa --eager and
-hybrid.
+hybrid; each clone has its own pipes and answers one ping, then one whole-state read.
 
 Latency = from the start of the restore (or fork, or cold start) to the clone answering
 "pong" on a pipe. "API" = cxlfork.restore.restore() (checks the image, builds the plan, opens
@@ -224,17 +224,21 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
                     memrows.append((mib, label, n, None, None, None, None,
                                     "skipped: > 4 GiB of copies"))
                     continue
-                pp = Pipes()
-                pids = restore(img, policy, n=n, stdio=pp.fds(), eager=eager)
-                for _ in range(n):                     # a light request per clone
+                # each clone its own stdin/stdout, so that each answers exactly one request
+                # of each kind (on a shared pipe, one clone could take several)
+                pps = [Pipes() for _ in range(n)]
+                with prepare_restore(img, policy, eager=eager) as prep:
+                    pids = [prep.restore(1, stdio=pp.fds())[0] for pp in pps]
+                for pp in pps:                         # a light request per clone
                     assert pp.ask("ping") == "pong"
                 pss0, priv0 = mem_of(pids)
-                for _ in range(n):                     # every clone reads its whole state
+                for pp in pps:                         # every clone reads its whole state
                     assert pp.ask("read") == "done"
                 pss, priv = mem_of(pids)
                 memrows.append((mib, label, n, pss0, priv0, pss, priv, ""))
                 kill_all(pids)
-                pp.close()
+                for pp in pps:
+                    pp.close()
         image_mod.remove(img)
     finally:
         w.kill()
