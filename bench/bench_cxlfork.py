@@ -208,7 +208,8 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
             "skipped: criu comparison not automated in this version"
         fork_s = med(forks)
         rows.append((mib, nbytes, med(ck), med(ck_pages), med(fill), fork_s, lat["mow"],
-                     lat["prepared"], lat["ghost"], lat["warm"], lat["moa"], lat["moa-eager"], med(cli), cold_s, criu))
+                     lat["prepared"], lat["ghost"], lat["warm"], lat["moa"], lat["moa-eager"],
+                     med(cli), cold_s, criu))
         print(f"    {rows[-1]}", file=sys.stderr, flush=True)
         # hybrid profile: one clone that answered a ping (touched the interpreter, not the array)
         pp = Pipes()

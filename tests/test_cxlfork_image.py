@@ -17,7 +17,7 @@ import zlib
 import pytest
 
 from cxlfork_util import (PROGS, build_prog, cxlfork, go, new_store, readline, restore_popen,
-                          rmtree, start, wait_file)
+                          rmtree, start)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, PR_SET_MM_MAP)")
 
