@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,21 @@ def _wait_gone(pids, timeout=10.0) -> list[int]:
             return []
         time.sleep(0.02)
     return left
+
+
+def _children() -> list[int]:
+    me = str(os.getpid())
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[1] == me:
+                    out.append(int(d))
+        except FileNotFoundError:
+            pass
+    return out
 
 
 class _Clone:
@@ -162,6 +178,19 @@ def test_pool_fallback_dead_ghost_close(env):
             assert not _wait_gone(idle, timeout=0.1)
         with pytest.raises(CxlforkError, match="closed"):
             GhostPool(1, prepared=p)
+        # a warm ghost whose plan fails reports the restorer's error line, and is reaped
+        with prepare_restore(img) as p:
+            from cxlfork import plan as plan_mod
+            from cxlfork.restore import _sealed_memfd
+            plan_fd, sock = p.warm_plan()
+            bad = bytearray(os.pread(plan_fd, 1 << 20, 0))
+            struct.pack_into("<8Q", bad, plan_mod.HDR_WORDS * 8, plan_mod.OP_MMAP,
+                             0xFFFF800000000000, 4096, 3, 0x22, 2**64 - 1, 0, 0)
+            p._warm = (_sealed_memfd(bytes(bad), p.fds_open), sock)
+            before = set(_children())
+            with pytest.raises(CxlforkError, match="warm ghost .* failed: restorer: mmap"):
+                GhostPool(1, prepared=p)
+            assert set(_children()) == before
         with pytest.raises(CxlforkError, match="positive"):
             GhostPool(0)
     finally:
