@@ -300,7 +300,8 @@ static long ghost_wait(long sock)
     if (n < 64 || n >= (long)sizeof ghost_buf || h[0] != GHOST_MAGIC || nfd > GHOST_MAXFD ||
         (mh.flags & 0x28 /* MSG_CTRUNC, MSG_TRUNC */) ||
         mh.controllen < 16 || c[2] != 1 || c[3] != 1 ||
-        ghost_cmsg[0] != 16 + nfd * 4 || (uint64_t)n < 64 + nfd * 4 + h[6])
+        ghost_cmsg[0] != 16 + nfd * 4 || h[6] >= sizeof ghost_buf ||
+        (uint64_t)n < 64 + nfd * 4 + h[6])
         sc(NR_exit_group, 126, 0, 0);
     const int32_t *dst = (const int32_t *)(ghost_buf + 64);
     const int32_t *got = (const int32_t *)(c + 4);
