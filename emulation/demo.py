@@ -3,12 +3,17 @@
 Boots the guest, shows `tiermem topo` and `tiermem topo --measure` from inside it, starts
 the hotrange workload with all its pages on the slow node 1, shows `tiermem numastat PID`,
 moves the workload's hot range to node 0 with `tiermem move`, shows numastat again and has
-the workload verify every word of its memory. Exits non-zero if any step fails.
+the workload verify every word of its memory. Then the tiering part, in the same guest:
+`python -m tiermemd.demo` (daemon/tiermemd/demo.py) runs a workload whose hot set starts on
+the slow node under tiermemd, then the same workload under the kernel's NUMA-balancing
+tiering, with a live table streamed here; its curves are plotted here into
+OUT_DIR/demo-tiermemd.png (OUT_DIR: $TIERMEM_DEMO_OUT or demo-out/ in the current folder). Exits non-zero with one line if any step fails.
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -47,7 +52,52 @@ def _wait_file(path: str, timeout: float, what: str) -> dict:
     raise TiermemError(f"demo: {what} did not appear within {timeout:.0f} s ({path})")
 
 
-def main(size_mb: int = 128, hot_mb: int = 16) -> None:
+def _stream_tiering(m: Machine, work: str, out_dir: str, seconds: int) -> str:
+    """Runs the tiermemd demo in the guest in the background, prints its output here as it
+    comes (it writes to the shared work folder), and plots its curves into out_dir."""
+    log, rc, series, pid = (os.path.join(work, n) for n in ("tiering.log", "tiering.rc",
+                                                            "tiering.json", "tiering.pid"))
+    cmd = f"python -m tiermemd.demo --seconds {seconds} --plot '' --series {series}"
+    click.secho(f"guest$ {cmd}", fg="cyan")
+    inner = f"{cmd} > {log} 2>&1; echo $? > {rc}.tmp; mv {rc}.tmp {rc}"
+    m.run(f"setsid sh -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null & echo $! > {pid}",
+          timeout=60, check=True)
+    deadline = time.monotonic() + 2 * seconds + 900   # two runs + start-ups under TCG
+    shown = 0
+    while True:
+        done = os.path.exists(rc)
+        try:
+            with open(log) as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = ""
+        if len(text) > shown:
+            complete = text[shown:] if done else text[shown:text.rfind("\n") + 1]
+            click.echo(complete, nl=False)
+            shown += len(complete)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            m.run(f"kill -TERM -- -$(cat {pid})", timeout=60)     # its process group
+            raise TiermemError("demo: the tiering part did not finish in time "
+                               f"({2 * seconds + 900} s)")
+        time.sleep(0.5)
+    status = open(rc).read().strip()
+    if status != "0":
+        last = (text.strip().splitlines() or ["no output"])[-1]
+        raise TiermemError(f"demo: the tiering part failed (exit {status}): {last}")
+    from tiermemd.demo import plot
+    with open(series) as f:
+        d = json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    dest = os.path.join(out_dir, "demo-tiermemd.png")
+    plot(d["curves"], dest, d["title"])
+    return dest
+
+
+def main(size_mb: int = 128, hot_mb: int = 16, out_dir: str | None = None,
+         tiering_seconds: int = 60) -> None:
+    out_dir = os.path.abspath(out_dir or os.environ.get("TIERMEM_DEMO_OUT", "demo-out"))
     work = tempfile.mkdtemp(prefix="tiermem-demo-", dir="/var/tmp")
     info = os.path.join(work, "hotrange.json")
     try:
@@ -90,7 +140,11 @@ def main(size_mb: int = 128, hot_mb: int = 16) -> None:
             if on0 < hot_pages:
                 raise TiermemError(f"demo: only {on0} of the {hot_pages} hot pages are on "
                                    f"node 0 after the move")
-        _step("done: the hot range is on node 0, the cold rest on node 1, data intact")
+            click.echo("  done: the hot range is on node 0, the cold rest on node 1, data intact")
+            _step("tiering: tiermemd next to the kernel's NUMA-balancing tiering, same "
+                  "workload (hot set on the slow node at start)")
+            png = _stream_tiering(m, work, out_dir, tiering_seconds)
+        _step(f"done; plot of the hot set's fast-tier share over time: {png}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -86,6 +86,11 @@ class Daemon:
                  "%s:%d" % self.cfg.metrics if self.cfg.metrics else "off",
                  self.engine.fast, self.engine.slow,
                  ", DRY RUN (nothing is moved)" if self.engine.dry_run else "")
+        nb = self.topology.numa_balancing
+        if nb and self.engine.slow and not self.engine.dry_run:
+            log.warning("kernel NUMA balancing is on (kernel.numa_balancing=%d): the kernel "
+                        "migrates pages between the tiers as well; set it to 0 to leave "
+                        "tiering to tiermemd", nb)
 
     def install_signals(self) -> None:
         signal.signal(signal.SIGHUP, lambda *_: self._request_reload())

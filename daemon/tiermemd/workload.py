@@ -7,10 +7,12 @@ commands on stdin:
   where  -> {"hot": {node: pages}, "all": {node: pages}}
   fork   -> the PID of a child that keeps running the same loop (CoW-shares the memory)
   exit
+WorkloadProcess starts one and asks it these questions.
 """
 import json
 import mmap
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -75,6 +77,55 @@ def main():
         elif cmd == "exit":
             break
     stop.set()
+
+
+class WorkloadProcess:
+    """A running workload (TOTAL MiB on NODE, HOT MiB read in a loop, TAG last on its command
+    line so a cmdline target can select it). wait=False returns at once: call ready() before
+    using it (to start several side by side)."""
+
+    def __init__(self, total_mb: int, hot_mb: int, node: int, tag: str = "", wait=True):
+        self.p = subprocess.Popen([sys.executable, "-m", "tiermemd.workload", str(total_mb),
+                                   str(hot_mb), str(node), tag],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info, self.pid = None, self.p.pid
+        if wait:
+            self.ready()
+
+    def ready(self) -> "WorkloadProcess":
+        """Waits until the workload's memory is filled and placed."""
+        if self.info is not None:
+            return self
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the workload exited at start (status {self.p.wait()})")
+        self.info = json.loads(line)
+        return self
+
+    def ask(self, cmd: str) -> str:
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().strip()
+
+    def where(self) -> dict:
+        return json.loads(self.ask("where"))
+
+    def hot_share(self, fast_nodes=(0,)) -> float:
+        """Share of the hot set's present pages on the given (fast) nodes."""
+        h = self.where()["hot"]
+        return sum(v for k, v in h.items() if int(k) in fast_nodes) / max(1, sum(h.values()))
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            try:
+                self.ask("exit")
+            except OSError:
+                pass
+            try:
+                self.p.wait(30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
 
 
 if __name__ == "__main__":
