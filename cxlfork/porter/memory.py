@@ -1,36 +1,58 @@
 """Memory of one process, split the way the porter accounts it:
 
-    local   anonymous pages (smaps `Anonymous`): the process's own heap/stack pages and the
-            pages it copied on write from the store; these live in local DRAM
-    shared  resident pages mapped from a cxlfork page-store file (`Rss - Anonymous` of
-            mappings whose path is under the store directory): shared by all clones of a
-            checkpoint, they live in the store on the CXL tier
+    local   anonymous pages (`Anonymous` of /proc/PID/smaps_rollup): the process's own
+            heap/stack pages and the pages it copied on write from the store; these live in
+            local DRAM
+    shared  resident pages mapped from a cxlfork page-store file (`Rss - Anonymous` of the
+            /proc/PID/smaps entries whose path is under the store directory): shared by all
+            clones of a checkpoint, they live in the store on the CXL tier
+
+The porter samples its instances 4 times a second, on the same cores as the requests: the
+local figure comes from the rollup (0.8-0.9 ms for an LLM instance), and the shared one looks
+only at the store's entries of smaps (5 ms, the kernel's formatting) instead of parsing its
+3,600 lines in Python (6-10 ms holding the GIL).
 """
 from __future__ import annotations
+
+_GONE = (FileNotFoundError, ProcessLookupError, PermissionError)
+
+
+def _field(data: bytes, name: bytes, start: int = 0) -> int:
+    """The value in bytes of the first `name` line (in kB) at or after start; 0 if none."""
+    i = data.find(b"\n" + name, max(start - 1, 0))
+    if i < 0:
+        return 0
+    j = i + len(name) + 1
+    return int(data[j:data.index(b"kB", j)]) * 1024
+
+
+def local_memory(pid: int) -> int:
+    """Anonymous bytes of PID; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            return _field(b"\n" + f.read(), b"Anonymous:")
+    except _GONE:
+        return 0
+
+
+def store_memory(pid: int, store_dir: str) -> int:
+    """Resident, not copied-on-write bytes of PID's mappings of files under store_dir."""
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            data = f.read()
+    except _GONE:
+        return 0
+    key = b" " + store_dir.encode()
+    shared = 0
+    i = data.find(key)
+    while i >= 0:
+        end = data.find(b"\n", i)
+        shared += _field(data, b"Rss:", end) - _field(data, b"Anonymous:", end)
+        i = data.find(key, end)
+    return shared
 
 
 def process_memory(pid: int, store_dir: str | None) -> tuple[int, int]:
     """(local bytes, shared store bytes) of PID; (0, 0) when it is gone."""
-    local = shared = 0
-    in_store = False
-    rss = anon = 0
-    try:
-        with open(f"/proc/{pid}/smaps", "rb") as f:
-            for line in f:
-                if line[:1].islower() or line[:1].isdigit():     # a mapping's header line
-                    if in_store:
-                        shared += rss - anon
-                    parts = line.split(None, 5)
-                    path = parts[5].strip().decode(errors="replace") if len(parts) > 5 else ""
-                    in_store = bool(store_dir) and path.startswith(store_dir)
-                    rss = anon = 0
-                elif line.startswith(b"Rss:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith(b"Anonymous:"):
-                    anon = int(line.split()[1]) * 1024
-                    local += anon
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return 0, 0
-    if in_store:
-        shared += rss - anon
-    return local, shared
+    local = local_memory(pid)
+    return local, (store_memory(pid, store_dir) if store_dir and local else 0)

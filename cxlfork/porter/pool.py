@@ -418,14 +418,18 @@ class FunctionPool:
             inst.close()
         return freed
 
-    def sample_memory(self, store_dir: str | None) -> None:
-        from cxlfork.porter.memory import process_memory
+    def sample_memory(self, store_dir: str | None, shared: bool = True) -> None:
+        """Local memory of every instance; with `shared` also the store pages of the
+        restored ones (cold instances map no store)."""
+        from cxlfork.porter.memory import local_memory, store_memory
         with self.cond:
             live = [i for i in self.instances if i.state != "dead"]
         for inst in live:
-            loc, sh = process_memory(inst.pid, store_dir)
+            loc = local_memory(inst.pid)
             if loc:
-                inst.local_bytes, inst.shared_bytes = loc, sh
+                inst.local_bytes = loc
+                if shared and store_dir and inst.kind == "restored":
+                    inst.shared_bytes = store_memory(inst.pid, store_dir)
                 # the largest seen: lazy moa and mow clones grow as they serve requests
                 self.est_local[inst.policy] = max(loc, self.est_local.get(inst.policy, 0))
 

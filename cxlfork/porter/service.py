@@ -2,10 +2,10 @@
 the main thread, which cxlfork's checkpoint needs: it installs signal handlers).
 
 Housekeeping, every TICK_S: take queued checkpoints and hot-page profiles, sample the
-instances' memory (smaps), compute the local-memory pressure, reclaim idle instances past
-their keep-alive (shorter under pressure), switch auto clone policies, update the gauges.
-stop() (SIGTERM/SIGINT, or a caller) kills every instance, removes the checkpoints and the
-temporary run directory: nothing is left behind.
+instances' memory (smaps_rollup; their store pages once a second), compute the local-memory
+pressure, reclaim idle instances past their keep-alive (shorter under pressure), switch auto
+clone policies, update the gauges. stop() (SIGTERM/SIGINT, or a caller) kills every
+instance, removes the checkpoints and the temporary run directory: nothing is left behind.
 """
 from __future__ import annotations
 
@@ -237,7 +237,7 @@ class Porter:
             pools = list(self.pools.values())
         for p in pools:
             p.reap_gone_idle()
-            p.sample_memory(self.store_dir)
+            p.sample_memory(self.store_dir, shared=policies)   # store pages once a second
         total = self.local_total()
         if self.cgroup is not None:
             try:
