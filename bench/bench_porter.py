@@ -5,16 +5,21 @@ wordcount worker), once per start mode, side by side, measured in the same run:
     cold       every new instance is a cold start (spawn + init), never a checkpoint
     moa-eager  restore by copying every page into local memory (CRIU-like eager restore)
     moa        cxlfork lazy migrate-on-access: store mapped, blocks copied on first touch
+    mow-spawn  mow without a ghost pool: each restore spawns its restorer (the baseline of
+               the ghost pool)
     mow        cxlfork restore mapping the page store copy-on-write
     hybrid     cxlfork restore copying the pages clones touched (hot-page profile), mapping the rest
 
-and again with local memory limited to 25% of the footprint: the porter's pressure signal and
-admission limit (`local_memory_limit_mib`) set to 25% of the peak local memory of the
-unlimited cold run (no cgroup: instances are not OOM-killed, the porter stops scaling out,
-queues, and shortens the keep-alive). Memory is the porter's accounting from smaps (local =
-anonymous pages of all instances; shared = resident page-store pages they map).
+The restore modes but mow-spawn keep --ghost-pool pre-spawned restorers per function. Then
+all modes again with local memory limited to 25% of the footprint (`local_memory_limit_mib`
+= 25% of the peak local memory of the unlimited cold run): a memory cgroup the kernel
+enforces (instances over it are OOM-killed), the porter's pressure signal (the cgroup's
+working set) and its admission limit. Memory columns are the porter's accounting from smaps
+(local = anonymous pages of all instances; shared = resident page-store pages they map), and
+in the limited runs the cgroup's working set and its OOM kills.
 
     .venv/bin/python bench/bench_porter.py [--duration 10] [--rate 5] [--seed 1] [--repeat 2]
+        [--ghost-pool 2]
 
 Needs root (cxlfork). Bounded: per run the trace lasts --duration seconds, each request has
 a 60 s client timeout, and the porter is stopped (SIGTERM) after every run.
@@ -39,7 +44,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 PY = sys.executable
-MODES = ("cold", "moa-eager", "moa", "mow", "hybrid")
+MODES = ("cold", "moa-eager", "moa", "mow-spawn", "mow", "hybrid")
+PHASES = ("queue", "prepare", "restore", "spawn_init", "first_request")
+
+
+def policy_of(mode: str) -> str:
+    return "mow" if mode == "mow-spawn" else mode
 FUNCS = ("llm", "thumb", "wc")
 WEIGHT = {"llm": 0.4, "thumb": 0.3, "wc": 0.3}
 
@@ -79,7 +89,8 @@ def azure_like_trace(duration: float, rate: float, seed: int) -> list[tuple[floa
 
 # -- one porter run ----------------------------------------------------------------------
 class PorterRun:
-    def __init__(self, mode: str, weights: str, wc: str, limit_mib: float, k: int):
+    def __init__(self, mode: str, weights: str, wc: str, limit_mib: float, k: int,
+                 ghosts: int):
         self.dir = tempfile.mkdtemp(prefix="bench-porter-")
         self.store = tempfile.mkdtemp(prefix="bench-porter-store-", dir="/dev/shm")
         cfg = os.path.join(self.dir, "porter.toml")
@@ -90,9 +101,10 @@ class PorterRun:
         with open(cfg, "w") as f:
             f.write(f'[porter]\nport = 0\nstore = "{self.store}"\nkeepalive_s = 1.5\n'
                     f'pressure_keepalive_s = 0.5\ncheckpoint_after = {k}\n'
-                    f'local_memory_limit_mib = {limit_mib}\n')
+                    f'local_memory_limit_mib = {limit_mib}\n'
+                    f'ghost_pool = {0 if mode == "mow-spawn" else ghosts}\n')
             for fn, cmd in fns.items():
-                f.write(f'\n[functions.{fn}]\ncommand = {cmd}\npolicy = "{mode}"\n'
+                f.write(f'\n[functions.{fn}]\ncommand = {cmd}\npolicy = "{policy_of(mode)}"\n'
                         'max_instances = 4\nqueue_timeout_s = 30\ntimeout_s = 30\n')
         self.log = os.path.join(self.dir, "porter.log")
         with open(self.log, "w") as err:
@@ -115,10 +127,17 @@ class PorterRun:
     def stats(self):
         return self.request("GET", "/stats")[1]
 
-    def invoke_ok(self, fn, body):
-        code, out, _ = self.request("POST", f"/functions/{fn}/invoke", body)
-        if code != 200:
-            raise RuntimeError(f"warm-up request to {fn} failed ({code}): {out}")
+    def invoke_ok(self, fn, body, tries=3):
+        """One warm-up request; under a memory limit an instance can be OOM-killed (502):
+        retried, and said so."""
+        for t in range(tries):
+            code, out, _ = self.request("POST", f"/functions/{fn}/invoke", body)
+            if code == 200:
+                return
+            if code != 502 or t == tries - 1:
+                raise RuntimeError(f"warm-up request to {fn} failed ({code}): {out}")
+            print(f"  warm-up request to {fn}: {code} {out.get('error', '')[:160]}; again",
+                  file=sys.stderr)
 
     def wait(self, pred, timeout, what):
         t = time.monotonic()
@@ -147,9 +166,12 @@ def warm_up(run: PorterRun, mode: str, k: int) -> None:
     """K invocations per function (checkpoint), one restored instance serving two requests
     (hot-page profile for hybrid), then scale to zero: every mode starts the trace from zero
     instances with its checkpoints ready."""
-    for fn in FUNCS:
-        for i in range(k):
-            run.invoke_ok(fn, payload(fn, 10000 + i))
+    for fn in FUNCS:              # one function at a time: its checkpoint is taken before
+        for i in range(k):        # the next function starts (under a limit, a cold start
+            run.invoke_ok(fn, payload(fn, 10000 + i))  # can OOM-kill an instance)
+        if mode != "cold":
+            run.wait(lambda s: s["functions"][fn]["checkpoint"]["image"]
+                     or s["functions"][fn]["checkpoint"]["error"], 120, f"{fn}'s checkpoint")
     if mode == "cold":
         run.wait(lambda s: all(f["instances"] == 0 for f in s["functions"].values()), 60,
                  "scale to zero")
@@ -210,11 +232,13 @@ def pct(xs, q):
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
-def summarise(mode, limit, results, samples, inst_starts) -> dict:
+def summarise(mode, limit, results, samples, inst_starts, ooms) -> dict:
     """Pooled over the repetitions of one (mode, limit)."""
     ok = [r for r in results if r["code"] == 200]
     starts = [r for r in ok if r["start"] in ("cold", "restored")]
     local = [s["porter"]["local_memory_bytes"] / 2**20 for s in samples] or [0]
+    cg = [s["porter"]["cgroup"]["working_set_bytes"] / 2**20 for s in samples
+          if s["porter"].get("cgroup") and "working_set_bytes" in s["porter"]["cgroup"]]
     shared = [s["porter"]["shared_memory_bytes"] / 2**20 for s in samples] or [0]
     per_fn = {}
     for fn in FUNCS:
@@ -240,20 +264,26 @@ def summarise(mode, limit, results, samples, inst_starts) -> dict:
             "start_p99": pct([r["ms"] for r in starts], 99),
             "local_mean": float(np.mean(local)), "local_peak": float(np.max(local)),
             "shared_mean": float(np.mean(shared)), "per_fn": per_fn, "llm_inst": llm_inst,
+            "cgroup_mean": float(np.mean(cg)) if cg else None,
+            "cgroup_peak": float(np.max(cg)) if cg else None, "oom_kills": sum(ooms),
+            "phases": {ph: [x[3][ph] for x in inst_starts if ph in x[3]] for ph in PHASES},
             "ttft": {k: (pct(v, 50), len(v)) for k, v in ttft.items()},
             "porter_start_ms": {fn: {kind: {"n": len(v), "p50": pct(v, 50), "p99": pct(v, 99)}
                                      for kind in ("cold", "restored")
-                                     for v in [[ms for f, k, ms in inst_starts
-                                                if f == fn and k == kind]]}
+                                     for v in [[x[2] for x in inst_starts
+                                                if x[0] == fn and x[1] == kind]]}
                                 for fn in FUNCS}}
 
 
-def run_mode(mode, limit_mib, trace, weights, wc, k) -> dict:
-    """One porter run: warm-up, the trace; returns the raw results, /stats samples and the
-    start time of every instance seen (porter side)."""
-    run = PorterRun(mode, weights, wc, limit_mib, k)
+def run_mode(mode, limit_mib, trace, weights, wc, k, ghosts) -> dict:
+    """One porter run: warm-up, the trace; returns the raw results, /stats samples, the
+    start time and phases of every instance started during the trace (porter side) and the
+    OOM kills of the run."""
+    run = PorterRun(mode, weights, wc, limit_mib, k, ghosts)
     try:
         warm_up(run, mode, k)
+        before = {i["pid"] for smp in [run.stats()] for f in smp["functions"].values()
+                  for i in f["instance_list"]}
         results, samples = replay(run, trace)
     except BaseException:
         print(f"porter log ({mode}, limit {limit_mib} MiB):\n{run.log_tail()}", file=sys.stderr)
@@ -264,13 +294,17 @@ def run_mode(mode, limit_mib, trace, weights, wc, k) -> dict:
     for smp in samples:
         for fn, f in smp["functions"].items():
             for i in f["instance_list"]:
-                seen[i["pid"]] = (fn, i["kind"], i["start_ms"])
+                if i["pid"] not in before:
+                    seen[i["pid"]] = (fn, i["kind"], i["start_ms"], i["start_phases_ms"])
     last = samples[-1] if samples else {"functions": {}}
     failures = {fn: f["restore_failures"] for fn, f in last["functions"].items()
                 if f["restore_failures"]}
     if failures:
         print(f"  {mode} (limit {limit_mib}): restore failures: {failures}", file=sys.stderr)
-    return {"results": results, "samples": samples, "starts": list(seen.values())}
+    ooms = max([(smp["porter"].get("cgroup") or {}).get("oom_kills", 0) for smp in samples]
+               or [0])
+    return {"results": results, "samples": samples, "starts": list(seen.values()),
+            "ooms": [ooms]}
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -281,7 +315,7 @@ def row(cells, widths):
 def print_tables(rows):
     cols = ["mode", "local limit", "requests", "ok", "cold/restored/warm", "p50 ms", "p99 ms",
             "start p50 ms", "start p99 ms", "local MiB mean", "local MiB peak",
-            "shared MiB mean"]
+            "shared MiB mean", "cgroup MiB mean/peak", "OOM kills"]
     w = [max(len(c), 8) for c in cols]
     print(row(cols, w))
     for r in rows:
@@ -290,7 +324,9 @@ def print_tables(rows):
         print(row([r["mode"], lim, r["n"], r["ok"], f"{k['cold']}/{k['restored']}/{k['warm']}",
                    f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{r['start_p50']:.1f}",
                    f"{r['start_p99']:.1f}", f"{r['local_mean']:.1f}",
-                   f"{r['local_peak']:.1f}", f"{r['shared_mean']:.1f}"], w))
+                   f"{r['local_peak']:.1f}", f"{r['shared_mean']:.1f}",
+                   f"{r['cgroup_mean']:.1f} / {r['cgroup_peak']:.1f}"
+                   if r["cgroup_mean"] is not None else "-", r["oom_kills"]], w))
     print("\nper function: p50 / p99 ms of all invocations, p99 ms of those that started an "
           "instance (count)")
     cols = ["mode", "local limit"] + [f"{fn} p50/p99/start-p99 (n)" for fn in FUNCS]
@@ -312,7 +348,7 @@ def print_tables(rows):
     for r in rows:
         lim = f"{r['limit']:.0f} MiB" if r["limit"] else "none"
         t = r["ttft"]
-        mem = r["llm_inst"].get(r["mode"]) or r["llm_inst"].get("cold") or (0, 0)
+        mem = r["llm_inst"].get(policy_of(r["mode"])) or r["llm_inst"].get("cold") or (0, 0)
         if r["mode"] == "hybrid" and "hybrid" not in r["llm_inst"]:
             mem = r["llm_inst"].get("mow", mem)
         print(row([r["mode"], lim] + [f"{t[k][0]:.1f} ({t[k][1]})" for k in
@@ -336,6 +372,19 @@ def print_start_table(rows):
                 cells.append(f"{d['p50']:.0f} / {d['p99']:.0f} ({d['n']})" if d.get("n")
                              else "-")
         print(row(cells, w))
+    print("\nwhere an instance start's time goes inside the porter, all functions, p50 / p99 "
+          "ms: queue (lock, admission, waiting for a slot), prepare (the planned restore "
+          "looked up), restore (the cxlfork restore call) or spawn_init (cold), "
+          "first_request (the request on the new instance)")
+    cols = ["mode", "local limit", "starts"] + list(PHASES)
+    w = [9, 11, 6] + [15] * len(PHASES)
+    print(row(cols, w))
+    for r in rows:
+        lim = f"{r['limit']:.0f} MiB" if r["limit"] else "none"
+        n = max(len(v) for v in r["phases"].values())
+        print(row([r["mode"], lim, n] + [
+            f"{pct(r['phases'][ph], 50):.1f} / {pct(r['phases'][ph], 99):.1f}"
+            if r["phases"][ph] else "-" for ph in PHASES], w))
 
 
 def main():
@@ -352,6 +401,8 @@ def main():
                     help="local memory limit of the limited runs (default: 25%% of the peak "
                          "local memory of the unlimited cold run)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--ghost-pool", type=int, default=2, help="ghosts per function in the "
+                    "restore modes (mow-spawn: none)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_porter: needs root (cxlfork checkpoint/restore)")
@@ -365,21 +416,22 @@ def main():
     counts = {fn: sum(f == fn for _, f in trace) for fn in FUNCS}
     print(f"trace: {len(trace)} arrivals in {a.duration:g} s (seed {a.seed}; "
           f"{', '.join(f'{k} {v}' for k, v in counts.items())}); keep-alive 1.5 s, "
-          f"K = {a.k}, max 4 instances per function; load average "
+          f"K = {a.k}, max 4 instances per function, ghost pool {a.ghost_pool}; load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     t0 = time.monotonic()
     raw: dict = {}
 
     def add(key, limit, data):
-        r = raw.setdefault(key, {"limit": limit, "results": [], "samples": [], "starts": []})
-        for k in ("results", "samples", "starts"):
+        r = raw.setdefault(key, {"limit": limit, "results": [], "samples": [], "starts": [],
+                                 "ooms": []})
+        for k in ("results", "samples", "starts", "ooms"):
             r[k] += data[k]
 
     limit = None
     for rep in range(a.repeat):
         order = modes[rep % len(modes):] + modes[:rep % len(modes)]    # rotate against drift
         for m in order:
-            add((m, False), 0, run_mode(m, 0, trace, weights, wc, a.k))
+            add((m, False), 0, run_mode(m, 0, trace, weights, wc, a.k, a.ghost_pool))
             print(f"  rep {rep + 1}: ran {m}: {time.monotonic() - t0:.0f} s", file=sys.stderr,
                   flush=True)
         if a.no_limited:
@@ -389,11 +441,11 @@ def main():
             peak = max(smp["porter"]["local_memory_bytes"] for smp in base["samples"]) / 2**20
             limit = a.limit_mib or round(0.25 * peak, 1)
         for m in order:
-            add((m, True), limit, run_mode(m, limit, trace, weights, wc, a.k))
+            add((m, True), limit, run_mode(m, limit, trace, weights, wc, a.k, a.ghost_pool))
             print(f"  rep {rep + 1}: ran {m} limited: {time.monotonic() - t0:.0f} s",
                   file=sys.stderr, flush=True)
     rows = [summarise(m, raw[(m, lim)]["limit"], raw[(m, lim)]["results"],
-                      raw[(m, lim)]["samples"], raw[(m, lim)]["starts"])
+                      raw[(m, lim)]["samples"], raw[(m, lim)]["starts"], raw[(m, lim)]["ooms"])
             for lim in (False, True) for m in modes if (m, lim) in raw]
     print()
     print_tables(rows)
@@ -402,14 +454,14 @@ def main():
           f"{time.monotonic() - t0:.0f} s")
     unl = {r["mode"]: r for r in rows if not r["limit"]}
     if "cold" in unl:
-        for m in ("mow", "hybrid", "moa", "moa-eager"):
+        for m in ("mow", "mow-spawn", "hybrid", "moa", "moa-eager"):
             if m in unl:
                 print(f"goal: restored-start p99 {m} {unl[m]['start_p99']:.1f} ms vs cold-start "
                       f"p99 {unl['cold']['start_p99']:.1f} ms: "
                       f"{unl['cold']['start_p99'] / unl[m]['start_p99']:.1f}x lower (goal 10x)")
     if "cold" in unl:
         c = unl["cold"]["porter_start_ms"]["llm"]["cold"]
-        for m in ("mow", "hybrid", "moa", "moa-eager"):
+        for m in ("mow", "mow-spawn", "hybrid", "moa", "moa-eager"):
             if m in unl:
                 r = unl[m]["porter_start_ms"]["llm"]["restored"]
                 print(f"goal: LLM instance start inside the porter, p99: restore ({m}) "
