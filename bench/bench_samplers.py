@@ -16,7 +16,8 @@ CPU cost: the sampler's own CPU time after its one-off start (Python thread time
 thread utime/stime + BPF program run time from the kernel's BPF statistics), divided by
 the sampling time; "of it reading" is the Python thread's part (reading the results). The
 two DAMON rows are the same kdamond read two ways: tried-regions snapshots (sysfs) and the
-damon_aggregated tracepoint (BPF map). Under QEMU TCG the guest CPU is many times slower
+damon_aggregated tracepoint (BPF map). The two eBPF rows count NUMA hinting faults, or
+weight each by how soon after the NUMA scan it came (kprobes on change_prot_numa). Under QEMU TCG the guest CPU is many times slower
 than the host's, so these percentages overstate what the same sampler costs on real
 hardware; compare them with each other, not with the goals in absolute terms.
 
@@ -45,7 +46,8 @@ SAMPLERS = {
     "damon vaddr, tracepoint": ("damon", ["--sample-us", "5000", "--aggr-us", "100000",
                                           "--damon-results", "tracepoint"]),
     "pagemap soft-dirty": ("pagemap", []),
-    "ebpf hint faults": ("ebpf", []),
+    "ebpf hint faults, count": ("ebpf", ["--ebpf-weights", "count"]),
+    "ebpf hint faults, delay": ("ebpf", ["--ebpf-weights", "delay"]),
 }
 
 
@@ -95,9 +97,11 @@ def main() -> int:
         binary = os.path.join(vm.workdir, "sampler_hot")
         subprocess.run(["gcc", "-O2", "-pthread", "-o", binary,
                         os.path.join(ROOT, "emulation/workloads/sampler_hot.c")], check=True)
-        # NUMA balancing on for the hint-fault sampler, scanning the whole target each period
+        # NUMA balancing on for the hint-fault sampler, scanning the whole target each period.
+        # scan_delay_ms stays at its default: 6.x forgets which VMAs a task touched every
+        # 4 x scan_delay_ms, and with 0 it scans one VMA per period (see docs/sampling.md).
         vm.run(f"echo 1 > /proc/sys/kernel/numa_balancing; echo 100 > {NB}/scan_period_min_ms;"
-               f" echo 200 > {NB}/scan_period_max_ms; echo 0 > {NB}/scan_delay_ms;"
+               f" echo 200 > {NB}/scan_period_max_ms; echo 1000 > {NB}/scan_delay_ms;"
                f" echo 8192 > {NB}/scan_size_mb", timeout=60, check=True)
         kernel = vm.run("uname -r", timeout=30).stdout.strip()
         for size, nrun in zip(sizes, runs):

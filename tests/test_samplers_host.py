@@ -231,3 +231,30 @@ def test_unknown_pid_is_refused(name):
         pytest.skip(why)
     with pytest.raises(TiermemError, match="no process with pid 999999"):
         s.start(Target([999999]))
+
+
+@root
+@needs_bcc
+def test_ebpf_delay_weights_need_kprobes(hot_binary):
+    """Hint-fault delay weights need kprobes on change_prot_numa: where the kernel has none
+    (this host), 'delay' is one precise error and 'auto' falls back to counts, saying why."""
+    from tiermem.samplers.ebpf import hint_delay_available
+    ok, why = hint_delay_available()
+    if ok:
+        pytest.skip("this kernel has kprobes and NUMA balancing (tested in the VM tests)")
+    p, _, _ = _spawn(hot_binary, size_mb=4, seconds=5)
+    try:
+        with pytest.raises(TiermemError) as ei:
+            FaultSampler("delay").start(Target([p.pid]))
+        assert str(ei.value) == f"eBPF delay weights not available: {why}"
+        with FaultSampler() as s:
+            s.start(Target([p.pid]))
+            ids = s.prog_ids()
+            m = s.metadata()
+        assert m["weights"] == "fault count" and m["weights_note"] == why
+        assert not any(prog_loaded(i) for i in ids)
+    finally:
+        p.kill()
+        p.wait()
+    with pytest.raises(TiermemError, match="eBPF weights must be one of auto, delay, count"):
+        FaultSampler("often")

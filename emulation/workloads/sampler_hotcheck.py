@@ -4,7 +4,7 @@
         --sampler damon|damon-paddr|ebpf|pagemap|pagemap-present|idle
         [--size-mb 64] [--regions 8] [--hot 3] [--seconds 4] [--pass-us 10000]
         [--cold-ppm 100000] [--interval 0.5] [--sample-us 5000] [--aggr-us 100000]
-        [--damon-results auto|tracepoint|snapshot]
+        [--damon-results auto|tracepoint|snapshot] [--ebpf-weights auto|delay|count]
 
 Prints one JSON object: the workload's hot range, the sampler's top-k pages (k = number of
 hot pages) scored against it (precision, recall), whether the hottest merged range from
@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-regions", type=int, default=10)
     ap.add_argument("--max-regions", type=int, default=1000)
     ap.add_argument("--warmup", type=float, default=0.5)
+    ap.add_argument("--ebpf-weights", default="auto", choices=["auto", "delay", "count"])
     ap.add_argument("--damon-results", default="auto", choices=["auto", "tracepoint", "snapshot"])
     a = ap.parse_args(argv)
 
@@ -86,6 +87,9 @@ def main(argv=None) -> int:
             s = DamonSampler(a.sample_us, a.aggr_us, max(a.aggr_us, 1_000_000),
                              a.min_regions, a.max_regions, results=a.damon_results)
             target = Target(phys_ranges=[damon_sysfs.node_phys_range(0)])
+        elif a.sampler == "ebpf":
+            from tiermem.samplers.ebpf import FaultSampler
+            s = FaultSampler(a.ebpf_weights)
         elif a.sampler == "pagemap-present":
             from tiermem.samplers.pagemap import PagemapSampler
             s = PagemapSampler("present")
@@ -144,11 +148,16 @@ def main(argv=None) -> int:
             inside = (pages >= np.uint64(base // page)) & (pages < np.uint64((base + size) // page))
             pages, scores = pages[inside], scores[inside]
         prec, rec_ = reports.precision_recall(pages, scores, truth, truth.size)
+        is_hot = np.isin(pages, truth)
+        n_cold = max(int(size // page) - truth.size, 1)   # unseen pages score 0
+        mean_hot = float(scores[is_hot].sum()) / max(truth.size, 1)
+        mean_cold = float(scores[~is_hot].sum()) / n_cold
         top = [r for r in reports.hot(rec, 20) if r["pid"] == wl.pid
                and base <= r["start"] < base + size] if a.sampler != "damon-paddr" else []
         out = {"sampler": a.sampler, "size_mb": a.size_mb, "hot_start": hs, "hot_end": he,
                "batches": rec.nr_batches, "pages_seen": int((scores > 0).sum()),
                "precision": prec, "recall": rec_,
+               "mean_score_hot": mean_hot, "mean_score_cold": mean_cold,
                "top_range": top[0] if top else None,
                "top_inside_hot": bool(top and hs <= top[0]["start"] and top[0]["end"] <= he),
                "cpu_seconds": cpu, "duration_s": dur,

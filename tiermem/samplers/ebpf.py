@@ -26,16 +26,16 @@ MAX_ENTRIES = 1 << 18           # distinct (pid, word) keys per read interval
 MAX_PIDS = 64
 
 _KEY = np.dtype([("pid", "<u4"), ("pad", "<u4"), ("addr", "<u8")])
-_VAL = np.dtype([("count", "<u8"), ("writes", "<u8")])
+_VAL = np.dtype([("count", "<u8"), ("writes", "<u8"), ("score", "<u8")])
 
 _COMMON = r"""
 struct key_t { u32 pid; u32 pad; u64 addr; };
-struct val_t { u64 count; u64 writes; };
+struct val_t { u64 count; u64 writes; u64 score; };
 BPF_HASH(counts, struct key_t, struct val_t, MAX_ENTRIES);
 BPF_HASH(targets, u32, u8, MAX_PIDS);
 BPF_ARRAY(dropped, u64, 1);
 
-static __always_inline void count_access(u32 tgid, u64 addr, u64 is_write) {
+static __always_inline void count_access(u32 tgid, u64 addr, u64 is_write, u64 score) {
     struct key_t k = {};
     struct val_t zero = {};
     k.pid = tgid;
@@ -43,6 +43,7 @@ static __always_inline void count_access(u32 tgid, u64 addr, u64 is_write) {
     struct val_t *v = counts.lookup_or_try_init(&k, &zero);
     if (v) {
         __sync_fetch_and_add(&v->count, 1);
+        __sync_fetch_and_add(&v->score, score);
         if (is_write)
             __sync_fetch_and_add(&v->writes, 1);
     } else {
@@ -54,12 +55,145 @@ static __always_inline void count_access(u32 tgid, u64 addr, u64 is_write) {
 }
 """
 
-_FAULT_PROG = _COMMON + r"""
+# NUMA hinting-fault delays. A hinting fault comes at the first access after the NUMA
+# scanner made the page inaccessible (change_prot_numa over a range of the task's VMAs), so
+# a page accessed at rate r faults about 1/r after its range was scanned. A kprobe and a
+# kretprobe on change_prot_numa stamp every 8 MiB chunk of the range with the time the scan
+# passed it (interpolated between entry and return; until the return, estimated from the
+# task's previous walk speed) and keep the chunk's previous stamp;
+# each fault then scores 1 + log2(W / d) in units of 1/16 (d: time since its chunk's last
+# stamp, W: time between the chunk's last two stamps, i.e. the scan window), clipped to
+# 1 .. 21 units of 1. The scan skips pages that are still inaccessible, so a page that did
+# not fault in the previous window (last fault per page kept in an LRU map) was not made
+# inaccessible by the last scan: it scores 1. A page touched in every window but long
+# after each scan scores about 1 per window (what a plain count gives); one touched soon
+# after every scan scores more.
+# Integer log2 only (no floats in BPF).
+_SCAN_PART = r"""
+#if SCAN_TIMES
+#include <uapi/linux/ptrace.h>
+struct chunk_k { u32 pid; u32 pad; u64 chunk; };
+struct chunk_v { u64 prev; u64 last; u64 walk; };   /* walk: entry time of its scan */
+BPF_TABLE("lru_hash", struct chunk_k, struct chunk_v, chunks, MAX_CHUNKS);
+struct walk_v { u64 start; u64 end; u64 t0; };
+BPF_HASH(walks, u32, struct walk_v, 1024);
+BPF_HASH(speed, u32, u64, MAX_PIDS);       /* last walk: picoseconds per 4 KiB page */
+BPF_TABLE("lru_hash", struct key_t, u64, lastf, MAX_PAGES);   /* page -> last fault, ns */
+
+static __always_inline u64 tm_log2(u64 v) {
+    u64 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8) { v >>= 8; r += 8; }
+    if (v >> 4) { v >>= 4; r += 4; }
+    if (v >> 2) { v >>= 2; r += 2; }
+    if (v >> 1) { r += 1; }
+    return r;
+}
+
+int scan_enter(struct pt_regs *ctx, void *vma, unsigned long start, unsigned long end) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    if (!targets.lookup(&tgid) || end <= start)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    struct walk_v w = {start, end, now};
+    walks.update(&tid, &w);
+    /* until the return gives the real times: this task's last walk speed */
+    u64 *sp = speed.lookup(&tgid);
+    u64 ps_per_page = sp ? *sp : 0;
+    struct chunk_k k = {};
+    k.pid = tgid;
+    u64 c0 = start >> CHUNK_SHIFT, c1 = (end - 1) >> CHUNK_SHIFT;
+    for (int i = 0; i < MAX_WALK_CHUNKS; i++) {
+        if (c0 + i > c1)
+            break;
+        k.chunk = c0 + i;
+        u64 a = (c0 + i) << CHUNK_SHIFT;
+        u64 off = a > start ? a - start : 0;
+        struct chunk_v *c = chunks.lookup(&k);
+        struct chunk_v nv = {};
+        nv.prev = c ? c->last : 0;
+        nv.last = now + ((off >> 12) * ps_per_page) / 1000;
+        nv.walk = now;
+        chunks.update(&k, &nv);
+    }
+    return 0;
+}
+
+int scan_return(struct pt_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    struct walk_v *w = walks.lookup(&tid);
+    if (!w)
+        return 0;
+    u64 t1 = bpf_ktime_get_ns(), t0 = w->t0, start = w->start, end = w->end;
+    walks.delete(&tid);
+    u64 span = end - start, dt = t1 - t0;
+    if (span >> 12) {
+        u64 ps = (dt * 1000) / (span >> 12);
+        speed.update(&tgid, &ps);
+    }
+    struct chunk_k k = {};
+    k.pid = tgid;
+    u64 c0 = start >> CHUNK_SHIFT, c1 = (end - 1) >> CHUNK_SHIFT;
+    for (int i = 0; i < MAX_WALK_CHUNKS; i++) {
+        if (c0 + i > c1)
+            break;
+        k.chunk = c0 + i;
+        struct chunk_v *c = chunks.lookup(&k);
+        if (!c || c->walk != t0)
+            continue;
+        u64 a = (c0 + i) << CHUNK_SHIFT;
+        u64 off = a > start ? a - start : 0;
+        c->last = t0 + (span ? (dt * (off >> 12)) / ((span >> 12) + 1) : 0);
+    }
+    return 0;
+}
+
+static __always_inline u64 hint_score(u32 tgid, u64 addr) {
+    u64 now = bpf_ktime_get_ns();
+    struct key_t pk = {};
+    pk.pid = tgid;
+    pk.addr = addr & ~4095ULL;
+    u64 *lf = lastf.lookup(&pk);
+    u64 pf = lf ? *lf : 0;                   /* this page's previous fault */
+    lastf.update(&pk, &now);
+    struct chunk_k k = {};
+    k.pid = tgid;
+    k.chunk = addr >> CHUNK_SHIFT;
+    struct chunk_v *c = chunks.lookup(&k);
+    if (!c || !c->prev || c->last <= c->prev)
+        return 16;                           /* no window known: count 1 */
+    /* The scan skips pages that are still inaccessible: a page that did not fault since
+       the stamp before last was not made inaccessible by the last scan, but earlier, so
+       its delay is at least a window: score 1. */
+    if (pf < c->prev || pf >= c->last)
+        return 16;
+    u64 d = now > c->last ? now - c->last : 1;
+    u64 win = c->last - c->prev;
+    u64 q = (win << 4) / d;                  /* 16 W / d */
+    if (q <= 16)
+        return 16;
+    u64 l = tm_log2(q) - 4;                  /* floor(log2(W / d)) */
+    if (l >= 20)
+        return 16 + (20 << 4);
+    /* 1 + log2(W/d) in 1/16 units, the fraction from the 4 bits below the top one */
+    u64 frac = ((q << 4) >> (l + 4)) - 16;   /* 0..15 */
+    return 16 + (l << 4) + frac;
+}
+#else
+static __always_inline u64 hint_score(u32 tgid, u64 addr) { return 16; }
+#endif
+"""
+
+_FAULT_PROG = _COMMON + _SCAN_PART + r"""
 TRACEPOINT_PROBE(exceptions, page_fault_user) {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!targets.lookup(&tgid))
         return 0;
-    count_access(tgid, args->address, args->error_code & 2);   /* x86 PF_WRITE */
+    count_access(tgid, args->address, args->error_code & 2,    /* x86 PF_WRITE */
+                 hint_score(tgid, args->address));
     return 0;
 }
 """
@@ -70,7 +204,7 @@ int on_sample(struct bpf_perf_event_data *ctx) {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!targets.lookup(&tgid) || ctx->addr == 0)
         return 0;
-    count_access(tgid, ctx->addr, 0);
+    count_access(tgid, ctx->addr, 0, 16);
     return 0;
 }
 """
@@ -89,7 +223,7 @@ class _BpfCounter(Sampler):
         self.dropped_total = 0
         self._bufs = None
 
-    def _load(self, target: Target) -> None:
+    def _load(self, target: Target, cflags=()) -> None:
         if not target.pids:
             raise TiermemError(f"sampler {self.name} needs target pids")
         if len(target.pids) > MAX_PIDS:
@@ -97,7 +231,7 @@ class _BpfCounter(Sampler):
         target.check_pids()
         self.stats = bpfu.BpfStats()
         self.bpf = bpfu.load(self.program, cflags=[f"-DMAX_ENTRIES={MAX_ENTRIES}",
-                                                   f"-DMAX_PIDS={MAX_PIDS}"])
+                                                   f"-DMAX_PIDS={MAX_PIDS}", *cflags])
         import ctypes as ct
         t = self.bpf[b"targets"]
         for p in target.pids:
@@ -114,7 +248,10 @@ class _BpfCounter(Sampler):
             d[ct.c_int(0)] = ct.c_uint64(0)
             self.dropped_total += dropped
         return Spans(k["pid"].astype(np.int32), k["addr"], np.full(k.size, 64, np.uint64),
-                     v["count"].astype(np.float32), True, "vaddr", t0, t1)
+                     self._weight(v), True, "vaddr", t0, t1)
+
+    def _weight(self, v: np.ndarray) -> np.ndarray:
+        return v["count"].astype(np.float32)
 
     def _stop(self) -> None:
         if self.bpf is not None:
@@ -140,9 +277,55 @@ class _BpfCounter(Sampler):
                              f"off ({self.stats.error if self.stats else 'not started'})"}
 
 
+SCAN_FN = "change_prot_numa"
+CHUNK_SHIFT = 23                # scan stamps per 8 MiB chunk
+MAX_CHUNKS = 1 << 16            # chunks with scan stamps (LRU), all targets together
+MAX_PAGES = 1 << 19             # pages whose last fault time is kept (LRU; ~40 MiB of kernel
+                                # memory): 2 GiB of 4 KiB pages, older ones forgotten
+MAX_WALK_CHUNKS = 1024          # chunks stamped per scan call: 8 GiB (the verifier's limit
+                                # on a loop's jumps; a call covers scan_size_mb, 256 MiB)
+WEIGHTS = ("auto", "delay", "count")
+
+
+def hint_delay_available() -> tuple[bool, str]:
+    """Whether hinting faults can be weighted by their delay after the NUMA scan: needs
+    NUMA balancing in the kernel, kprobes, and change_prot_numa as a probe-able symbol."""
+    if not kfs.exists("/proc/sys/kernel/numa_balancing"):
+        return False, "no NUMA balancing in this kernel (/proc/sys/kernel/numa_balancing missing)"
+    if not (kfs.exists("/sys/bus/event_source/devices/kprobe") or
+            kfs.exists(kfs.TRACEFS + "/kprobe_events")):
+        return False, ("no kprobes in this kernel (no kprobe event source in "
+                       "/sys/bus/event_source/devices, no kprobe_events in tracefs: "
+                       "CONFIG_KPROBES / CONFIG_KPROBE_EVENTS off)")
+    blk = kfs.read("/sys/kernel/debug/kprobes/blacklist", "").split()
+    if SCAN_FN in blk:
+        return False, f"{SCAN_FN} is on the kprobe blacklist"
+    if f" {SCAN_FN}\n" not in kfs.read("/proc/kallsyms", ""):
+        return False, f"symbol {SCAN_FN} not in /proc/kallsyms (inlined or renamed)"
+    return True, ""
+
+
 class FaultSampler(_BpfCounter):
+    """weights: 'delay' scores each fault by how soon after the NUMA scan it came (kprobes
+    on change_prot_numa, see _SCAN_PART), 'count' counts faults, 'auto' takes delay where
+    the kernel allows it. scan_period_ms / scan_size_mb, when given, set the kernel's NUMA
+    balancing scan period (min = max) and size while sampling (tiermem.numa_scan), restored
+    on stop and, after a crash, by the next start or the daemon's clean-up."""
+
     name = "ebpf"
     program = _FAULT_PROG
+
+    def __init__(self, weights: str = "auto", scan_period_ms: int | None = None,
+                 scan_size_mb: int | None = None):
+        super().__init__()
+        if weights not in WEIGHTS:
+            raise TiermemError(f"eBPF weights must be one of {', '.join(WEIGHTS)}, "
+                               f"not {weights!r}")
+        self.weights = weights
+        self.weights_used = "count"
+        self.weights_note = ""
+        self.scan_period_ms = scan_period_ms
+        self.scan_size_mb = scan_size_mb
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -158,12 +341,38 @@ class FaultSampler(_BpfCounter):
         return True, ""
 
     def _start(self, target: Target) -> None:
-        self._load(target)      # bcc attaches TRACEPOINT_PROBE programs when it loads them
+        delay = False
+        if self.weights != "count":
+            ok, why = hint_delay_available()
+            if not ok and self.weights == "delay":
+                raise TiermemError(f"eBPF delay weights not available: {why}")
+            delay, self.weights_note = ok, why
+        self.weights_used = "delay" if delay else "count"
+        # bcc attaches TRACEPOINT_PROBE programs when it loads them
+        self._load(target, [f"-DSCAN_TIMES={int(delay)}", f"-DMAX_CHUNKS={MAX_CHUNKS}",
+                            f"-DCHUNK_SHIFT={CHUNK_SHIFT}", f"-DMAX_PAGES={MAX_PAGES}", "-Wno-duplicate-decl-specifier",
+                            f"-DMAX_WALK_CHUNKS={MAX_WALK_CHUNKS}"])
+        if delay:
+            try:
+                self.bpf.attach_kprobe(event=SCAN_FN, fn_name=b"scan_enter")
+                self.bpf.attach_kretprobe(event=SCAN_FN, fn_name=b"scan_return")
+            except Exception as e:
+                raise TiermemError(f"cannot attach kprobes to {SCAN_FN}: {e}") from e
+
+    def _weight(self, v: np.ndarray) -> np.ndarray:
+        if self.weights_used == "delay":
+            return (v["score"] / 16.0).astype(np.float32)
+        return v["count"].astype(np.float32)
 
     def metadata(self) -> dict:
         nb = kfs.read("/proc/sys/kernel/numa_balancing", "absent")
-        return {**super().metadata(), "tracepoint": "exceptions:page_fault_user",
-                "numa_balancing": nb}
+        m = {**super().metadata(), "tracepoint": "exceptions:page_fault_user",
+             "numa_balancing": nb,
+             "weights": ("hint-fault delay score (kprobes on change_prot_numa)"
+                         if self.weights_used == "delay" else "fault count")}
+        if self.weights_note:
+            m["weights_note"] = self.weights_note
+        return m
 
 
 PMU_DIR = "/sys/bus/event_source/devices"
