@@ -258,3 +258,17 @@ def test_ebpf_delay_weights_need_kprobes(hot_binary):
         p.wait()
     with pytest.raises(TiermemError, match="eBPF weights must be one of auto, delay, count"):
         FaultSampler("often")
+
+
+def test_list_samplers_names_the_result_modes():
+    """--list-samplers says whether DAMON results can come from the tracepoint and whether
+    hint faults can be delay-weighted, with the reason when not."""
+    import json
+    r = subprocess.run([sys.executable, "-m", "tiermem.cli", "record", "--list-samplers",
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    modes = json.loads(r.stdout)["modes"]
+    assert set(modes) == {"damon results from damon_aggregated + BPF",
+                          "ebpf hint-fault delay weights (kprobes)"}
+    for m in modes.values():
+        assert m["available"] or m["reason"], m

@@ -23,16 +23,24 @@ def _parse_range(s: str) -> tuple[int, int]:
 def _list_samplers(as_json: bool) -> None:
     from tiermem import damon_sysfs
     from tiermem.samplers import availability
+    from tiermem.samplers.damon import tracepoint_available
+    from tiermem.samplers.ebpf import hint_delay_available
     av = availability()
     feats = damon_sysfs.detect_features()
     running = damon_sysfs.running_kdamonds()
+    modes = {"damon results from damon_aggregated + BPF": tracepoint_available(),
+             "ebpf hint-fault delay weights (kprobes)": hint_delay_available()}
     if as_json:
         echo_json({"samplers": {k: {"available": ok, "reason": why} for k, (ok, why) in av.items()},
+                   "modes": {k: {"available": ok, "reason": why}
+                             for k, (ok, why) in modes.items()},
                    "damon_features": feats, "damon_running_kdamonds": running})
         return
     click.echo("samplers:")
     for k, (ok, why) in av.items():
         click.echo(f"  {k:<9} {'yes' if ok else 'no '}  {why}")
+    for k, (ok, why) in modes.items():
+        click.echo(f"  {k}: {'yes' if ok else 'no (' + why + ')'}")
     click.echo(f"DAMON features of this kernel ({os.uname().release}):")
     for f in feats:
         click.echo(f"  {f['name']:<19} since {f['since']:<5} {'yes' if f['present'] else 'no '}"
