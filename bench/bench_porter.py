@@ -307,6 +307,89 @@ def run_mode(mode, limit_mib, trace, weights, wc, k, ghosts) -> dict:
             "ooms": [ooms]}
 
 
+# -- the cost of the porter's memory sample ----------------------------------------------
+def _smaps_line_parse(pid: int, store_dir: str) -> tuple[int, int]:
+    """The baseline: every line of /proc/PID/smaps parsed in Python (how the porter sampled
+    before it used smaps_rollup)."""
+    local = shared = rss = anon = 0
+    in_store = False
+    with open(f"/proc/{pid}/smaps", "rb") as f:
+        for line in f:
+            if line[:1].islower() or line[:1].isdigit():
+                if in_store:
+                    shared += rss - anon
+                parts = line.split(None, 5)
+                in_store = len(parts) > 5 and parts[5].strip().decode().startswith(store_dir)
+                rss = anon = 0
+            elif line.startswith(b"Rss:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith(b"Anonymous:"):
+                anon = int(line.split()[1]) * 1024
+                local += anon
+    return local, shared + (rss - anon if in_store else 0)
+
+
+def sampling_cost(weights: str, reps: int = 30) -> None:
+    """Median time of one memory sample of an LLM instance (cold) and of a mow clone of it:
+    the baseline line-by-line smaps parse next to what the porter does now."""
+    from cxlfork import image as image_mod
+    from cxlfork.checkpoint import checkpoint
+    from cxlfork.porter.memory import local_memory, store_memory
+    from cxlfork.restore import restore
+    work = tempfile.mkdtemp(prefix="bench-porter-sample-")
+    store = tempfile.mkdtemp(prefix="bench-porter-store-", dir="/dev/shm")
+    w = subprocess.Popen([PY, "-m", "cxlfork.workers.llm"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    fds, clone, img = [], None, os.path.join(work, "llm.img")
+    try:
+        w.stdin.write(json.dumps({"init": {"weights": weights}}).encode() + b"\n")
+        w.stdin.flush()
+        w.stdout.readline()
+        checkpoint(w.pid, img, store, kill=False)
+        ir, iw = os.pipe()
+        orr, ow = os.pipe()
+        fds = [ir, iw, orr, ow]
+        clone = restore(img, policy="mow", n=1, stdio=(ir, ow, 2))[0]
+        os.write(iw, b'{"id": 1, "input": {"prompt": "warm", "max_new_tokens": 2}}\n')
+        os.read(orr, 1 << 16)
+        rows = []
+        for what, pid in (("LLM cold instance", w.pid), ("LLM mow clone", clone)):
+            cells = [what]
+            for fn in (lambda: _smaps_line_parse(pid, store), lambda: local_memory(pid),
+                       lambda: store_memory(pid, store)):
+                ts = []
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    fn()
+                    ts.append((time.perf_counter() - t) * 1e3)
+                cells.append(f"{np.median(ts):.2f}")
+            cells.append(f"{_smaps_line_parse(pid, store)[1] / 2**20:.1f} / "
+                         f"{store_memory(pid, store) / 2**20:.1f}")
+            rows.append(cells)
+        print(f"\nmemory sample of one instance, median ms of {reps}: the baseline (every smaps "
+              "line parsed in Python) and what the porter does (local: smaps_rollup each "
+              "tick; store pages: only the store's smaps entries, restored instances, once a "
+              "second); shared MiB by both ways")
+        cols = ["instance", "smaps line parse", "rollup (local)", "store entries",
+                "shared MiB base / now"]
+        wd = [18, 16, 14, 13, 21]
+        print(row(cols, wd))
+        for r in rows:
+            print(row(r, wd))
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if clone:
+            os.kill(clone, signal.SIGKILL)
+            os.waitpid(clone, 0)
+        w.kill()
+        w.wait()
+        if os.path.exists(img):
+            image_mod.remove(img)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
+
+
 # -- tables ------------------------------------------------------------------------------
 def row(cells, widths):
     return " | ".join(str(c).rjust(w) for c, w in zip(cells, widths))
@@ -401,6 +484,8 @@ def main():
                     help="local memory limit of the limited runs (default: 25%% of the peak "
                          "local memory of the unlimited cold run)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--sampling-only", action="store_true", help="only the table of the "
+                    "memory sample's cost")
     ap.add_argument("--ghost-pool", type=int, default=2, help="ghosts per function in the "
                     "restore modes (mow-spawn: none)")
     a = ap.parse_args()
@@ -411,6 +496,9 @@ def main():
     from cxlfork.workers.build_c import build
     from cxlfork.workers.llm_weights import generate
     weights, wc = generate(), build()
+    if a.sampling_only:
+        sampling_cost(weights)
+        return
     modes = a.modes.split(",")
     trace = azure_like_trace(a.duration, a.rate, a.seed)
     counts = {fn: sum(f == fn for _, f in trace) for fn in FUNCS}
@@ -450,6 +538,7 @@ def main():
     print()
     print_tables(rows)
     print_start_table(rows)
+    sampling_cost(weights)
     print(f"\nload average after the runs {os.getloadavg()[0]:.1f}; total "
           f"{time.monotonic() - t0:.0f} s")
     unl = {r["mode"]: r for r in rows if not r["limit"]}

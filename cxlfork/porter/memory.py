@@ -7,10 +7,10 @@
             /proc/PID/smaps entries whose path is under the store directory): shared by all
             clones of a checkpoint, they live in the store on the CXL tier
 
-The porter samples its instances 4 times a second, on the same cores as the requests: the
-local figure comes from the rollup (0.8-0.9 ms for an LLM instance), and the shared one looks
-only at the store's entries of smaps (5 ms, the kernel's formatting) instead of parsing its
-3,600 lines in Python (6-10 ms holding the GIL).
+The porter samples its instances 4 times a second, on the same cores as the requests, so the
+local figure comes from the rollup and the shared one (once a second, restored instances only)
+looks at the store's entries of smaps only, instead of parsing every smaps line in Python
+while holding the GIL (`bench/bench_porter.py --sampling-only` times both).
 """
 from __future__ import annotations
 
