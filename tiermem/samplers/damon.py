@@ -254,20 +254,22 @@ class DamonSampler(Sampler):
         if self._bufs is None:
             self._bufs = bpfu.DrainBuffers(_AKEY, _AVAL, AGG_MAX_ENTRIES)
         k, v = bpfu.drain_hash(self.bpf[b"regions"], self._bufs)
-        aggs = self.bpf[b"aggs"]
-        now = np.array([aggs[ct.c_int(i)].value for i in range(MAX_TARGETS)], np.uint64) \
-            if k.size else self._aggs_seen
-        n_aggs, self._aggs_seen = now - self._aggs_seen, now
+        targets = np.unique(k["target"]) if k.size else []
+        aggs, n_aggs = self.bpf[b"aggs"], {}
+        for t in targets:           # aggregations since the previous read, per target
+            now = int(aggs[ct.c_int(int(t))].value)
+            n_aggs[int(t)] = now - int(self._aggs_seen[int(t)])
+            self._aggs_seen[int(t)] = now
         d = self.bpf[b"dropped"]
         dropped = int(d[ct.c_int(0)].value)
         if dropped:
             d[ct.c_int(0)] = ct.c_uint64(0)
             self.dropped_total += dropped
         parts = []
-        for t in np.unique(k["target"]) if k.size else []:
+        for t in targets:
             m = k["target"] == t
             s, e, w = mean_over_aggregations(k["start"][m], k["end"][m], v["acc"][m],
-                                             int(n_aggs[int(t)]))
+                                             n_aggs[int(t)])
             if self.space == "vaddr" and self._pids:
                 pid = self._pids[min(int(t), len(self._pids) - 1)]
             else:
