@@ -88,6 +88,9 @@ class Instance:
                                  start_new_session=True, preexec_fn=join)
         except OSError as e:
             raise WorkerDied(f"cannot start {command[0]}: {e.strerror}") from e
+        except subprocess.SubprocessError as e:      # the child could not join the cgroup
+            raise WorkerDied(f"cannot start {command[0]}: joining the function's memory "
+                             f"cgroup failed ({e})") from e
         inst = cls(p.pid, p.stdin.fileno(), p.stdout.fileno(), "cold", "cold", popen=p)
         inst.t_spawn = time.perf_counter()
         return inst
