@@ -26,11 +26,10 @@ def scenario(vm, *args, timeout=1500):
 
 
 def test_promotes_hot_set_and_stops_clean(cxl_vm):
-    res = scenario(cxl_vm, "promote", "m5", "150")
+    res = scenario(cxl_vm, "promote", "m5", "150", "96", "24")
     log = res["log"]
     assert res["t90"] is not None, f"hot set never reached 90 % fast: {res['series']}\n{log}"
-    first = res["series"][0][1]
-    assert first < 0.1                                      # it really started on the slow node
+    assert res["share_before"] < 0.1                        # it really started on the slow node
     st = res["stats"]["targets"]["w"]
     assert st["pages_promoted"] > 0 and st["processes"] == 1
     assert res["stats"]["bytes_moved"] == (st["pages_promoted"] + st["pages_demoted"]) * 4096
@@ -76,5 +75,4 @@ def test_reliability_faults_kill9_restart(cxl_vm):
     assert res["stop_rc"] == 0
     assert res["after"] == {"kdamonds_on": [], "socket_left": False, "state_left": False,
                             "kprobe_events": ""}, res["after"]
-    assert res["verify"] == {"dmn": "ok", "raises": "ok", "nosampler": "ok", "good": "ok",
-                             "hog": "ok"}
+    assert res["verify"] == {"dmn": "ok", "raises": "ok", "nosampler": "ok", "good": "ok"}

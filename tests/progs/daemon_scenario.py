@@ -1,10 +1,15 @@
 """Drives tiermemd end to end inside the emulated CXL machine and prints one JSON result.
 
     daemon_scenario.py promote WORKDIR POLICY     hot set on the slow node, tiermemd promotes
+    daemon_scenario.py promote WORKDIR POLICY [LIMIT_S TOTAL_MB HOT_MB TO_LIMIT]
+    daemon_scenario.py kernel  WORKDIR [LIMIT_S TOTAL_MB HOT_MB TO_LIMIT RATE_MBPS]
+                                                  the same under kernel NUMA-balancing tiering
+    daemon_scenario.py cpu     WORKDIR [TOTAL_MB HOT_MB SAMPLER WARM_S WINDOW_S RESCAN]
     daemon_scenario.py faults  WORKDIR            exits/forks/execs, raising policy, missing
                                                   sampler, full fast tier, kill -9 + restart
 Used by tests/test_daemon_vm.py (assertions there) and bench/bench_daemon.py.
 """
+import contextlib
 import glob
 import json
 import os
@@ -13,41 +18,11 @@ import subprocess
 import sys
 import time
 
+from tiermemd.kernel_tiering import kernel_tiering, kernel_tiering_off, vmstat_delta
+from tiermemd.workload import WorkloadProcess as Workload
+
 PY = sys.executable
-HERE = os.path.dirname(os.path.abspath(__file__))
 DAMON = "/sys/kernel/mm/damon/admin/kdamonds"
-
-
-class Workload:
-    def __init__(self, total_mb, hot_mb, node, tag=""):
-        self.p = subprocess.Popen([PY, "-m", "tiermemd.workload", str(total_mb), str(hot_mb),
-                                   str(node), tag],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.info = json.loads(self.p.stdout.readline())
-        self.pid = self.info["pid"]
-
-    def ask(self, cmd):
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        return self.p.stdout.readline().strip()
-
-    def where(self):
-        return json.loads(self.ask("where"))
-
-    def hot_fast_share(self):
-        h = self.where()["hot"]
-        return h.get("0", 0) / max(1, sum(h.values()))
-
-    def close(self):
-        if self.p.poll() is None:
-            try:
-                self.ask("exit")
-            except (BrokenPipeError, OSError):
-                pass
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
 
 
 def kdamonds_on():
@@ -142,7 +117,23 @@ def after_stop(wd):
             if os.path.exists("/sys/kernel/tracing/kprobe_events") else ""}
 
 
-def promote(wd, policy, limit_s=120, total=192, hot=48):
+def watch_hot(w, limit_s, to_limit, alive=lambda: True):
+    """The hot set's fast-tier share every 2 s: until it reaches 90 % (to_limit=0) or for
+    the whole limit (to_limit=1, so the steady state after t90 is seen too)."""
+    series, t90, t0 = [], None, time.monotonic()
+    while time.monotonic() - t0 < limit_s and alive():
+        s = w.hot_share()
+        t = time.monotonic() - t0
+        series.append([round(t, 2), round(s, 4)])
+        if s >= 0.9 and t90 is None:
+            t90 = round(t, 2)
+            if not to_limit:
+                break
+        time.sleep(2)
+    return series, t90
+
+
+def promote(wd, policy, limit_s=120, total=192, hot=48, to_limit=0):
     w = Workload(total, hot, 1)
     params = {"m5": "top_k = 16384\nhot_min = 1.0", "damon": "", "tpp": ""}.get(policy, "")
     cfg = write_config(wd, f"""[[targets]]
@@ -156,18 +147,12 @@ aggr_us = 100000
 [targets.policy_params]
 {params}
 """)
+    share_before = w.hot_share()            # before the daemon starts
     d = Daemon(wd, cfg)
-    res = {"info": w.info, "series": [], "t90": None}
-    t0 = time.monotonic()
+    res = {"info": w.info, "share_before": share_before}
     try:
-        while time.monotonic() - t0 < limit_s and d.p.poll() is None:
-            s = w.hot_fast_share()
-            t = time.monotonic() - t0
-            res["series"].append([round(t, 2), round(s, 4)])
-            if s >= 0.9 and res["t90"] is None:
-                res["t90"] = round(t, 2)
-                break
-            time.sleep(2)
+        res["series"], res["t90"] = watch_hot(w, limit_s, to_limit,
+                                              lambda: d.p.poll() is None)
         res["where"] = w.where()
         res["stats"] = d.stats()
         res["status"] = d.ctl("status")["out"]
@@ -200,36 +185,21 @@ aggr_us = 100000
     return res
 
 
-def kernel(wd, limit_s=120, total=192, hot=48):
+def kernel(wd, limit_s=120, total=192, hot=48, to_limit=0, rate_mbps=0):
     """The kernel's own tiering on the same workload: NUMA balancing in memory-tiering mode
-    (numa_balancing=2) with demotion on; no tiermemd."""
-    knobs = {"/proc/sys/kernel/numa_balancing": "2",
-             "/sys/kernel/mm/numa/demotion_enabled": "true"}
-    old = {k: open(k).read().strip() for k in knobs}
-    res = {"series": [], "t90": None, "knobs_before": old}
-    try:
-        for k, v in knobs.items():
-            with open(k, "w") as f:
-                f.write(v)
+    (numa_balancing=2) with demotion on; no tiermemd. rate_mbps > 0: the promotion rate
+    limit (tiermemd.kernel_tiering)."""
+    res = {}
+    with kernel_tiering(rate_mbps) as rec:
+        res.update(knobs_set=rec["set"], knobs_before=rec["before"], debugfs=rec["debugfs"])
         w = Workload(total, hot, 1)
-        t0 = time.monotonic()
         try:
-            while time.monotonic() - t0 < limit_s:
-                s = w.hot_fast_share()
-                t = time.monotonic() - t0
-                res["series"].append([round(t, 2), round(s, 4)])
-                if s >= 0.9 and res["t90"] is None:
-                    res["t90"] = round(t, 2)
-                    break
-                time.sleep(2)
+            res["series"], res["t90"] = watch_hot(w, limit_s, to_limit)
+            res["vmstat_delta"] = vmstat_delta(rec)
             res["where"] = w.where()
             res["verify"] = w.ask("verify")
         finally:
             w.close()
-    finally:
-        for k, v in old.items():
-            with open(k, "w") as f:
-                f.write(v)
     return res
 
 
@@ -300,14 +270,20 @@ def faults(wd):
         f.write(FAILING_POLICY)
     with open(os.path.join(wd, "promote_all.py"), "w") as f:
         f.write(PROMOTE_ALL_POLICY)
-    ws = {"exits": Workload(16, 4, 1, "exits"), "dmn": Workload(16, 4, 1, "dmn"),
-          "raises": Workload(16, 4, 1, "raises"), "nosampler": Workload(16, 4, 1, "nosampler"),
-          "good": Workload(160, 4, 1, "good")}
+    # the workloads start side by side (each fills its memory with its pattern)
+    ws = {name: Workload(mb, 4, 1, name, wait=False)
+          for name, mb in (("exits", 16), ("dmn", 16), ("raises", 16), ("nosampler", 16),
+                           ("good", 160))}
+    for w in ws.values():
+        w.ready()
     # fill the fast node, leaving 112 MiB, so promoting 'good' runs into ENOMEM
     free_kb = int([ln.split()[3] for ln in open("/sys/devices/system/node/node0/meminfo")
                    if "MemFree" in ln][0])
     res["hog_mb"] = max(64, free_kb // 1024 - 112)
-    hog = Workload(res["hog_mb"], 1, 0, "hog")
+    hog = subprocess.Popen([PY, __file__, "hog", wd, str(res["hog_mb"])],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if hog.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"the fast-node hog did not start (status {hog.wait()})")
     go = os.path.join(wd, "exec-now")
     if os.path.exists(go):
         os.unlink(go)
@@ -357,7 +333,6 @@ policy = "first-touch"
         res["after"] = after_stop(wd)
         res["log2"] = d2.text()
         res["verify"] = {k: w.ask("verify") for k, w in ws.items() if k != "exits"}
-        res["verify"]["hog"] = hog.ask("verify")
         res["where_good"] = ws["good"].where()
     finally:
         for p in (d, locals().get("d2")):
@@ -369,26 +344,49 @@ policy = "first-touch"
             except ProcessLookupError:
                 pass
         execer.kill()
-        for w in list(ws.values()) + [hog]:
+        hog.kill()
+        hog.wait()
+        for w in ws.values():
             w.close()
     return res
 
 
+def hog(mb):
+    """Holds MB MiB of zero-filled memory on node 0 (mbind + MADV_POPULATE_WRITE: the kernel
+    fills it, no Python loop) until stdin closes."""
+    import mmap
+    import numpy as np
+    from tiermem import native
+    size = mb << 20
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    native.mbind(np.frombuffer(buf, np.uint8).ctypes.data, size, native.MPOL_BIND, [0])
+    buf.madvise(23)                                   # MADV_POPULATE_WRITE (Linux 5.14)
+    print("ready", flush=True)
+    sys.stdin.read()
+
+
+def run(kind, wd):
+    args = sys.argv[3:]
+    if kind == "promote":
+        return promote(wd, args[0] if args else "m5", *(int(x) for x in args[1:]))
+    if kind == "kernel":
+        return kernel(wd, *(int(x) for x in args))
+    if kind == "cpu":
+        return cpu(wd, *(int(x) for x in args[:2]), *args[2:3], *(int(x) for x in args[3:]))
+    return faults(wd)
+
+
 if __name__ == "__main__":
     kind, wd = sys.argv[1], sys.argv[2]
+    if kind == "hog":
+        hog(int(sys.argv[3]))
+        sys.exit(0)
     os.makedirs(wd, exist_ok=True)
     try:
-        if kind == "promote":
-            out = promote(wd, sys.argv[3] if len(sys.argv) > 3 else "m5",
-                          *(int(x) for x in sys.argv[4:]))
-        elif kind == "kernel":
-            out = kernel(wd, *(int(x) for x in sys.argv[3:]))
-        elif kind == "cpu":
-            out = cpu(wd, *(int(x) for x in sys.argv[3:5]),
-                      *(sys.argv[5:6]), *(int(x) for x in sys.argv[6:]))
-        else:
-            out = faults(wd)
-    except Exception as e:
+        # tiermemd alone: the guest boots with numa_balancing=1, which would promote too
+        with kernel_tiering_off() if kind != "kernel" else contextlib.nullcontext():
+            out = run(kind, wd)
+    except Exception:
         import traceback
         out = {"exception": traceback.format_exc(), "logs": {
             f: open(os.path.join(wd, f)).read() for f in os.listdir(wd) if f.endswith(".log")}}
