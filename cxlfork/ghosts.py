@@ -24,6 +24,7 @@ import select
 import socket
 import threading
 
+from cxlfork.cgtarget import CgroupTarget, spawn_args
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
 
@@ -62,11 +63,13 @@ class Ghost:
             pass
 
 
-def spawn_ghost(prepared=None, timeout_s: float = 30.0) -> Ghost:
+def spawn_ghost(prepared=None, timeout_s: float = 30.0, cgroup: CgroupTarget | None = None
+                ) -> Ghost:
     """Spawn one ghost (vfork-style clone + exec of the restorer). Cold (prepared None): in
     ghost mode, waiting for a whole restore. Warm: it runs the memory, signal and mm part of
     prepared's plan now (with the files, store and objects it needs) and waits for the
-    clone's own fds; returns once it is ready, or raises with the restorer's error line."""
+    clone's own fds; returns once it is ready, or raises with the restorer's error line.
+    cgroup: born in that cgroup (charged there from its first page), else in ours."""
     path = restorer_path().encode()
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     opened: list[int] = []
@@ -88,7 +91,8 @@ def spawn_ghost(prepared=None, timeout_s: float = 30.0) -> Ghost:
             args = [str(p.num["plan"]).encode()]
         argv = [ffi.new("char[]", path)] + [ffi.new("char[]", a) for a in args] + [ffi.NULL]
         pid = lib.cx_spawn(path, ffi.new("char *[]", argv), ffi.new("int[]", src),
-                           ffi.new("int[]", dst), len(src), b"/", 0o022, 0, 0, -1)
+                           ffi.new("int[]", dst), len(src), b"/", 0o022, 0, 0, -1,
+                           *spawn_args(cgroup))
     except BaseException:
         for fd in opened:
             os.close(fd)
@@ -100,7 +104,8 @@ def spawn_ghost(prepared=None, timeout_s: float = 30.0) -> Ghost:
         for fd in opened:
             os.close(fd)
         mine.close()
-        raise CxlforkError(f"spawning a ghost restorer: {os.strerror(-pid)}")
+        where = f" into cgroup {cgroup.path}" if cgroup is not None else ""
+        raise CxlforkError(f"spawning a ghost restorer{where}: {os.strerror(-pid)}")
     g = Ghost(pid, mine.detach(), objfds)
     if prepared is not None:
         ready = select.select([g.sock], [], [], timeout_s)[0]
@@ -116,9 +121,13 @@ def spawn_ghost(prepared=None, timeout_s: float = 30.0) -> Ghost:
 class GhostPool:
     """size idle ghosts, refilled in a background thread (refill="background") or by calling
     .refill() (refill="manual"). Thread-safe. Close it (or use it as a context manager): idle
-    ghosts are killed and reaped; ghosts already restored into are clones, not the pool's."""
+    ghosts are killed and reaped; ghosts already restored into are clones, not the pool's.
+    cgroup (a cgroup directory): every ghost is born in it (see cxlfork.cgtarget), so all a
+    warm ghost maps and copies is charged there; restores from this pool that spawn their
+    restorer (pool empty) must pass the same cgroup."""
 
-    def __init__(self, size: int, refill: str = "background", prepared=None):
+    def __init__(self, size: int, refill: str = "background", prepared=None,
+                 cgroup: str | None = None):
         if not isinstance(size, int) or size < 1:
             raise CxlforkError(f"ghost pool size must be a positive integer, not {size!r}")
         if refill not in ("background", "manual"):
@@ -130,6 +139,7 @@ class GhostPool:
                                "closed")
         self.prepared = prepared
         self.size = size
+        self.cgroup = CgroupTarget(cgroup) if cgroup is not None else None
         self._idle: list[Ghost] = []
         self._lock = threading.Condition()
         self._closed = False
@@ -159,7 +169,7 @@ class GhostPool:
             with self._lock:
                 if self._closed or len(self._idle) >= self.size:
                     return made
-            g = spawn_ghost(self.prepared)
+            g = spawn_ghost(self.prepared, cgroup=self.cgroup)
             with self._lock:
                 if self._closed:
                     g.discard()
@@ -222,3 +232,5 @@ class GhostPool:
             self._thread.join()
         for g in idle:
             g.discard()
+        if self.cgroup is not None:
+            self.cgroup.close()

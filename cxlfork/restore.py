@@ -30,6 +30,7 @@ import socket
 import time
 
 from cxlfork import ghosts as ghosts_mod, image as image_mod, plan as plan_mod, socketpairs
+from cxlfork.cgtarget import CgroupTarget, spawn_args
 from cxlfork.errors import CxlforkError, ImageError
 from cxlfork.native import ffi, lib, restorer_path
 from cxlfork.ptrace import REGS_SIZE, regs_pack
@@ -207,13 +208,14 @@ class Prepared:
         self.close()
 
     def restore(self, n: int = 1, stdio="inherit", same_pid: bool = False,
-                progress=None, ghosts=None) -> list[int]:
+                progress=None, ghosts=None, cgroup: str | None = None) -> list[int]:
         """Restore n clones; returns their PIDs (children of this process). ghosts: a
         cxlfork.ghosts.GhostPool whose idle ghosts become the clones (spawned as usual when it
-        is empty)."""
+        is empty). cgroup: a cgroup directory the spawned restorers are born in (a pool
+        passed with it must have been made with the same cgroup)."""
         if not self.fds_open:
             raise CxlforkError(f"restore of {self.image}: this prepared restore was closed")
-        return _restore_prepared(self, n, stdio, same_pid, progress, ghosts)
+        return _restore_prepared(self, n, stdio, same_pid, progress, ghosts, cgroup)
 
     def close(self):
         for fd in self.fds_open:
@@ -402,12 +404,13 @@ def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = Fa
 
 def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
             same_pid: bool = False, warn=None, progress=None, eager: bool = False,
-            ghosts=None) -> list[int]:
+            ghosts=None, cgroup: str | None = None) -> list[int]:
     """Restore n clones of image; returns their PIDs (children of this process).
 
     policy "moa" is lazy unless eager=True: the clones map the store as in mow and a
     userfaultfd handler thread of this process (native/lazy.c) copies each block on first touch;
-    when this process exits, untouched pages simply stay shared from the store (mow)."""
+    when this process exits, untouched pages simply stay shared from the store (mow).
+    cgroup: a cgroup directory the clones are born in (cxlfork.cgtarget)."""
     t0 = time.perf_counter()
     if n < 1:
         raise CxlforkError("-n must be at least 1")
@@ -417,7 +420,7 @@ def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
         raise CxlforkError("--same-pid cannot restore into a ghost: a ghost's PID is fixed "
                            "when it is spawned (restore without ghosts)")
     with Prepared(image, policy, warn, eager) as p:
-        pids = _restore_prepared(p, n, stdio, same_pid, progress, ghosts)
+        pids = _restore_prepared(p, n, stdio, same_pid, progress, ghosts, cgroup)
     restore.last_seconds = time.perf_counter() - t0
     return pids
 
@@ -490,10 +493,33 @@ def _send_to_ghost(p: Prepared, g, c_src, c_dst, nfd: int, c_cwd, sidmode: int,
     return g.pid
 
 
+def _open_cgroup(cgroup: str | None, ghosts) -> CgroupTarget | None:
+    """The restore's CgroupTarget; refuses a pool whose ghosts live in another cgroup."""
+    mine = CgroupTarget(cgroup) if cgroup is not None else None
+    theirs = getattr(ghosts, "cgroup", None)
+    if ghosts is not None and (mine.path if mine else None) != (theirs.path if theirs else None):
+        if mine is not None:
+            mine.close()
+        raise CxlforkError(f"the ghost pool's ghosts are in cgroup "
+                           f"{theirs.path if theirs else '(ours)'}, not in "
+                           f"{mine.path if mine else '(ours)'} as this restore asks")
+    return mine
+
+
 def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress,
-                      ghosts=None) -> list[int]:
+                      ghosts=None, cgroup: str | None = None) -> list[int]:
     if n < 1:
         raise CxlforkError("-n must be at least 1")
+    cg = _open_cgroup(cgroup, ghosts)
+    try:
+        return _restore_into(p, n, stdio, same_pid, progress, ghosts, cg)
+    finally:
+        if cg is not None:
+            cg.close()
+
+
+def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
+                  cg: CgroupTarget | None) -> list[int]:
     if same_pid and n != 1:
         raise CxlforkError("--same-pid restores a single clone (-n 1)")
     if same_pid and ghosts is not None:
@@ -549,7 +575,8 @@ def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress,
                     pid = _send_to_ghost(p, g, c_src, c_dst, len(src), c_cwd, sidmode, err_index)
                 else:
                     pid = lib.cx_spawn(restorer, c_argv, c_src, c_dst, len(src), c_cwd,
-                                       proc["umask"], sidmode, set_tid, err_index)
+                                       proc["umask"], sidmode, set_tid, err_index,
+                                       *spawn_args(cg))
                 if pid < 0:
                     os.close(er)
                     os.close(go_w.pop())

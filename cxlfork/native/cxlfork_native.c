@@ -417,6 +417,7 @@ struct spawn_args {
     const int *src, *dst;
     int nfd, umask_, sidmode, errfd;
     const char *cwd;
+    int cgfd, cgkind;
 };
 
 /* The child of cx_spawn, up to the exec of the restorer. With CLONE_VM|CLONE_VFORK it runs on
@@ -430,6 +431,9 @@ static int spawn_child(void *arg)
     const int *src = a->src, *dst = a->dst;
     int efd = a->errfd >= 0 && a->errfd < nfd ? src[a->errfd] : -1;
     uint64_t dfl[4] = { 0, 0, 0, 0 };    /* kernel sigaction: SIG_DFL, no flags, no mask */
+    /* join the cgroup (an open cgroup.procs: "0" is the writer) before anything is charged */
+    if (a->cgkind == CX_CG_PROCS && write(a->cgfd, "0", 1) != 1)
+        child_fail(efd, "join cgroup", errno);
     for (int s = 1; s < 65; s++)
         if (s != SIGKILL && s != SIGSTOP)
             syscall(SYS_rt_sigaction, s, dfl, NULL, 8);
@@ -484,29 +488,89 @@ static int spawn_child(void *arg)
 }
 
 #define SPAWN_STACK (256 << 10)
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
 
-int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
-             const char *cwd, int umask_, int sidmode, int set_tid, int errfd)
+#ifdef __x86_64__
+/* clone3 vfork-style (CLONE_VM|CLONE_VFORK): the child starts on the top of ca->stack and
+ * calls fn(arg), then exits with its result; no libc wrapper does this for clone3. */
+static long clone3_call(struct cx_clone_args *ca, int (*fn)(void *), void *arg)
 {
-    struct spawn_args a = { path, argv, src, dst, nfd, umask_, sidmode, errfd, cwd };
+    long ret;
+    register void *rfn __asm__("r12") = (void *)fn;
+    register void *rarg __asm__("r13") = arg;
+    __asm__ volatile(
+        "syscall\n\t"
+        "test %%rax, %%rax\n\t"
+        "jnz 1f\n\t"
+        "xor %%ebp, %%ebp\n\t"
+        "mov %%r13, %%rdi\n\t"
+        "call *%%r12\n\t"
+        "mov %%eax, %%edi\n\t"
+        "mov $60, %%eax\n\t"          /* SYS_exit */
+        "syscall\n\t"
+        "hlt\n\t"
+        "1:\n\t"
+        : "=a"(ret)
+        : "0"((long)SYS_clone3), "D"(ca), "S"(sizeof *ca), "r"(rfn), "r"(rarg)
+        : "rcx", "r11", "memory");
+    return ret;
+}
+#endif
+
+/* Spawn the restorer at path with the fds src[] installed at dst[] (errfd: index in src of
+ * the error pipe, or -1). set_tid > 0: with that PID (a plain clone3 fork). cgkind: where the
+ * child goes: CX_CG_NONE stays in ours; CX_CG_DIR: cgfd is a cgroup2 directory, the kernel
+ * places the child there (clone3 CLONE_INTO_CGROUP); CX_CG_PROCS: cgfd is an open
+ * cgroup.procs (v1 or v2) the child writes "0" to first thing, before the exec. */
+int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
+             const char *cwd, int umask_, int sidmode, int set_tid, int errfd, int cgfd,
+             int cgkind)
+{
+    struct spawn_args a = { path, argv, src, dst, nfd, umask_, sidmode, errfd, cwd, cgfd,
+                            cgkind };
     sigset_t all, old;
     long pid;
+    if (cgkind != CX_CG_NONE && cgfd < 0)
+        return -EBADF;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    if (set_tid > 0) {
-        /* clone3 with set_tid: a plain fork (set_tid needs clone3, which has no vfork-style
-         * wrapper with a child function) */
-        struct cx_clone_args ca;
+    struct cx_clone_args ca;
+    memset(&ca, 0, sizeof ca);
+    ca.exit_signal = SIGCHLD;
+    if (cgkind == CX_CG_DIR) {
+        ca.flags |= CLONE_INTO_CGROUP;
+        ca.cgroup = (uint64_t)cgfd;
+    }
+    if (set_tid > 0 || cgkind == CX_CG_DIR) {
         pid_t tid = set_tid;
-        memset(&ca, 0, sizeof ca);
-        ca.exit_signal = SIGCHLD;
-        ca.set_tid = (uint64_t)(uintptr_t)&tid;
-        ca.set_tid_size = 1;
-        pid = syscall(SYS_clone3, &ca, sizeof ca);
-        if (pid == 0)
-            _exit(spawn_child(&a));
-        if (pid < 0)
-            pid = -errno;
+        if (set_tid > 0) {
+            ca.set_tid = (uint64_t)(uintptr_t)&tid;
+            ca.set_tid_size = 1;
+        }
+        char *stack = MAP_FAILED;
+#ifdef __x86_64__
+        if (set_tid <= 0)
+            stack = mmap(NULL, SPAWN_STACK, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (stack != MAP_FAILED) {
+            /* vfork-style into the cgroup: no copy of this process's page tables */
+            ca.flags |= CLONE_VM | CLONE_VFORK;
+            ca.stack = (uint64_t)(uintptr_t)stack;
+            ca.stack_size = SPAWN_STACK;
+            pid = clone3_call(&ca, spawn_child, &a);
+            munmap(stack, SPAWN_STACK);
+        } else
+#endif
+        {
+            /* a plain fork (set_tid needs clone3, which has no vfork-style libc wrapper) */
+            pid = syscall(SYS_clone3, &ca, sizeof ca);
+            if (pid == 0)
+                _exit(spawn_child(&a));
+            if (pid < 0)
+                pid = -errno;
+        }
     } else {
         /* vfork-style: no copy of this (possibly large) process's page tables */
         char *stack = mmap(NULL, SPAWN_STACK, PROT_READ | PROT_WRITE,

@@ -28,8 +28,10 @@ int64_t cx_dump_runs(int pid, int memfd, int n, const uint64_t *addr, const uint
 enum { CX_DUMP_BATCH = 1048576 };   /* bytes per batch of cx_dump_runs */
 int cx_mbind_shared(void *addr, uint64_t len, int node);
 
+enum { CX_CG_NONE = 0, CX_CG_DIR = 1, CX_CG_PROCS = 2 };
 int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
-             const char *cwd, int umask_, int sidmode, int set_tid, int errfd);
+             const char *cwd, int umask_, int sidmode, int set_tid, int errfd, int cgfd,
+             int cgkind);
 int cx_start(int pid, int gofd, int traceclone);
 enum { CX_GHOST_MAXFD = 253, CX_GHOST_MSG = 8192 };
 int cx_ghost_send(int sock, const int *src, const int *dst, int nfd, const char *cwd, int umask_,
