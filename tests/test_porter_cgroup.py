@@ -32,8 +32,11 @@ def _limit(cg: dict) -> int:
         return int(f.read())
 
 
-def test_instances_in_the_cgroup_oom_kill_gives_502_and_a_replacement(porter):
-    p = porter(ECHO.format(policy="mow", slo=1000), LIMITED)
+@pytest.mark.parametrize("policy", ["mow", "moa-eager"])
+def test_instances_in_the_cgroup_oom_kill_gives_502_and_a_replacement(porter, policy):
+    """Warm ghosts for every policy under a limit: they are born in the function's cgroup
+    (moa-eager ghosts copy every private page when spawned, charged there)."""
+    p = porter(ECHO.format(policy=policy, slo=1000), LIMITED)
     for i in range(3):                                  # cold, then the checkpoint (K = 3)
         assert p.invoke("echo", i)[0] == 200
     st = p.wait_for(lambda s: s["functions"]["echo"]["checkpoint"]["image"]
@@ -48,7 +51,7 @@ def test_instances_in_the_cgroup_oom_kill_gives_502_and_a_replacement(porter):
                     set(s["functions"]["echo"]["ghosts"]["idle_pids"]) <= _procs(fn_cg), 20,
                     "2 ghosts in the cgroup")
     ghosts = set(st["functions"]["echo"]["ghosts"]["idle_pids"])
-    assert st["functions"]["echo"]["ghosts"]["warm"]        # mow: warm even with a cgroup
+    assert st["functions"]["echo"]["ghosts"]["warm"]        # any policy: born in the cgroup
     assert len(ghosts) == 2 and ghosts <= _procs(fn_cg)
     import threading
     res = []

@@ -106,11 +106,12 @@ class Instance:
 
     @classmethod
     def restore(cls, image: str, policy: str, log_fd: int, prepared=None,
-                ghosts=None) -> "Instance":
+                ghosts=None, cgroup: str | None = None) -> "Instance":
         """Restore one clone of IMAGE with a porter policy (cxlfork_policy); with `prepared`
         (cxlfork.restore.prepare_restore of that image and policy) only the per-clone part of
         the restore is paid; `ghosts`: where the clone's process comes from (FunctionGhosts
-        .source())."""
+        .source()); cgroup: the cgroup directory a spawned restorer is born in (ghosts were
+        born there too)."""
         from cxlfork.restore import restore
         t0 = time.perf_counter()
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
@@ -118,11 +119,11 @@ class Instance:
         try:
             stdio = (in_r, out_w, log_fd)
             if prepared is not None:
-                pids = prepared.restore(1, stdio=stdio, ghosts=ghosts)
+                pids = prepared.restore(1, stdio=stdio, ghosts=ghosts, cgroup=cgroup)
             else:
                 cx_policy, eager = cxlfork_policy(policy)
                 pids = restore(image, policy=cx_policy, n=1, stdio=stdio, eager=eager,
-                               ghosts=ghosts)
+                               ghosts=ghosts, cgroup=cgroup)
         except BaseException:
             for fd in (in_r, in_w, out_r, out_w):
                 os.close(fd)

@@ -16,8 +16,8 @@
                                                  working_set, anon, file (with a limit)
     porter_oom_kills{function}                   instances the kernel OOM-killed
     porter_ghosts{function,state}                ghost pool: idle (gauge)
-    porter_ghosts_events{function,event}         spawned | taken | fallbacks | dead |
-                                                 spawned_on_the_spot (totals so far)
+    porter_ghosts_events{function,event}         spawned | taken | fallbacks | dead
+                                                 (totals so far)
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class Metrics:
             self.oom_kills.labels(fn).set(cgroup["oom_kills"])
         if st.get("ghosts"):
             self.ghosts.labels(fn, "idle").set(st["ghosts"]["idle"])
-            for k in ("spawned", "taken", "fallbacks", "dead", "spawned_on_the_spot"):
+            for k in ("spawned", "taken", "fallbacks", "dead"):
                 if k in st["ghosts"]:
                     self.ghost_events.labels(fn, k).set(st["ghosts"][k])
         self.instances.labels(fn).set(st["instances"])

@@ -83,10 +83,6 @@ class FunctionPool:
         self.cgroup = porter.cgroup             # the porter's MemoryCgroup, or None
         self.oom_seen = 0                       # OOM kills of this function accounted for
         self.ghosts = None                      # FunctionGhosts for the current restore
-        self.spot_ghosts = None                 # ... without a pool, with a cgroup
-        if self.cgroup is not None:
-            from cxlfork.porter.ghosts import FunctionGhosts
-            self.spot_ghosts = FunctionGhosts(self.name, 0, self.cgroup)
 
     def _error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -183,9 +179,10 @@ class FunctionPool:
                 t0 = time.perf_counter()
                 prepared = self.prepared_restore(policy)
                 prep_ms = (time.perf_counter() - t0) * 1e3
-                ghosts = self.ghosts or self.spot_ghosts
+                ghosts = self.ghosts
                 inst = Instance.restore(self.image, policy, self.log_fd, prepared,
-                                        ghosts.source(prepared) if ghosts else None)
+                                        ghosts.source(prepared) if ghosts else None,
+                                        self.cgroup_dir())
                 inst.phases["prepare"] = prep_ms
             except Exception as e:             # noqa: BLE001 - served by a cold start instead
                 msg = str(e) if isinstance(e, CxlforkError) else f"{type(e).__name__}: {e}"
@@ -246,6 +243,10 @@ class FunctionPool:
                     self.prepared[key] = prep
             return prep
 
+    def cgroup_dir(self) -> str | None:
+        """The function's memory cgroup (where its instances and ghosts are born), or None."""
+        return self.cgroup.functions[self.name] if self.cgroup is not None else None
+
     def refresh_ghosts(self, prepared) -> None:
         """Make the ghost pool serve `prepared` (warm for it where possible), replacing one
         made for another policy or profile (main thread: spawning warm ghosts takes a
@@ -256,7 +257,8 @@ class FunctionPool:
         if self.ghosts is not None and self.ghosts.suits(prepared):
             return
         try:
-            new = FunctionGhosts(self.name, self.porter.cfg.ghost_pool, self.cgroup, prepared)
+            new = FunctionGhosts(self.name, self.porter.cfg.ghost_pool, self.cgroup_dir(),
+                                 prepared)
         except CxlforkError as e:                 # restores spawn their restorer
             self.porter.log(f"ghost pool of {self.name}: {e}")
             return
@@ -485,8 +487,7 @@ class FunctionPool:
                 "hot_profile": self.profiled,
                 "policy_switches": list(self.switches),
                 "restore_failures": self.restore_failures[-3:],
-                "ghosts": (self.ghosts or self.spot_ghosts).stats()
-                if (self.ghosts or self.spot_ghosts) else None,
+                "ghosts": self.ghosts.stats() if self.ghosts else None,
             }
         d["latency_ms"] = {"all": percentiles([x[1] for x in lat])}
         for k in ("cold", "warm", "restored"):
