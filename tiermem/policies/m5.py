@@ -184,7 +184,14 @@ class M5(Policy):
         "depth": Param(int, 4, "count-min sketch rows", min=1, max=16),
         "width": Param(int, 8192, "count-min sketch counters per row", min=16, max=1 << 24),
         "top_k": Param(int, 8192, "pages tracked by the top-K table", min=1, max=1 << 22),
-        "decay": Param(float, 0.5, "counter decay per interval (1 = none)", min=0.0, max=1.0),
+        "decay": Param(float, 0.5, "counter decay per interval (1 = none); the fastest "
+                                   "forgetting, raised by window_samples", min=0.0, max=1.0),
+        "window_samples": Param(float, 4.0, "samples per fast-tier page the counters' "
+                                            "memory should hold: decay is raised to "
+                                            "1 - (samples per interval / fast pages) / this "
+                                            "(0 = fixed decay)", min=0.0),
+        "decay_max": Param(float, 0.9, "highest decay window_samples may set", min=0.0,
+                           max=1.0),
         "density_threshold": Param(float, 0.5, "pages with fewer hot words than this share "
                                                "of 64 are sparse", min=0.0, max=1.0),
         "sparse": Param(str, "weigh", "sparse pages: weigh (score x density) or skip",
@@ -232,6 +239,8 @@ class M5(Policy):
         self.burst = np.zeros(0, bool)             # last seen in a stream, not the interval before
         self._inv = _inverse_table(p["word_window"])
         self.rate = None
+        self._fast_pages = 0                       # fast-tier capacity seen by the last plan
+        self.decay_now = self.p["decay"]
         self.duration = 0.0
         self.word_tracking = False
         self.last_promoted = np.empty(0, _U64)
@@ -246,8 +255,9 @@ class M5(Policy):
     def observe(self, batch: AccessBatch) -> None:
         p = self.p
         self.duration = batch.duration
-        self.cms.decay(p["decay"])
-        self.est *= p["decay"]                     # every counter scaled: so is every min
+        d = self._decay(len(batch))
+        self.cms.decay(d)
+        self.est *= d                              # every counter scaled: so is every min
         self._ahead = np.empty(0, _U64)
         self._ahead_score = np.empty(0, np.float64)
         if len(batch) == 0:
@@ -272,6 +282,20 @@ class M5(Policy):
             self._track_words(pages, batch.words())
         if heads.size and p["stream_ahead"] > 0:
             self._predict(up, in_stream, heads, lengths)
+
+    def _decay(self, n_samples: int) -> float:
+        """This interval's decay: ``decay``, raised so that the counters' memory (1 / (1 -
+        decay) intervals) holds ``window_samples`` samples per fast-tier page, at most
+        ``decay_max``. At sparse sampling a hot page is sampled less than once an interval,
+        and a short memory ranks it below a warm page that happened to be sampled now. The
+        fast tier's size is the one seen by the last plan (none yet: ``decay``)."""
+        p = self.p
+        if p["window_samples"] <= 0 or not self._fast_pages or n_samples == 0:
+            return p["decay"]
+        per_page = n_samples / self._fast_pages
+        self.decay_now = float(min(max(p["decay"], 1.0 - per_page / p["window_samples"]),
+                                   max(p["decay_max"], p["decay"])))
+        return self.decay_now
 
     def _update_topk(self, up: np.ndarray, in_stream: np.ndarray) -> None:
         keys = self.keys
@@ -393,6 +417,7 @@ class M5(Policy):
 
     def plan(self, placement: Placement, capacity: Capacity, budget: Budget) -> MigrationPlan:
         p = self.p
+        self._fast_pages = capacity.fast_pages
         moves = self._adapt_rate(budget)
         if (self.keys.size == 0 and self._ahead.size == 0) or moves == 0:
             self.last_promoted = np.empty(0, _U64)
@@ -447,4 +472,5 @@ class M5(Policy):
                 "promoted": self.n["promoted"], "rate_pages": float(self.rate or 0),
                 "word_tracking": float(self.word_tracking),
                 "streamed_pages": float(self.n["streamed"]),
-                "prefetched": float(self.n["prefetched"])}
+                "prefetched": float(self.n["prefetched"]),
+                "decay": float(self.decay_now)}
