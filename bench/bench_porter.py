@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import http.client
 import json
 import os
@@ -44,12 +45,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 PY = sys.executable
-MODES = ("cold", "moa-eager", "moa", "mow-spawn", "mow", "hybrid")
+MODES = ("cold", "moa-eager", "moa", "mow-spawn", "mow", "mow-prefault", "hybrid")
 PHASES = ("queue", "prepare", "restore", "spawn_init", "first_request")
 
 
 def policy_of(mode: str) -> str:
-    return "mow" if mode == "mow-spawn" else mode
+    return "mow" if mode in ("mow-spawn", "mow-prefault") else mode
 FUNCS = ("llm", "thumb", "wc")
 WEIGHT = {"llm": 0.4, "thumb": 0.3, "wc": 0.3}
 
@@ -102,7 +103,8 @@ class PorterRun:
             f.write(f'[porter]\nport = 0\nstore = "{self.store}"\nkeepalive_s = 1.5\n'
                     f'pressure_keepalive_s = 0.5\ncheckpoint_after = {k}\n'
                     f'local_memory_limit_mib = {limit_mib}\n'
-                    f'ghost_pool = {0 if mode == "mow-spawn" else ghosts}\n')
+                    f'ghost_pool = {0 if mode == "mow-spawn" else ghosts}\n'
+                    f'ghost_prefault = {"true" if mode == "mow-prefault" else "false"}\n')
             for fn, cmd in fns.items():
                 f.write(f'\n[functions.{fn}]\ncommand = {cmd}\npolicy = "{policy_of(mode)}"\n'
                         'max_instances = 4\nqueue_timeout_s = 30\ntimeout_s = 30\n')
@@ -267,6 +269,9 @@ def summarise(mode, limit, results, samples, inst_starts, ooms) -> dict:
             "cgroup_mean": float(np.mean(cg)) if cg else None,
             "cgroup_peak": float(np.max(cg)) if cg else None, "oom_kills": sum(ooms),
             "phases": {ph: [x[3][ph] for x in inst_starts if ph in x[3]] for ph in PHASES},
+            "llm_first_request": [x[3]["first_request"] for x in inst_starts
+                                  if x[0] == "llm" and x[1] == "restored"
+                                  and "first_request" in x[3]],
             "ttft": {k: (pct(v, 50), len(v)) for k, v in ttft.items()},
             "porter_start_ms": {fn: {kind: {"n": len(v), "p50": pct(v, 50), "p99": pct(v, 99)}
                                      for kind in ("cold", "restored")
@@ -329,65 +334,96 @@ def _smaps_line_parse(pid: int, store_dir: str) -> tuple[int, int]:
     return local, shared + (rss - anon if in_store else 0)
 
 
-def sampling_cost(weights: str, reps: int = 30) -> None:
-    """Median time of one memory sample of an LLM instance (cold) and of a mow clone of it:
-    the baseline line-by-line smaps parse next to what the porter does now."""
+@contextlib.contextmanager
+def llm_checkpoint(weights: str):
+    """An initialised LLM worker checkpointed into a store in /dev/shm: yields (image, store,
+    worker pid); removes all of it afterwards."""
     from cxlfork import image as image_mod
     from cxlfork.checkpoint import checkpoint
-    from cxlfork.porter.memory import local_memory, store_memory
-    from cxlfork.restore import restore
     work = tempfile.mkdtemp(prefix="bench-porter-sample-")
     store = tempfile.mkdtemp(prefix="bench-porter-store-", dir="/dev/shm")
     w = subprocess.Popen([PY, "-m", "cxlfork.workers.llm"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    fds, clone, img = [], None, os.path.join(work, "llm.img")
+    img = os.path.join(work, "llm.img")
     try:
         w.stdin.write(json.dumps({"init": {"weights": weights}}).encode() + b"\n")
         w.stdin.flush()
         w.stdout.readline()
         checkpoint(w.pid, img, store, kill=False)
-        ir, iw = os.pipe()
-        orr, ow = os.pipe()
-        fds = [ir, iw, orr, ow]
-        clone = restore(img, policy="mow", n=1, stdio=(ir, ow, 2))[0]
-        os.write(iw, b'{"id": 1, "input": {"prompt": "warm", "max_new_tokens": 2}}\n')
-        os.read(orr, 1 << 16)
-        rows = []
-        for what, pid in (("LLM cold instance", w.pid), ("LLM mow clone", clone)):
-            cells = [what]
-            for fn in (lambda: _smaps_line_parse(pid, store), lambda: local_memory(pid),
-                       lambda: store_memory(pid, store)):
-                ts = []
-                for _ in range(reps):
-                    t = time.perf_counter()
-                    fn()
-                    ts.append((time.perf_counter() - t) * 1e3)
-                cells.append(f"{np.median(ts):.2f}")
-            cells.append(f"{_smaps_line_parse(pid, store)[1] / 2**20:.1f} / "
-                         f"{store_memory(pid, store) / 2**20:.1f}")
-            rows.append(cells)
-        print(f"\nmemory sample of one instance, median ms of {reps}: the baseline (every smaps "
-              "line parsed in Python) and what the porter does (local: smaps_rollup each "
-              "tick; store pages: only the store's smaps entries, restored instances, once a "
-              "second); shared MiB by both ways")
-        cols = ["instance", "smaps line parse", "rollup (local)", "store entries",
-                "shared MiB base / now"]
-        wd = [18, 16, 14, 13, 21]
-        print(row(cols, wd))
-        for r in rows:
-            print(row(r, wd))
+        yield img, store, w.pid
     finally:
-        for fd in fds:
-            os.close(fd)
-        if clone:
-            os.kill(clone, signal.SIGKILL)
-            os.waitpid(clone, 0)
         w.kill()
         w.wait()
         if os.path.exists(img):
             image_mod.remove(img)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(store, ignore_errors=True)
+
+
+def sampling_cost(weights: str, reps: int = 30) -> None:
+    """Median time of one memory sample of an LLM instance (cold) and of a mow clone of it:
+    the baseline line-by-line smaps parse next to what the porter does now."""
+    from cxlfork.porter.memory import local_memory, store_memory
+    from cxlfork.restore import restore
+    fds, clone = [], None
+    try:
+        with llm_checkpoint(weights) as (img, store, worker):
+            ir, iw = os.pipe()
+            orr, ow = os.pipe()
+            fds = [ir, iw, orr, ow]
+            clone = restore(img, policy="mow", n=1, stdio=(ir, ow, 2))[0]
+            os.write(iw, b'{"id": 1, "input": {"prompt": "warm", "max_new_tokens": 2}}\n')
+            os.read(orr, 1 << 16)
+            rows = []
+            for what, pid in (("LLM cold instance", worker), ("LLM mow clone", clone)):
+                cells = [what]
+                for fn in (lambda: _smaps_line_parse(pid, store), lambda: local_memory(pid),
+                           lambda: store_memory(pid, store)):
+                    ts = []
+                    for _ in range(reps):
+                        t = time.perf_counter()
+                        fn()
+                        ts.append((time.perf_counter() - t) * 1e3)
+                    cells.append(f"{np.median(ts):.2f}")
+                cells.append(f"{_smaps_line_parse(pid, store)[1] / 2**20:.1f} / "
+                             f"{store_memory(pid, store) / 2**20:.1f}")
+                rows.append(cells)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if clone:
+            os.kill(clone, signal.SIGKILL)
+            os.waitpid(clone, 0)
+    print(f"\nmemory sample of one instance, median ms of {reps}: the baseline (every smaps "
+          "line parsed in Python) and what the porter does (local: smaps_rollup each "
+          "tick; store pages: only the store's smaps entries, restored instances, once a "
+          "second); shared MiB by both ways")
+    cols = ["instance", "smaps line parse", "rollup (local)", "store entries",
+            "shared MiB base / now"]
+    wd = [18, 16, 14, 13, 21]
+    print(row(cols, wd))
+    for r in rows:
+        print(row(r, wd))
+
+
+def ghost_cost(weights: str) -> None:
+    """What an idle warm mow ghost of the LLM worker holds, without and with prefault (its
+    store pages in its page tables): resident, PSS, page tables (/proc status, smaps_rollup)."""
+    from cxlfork.ghosts import GhostPool
+    from cxlfork.restore import prepare_restore
+
+    def kib(pid, path, key):
+        with open(f"/proc/{pid}/{path}") as f:
+            return [int(x.split()[1]) for x in f if x.startswith(key + ":")][0]
+
+    print("\nidle warm mow ghost of the LLM worker, KiB: resident / PSS / page tables (VmPTE)")
+    with llm_checkpoint(weights) as (img, _, _), prepare_restore(img, "mow") as p:
+        for prefault in (False, True):
+            with GhostPool(1, refill="manual", prepared=p, prefault=prefault) as pool:
+                g = pool.pids()[0]
+                print(f"  prefault {'on ' if prefault else 'off'}: "
+                      f"{kib(g, 'status', 'VmRSS')} / {kib(g, 'smaps_rollup', 'Pss')} / "
+                      f"{kib(g, 'status', 'VmPTE')}")
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -470,6 +506,18 @@ def print_start_table(rows):
             if r["phases"][ph] else "-" for ph in PHASES], w))
 
 
+def print_first_request(rows):
+    """The first request on a new restored LLM instance, per mode (mow-prefault: the warm
+    ghosts filled their store page tables before the restore)."""
+    print("\nfirst request on a restored LLM instance (porter side), ms: p50 / p99 (count)")
+    for r in rows:
+        xs = r["llm_first_request"]
+        if xs:
+            lim = f"{r['limit']:.0f} MiB" if r["limit"] else "none"
+            print(f"  {r['mode']:>12} limit {lim:>8}: {pct(xs, 50):7.1f} / {pct(xs, 99):7.1f} "
+                  f"({len(xs)})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0, help="trace seconds per run")
@@ -486,6 +534,8 @@ def main():
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--sampling-only", action="store_true", help="only the table of the "
                     "memory sample's cost")
+    ap.add_argument("--ghost-cost-only", action="store_true", help="only what an idle warm "
+                    "LLM ghost holds, without and with prefault")
     ap.add_argument("--ghost-pool", type=int, default=2, help="ghosts per function in the "
                     "restore modes (mow-spawn: none)")
     a = ap.parse_args()
@@ -498,6 +548,9 @@ def main():
     weights, wc = generate(), build()
     if a.sampling_only:
         sampling_cost(weights)
+        return
+    if a.ghost_cost_only:
+        ghost_cost(weights)
         return
     modes = a.modes.split(",")
     trace = azure_like_trace(a.duration, a.rate, a.seed)
@@ -538,7 +591,9 @@ def main():
     print()
     print_tables(rows)
     print_start_table(rows)
+    print_first_request(rows)
     sampling_cost(weights)
+    ghost_cost(weights)
     print(f"\nload average after the runs {os.getloadavg()[0]:.1f}; total "
           f"{time.monotonic() - t0:.0f} s")
     unl = {r["mode"]: r for r in rows if not r["limit"]}

@@ -63,13 +63,14 @@ class Ghost:
             pass
 
 
-def spawn_ghost(prepared=None, timeout_s: float = 30.0, cgroup: CgroupTarget | None = None
-                ) -> Ghost:
+def spawn_ghost(prepared=None, timeout_s: float = 30.0, cgroup: CgroupTarget | None = None,
+                prefault: bool = False) -> Ghost:
     """Spawn one ghost (vfork-style clone + exec of the restorer). Cold (prepared None): in
     ghost mode, waiting for a whole restore. Warm: it runs the memory, signal and mm part of
     prepared's plan now (with the files, store and objects it needs) and waits for the
     clone's own fds; returns once it is ready, or raises with the restorer's error line.
-    cgroup: born in that cgroup (charged there from its first page), else in ours."""
+    cgroup: born in that cgroup (charged there from its first page), else in ours.
+    prefault (warm only): the ghost also maps its store pages read-only into its page tables."""
     path = restorer_path().encode()
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     opened: list[int] = []
@@ -81,7 +82,7 @@ def spawn_ghost(prepared=None, timeout_s: float = 30.0, cgroup: CgroupTarget | N
         else:
             from cxlfork.restore import make_objects
             p = prepared
-            plan_fd, sock_num = p.warm_plan()
+            plan_fd, sock_num = p.warm_plan(prefault)
             objfds = make_objects(p, opened)
             fds = {"plan": plan_fd, "store": p.store_fd, "exe": p.exe_fd,
                    **{("file", i): fd for i, fd in p.file_fds.items()},
@@ -124,10 +125,12 @@ class GhostPool:
     ghosts are killed and reaped; ghosts already restored into are clones, not the pool's.
     cgroup (a cgroup directory): every ghost is born in it (see cxlfork.cgtarget), so all a
     warm ghost maps and copies is charged there; restores from this pool that spawn their
-    restorer (pool empty) must pass the same cgroup."""
+    restorer (pool empty) must pass the same cgroup. prefault (warm pools of mow or hybrid):
+    each ghost fills its store mappings' page tables read-only after the warm plan, so the
+    clone reads store pages without minor faults (costs page tables per idle ghost)."""
 
     def __init__(self, size: int, refill: str = "background", prepared=None,
-                 cgroup: str | None = None):
+                 cgroup: str | None = None, prefault: bool = False):
         if not isinstance(size, int) or size < 1:
             raise CxlforkError(f"ghost pool size must be a positive integer, not {size!r}")
         if refill not in ("background", "manual"):
@@ -137,7 +140,12 @@ class GhostPool:
         if prepared is not None and not prepared.fds_open:
             raise CxlforkError(f"ghost pool: the prepared restore of {prepared.image} is "
                                "closed")
+        if prefault and prepared is None:
+            raise CxlforkError("ghost pool prefault needs warm ghosts (prepared=)")
+        if prefault:
+            prepared.warm_plan(prefault)             # refuses lazy moa with one error
         self.prepared = prepared
+        self.prefault = prefault
         self.size = size
         self.cgroup = CgroupTarget(cgroup) if cgroup is not None else None
         self._idle: list[Ghost] = []
@@ -169,7 +177,7 @@ class GhostPool:
             with self._lock:
                 if self._closed or len(self._idle) >= self.size:
                     return made
-            g = spawn_ghost(self.prepared, cgroup=self.cgroup)
+            g = spawn_ghost(self.prepared, cgroup=self.cgroup, prefault=self.prefault)
             with self._lock:
                 if self._closed:
                     g.discard()

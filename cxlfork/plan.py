@@ -32,6 +32,8 @@ HDR_WORDS = 32
  OP_GHOSTWAIT) = range(1, 23)
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
+PROT_R = 1
+MADV_POPULATE_READ = 22      # Linux 5.14+: fill page tables read-only, no copy
 PAGE = 4096
 POLICIES = ("mow", "moa", "hybrid")
 
@@ -74,14 +76,18 @@ def lazy_runs(m: dict) -> list[tuple[int, int, int]]:
 
 
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
-          lazy: bool = False, warm_sock: int | None = None) -> bytes:
+          lazy: bool = False, warm_sock: int | None = None, prefault: bool = False) -> bytes:
     """lazy (policy moa): map stored runs from the store as mow does and register them with a
     userfaultfd in MINOR mode, sent to cxlfork over fdnums['uffd_sock'] (native/lazy.c
     copies each block on first touch)."""
     """fdnums: 'store', 'err', 'exe', 'go', ('file', vma index), ('obj', object id),
     'cloexec' (list); the process's own fds must be below 'err' and the restorer's above it.
     warm_sock: the plan of a warm ghost, which waits on that fd for the clone's fds after the
-    memory, signal and mm parts."""
+    memory, signal and mm parts. prefault (warm, not lazy): before it waits, the ghost fills
+    the page tables of its readable store mappings read-only (MADV_POPULATE_READ), so the
+    clone takes no minor fault reading store pages (a write still copies on write)."""
+    if prefault and (warm_sock is None or lazy):
+        raise ValueError("prefault is for the plans of warm ghosts that are not lazy")
     if any(n <= fdnums["err"] for k, n in fdnums.items() if k not in ("err", "cloexec")) or \
             any(n >= fdnums["err"] for n in fdnums.get("cloexec", [])):
         raise ValueError("the restorer's fds must be numbered above the error pipe")
@@ -91,6 +97,7 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     p = Plan()
     store = fdnums["store"]
     specials = []
+    populate = []                 # readable store-mapped runs: (address, bytes)
     for i, v in enumerate(m["vmas"]):
         s, e, prot = v["start"], v["end"], v["prot"]
         kind = v["kind"]
@@ -112,6 +119,8 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
                 else:
                     p.op(OP_MMAP, addr, n * PAGE, prot | (PROT_W if needs_w else 0),
                          MAP_PRIVATE, store, sp * PAGE)
+                    if prot & PROT_R:
+                        populate.append((addr, n * PAGE))
         else:
             fd = fdnums[("file", i)] if kind == "file" else fdnums[("obj", v["object"])]
             p.op(OP_MMAP, s, e - s, prot, MAP_SHARED if v["shared"] else MAP_PRIVATE, fd,
@@ -127,6 +136,8 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
                 else:
                     p.op(OP_MMAP, addr, n * PAGE, prot | (PROT_W if needs_w else 0),
                          MAP_PRIVATE, store, sp * PAGE)
+                    if prot & PROT_R:
+                        populate.append((addr, n * PAGE))
         if needs_w:
             p.op(OP_MPROTECT, s, e - s, prot)
         for adv in v["madvise"]:
@@ -153,6 +164,8 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     # a warm ghost (cxlfork.ghosts) runs everything above when it is spawned, then waits here
     # for the clone's own fds (stdio, files, pipes..., the error and go pipes)
     if warm_sock is not None:
+        for addr, nbytes in populate if prefault else ():
+            p.op(OP_MADVISE, addr, nbytes, MADV_POPULATE_READ)
         p.op(OP_GHOSTWAIT, warm_sock)
     if lazy:
         p.op(OP_UFFD_OPEN)

@@ -185,21 +185,25 @@ class Prepared:
         except BaseException:
             self.close()
             raise
-        self._warm = None
+        self._warm = {}                 # {prefault: warm_plan()}
         self.regs = regs_pack(m["regs"])
         self.xstate = base64.b64decode(m["xstate"])
         # other threads: (registers, xstate, blocked mask), in the plan's creation order
         self.threads = [(regs_pack(t["regs"]), base64.b64decode(t["xstate"]), t["blocked"])
                         for t in m.get("threads", [])]
 
-    def warm_plan(self) -> tuple[int, int]:
-        """(sealed memfd of the plan for warm ghosts, the fd number of their socket)."""
-        if self._warm is None:
+    def warm_plan(self, prefault: bool = False) -> tuple[int, int]:
+        """(sealed memfd of the plan for warm ghosts, the fd number of their socket).
+        prefault: the ghosts also fill their store mappings' page tables (see plan.build)."""
+        if prefault and self.lazy:
+            raise CxlforkError(f"prefaulting ghosts of {self.image}: lazy moa clones must "
+                               "fault their store pages (each first touch is a copy)")
+        if prefault not in self._warm:
             sock = max(v for k, v in self.num.items() if k != "cloexec") + 1
             plan = plan_mod.build(self.m, self.policy, dict(self.num), self.hot, lazy=self.lazy,
-                                  warm_sock=sock)
-            self._warm = (_sealed_memfd(plan, self.fds_open), sock)
-        return self._warm
+                                  warm_sock=sock, prefault=prefault)
+            self._warm[prefault] = (_sealed_memfd(plan, self.fds_open), sock)
+        return self._warm[prefault]
 
     def __enter__(self):
         return self

@@ -146,3 +146,41 @@ def test_spawned_restorer_and_v2_and_errors(mem_image, cgroups):
                 assert f"0::/{os.path.basename(d2)}\n" in open(f"/proc/{pid}/cgroup").read()
     finally:
         _rmdir(d2)
+
+
+def _status(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return [int(x.split()[1]) for x in f if x.startswith(key + ":")][0]
+
+
+def test_prefaulted_warm_ghost_has_its_store_pages_mapped(mem_image):
+    """GhostPool(prefault=True): a warm mow ghost has its readable store pages in its page
+    tables before any restore (RssFile + RssShmem cover the mem program's ~24 MiB of store pages; a
+    ghost without prefault has almost none); the clone still answers. Lazy moa, or prefault
+    without warm ghosts, is one error."""
+    from cxlfork.errors import CxlforkError
+    from cxlfork.ghosts import GhostPool
+    from cxlfork.restore import prepare_restore
+    with prepare_restore(mem_image, "mow") as p:
+        rss = {}
+        for prefault in (False, True):
+            with GhostPool(1, refill="manual", prepared=p, prefault=prefault) as pool:
+                g = pool.pids()[0]               # the store is a file or shmem (/dev/shm)
+                rss[prefault] = (_status(g, "RssFile") + _status(g, "RssShmem")) << 10
+                if prefault:
+                    r, w = os.pipe()
+                    r2, w2 = os.pipe()
+                    try:
+                        pid, = p.restore(1, stdio=(r, w2, w2), ghosts=pool)
+                        os.write(w, b"go\n")
+                        assert readline(os.fdopen(r2, "rb", closefd=False)).strip() == "ok"
+                        os.waitpid(pid, 0)
+                    finally:
+                        for fd in (r, w, r2, w2):
+                            os.close(fd)
+        assert rss[True] >= 16 << 20 and rss[False] < 4 << 20, rss
+        with pytest.raises(CxlforkError, match="needs warm ghosts"):
+            GhostPool(1, refill="manual", prefault=True)
+    with prepare_restore(mem_image, "moa") as p:
+        with pytest.raises(CxlforkError, match="lazy moa"):
+            GhostPool(1, refill="manual", prepared=p, prefault=True)

@@ -186,7 +186,7 @@ def test_pool_fallback_dead_ghost_close(env):
             bad = bytearray(os.pread(plan_fd, 1 << 20, 0))
             struct.pack_into("<8Q", bad, plan_mod.HDR_WORDS * 8, plan_mod.OP_MMAP,
                              0xFFFF800000000000, 4096, 3, 0x22, 2**64 - 1, 0, 0)
-            p._warm = (_sealed_memfd(bytes(bad), p.fds_open), sock)
+            p._warm[False] = (_sealed_memfd(bytes(bad), p.fds_open), sock)
             before = set(_children())
             with pytest.raises(CxlforkError, match="warm ghost .* failed: restorer: mmap"):
                 GhostPool(1, prepared=p)

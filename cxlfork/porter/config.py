@@ -11,6 +11,7 @@
     pressure_keepalive_s = 2      # ... and after this while pressure >= 0.8
     checkpoint_after = 16         # K: invocations served before the checkpoint
     ghost_pool = 0                # per function: idle pre-spawned restorers (cxlfork ghosts)
+    ghost_prefault = false        # warm mow/hybrid ghosts fill their store page tables
 
     [functions.NAME]
     command = ["python", "-m", "cxlfork.workers.llm"]   # "python" = the porter's interpreter
@@ -70,6 +71,7 @@ class PorterConfig:
     pressure_keepalive_s: float = 2.0
     checkpoint_after: int = 16
     ghost_pool: int = 0
+    ghost_prefault: bool = False
     functions: dict[str, FunctionConfig] = dataclasses.field(default_factory=dict)
 
 
@@ -159,6 +161,9 @@ def from_dict(d: dict, source: str) -> PorterConfig:
     cfg.checkpoint_after = c.number(pt, "checkpoint_after", "porter.checkpoint_after",
                                     cfg.checkpoint_after, lo=1, integer=True)
     cfg.ghost_pool = c.number(pt, "ghost_pool", "porter.ghost_pool", 0, lo=0, integer=True)
+    cfg.ghost_prefault = pt.get("ghost_prefault", False)
+    if not isinstance(cfg.ghost_prefault, bool):
+        c.fail("porter.ghost_prefault", f"must be true or false, got {cfg.ghost_prefault!r}")
     fns = d.get("functions", {})
     if not isinstance(fns, dict):
         c.fail("functions", "must be a table of [functions.NAME] tables")

@@ -16,7 +16,10 @@ the function's cgroup (`GhostPool(cgroup=)`: on cgroup v1 the child joins it bef
 the restorer, on v2 clone3 places it), so everything a warm ghost maps and copies when it is
 spawned (all of a moa or moa-eager plan's copies, a hybrid plan's writable pages) is charged
 under the limit, and warm pools serve every policy. A restore that finds no idle ghost spawns
-its restorer in the same cgroup (`prepared.restore(cgroup=)`).
+its restorer in the same cgroup (`prepared.restore(cgroup=)`). `ghost_prefault = true`:
+warm ghosts of non-lazy plans (mow, hybrid, moa-eager) also fill their store mappings' page
+tables read-only (`GhostPool(prefault=True)`), so the clone's first request reads store pages
+without minor faults.
 """
 from __future__ import annotations
 
@@ -26,10 +29,12 @@ from cxlfork.ghosts import GhostPool
 class FunctionGhosts:
     """The ghosts of one function (see the module docstring). Thread-safe."""
 
-    def __init__(self, name: str, size: int, cgroup_dir: str | None = None, prepared=None):
+    def __init__(self, name: str, size: int, cgroup_dir: str | None = None, prepared=None,
+                 prefault: bool = False):
         self.name = name
+        prefault = prefault and prepared is not None and not prepared.lazy
         self.pool = GhostPool(size, refill="background", prepared=prepared,
-                              cgroup=cgroup_dir) if size > 0 else None
+                              cgroup=cgroup_dir, prefault=prefault) if size > 0 else None
 
     def source(self, prepared):
         """The `ghosts=` argument of prepared.restore: the pool if it suits `prepared`, else

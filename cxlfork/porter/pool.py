@@ -258,7 +258,7 @@ class FunctionPool:
             return
         try:
             new = FunctionGhosts(self.name, self.porter.cfg.ghost_pool, self.cgroup_dir(),
-                                 prepared)
+                                 prepared, self.porter.cfg.ghost_prefault)
         except CxlforkError as e:                 # restores spawn their restorer
             self.porter.log(f"ghost pool of {self.name}: {e}")
             return

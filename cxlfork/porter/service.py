@@ -294,5 +294,6 @@ class Porter:
                            "pressure": round(self.pressure, 4),
                            "lazy_moa": lazy_stats(),
                            "ghost_pool": self.cfg.ghost_pool,
+                           "ghost_prefault": self.cfg.ghost_prefault,
                            "cgroup": self.cgroup_stats or None},
                 "functions": fns}
