@@ -229,7 +229,13 @@ def simulate(trace: Trace, policy: Policy, model: TierModel, progress=None,
         t_start, t_now = t_now, t_now + t_ns * 1e-9
 
         # 4. the policy observes a sample and plans
+        # one sample in each block of ``every`` accesses, at a random position in the block:
+        # a fixed stride aliases with periodic access patterns (PageRank's edge / rank reads
+        # alternate, so every 64th access saw only one of the two arrays); hardware samplers
+        # randomise their period for the same reason. Seeded per epoch: runs are repeatable.
         s = np.arange(lo + (-lo) % every, hi, every)
+        if every > 1 and s.size:
+            s = np.minimum(s + np.random.default_rng(e).integers(0, every, s.size), hi - 1)
         si = trace.page_idx[s]
         addr = keys[si] << np.uint64(PAGE_SHIFT)
         if trace.word is not None:
