@@ -5,7 +5,9 @@ Roles (after the M5 paper's Monitor / Nominator / Elector / Promoter):
 - **Monitor**, hot-page tracker: a count-min sketch (``depth`` rows x ``width`` float32
   counters, one multiply-shift hash per row) estimates every page's access count from the
   batches; a bounded top-K table (``top_k`` pages) keeps the pages with the largest
-  estimates. Counters decay by ``decay`` per interval so a moving hot set is followed. Memory is
+  estimates. Counters decay per interval so a moving hot set is followed: by ``decay``, raised
+  (up to ``decay_max``) so that the counters' memory of 1 / (1 - decay) intervals holds
+  ``window_samples`` samples per fast-tier page when sampling is sparse. Memory is
   bounded: depth*width counters + top_k rows, whatever the footprint.
 - **Monitor**, hot-word tracker: for each top-K page a 64-bit bitmap of the 64-byte words seen
   and the number of samples. The number of distinct hot words W is estimated from (samples S,
