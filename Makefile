@@ -63,7 +63,7 @@ test: $(STAMPS)/guest $(STAMPS)/bcc $(STAMPS)/porter-workers
 test-host: $(STAMPS)/venv $(STAMPS)/porter-workers
 	$(PY) -m pytest -ra -m "not vm" tests
 
-demo: $(STAMPS)/guest
+demo: $(STAMPS)/guest $(STAMPS)/bcc
 	$(PY) -m emulation demo
 
 bench: $(STAMPS)/guest $(STAMPS)/bcc $(STAMPS)/porter-workers
