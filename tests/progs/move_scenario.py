@@ -70,9 +70,14 @@ def start_hog(mb, node):
 
 
 def full():
-    free_kb = int(open("/sys/devices/system/node/node1/meminfo").read().split("MemFree:")[1]
-                  .split()[0])
-    hog_mb = max(16, free_kb // 1024 - 64)   # leave node 1 just above its min watermark
+    # Room on node 1 = free pages + page cache the kernel reclaims for a migration (earlier
+    # tests leave file pages there; counting MemFree alone left the move enough room).
+    mi = {}
+    for line in open("/sys/devices/system/node/node1/meminfo"):
+        f = line.split()
+        mi[f[2].rstrip(":")] = int(f[3])
+    room_kb = mi["MemFree"] + mi["Active(file)"] + mi["Inactive(file)"]
+    hog_mb = max(16, room_kb // 1024 - 64)   # leave node 1 just above its min watermark
     hog = start_hog(hog_mb, 1)
     p, info = start_worker(128, 0)
     res = {"hog_mb": hog_mb, "info": info}
