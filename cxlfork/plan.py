@@ -75,6 +75,27 @@ def lazy_runs(m: dict) -> list[tuple[int, int, int]]:
             if v["kind"] == "anon" and not v["growsdown"] for a, n, sp in v["runs"]]
 
 
+def _store_runs(p, v: dict, runs, hot, copy_all: bool, store: int, populate: list) -> bool:
+    """Fill the stored runs of VMA v: read into the mapping (copy_all, or hybrid's hot pages)
+    or map the page file MAP_PRIVATE over them (readable ones noted in populate). A read into
+    a mapping without PROT_WRITE opens it for writing first; True when the caller must put
+    the VMA's protection back afterwards."""
+    s, e, prot = v["start"], v["end"], v["prot"]
+    needs_w = False
+    for addr, n, sp, eager in (x for r in runs for x in _split_hot(r, hot)):
+        if eager or copy_all:
+            if not prot & PROT_W and not needs_w:
+                p.op(OP_MPROTECT, s, e - s, prot | PROT_W)
+                needs_w = True
+            p.op(OP_PREAD, store, addr, n * PAGE, sp * PAGE)
+        else:
+            p.op(OP_MMAP, addr, n * PAGE, prot | (PROT_W if needs_w else 0),
+                 MAP_PRIVATE, store, sp * PAGE)
+            if prot & PROT_R:
+                populate.append((addr, n * PAGE))
+    return needs_w
+
+
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
           lazy: bool = False, warm_sock: int | None = None, prefault: bool = False) -> bytes:
     """lazy (policy moa): map stored runs from the store as mow does and register them with a
@@ -106,38 +127,17 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
             continue
         runs = v["runs"]
         eager_all = (policy == "moa" and not lazy) or v["growsdown"]
-        needs_w = False
         if kind == "anon":
             flags = MAP_PRIVATE | MAP_ANON | (MAP_GROWSDOWN if v["growsdown"] else 0)
             p.op(OP_MMAP, s, e - s, prot, flags, -1, 0)
-            for addr, n, sp, eager in (x for r in runs for x in _split_hot(r, hot)):
-                if eager or eager_all:
-                    if not prot & PROT_W and not needs_w:
-                        p.op(OP_MPROTECT, s, e - s, prot | PROT_W)
-                        needs_w = True
-                    p.op(OP_PREAD, store, addr, n * PAGE, sp * PAGE)
-                else:
-                    p.op(OP_MMAP, addr, n * PAGE, prot | (PROT_W if needs_w else 0),
-                         MAP_PRIVATE, store, sp * PAGE)
-                    if prot & PROT_R:
-                        populate.append((addr, n * PAGE))
+            needs_w = _store_runs(p, v, runs, hot, eager_all, store, populate)
         else:
             fd = fdnums[("file", i)] if kind == "file" else fdnums[("obj", v["object"])]
             p.op(OP_MMAP, s, e - s, prot, MAP_SHARED if v["shared"] else MAP_PRIVATE, fd,
                  v["offset"])
             # copied-on-write pages: mapped from the page file like anonymous runs (mow;
             # hybrid for pages nobody touched), else read into the file mapping
-            for addr, n, sp, eager in (x for r in runs for x in _split_hot(r, hot)):
-                if eager or policy == "moa":
-                    if not prot & PROT_W and not needs_w:
-                        p.op(OP_MPROTECT, s, e - s, prot | PROT_W)
-                        needs_w = True
-                    p.op(OP_PREAD, store, addr, n * PAGE, sp * PAGE)
-                else:
-                    p.op(OP_MMAP, addr, n * PAGE, prot | (PROT_W if needs_w else 0),
-                         MAP_PRIVATE, store, sp * PAGE)
-                    if prot & PROT_R:
-                        populate.append((addr, n * PAGE))
+            needs_w = _store_runs(p, v, runs, hot, policy == "moa", store, populate)
         if needs_w:
             p.op(OP_MPROTECT, s, e - s, prot)
         for adv in v["madvise"]:

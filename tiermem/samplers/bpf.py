@@ -32,6 +32,21 @@ def bcc_available() -> tuple[bool, str]:
     return True, ""
 
 
+def tracepoint_ready(event: str, missing: str) -> tuple[bool, str]:
+    """Whether a bcc program on tracepoint `event` ("category/name") can run here: bcc and
+    headers, tracefs mounted, the event present (else `missing` is the reason)."""
+    ok, why = bcc_available()
+    if not ok:
+        return ok, why
+    try:
+        kfs.ensure_tracefs()
+    except TiermemError as e:
+        return False, str(e)
+    if not kfs.exists(f"{kfs.TRACEFS}/events/{event}"):
+        return False, missing
+    return True, ""
+
+
 def load(text: str, cflags=()):
     """Compile and load a bcc program; TiermemError with bcc's reason on failure."""
     ok, why = bcc_available()

@@ -106,17 +106,9 @@ RESULTS = ("auto", "tracepoint", "snapshot")
 
 def tracepoint_available() -> tuple[bool, str]:
     """Whether results can come from damon:damon_aggregated (bcc, headers, the event)."""
-    ok, why = bpfu.bcc_available()
-    if not ok:
-        return ok, why
-    try:
-        kfs.ensure_tracefs()
-    except TiermemError as e:
-        return False, str(e)
-    if not kfs.exists(kfs.TRACEFS + "/events/damon/damon_aggregated"):
-        return False, (f"tracepoint damon:damon_aggregated missing in {kfs.TRACEFS}/events "
-                       "(kernel without CONFIG_DAMON tracepoints)")
-    return True, ""
+    return bpfu.tracepoint_ready(
+        "damon/damon_aggregated", f"tracepoint damon:damon_aggregated missing in "
+        f"{kfs.TRACEFS}/events (kernel without CONFIG_DAMON tracepoints)")
 
 
 class DamonSampler(Sampler):

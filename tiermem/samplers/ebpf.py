@@ -329,16 +329,9 @@ class FaultSampler(_BpfCounter):
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        ok, why = bpfu.bcc_available()
-        if not ok:
-            return ok, why
-        try:
-            kfs.ensure_tracefs()
-        except TiermemError as e:
-            return False, str(e)
-        if not kfs.exists(kfs.TRACEFS + "/events/exceptions/page_fault_user"):
-            return False, "tracepoint exceptions:page_fault_user missing (x86 kernels only)"
-        return True, ""
+        return bpfu.tracepoint_ready(
+            "exceptions/page_fault_user",
+            "tracepoint exceptions:page_fault_user missing (x86 kernels only)")
 
     def _start(self, target: Target) -> None:
         delay = False
