@@ -114,6 +114,21 @@ def mem_of(pids) -> tuple[int, int]:
     return pss, priv
 
 
+def timed_restore(go, *pools) -> float:
+    """Seconds from go(pipes) (a restore returning pids) to the clone answering a ping; the
+    clone is then killed and each ghost pool refilled off the clock."""
+    pp = Pipes()
+    t0 = time.perf_counter()
+    pids = go(pp)
+    assert pp.ask("ping") == "pong"
+    dt = time.perf_counter() - t0
+    kill_all(pids)
+    pp.close()
+    for pool in pools:
+        pool.refill()
+    return dt
+
+
 def med(xs):
     return statistics.median(xs)
 
@@ -154,28 +169,16 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
                                    ("moa-eager", "moa", True)):
             ts = []
             for _ in range(runs):
-                pp = Pipes()
-                t0 = time.perf_counter()
-                pids = restore(img, policy, stdio=pp.fds(), eager=eager)
-                assert pp.ask("ping") == "pong"
-                ts.append(time.perf_counter() - t0)
-                kill_all(pids)
-                pp.close()
+                ts.append(timed_restore(
+                    lambda pp: restore(img, policy, stdio=pp.fds(), eager=eager)))
             lat[key] = med(ts)
         ts, tg, tw = [], [], []
         with prepare_restore(img, "mow") as prep, GhostPool(1, refill="manual") as pool, \
                 GhostPool(1, refill="manual", prepared=prep) as warm:
             for _ in range(runs):
                 for out, ghosts in ((ts, None), (tg, pool), (tw, warm)):
-                    pp = Pipes()
-                    t0 = time.perf_counter()
-                    pids = prep.restore(1, stdio=pp.fds(), ghosts=ghosts)
-                    assert pp.ask("ping") == "pong"
-                    out.append(time.perf_counter() - t0)
-                    kill_all(pids)
-                    pp.close()
-                    pool.refill()
-                    warm.refill()
+                    out.append(timed_restore(
+                        lambda pp: prep.restore(1, stdio=pp.fds(), ghosts=ghosts), pool, warm))
             assert pool.stats()["fallbacks"] == 0 and warm.stats()["fallbacks"] == 0
         lat["prepared"] = med(ts)
         lat["ghost"] = med(tg)
@@ -265,15 +268,7 @@ def alternate(mib: int, runs: int, work: str, store: str) -> str:
                                 (g, lambda pp: prep.restore(1, stdio=pp.fds(), ghosts=pool)),
                                 (wg, lambda pp: prep.restore(1, stdio=pp.fds(), ghosts=warm)),
                                 (a, lambda pp: restore(img, "mow", stdio=pp.fds()))):
-                    pp = Pipes()
-                    t0 = time.perf_counter()
-                    pids = go(pp)
-                    assert pp.ask("ping") == "pong"
-                    out.append(time.perf_counter() - t0)
-                    kill_all(pids)
-                    pp.close()
-                    pool.refill()
-                    warm.refill()
+                    out.append(timed_restore(go, pool, warm))
             assert pool.stats()["fallbacks"] == 0 and warm.stats()["fallbacks"] == 0
         image_mod.remove(img)
     finally:
