@@ -5,12 +5,12 @@ only for the PNG.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
 from tiermem.access import PAGE_SHIFT, PAGE_SIZE
 from tiermem.errors import TiermemError
+from tiermem.npzfile import write_atomic
 from tiermem.record import Record
 
 CLUSTER_GAP = 1 << 30       # address gaps wider than this split the space into clusters
@@ -101,17 +101,8 @@ def heatmap_png(rec: Record, out: str, time_bins: int = 100, addr_bins: int = 20
                  f"({rec.space})")
     fig.colorbar(im, ax=ax, label="accesses per page (weight)")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".heat-", suffix=".png", dir=d)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        write_atomic(out, "heat", ".png", lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
     return {"file": out, "addr_start": int(ae[0]), "addr_end": int(ae[-1]),
