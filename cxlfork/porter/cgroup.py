@@ -122,7 +122,10 @@ class MemoryCgroup:
                 _write(os.path.join(self.mount, "cgroup.subtree_control"), "+memory")
         os.makedirs(self.top, exist_ok=True)
         self.clean_leftovers()
-        os.mkdir(self.path)
+        try:
+            os.mkdir(self.path)
+        except FileNotFoundError:          # the last other porter removed the empty top
+            os.makedirs(self.path)
         if self.version == 2:
             for d in (self.top, self.path):
                 if "memory" not in _read(self._file("cgroup.subtree_control", d)).split():
@@ -227,6 +230,10 @@ class MemoryCgroup:
             os.close(fd)
         self._procs_fds.clear()
         _remove_tree(self.path, self.log)
+        try:
+            os.rmdir(self.top)             # the shared top, when no other porter uses it
+        except OSError:
+            pass
 
     def clean_leftovers(self) -> None:
         """Remove the cgroups of porters that are gone (crashed, SIGKILLed)."""
