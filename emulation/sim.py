@@ -243,7 +243,7 @@ def simulate(trace: Trace, policy: Policy, model: TierModel, progress=None,
         sw = np.full(s.size, every, np.float32) if w_all is None else w_all[s] * every
         batch = AccessBatch(trace.page_pid[si], addr, sw, trace.word is not None, trace.space,
                             t_start, t_now, None if trace.is_write is None else
-                            trace.is_write[s])
+                            trace.is_write[s], ordered=True)
         placed = tiers != UNPLACED
         placement = Placement(keys[placed], tiers[placed], assume_sorted=True)
         t0 = time.perf_counter()

@@ -113,7 +113,7 @@ class Trace:
         w = np.ones(idx.size, np.float32) if self.weight is None else self.weight[lo:hi]
         return AccessBatch(self.page_pid[idx], self.addresses(lo, hi), w, self.sub_page,
                            self.space, t_start, t_end,
-                           None if self.is_write is None else self.is_write[lo:hi])
+                           None if self.is_write is None else self.is_write[lo:hi], ordered=True)
 
     # --- validation ----------------------------------------------------------------------
     def validated(self, where: str = "trace") -> "Trace":

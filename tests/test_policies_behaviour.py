@@ -146,6 +146,52 @@ def test_damon_regions_adapt_and_stay_bounded():
     assert inside.any() and pol.nr[inside].mean() > 2 * pol.nr[~inside].mean()
 
 
+def _live_batches(n, hot_w, cold_w, cold_frac, seed=0):
+    """What a live sampler gives: aggregated per page, in address order (ordered=False). 8
+    ranges of 1024 pages; range 3 has every page at hot_w, the others cold_frac of their pages
+    at cold_w (weights in the sampler's unit: nr_accesses, fault counts, writes)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        pages, w = [], []
+        for reg in range(8):
+            pg = np.arange(reg * 1024, (reg + 1) * 1024)
+            if reg != 3:
+                pg = pg[rng.random(1024) < cold_frac]
+            pages.append(pg)
+            w.append(np.full(pg.size, hot_w if reg == 3 else cold_w))
+        b = AccessBatch.from_pages(BASE // 4096 + np.concatenate(pages), pid=1)
+        yield AccessBatch(b.pid, b.addr, np.concatenate(w), ordered=False)
+
+
+@pytest.mark.parametrize("hot_w,cold_w,cold_frac", [(20, 1, 0.2),    # DAMON nr_accesses
+                                                    (3, 1, 0.05),    # hint-fault counts
+                                                    (1, 1, 0.1)])    # soft-dirty writes
+def test_damon_promotes_the_hot_range_of_aggregated_live_batches(hot_w, cold_w, cold_frac):
+    """Live batches carry no time inside the interval; the policy must not slice them by
+    position (it did, and promoted nothing live: each region got its accesses in one slice)."""
+    pol = make_policy("damon")
+    for b in _live_batches(10, hot_w, cold_w, cold_frac):
+        assert not b.ordered
+        pol.observe(b)
+    pages = (BASE // 4096 + np.arange(8 * 1024)).astype(np.uint64)
+    plan = pol.plan(Placement(pages, np.full(pages.size, SLOW, np.int8)), Capacity(2048),
+                    Budget(4096))
+    rng_of = (plan.promote - np.uint64(BASE // 4096)) // np.uint64(1024)
+    assert (rng_of == 3).sum() >= 900                 # most of the hot range
+    assert (rng_of != 3).sum() <= 0.05 * 7 * 1024     # little of the cold ones
+
+
+def test_batch_order_flag_is_kept():
+    b = AccessBatch.from_pages(np.arange(10), t_start=0, t_end=1)
+    assert not b.ordered
+    o = AccessBatch(b.pid, b.addr, b.weight, t_start=1, t_end=2, ordered=True)
+    assert o.select(o.weight > 0).ordered and o.page_aligned().ordered
+    assert not AccessBatch.concat([o, b]).ordered
+    later = AccessBatch(o.pid, o.addr, o.weight, t_start=2, t_end=3, ordered=True)
+    assert AccessBatch.concat([o, later]).ordered
+    assert not AccessBatch.concat([later, o]).ordered   # not in time order
+
+
 def test_weighted_interleave_places_in_ratio():
     pol = make_policy("weighted-interleave", {"fast_weight": 3, "slow_weight": 1})
     t = pol.place_new(np.arange(400, dtype=np.uint64), Placement.empty(), Capacity(10_000))

@@ -9,6 +9,10 @@ An AccessBatch is a set of sampled memory accesses over one time interval, as nu
                       set ``sub_page=True``.
 - ``weight``  float32 number of accesses the sample stands for (1 / sampling rate), >= 0
 - ``is_write`` bool or None: per-sample write flag when the source knows it
+- ``ordered`` True when the samples are a time-ordered stream (trace replay, the simulator's
+              sampled trace); False (the default) when they are aggregated over the interval
+              (every live sampler: one entry per page or word, in address order). Policies
+              that model time inside an interval (damon's sampling intervals) need to know.
 
 and scalars ``sub_page`` (low 12 bits of addr carry a real word offset), ``space``
 ('vaddr' or 'paddr') and the interval ``t_start`` .. ``t_end`` in seconds.
@@ -41,6 +45,7 @@ class AccessBatch:
     t_start: float = 0.0
     t_end: float = 0.0
     is_write: np.ndarray | None = None
+    ordered: bool = False
 
     def __post_init__(self):
         n = None
@@ -71,6 +76,7 @@ class AccessBatch:
         if self.space not in SPACES:
             raise TiermemError(f"access batch: space must be one of {SPACES}, got {self.space!r}")
         object.__setattr__(self, "sub_page", bool(self.sub_page))
+        object.__setattr__(self, "ordered", bool(self.ordered))
         ts, te = float(self.t_start), float(self.t_end)
         if not (np.isfinite(ts) and np.isfinite(te)) or te < ts:
             raise TiermemError(f"access batch: bad interval t_start={ts} t_end={te} "
@@ -112,7 +118,7 @@ class AccessBatch:
         """The samples where mask (bool array or index array) is set, same interval."""
         return AccessBatch(self.pid[mask], self.addr[mask], self.weight[mask], self.sub_page,
                            self.space, self.t_start, self.t_end,
-                           None if self.is_write is None else self.is_write[mask])
+                           None if self.is_write is None else self.is_write[mask], self.ordered)
 
     def for_pid(self, pid: int) -> "AccessBatch":
         return self.select(self.pid == pid)
@@ -121,7 +127,7 @@ class AccessBatch:
         """The same samples at page granularity (sub_page=False)."""
         mask = ~np.uint64(PAGE_SIZE - 1)
         return AccessBatch(self.pid, self.addr & mask, self.weight, False, self.space,
-                           self.t_start, self.t_end, self.is_write)
+                           self.t_start, self.t_end, self.is_write, self.ordered)
 
     @classmethod
     def empty(cls, space: str = "vaddr", sub_page: bool = False, t_start: float = 0.0,
@@ -141,7 +147,8 @@ class AccessBatch:
     @staticmethod
     def concat(batches) -> "AccessBatch":
         """One batch from several of the same space; sub_page only if all have it; the interval
-        spans them all; is_write kept only if every batch has it."""
+        spans them all; is_write kept only if every batch has it; ordered only if every batch
+        is and they are given in time order."""
         batches = list(batches)
         if not batches:
             raise TiermemError("AccessBatch.concat: no batches")
@@ -157,4 +164,6 @@ class AccessBatch:
             wr = np.concatenate([b.is_write for b in batches])
         return AccessBatch(np.concatenate([b.pid for b in batches]), addr,
                            np.concatenate([b.weight for b in batches]), sub, spaces.pop(),
-                           min(b.t_start for b in batches), max(b.t_end for b in batches), wr)
+                           min(b.t_start for b in batches), max(b.t_end for b in batches), wr,
+                           all(b.ordered for b in batches) and
+                           all(a.t_end <= b.t_start for a, b in zip(batches, batches[1:])))

@@ -3,12 +3,21 @@
 Monitoring (as DAMON does, on the batches instead of page-table access bits):
 - The known address space is covered by regions (start, end page); gaps larger than
   ``gap_pages`` between known pages are left out, like DAMON vaddr's three big regions.
-- Each observed batch is one *aggregation interval* cut into ``samples`` sampling intervals
-  (consecutive slices of the batch). In each, one random page per region is checked for its
-  access bit. From a sampled batch the check is emulated statistically: with ``a`` accesses
-  (sum of weights) in a region of ``n`` pages during the slice, the probed page's bit is set with
-  probability ``1 - exp(-a / n)``. ``nr_accesses`` is the number of positive checks
-  (0..samples), so DAMON sees "accessed or not", never how often.
+- Each observed batch is one *aggregation interval* cut into ``samples`` sampling intervals.
+  In each, one random page per region is checked for its access bit. From a sampled batch the
+  check is emulated statistically: with ``a`` accesses (sum of weights) in a region of ``n``
+  pages during a sampling interval, the probed page's bit is set with probability
+  ``1 - exp(-a / n)``. ``nr_accesses`` is the number of positive checks (0..samples), so DAMON
+  sees "accessed or not", never how often.
+  A time-ordered batch (``batch.ordered``: the simulator's sampled trace) is cut into
+  consecutive slices, one per sampling interval. An aggregated batch (every live sampler: one
+  entry per page, in address order, no time inside the interval) cannot be cut by time, and
+  its weights are in the sampler's own unit (DAMON nr_accesses, fault counts, 1 per written
+  page): a page with the batch's "full" weight (95th percentile of the per-page weights) is
+  taken as accessed in every sampling interval, so a region is found accessed at each check
+  with probability ``min(a / (n * full), 1)``, the ``samples`` checks independent draws.
+  (Slicing an address-ordered batch by position gives each region its accesses in about one
+  slice: nothing ever looked hot, and the policy promoted nothing live.)
 - After each aggregation, adjacent regions whose nr_accesses differ by at most
   ``merge_threshold`` are merged (size-weighted), ``age`` counts aggregations a region kept its
   access level, and regions are split in two at random points while there are fewer than
@@ -165,18 +174,22 @@ class Damon(Policy):
         self._cover(np.unique(pages))
         S = self.p["samples"]
         size = (self.end - self.start).astype(np.float64)
-        nr = np.zeros(self.start.size)
         # one access check per region and sampling interval: the probed page is accessed with
         # probability 1 - exp(-accesses in the region in the slice / region size), the chance
         # that a page-table access bit is found set when accesses spread over the region
         r = self._region_of(pages)
-        slice_of = (np.arange(pages.size) * S) // max(pages.size, 1)
         inr = r >= 0
-        per = np.bincount(slice_of[inr] * self.start.size + r[inr],
-                          weights=batch.weight[inr].astype(np.float64),
-                          minlength=S * self.start.size).reshape(S, self.start.size)
-        prob = 1.0 - np.exp(-per / size[None, :])
-        nr = (self.rng.random(prob.shape) < prob).sum(axis=0).astype(np.float64)
+        w = batch.weight[inr].astype(np.float64)
+        if batch.ordered:
+            slice_of = (np.arange(pages.size) * S) // max(pages.size, 1)
+            per = np.bincount(slice_of[inr] * self.start.size + r[inr], weights=w,
+                              minlength=S * self.start.size).reshape(S, self.start.size)
+            prob = 1.0 - np.exp(-per / size[None, :])
+            nr = (self.rng.random(prob.shape) < prob).sum(axis=0).astype(np.float64)
+        else:
+            a = np.bincount(r[inr], weights=w, minlength=self.start.size)
+            nr = self.rng.binomial(S, np.minimum(a / (size * self._full_weight(batch)), 1.0))
+            nr = nr.astype(np.float64)
         # age: reset when the access level changed noticeably, else grow
         changed = np.abs(nr - self.nr) > max(self.p["merge_threshold"], 1)
         self.age = np.where(changed, 0, self.age + 1)
@@ -184,6 +197,18 @@ class Damon(Policy):
         self.aggregations += 1
         self._merge()
         self._split()
+
+    @staticmethod
+    def _full_weight(batch: AccessBatch) -> float:
+        """The weight of a page accessed in every sampling interval, for an aggregated batch:
+        the 95th percentile of the per-page weights (a sampler's weights are in its own unit:
+        DAMON's nr_accesses, fault counts, 1 per written page). A region whose pages all have
+        that weight is found accessed at every check; half of it, at half the checks."""
+        pages, inv = np.unique(batch.pages(), return_inverse=True)
+        per_page = np.bincount(inv.ravel(), weights=batch.weight.astype(np.float64),
+                               minlength=pages.size)
+        per_page = per_page[per_page > 0]
+        return float(np.quantile(per_page, 0.95)) if per_page.size else 1.0
 
     def plan(self, placement: Placement, capacity: Capacity, budget: Budget) -> MigrationPlan:
         if self.start.size == 0 or len(placement) == 0:
