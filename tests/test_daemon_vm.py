@@ -57,6 +57,8 @@ def test_reliability_faults_kill9_restart(cxl_vm):
     assert sum("target exits: process" in ln and " exited" in ln and "dropped" in ln
                for ln in lines) == 1, log1
     assert sum("deliberate failure in plan" in ln for ln in lines) == 1, log1
+    assert sum("target obsraises" in ln and "failed in observe" in ln and
+               "deliberate failure in observe" in ln for ln in lines) == 1, log1
     assert sum("sampler idle failed to start" in ln for ln in lines) == 1, log1
     assert any("target execer" in ln and "exec'd" in ln for ln in lines), log1
     assert any(f"now tiering process {res['forked_child']}" in ln for ln in lines), log1
@@ -64,6 +66,7 @@ def test_reliability_faults_kill9_restart(cxl_vm):
     assert st["dmn"]["processes"] == 2                      # parent + forked child
     assert st["good"]["pages_promoted"] > 0 and st["good"]["processes"] == 1
     assert st["raises"]["errors"] >= 1 and "deliberate failure" in st["raises"]["last_error"]
+    assert st["obsraises"]["errors"] >= 1 and "in observe" in st["obsraises"]["last_error"]
     # the fast node was filled by a hog: promotions ran into ENOMEM, said once
     assert st["good"]["failures_by_errno"].get("ENOMEM", 0) > 0, st["good"]
     assert sum("is full (ENOMEM)" in ln for ln in lines) == 1, log1
@@ -76,4 +79,5 @@ def test_reliability_faults_kill9_restart(cxl_vm):
     assert res["stop_rc"] == 0
     assert res["after"] == {"kdamonds_on": [], "socket_left": False, "state_left": False,
                             "kprobe_events": ""}, res["after"]
-    assert res["verify"] == {"dmn": "ok", "raises": "ok", "nosampler": "ok", "good": "ok"}
+    assert res["verify"] == {"dmn": "ok", "raises": "ok", "obsraises": "ok", "nosampler": "ok",
+                             "good": "ok"}

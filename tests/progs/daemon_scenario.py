@@ -255,14 +255,18 @@ class PromoteAll(Policy):
 '''
 
 FAILING_POLICY = '''
-from tiermem.policies.base import Policy
+from tiermem.policies.base import MigrationPlan, Param, Policy
 class Boom(Policy):
+    """Raises in plan, or (fails = "observe") in observe."""
     name = "boom"
-    params = {}
+    params = {"fails": Param(str, "plan", "where it raises", choices=("plan", "observe"))}
     def observe(self, batch):
-        pass
+        if self.p["fails"] == "observe":
+            raise RuntimeError("deliberate failure in observe")
     def plan(self, placement, capacity, budget):
-        raise RuntimeError("deliberate failure in plan")
+        if self.p["fails"] == "plan":
+            raise RuntimeError("deliberate failure in plan")
+        return MigrationPlan()
 '''
 
 
@@ -274,8 +278,8 @@ def faults(wd):
         f.write(PROMOTE_ALL_POLICY)
     # the workloads start side by side (each fills its memory with its pattern)
     ws = {name: Workload(mb, 4, 1, name, wait=False)
-          for name, mb in (("exits", 16), ("dmn", 16), ("raises", 16), ("nosampler", 16),
-                           ("good", 160))}
+          for name, mb in (("exits", 16), ("dmn", 16), ("raises", 16), ("obsraises", 16),
+                           ("nosampler", 16), ("good", 160))}
     for w in ws.values():
         w.ready()
     # fill the fast node, leaving 112 MiB, so promoting 'good' runs into ENOMEM; its page
@@ -295,15 +299,17 @@ def faults(wd):
                                            "exec sleep 600"])
     targets = ""
     for name, smp, pol in (("exits", "damon", "m5"), ("dmn", "damon", "m5"),
-                           ("raises", "none", "boom"), ("nosampler", "idle", "m5"),
-                           ("good", "none", "promote-all")):
+                           ("raises", "none", "boom"), ("obsraises", "pagemap", "boom"),
+                           ("nosampler", "idle", "m5"), ("good", "none", "promote-all")):
         targets += f"""[[targets]]
 name = "{name}"
 cmdline = "tiermemd.workload .* {name}$"
 sampler = "{smp}"
 policy = "{pol}"
 """ + ('policy_file = "boom.py"\n' if pol == "boom" else "") \
-            + ('policy_file = "promote_all.py"\n' if pol == "promote-all" else "")
+            + ('policy_file = "promote_all.py"\n' if pol == "promote-all" else "") \
+            + ('[targets.sampler_params]\nmode = "present"\n'
+               '[targets.policy_params]\nfails = "observe"\n' if name == "obsraises" else "")
     targets += f"""[[targets]]
 name = "execer"
 pids = [{execer.pid}]
