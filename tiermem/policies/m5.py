@@ -25,7 +25,8 @@ Roles (after the M5 paper's Monitor / Nominator / Elector / Promoter):
   the fast tier it is the first victim. With ``stream_ahead`` > 0 the detector also acts as
   a stride prefetcher: the next ``stream_ahead`` x (run length) pages after the run's head
   are promoted ahead, scored with the run's median estimate, so the sweep finds them on the
-  fast tier. Batches whose samples are sorted by address (no program order) are ignored.
+  fast tier. Only time-ordered batches (``batch.ordered``: the simulator, trace replay) are
+  searched: a live sampler's batch is aggregated (address or hash-map order, no time).
 - **Nominator**: top-K pages on the slow tier whose estimate is at least ``hot_min`` accesses
   per interval and that were sampled in ``min_streak`` intervals in a row (default 1: off;
   2+ keeps pages that are hot for one burst out, but at 1-in-64 sampling it also delays
@@ -267,7 +268,9 @@ class M5(Policy):
             self.streak[:] = 0
             return
         pages = batch.pages()
-        up, in_stream, heads, lengths = detect_streams(pages, p["stream_run"])
+        # streams need program order: an aggregated (live) batch has none
+        up, in_stream, heads, lengths = detect_streams(
+            pages, p["stream_run"] if batch.ordered else 0)
         inv = np.searchsorted(up, pages)
         w = np.bincount(inv, weights=batch.weight, minlength=up.size)
         self.cms.add(up, w)
