@@ -22,7 +22,10 @@ from tiermem.errors import TiermemError
 from tiermem.samplers import bpf as bpfu
 from tiermem.samplers.base import Sampler, Spans, Target
 
-MAX_ENTRIES = 1 << 18           # distinct (pid, word) keys per read interval
+MAX_ENTRIES = 1 << 18           # distinct (pid, word) keys per read interval, at least:
+MAX_ENTRIES_CAP = 1 << 21       # sized up to the targets' resident pages (a hint-fault scan
+                                # makes every page fault once), at most 8 GiB of pages
+                                # (~80 bytes of kernel memory per entry, preallocated)
 MAX_PIDS = 64
 
 _KEY = np.dtype([("pid", "<u4"), ("pad", "<u4"), ("addr", "<u8")])
@@ -210,6 +213,20 @@ int on_sample(struct bpf_perf_event_data *ctx) {
 """
 
 
+def map_size(pids, floor: int, cap: int) -> int:
+    """Entries for a per-page BPF map: the targets' resident pages + 1/8, between floor and
+    cap. A map smaller than the target drops (counts) or forgets (LRU) pages once a NUMA
+    scan makes all of them fault."""
+    pages = 0
+    for pid in pids:
+        try:
+            pages += int(kfs.read(f"/proc/{pid}/statm").split()[1])
+        except (TiermemError, IndexError, ValueError):
+            pass
+    want = -(-(pages + pages // 8) // 4096) * 4096
+    return int(min(max(want, floor), cap))
+
+
 class _BpfCounter(Sampler):
     """Shared part: a target pid set, a counts map drained at read()."""
 
@@ -222,6 +239,7 @@ class _BpfCounter(Sampler):
         self.stats: bpfu.BpfStats | None = None
         self.dropped_total = 0
         self._bufs = None
+        self.max_entries = MAX_ENTRIES
 
     def _load(self, target: Target, cflags=()) -> None:
         if not target.pids:
@@ -229,8 +247,9 @@ class _BpfCounter(Sampler):
         if len(target.pids) > MAX_PIDS:
             raise TiermemError(f"sampler {self.name}: at most {MAX_PIDS} pids")
         target.check_pids()
+        self.max_entries = map_size(target.pids, MAX_ENTRIES, MAX_ENTRIES_CAP)
         self.stats = bpfu.BpfStats()
-        self.bpf = bpfu.load(self.program, cflags=[f"-DMAX_ENTRIES={MAX_ENTRIES}",
+        self.bpf = bpfu.load(self.program, cflags=[f"-DMAX_ENTRIES={self.max_entries}",
                                                    f"-DMAX_PIDS={MAX_PIDS}", *cflags])
         import ctypes as ct
         t = self.bpf[b"targets"]
@@ -239,7 +258,7 @@ class _BpfCounter(Sampler):
 
     def _read_spans(self, t0, t1) -> Spans:
         if self._bufs is None:
-            self._bufs = bpfu.DrainBuffers(_KEY, _VAL, MAX_ENTRIES)
+            self._bufs = bpfu.DrainBuffers(_KEY, _VAL, self.max_entries)
         k, v = bpfu.drain_hash(self.bpf[b"counts"], self._bufs)
         import ctypes as ct
         d = self.bpf[b"dropped"]
@@ -272,7 +291,7 @@ class _BpfCounter(Sampler):
         return bpfu.prog_ids(self.bpf) if self.bpf is not None else []
 
     def metadata(self) -> dict:
-        return {"map_entries": MAX_ENTRIES, "dropped": self.dropped_total,
+        return {"map_entries": self.max_entries, "dropped": self.dropped_total,
                 "bpf_stats": "on" if self.stats and self.stats.fd >= 0 else
                              f"off ({self.stats.error if self.stats else 'not started'})"}
 
@@ -281,7 +300,8 @@ SCAN_FN = "change_prot_numa"
 CHUNK_SHIFT = 23                # scan stamps per 8 MiB chunk
 MAX_CHUNKS = 1 << 16            # chunks with scan stamps (LRU), all targets together
 MAX_PAGES = 1 << 19             # pages whose last fault time is kept (LRU; ~40 MiB of kernel
-                                # memory): 2 GiB of 4 KiB pages, older ones forgotten
+                                # memory): 2 GiB of 4 KiB pages at least, sized like the
+                                # counts map to the targets' resident pages, older forgotten
 MAX_WALK_CHUNKS = 1024          # chunks stamped per scan call: 8 GiB (the verifier's limit
                                 # on a loop's jumps; a call covers scan_size_mb, 256 MiB)
 WEIGHTS = ("auto", "delay", "count")
@@ -343,7 +363,7 @@ class FaultSampler(_BpfCounter):
         self.weights_used = "delay" if delay else "count"
         # bcc attaches TRACEPOINT_PROBE programs when it loads them
         self._load(target, [f"-DSCAN_TIMES={int(delay)}", f"-DMAX_CHUNKS={MAX_CHUNKS}",
-                            f"-DCHUNK_SHIFT={CHUNK_SHIFT}", f"-DMAX_PAGES={MAX_PAGES}", "-Wno-duplicate-decl-specifier",
+                            f"-DCHUNK_SHIFT={CHUNK_SHIFT}", f"-DMAX_PAGES={map_size(target.pids, MAX_PAGES, MAX_ENTRIES_CAP)}", "-Wno-duplicate-decl-specifier",
                             f"-DMAX_WALK_CHUNKS={MAX_WALK_CHUNKS}"])
         if delay:
             try:
