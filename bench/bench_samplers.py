@@ -51,6 +51,10 @@ SAMPLERS = {
                                              "--damon-results", "tracepoint"]),
     "damon tracepoint 100 ms/2 s": ("damon", ["--sample-us", "100000", "--aggr-us",
                                               "2000000", "--damon-results", "tracepoint"]),
+    # ... and read once per aggregation instead of every --interval
+    "damon 100 ms/2 s, read 2 s": ("damon", ["--sample-us", "100000", "--aggr-us", "2000000",
+                                             "--damon-results", "tracepoint",
+                                             "--interval", "2"]),
     "pagemap soft-dirty": ("pagemap", []),
     "ebpf hint faults, count": ("ebpf", ["--ebpf-weights", "count"]),
     "ebpf hint faults, delay": ("ebpf", ["--ebpf-weights", "delay"]),

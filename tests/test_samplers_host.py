@@ -272,3 +272,19 @@ def test_list_samplers_names_the_result_modes():
                           "ebpf hint-fault delay weights (kprobes)"}
     for m in modes.values():
         assert m["available"] or m["reason"], m
+
+
+def test_ebpf_maps_sized_to_the_target():
+    """The eBPF maps hold one entry per page of the target's writable memory (mapped but
+    untouched counts: a sampler starts before its target faults), within floor and cap."""
+    import mmap
+    from tiermem.samplers.ebpf import map_size
+    before = map_size([os.getpid()], 16, 1 << 24)
+    m = mmap.mmap(-1, 256 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        after = map_size([os.getpid()], 16, 1 << 24)
+        assert after - before >= (256 << 20) // 4096          # 65536 more pages
+        assert map_size([os.getpid()], 16, 4096) == 4096      # capped
+        assert map_size([os.getpid()], 1 << 23, 1 << 24) == 1 << 23   # floored
+    finally:
+        m.close()
