@@ -55,6 +55,10 @@ SAMPLERS = {
     "damon 100 ms/2 s, read 2 s": ("damon", ["--sample-us", "100000", "--aggr-us", "2000000",
                                              "--damon-results", "tracepoint",
                                              "--interval", "2"]),
+    # ... with at most 200 regions (the kdamond checks one page per region per sample)
+    "damon 100 ms/2 s, 200 regions": ("damon", ["--sample-us", "100000", "--aggr-us",
+                                                "2000000", "--damon-results", "tracepoint",
+                                                "--interval", "2", "--max-regions", "200"]),
     "pagemap soft-dirty": ("pagemap", []),
     "ebpf hint faults, count": ("ebpf", ["--ebpf-weights", "count"]),
     "ebpf hint faults, delay": ("ebpf", ["--ebpf-weights", "delay"]),

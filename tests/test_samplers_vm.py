@@ -177,3 +177,42 @@ def test_damon_intervals_out_of_range(cxl_vm):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "sampling interval 5 us out of range" in err[0], r.stderr
     assert not os.path.exists(os.path.join(cxl_vm.workdir, "x.rec"))
+
+
+def test_damon_silent_kdamond_is_an_error(cxl_vm):
+    """The sampler's kdamond pid is a real kdamond thread, and a kdamond whose
+    damon_aggregated events stop reaching the reader (here: the BPF filter pointed at
+    another pid) is an error after the patience, not a quiet "nothing was accessed"."""
+    script = r"""
+import ctypes as ct, json, os, time
+from tiermem.errors import TiermemError
+from tiermem.samplers.base import Target
+from tiermem.samplers.damon import DamonSampler
+s = DamonSampler(5000, 100000, results="tracepoint")
+s.start(Target(pids=[os.getpid()]))
+out = {"comm": open(f"/proc/{s.kdamond_pid()}/comm").read().strip()}
+buf = bytearray(64 << 20)
+t = time.monotonic()
+while time.monotonic() - t < 1.0:                    # accesses for DAMON to see
+    buf[::4096] = b"x" * len(buf[::4096])
+out["first"] = len(s.read_spans())
+s.bpf[b"kdpid"][ct.c_int(0)] = ct.c_uint32(1)       # listen to init instead
+s.read_spans()                                       # drain what came before
+s._agg_patience = lambda: 1.0
+time.sleep(1.5)
+try:
+    s.read_spans()
+    out["error"] = ""
+except TiermemError as e:
+    out["error"] = str(e)
+s.stop()
+out["meta_pid"] = s.metadata()["kdamond_pid"]
+print(json.dumps(out))
+"""
+    r = cxl_vm.run([*NUMPY_TCG, PY, "-c", script], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["comm"].startswith("kdamond"), out
+    assert out["first"] > 0, out
+    assert "delivered no damon_aggregated events" in out["error"], out
+    assert out["meta_pid"] > 0, out

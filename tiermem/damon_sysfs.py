@@ -347,12 +347,29 @@ class Kdamond:
                 raise TiermemError("DAMON tried_regions (Linux 6.2) missing on this kernel: "
                                    "cannot read monitoring results")
             kfs.write(_kd(self.index) + "/state", "on")
-            self.pid = kfs.read_int(_kd(self.index) + "/pid", -1)
+            self.pid = self._wait_pid()
             _write_state({"index": self.index, "kdamond_pid": self.pid,
                           "owner_pid": os.getpid(), "started": time.time()})
         except BaseException:
             self.stop()
             raise
+
+    def _wait_pid(self, timeout: float = 2.0) -> int:
+        """The kdamond thread's pid, checked against /proc/PID/comm ('kdamond.N'): its CPU
+        time and the tracepoint filter both use it, and a wrong one would read as a kdamond
+        that does nothing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = kfs.read_int(_kd(self.index) + "/pid", -1)
+            if pid > 0 and kfs.read(f"/proc/{pid}/comm", "").startswith("kdamond"):
+                return pid
+            if kfs.read(_kd(self.index) + "/state", "off") != "on":
+                raise TiermemError(f"kdamond {self.index} stopped right after it was turned "
+                                   "on (its target exited?)")
+            if time.monotonic() > deadline:
+                raise TiermemError(f"kdamond {self.index} is on but its pid file says {pid}, "
+                                   "which is not a kdamond thread")
+            time.sleep(0.01)
 
     def _configure(self) -> None:
         kd, ctx = _kd(self.index), _ctx(self.index)

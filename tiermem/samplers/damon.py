@@ -21,6 +21,7 @@ interval) in which an access to it was seen; every page of the region gets that 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -134,6 +135,7 @@ class DamonSampler(Sampler):
         self.stats = None
         self._pids: list[int] = []
         self._kd_pid = -1
+        self._last_agg = 0.0
         self._final_kernel = 0.0
         self._bufs = None
         self.dropped_total = 0
@@ -184,6 +186,7 @@ class DamonSampler(Sampler):
         self._kd_pid = self.kd.pid
         if use_tp:
             self._listen(self._kd_pid)
+        self._last_agg = time.monotonic()
 
     def _choose_results(self) -> bool:
         """True: results from the tracepoint; False: tried-regions snapshots."""
@@ -223,6 +226,7 @@ class DamonSampler(Sampler):
         self.space = "paddr" if info["operations"] == "paddr" else "vaddr"
         self._attach_ops = info["operations"]
         self._kd_pid = info["pid"]
+        self._last_agg = time.monotonic()
         self.results_used = "tracepoint"
         self._load_agg()
         self._listen(self._kd_pid)
@@ -247,6 +251,14 @@ class DamonSampler(Sampler):
             self._bufs = bpfu.DrainBuffers(_AKEY, _AVAL, AGG_MAX_ENTRIES)
         k, v = bpfu.drain_hash(self.bpf[b"regions"], self._bufs)
         targets = np.unique(k["target"]) if k.size else []
+        if k.size:
+            self._last_agg = time.monotonic()
+        elif self.kd is not None and time.monotonic() - self._last_agg > self._agg_patience():
+            # an own kdamond that runs but reports nothing would read as "no accesses"
+            raise TiermemError(
+                f"kdamond {self.kd.index} (pid {self._kd_pid}) delivered no damon_aggregated "
+                f"events for {time.monotonic() - self._last_agg:.0f} s (aggregation interval "
+                f"{self.cfg['aggr_us'] / 1e6:g} s)")
         aggs, n_aggs = self.bpf[b"aggs"], {}
         for t in targets:           # aggregations since the previous read, per target
             now = int(aggs[ct.c_int(int(t))].value)
@@ -271,6 +283,11 @@ class DamonSampler(Sampler):
             return Spans.empty(self.space, t0, t1)
         pid, s, ln, w = (np.concatenate(x) for x in zip(*parts))
         return Spans(pid, s, ln, w, False, self.space, t0, t1)
+
+    def _agg_patience(self) -> float:
+        """Seconds without any aggregation before an own kdamond counts as broken: ten
+        aggregation intervals, at least 10 s (a slow, loaded machine stretches them)."""
+        return max(10 * self.cfg["aggr_us"] / 1e6, 10.0)
 
     def regions(self) -> dict[str, np.ndarray]:
         """All monitored regions now, including unaccessed ones (own kdamond with snapshot
@@ -323,5 +340,6 @@ class DamonSampler(Sampler):
         else:
             m["attached_kdamond"] = self.attach
         if self.results_used == "tracepoint":
-            m.update(map_entries=AGG_MAX_ENTRIES, dropped=self.dropped_total)
+            m.update(map_entries=AGG_MAX_ENTRIES, dropped=self.dropped_total,
+                     kdamond_pid=self._kd_pid)
         return m
