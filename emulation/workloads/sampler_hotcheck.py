@@ -156,6 +156,7 @@ def main(argv=None) -> int:
                and base <= r["start"] < base + size] if a.sampler != "damon-paddr" else []
         out = {"sampler": a.sampler, "size_mb": a.size_mb, "hot_start": hs, "hot_end": he,
                "batches": rec.nr_batches, "pages_seen": int((scores > 0).sum()),
+               "hot_pages_seen": int((scores[is_hot] > 0).sum()), "hot_pages": int(truth.size),
                "precision": prec, "recall": rec_,
                "mean_score_hot": mean_hot, "mean_score_cold": mean_cold,
                "top_range": top[0] if top else None,

@@ -79,7 +79,8 @@ _SCAN_PART = r"""
 #if SCAN_TIMES
 #include <uapi/linux/ptrace.h>
 struct chunk_k { u32 pid; u32 pad; u64 chunk; };
-struct chunk_v { u64 prev; u64 last; u64 walk; };   /* walk: entry time of its scan */
+struct chunk_v { u64 prev; u64 last; u64 walk; u64 pwalk; };
+/* walk / pwalk: entry times of the scans that stamped last / prev */
 BPF_TABLE("lru_hash", struct chunk_k, struct chunk_v, chunks, MAX_CHUNKS);
 struct walk_v { u64 start; u64 end; u64 t0; };
 BPF_HASH(walks, u32, struct walk_v, 1024);
@@ -122,6 +123,7 @@ int scan_enter(struct pt_regs *ctx, void *vma, unsigned long start, unsigned lon
         nv.prev = c ? c->last : 0;
         nv.last = now + ((off >> 12) * ps_per_page) / 1000;
         nv.walk = now;
+        nv.pwalk = c ? c->walk : 0;
         chunks.update(&k, &nv);
     }
     return 0;
@@ -172,9 +174,12 @@ static __always_inline u64 hint_score(u32 tgid, u64 addr) {
     if (!c || !c->prev || c->last <= c->prev)
         return 16;                           /* no window known: count 1 */
     /* The scan skips pages that are still inaccessible: a page that did not fault since
-       the stamp before last was not made inaccessible by the last scan, but earlier, so
-       its delay is at least a window: score 1. */
-    if (pf < c->prev || pf >= c->last)
+       the scan before last was not made inaccessible by the last scan, but earlier, so
+       its delay is at least a window: score 1. The bound is that scan's entry time, not
+       the chunk's interpolated stamp: a page that faults right after the scan passed it
+       (the hottest ones) can come before the stamp when the walk's speed is uneven, and
+       comparing with the stamp gave exactly those pages the lowest score. */
+    if (pf < c->pwalk || pf >= c->last)
         return 16;
     u64 d = now > c->last ? now - c->last : 1;
     u64 win = c->last - c->prev;
