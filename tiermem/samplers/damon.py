@@ -226,7 +226,6 @@ class DamonSampler(Sampler):
         self.space = "paddr" if info["operations"] == "paddr" else "vaddr"
         self._attach_ops = info["operations"]
         self._kd_pid = info["pid"]
-        self._last_agg = time.monotonic()
         self.results_used = "tracepoint"
         self._load_agg()
         self._listen(self._kd_pid)
