@@ -27,6 +27,7 @@ import threading
 from cxlfork.cgtarget import CgroupTarget, spawn_args
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
+from cxlfork.state.memory import make_objects
 
 GHOST_FD = 3                 # the socket's number in the ghost
 MAX_FDS = 253                # SCM_MAX_FD: one message carries the whole fd table
@@ -80,10 +81,9 @@ def spawn_ghost(prepared=None, timeout_s: float = 30.0, cgroup: CgroupTarget | N
             args = [b"ghost", str(GHOST_FD).encode()]
             src, dst = [theirs.fileno()], [GHOST_FD]
         else:
-            from cxlfork.restore import make_objects
             p = prepared
             plan_fd, sock_num = p.warm_plan(prefault)
-            objfds = make_objects(p, opened)
+            objfds = make_objects(p.m, p.store_fd, opened)
             fds = {"plan": plan_fd, "store": p.store_fd, "exe": p.exe_fd,
                    **{("file", i): fd for i, fd in p.file_fds.items()},
                    **{("obj", oid): fd for oid, fd in objfds.items()}}

@@ -1,4 +1,6 @@
-"""What /proc says about a process: mappings with smaps flags, status, stat, fds, rlimits.
+"""What /proc says about a process that psutil does not: mappings with smaps flags, status
+fields (signal masks, umask), stat fields (mm layout), fds with fdinfo, auxv. (Children,
+threads, rlimits and process status come from psutil.)
 
 Read-only and side-effect free; called while the process is frozen by ptrace.
 """
@@ -67,24 +69,6 @@ def stat(pid: int) -> list[str]:
     return [None, s[:lp].strip(), s[lp + 1:rp]] + s[rp + 2:].split()
 
 
-def tasks(pid: int) -> list[int]:
-    try:
-        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError as e:
-        raise CxlforkError(f"no process with PID {pid}") from e
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for t in tasks(pid):
-        try:
-            with open(f"/proc/{pid}/task/{t}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except FileNotFoundError:
-            pass
-    return out
-
-
 def fds(pid: int) -> list[dict]:
     """Open fds: fd, link (readlink of /proc/PID/fd/N), fdinfo (pos, flags, other keys)."""
     out = []
@@ -104,17 +88,6 @@ def fds(pid: int) -> list[dict]:
             continue
         out.append({"fd": n, "link": link, "pos": int(info.get("pos", "0")),
                     "flags": int(info.get("flags", "0"), 8), "info": info})
-    return out
-
-
-def rlimits(pid: int) -> dict[str, list[int]]:
-    out = {}
-    for name, res in sorted(RLIMITS.items()):
-        try:
-            soft, hard = resource.prlimit(pid, res)
-        except ProcessLookupError as e:
-            raise CxlforkError(f"process {pid} exited") from e
-        out[name] = [soft, hard]
     return out
 
 

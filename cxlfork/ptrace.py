@@ -10,6 +10,8 @@ import os
 import signal
 import struct
 
+import psutil
+
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib
 
@@ -28,8 +30,8 @@ PR_GET_TID_ADDRESS = 40
 
 def _tasks(pid: int) -> list[int]:
     try:
-        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError:
+        return sorted(t.id for t in psutil.Process(pid).threads())
+    except psutil.NoSuchProcess:
         return []
 
 

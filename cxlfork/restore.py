@@ -22,53 +22,23 @@ get only the clone's own fds.
 """
 from __future__ import annotations
 
-import base64
 import fcntl
-import functools
 import os
 import socket
 import time
 
-from cxlfork import ghosts as ghosts_mod, image as image_mod, plan as plan_mod, socketpairs
+from cxlfork import ghosts as ghosts_mod, image as image_mod, plan as plan_mod
 from cxlfork.cgtarget import CgroupTarget, spawn_args
-from cxlfork.errors import CxlforkError, ImageError
+from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
-from cxlfork.ptrace import REGS_SIZE, regs_pack
+from cxlfork.ptrace import REGS_SIZE
+from cxlfork.state import fds as fds_mod, memory, process, registers, signals, threads
 
 PAGE = 4096
-O_CREAT_ETC = os.O_CREAT | os.O_TRUNC | os.O_EXCL | os.O_NOCTTY
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
 F_SEAL_ALL = 0x1 | 0x2 | 0x4 | 0x8   # seal, shrink, grow, write
 F_ADD_SEALS = 1033
 WALL = 0x40000000                    # waitpid's __WALL
-SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]")
-
-
-@functools.lru_cache(maxsize=1)
-def _self_specials() -> dict[str, tuple[int, int]]:
-    out = {}
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6 and parts[5] in SPECIAL:
-                a, b = (int(x, 16) for x in parts[0].split("-"))
-                out[parts[5]] = (a, b - a)
-    return out
-
-
-def check_specials(m: dict, image: str) -> None:
-    mine = _self_specials()
-    theirs = {v["path"]: (v["start"], v["end"] - v["start"]) for v in m["vmas"]
-              if v["kind"] == "special"}
-    if set(mine) != set(theirs) or any(mine[k][1] != theirs[k][1] for k in mine):
-        raise ImageError(f"image {image}: this kernel's vvar/vdso layout "
-                         f"({', '.join(f'{k} {v[1]} B' for k, v in sorted(mine.items()))}) "
-                         "differs from the checkpoint's; restore needs the same kernel")
-    if "[vdso]" in mine:
-        for k in mine:
-            if mine[k][0] - mine["[vdso]"][0] != theirs[k][0] - theirs["[vdso]"][0]:
-                raise ImageError(f"image {image}: vvar/vdso relative layout differs from "
-                                 "the checkpoint's")
 
 
 # Validated manifests and built plans of this process, keyed by the manifest file's identity
@@ -124,11 +94,8 @@ class Prepared:
         self.policy = policy
         if policy not in plan_mod.POLICIES:
             raise CxlforkError(f"unknown policy {policy!r} (mow, moa or hybrid)")
-        check_specials(m, self.image)
-        if any(a["sig"] == 11 and a["handler"] == 1 for a in m["signals"]["actions"]):
-            raise CxlforkError(f"image {self.image}: the process ignores SIGSEGV (SIG_IGN); "
-                               "cxlfork's restorer hands over through a SIGSEGV stop, which "
-                               "would reset that disposition: not supported")
+        memory.check_specials(m, self.image)
+        signals.check_restorable(m, self.image)
         image_mod.check_file(m["process"]["exe"], "executable")
         self.hot = image_mod.load_hot(self.image, m) if policy == "hybrid" else None
         if policy == "hybrid" and self.hot is None and warn:
@@ -140,19 +107,7 @@ class Prepared:
             self.fds_open.append(self.store_fd)
             self.exe_fd = os.open(m["process"]["exe"]["path"], os.O_RDONLY | os.O_CLOEXEC)
             self.fds_open.append(self.exe_fd)
-            self.file_fds: dict[int, int] = {}
-            opened: dict[tuple[str, bool], int] = {}
-            for i, v in enumerate(m["vmas"]):
-                if v["kind"] != "file":
-                    continue
-                image_mod.check_file(v["file"], "mapped file")
-                rw = v["shared"] and bool(v["prot"] & 2)
-                key = (v["file"]["path"], rw)
-                if key not in opened:
-                    fd = os.open(key[0], (os.O_RDWR if rw else os.O_RDONLY) | os.O_CLOEXEC)
-                    self.fds_open.append(fd)
-                    opened[key] = fd
-                self.file_fds[i] = opened[key]
+            self.file_fds = memory.open_mapped_files(m, self.fds_open)
         except OSError as e:
             self.close()
             raise CxlforkError(f"restore of {self.image}: {e.strerror}"
@@ -186,11 +141,9 @@ class Prepared:
             self.close()
             raise
         self._warm = {}                 # {prefault: warm_plan()}
-        self.regs = regs_pack(m["regs"])
-        self.xstate = base64.b64decode(m["xstate"])
+        self.regs, self.xstate = registers.packed(m)
         # other threads: (registers, xstate, blocked mask), in the plan's creation order
-        self.threads = [(regs_pack(t["regs"]), base64.b64decode(t["xstate"]), t["blocked"])
-                        for t in m.get("threads", [])]
+        self.threads = threads.packed(m)
 
     def warm_plan(self, prefault: bool = False) -> tuple[int, int]:
         """(sealed memfd of the plan for warm ghosts, the fd number of their socket).
@@ -230,121 +183,19 @@ class Prepared:
         self.fds_open = []
 
 
-def _stdio_fds(stdio, opened: list[int]) -> list[int]:
-    if isinstance(stdio, (tuple, list)):          # library callers: three fds of their own
-        return list(stdio)
-    if stdio == "inherit":
-        return [0, 1, 2]
-    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-    opened.append(null)
-    if stdio == "null":
-        return [null, null, null]
-    out = os.open(stdio, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    opened.append(out)
-    return [null, out, out]
-
-
 def make_objects(p: Prepared, opened: list[int]) -> dict[int, int]:
     """One clone's own shared-memory objects (memfds refilled from the store): {id: fd}."""
-    objfds = {}
-    store = p.store_fd
-    for o in p.m["objects"]:
-        fd = lib.cx_memfd(f"cxlfork-{o['kind']}:{o['name']}".encode()[:240], MFD_ALLOW_SEALING)
-        if fd < 0:
-            raise CxlforkError(f"memfd_create: {os.strerror(-fd)}")
-        opened.append(fd)
-        os.ftruncate(fd, o["size"])
-        for off, n, sp in o["runs"]:
-            todo = min(n * PAGE, o["size"] - off)
-            done = 0
-            os.lseek(fd, off, os.SEEK_SET)
-            while done < todo:
-                k = os.sendfile(fd, store, sp * PAGE + done, todo - done)
-                if k <= 0:
-                    raise CxlforkError("refilling a memfd from the store: short copy")
-                done += k
-        if o["seals"]:
-            fcntl.fcntl(fd, F_ADD_SEALS, o["seals"])
-        objfds[o["id"]] = fd
-    return objfds
+    return memory.make_objects(p.m, p.store_fd, opened)
 
 
-def _clone_fds(p: Prepared, stdio: str, opened: list[int], objfds: dict[int, int] | None = None
+def _clone_fds(p: Prepared, stdio, opened: list[int], objfds: dict[int, int] | None = None
                ) -> tuple[list[int], list[int], dict[int, int]]:
     """(source fds in this process, destination numbers in the clone, its objects' fds);
     objfds: objects made already (a warm ghost's)."""
-    m = p.m
-    src, dst = [], []
-    by_num: dict[int, int] = {}
-    io = _stdio_fds(stdio, opened)
     if objfds is None:
         objfds = make_objects(p, opened)
-    pipes: dict[int, tuple[int, int]] = {}
-    socks = _socketpairs(m, opened)
-    for f in m["fds"]:
-        n, kind = f["fd"], f["kind"]
-        flags = f["flags"] & ~O_CREAT_ETC
-        if f.get("dup_of") is not None:
-            s = by_num[f["dup_of"]]
-        elif kind == "stdio":
-            s = io[n] if n <= 2 else io[2]
-        elif kind in ("file", "dir", "chr"):
-            try:
-                s = os.open(f["path"], flags | os.O_CLOEXEC)
-            except OSError as e:
-                raise CxlforkError(f"fd {n}: cannot reopen {f['path']}: {e.strerror}") from e
-            opened.append(s)
-            if f["pos"] and kind != "chr":
-                os.lseek(s, f["pos"], os.SEEK_SET)
-        elif kind == "pipe":
-            if f["pipe"] not in pipes:
-                r, w = os.pipe2(os.O_CLOEXEC)
-                opened += [r, w]
-                pipes[f["pipe"]] = (r, w)
-            r, w = pipes[f["pipe"]]
-            s = r if f["end"] == "r" else w
-            if f["end"] == "r" and f.get("data"):
-                data = base64.b64decode(f["data"])
-                fcntl.fcntl(w, 1031, max(len(data), 4096))      # F_SETPIPE_SZ
-                os.write(w, data)
-            fl = fcntl.fcntl(s, fcntl.F_GETFL)
-            fcntl.fcntl(s, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (flags & os.O_NONBLOCK))
-        elif kind == "socket":
-            s = socks[f["pair"]][f["end"]]
-            fl = fcntl.fcntl(s, fcntl.F_GETFL)
-            fcntl.fcntl(s, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (flags & os.O_NONBLOCK))
-        elif kind == "eventfd":
-            efl = os.EFD_CLOEXEC | (os.EFD_NONBLOCK if flags & os.O_NONBLOCK else 0) | \
-                (os.EFD_SEMAPHORE if f.get("semaphore") else 0)
-            s = os.eventfd(min(f["count"], 2**32 - 1), efl)
-            opened.append(s)
-            if f["count"] >= 2**32:
-                os.eventfd_write(s, f["count"] - (2**32 - 1))
-        elif kind == "memfd":
-            s = os.open(f"/proc/self/fd/{objfds[f['object']]}", (flags & ~O_CREAT_ETC) |
-                        os.O_CLOEXEC)
-            opened.append(s)
-            os.lseek(s, f["pos"], os.SEEK_SET)
-        else:  # validate() admits no other kind
-            raise ImageError(f"fd {n}: unknown kind {kind}")
-        by_num[n] = s
-        src.append(s)
-        dst.append(n)
+    src, dst = fds_mod.clone_fds(p.m, stdio, opened, objfds)
     return src, dst, objfds
-
-
-def _socketpairs(m: dict, opened: list[int]) -> dict[int, tuple[int, int]]:
-    """A new socketpair, queues refilled, for each pair of the image: {pair: (end 0, end 1)}."""
-    ends: dict[int, list] = {}
-    for f in m["fds"]:
-        if f["kind"] == "socket" and f.get("dup_of") is None:
-            rec = dict(f, queue=[base64.b64decode(q) for q in f["queue"]])
-            ends.setdefault(f["pair"], [None, None])[f["end"]] = rec
-    out = {}
-    for pair, (e0, e1) in ends.items():
-        out[pair] = socketpairs.recreate(e0["sotype"], (e0, e1))
-        opened += out[pair]
-    return out
 
 
 class Clone:
@@ -533,7 +384,7 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
     restorer = restorer_path().encode()
     clones: list[Clone] = []
     proc = m["process"]
-    sidmode = 1 if proc["sid_leader"] else 2 if proc["pgid_leader"] else 0
+    sidmode = process.session_mode(m)
     set_tid = proc["pid"] if same_pid else 0
     if same_pid and os.path.exists(f"/proc/{set_tid}"):
         raise CxlforkError(f"PID {set_tid} is in use; --same-pid needs it free")
@@ -606,10 +457,7 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
                 raise CxlforkError(f"restorer for clone {k + 1} did not start: "
                                    f"{_error_text(clones[-1]) or os.strerror(-e)}")
             if p.threads:
-                tids = ffi.new("int[]", len(p.threads))
-                e = lib.cx_wait_threads(pid, len(p.threads), tids, plan_mod.THREAD_PARK,
-                                        go_w[-1], 30000)
-                clones[-1].tids = [t for t in tids if t > 0]
+                clones[-1].tids, e = threads.wait_parked(pid, len(p.threads), go_w[-1])
                 if e < 0:
                     os.close(go_w.pop())
                     time.sleep(0.01)
@@ -621,11 +469,7 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
             if e < 0:
                 msg = _error_text(c) or _status_text(st[0])
                 raise CxlforkError(f"restoring clone {k + 1} of {image} failed: {msg}")
-            for tid, (tregs, txs, tmask) in zip(c.tids, p.threads):
-                e = lib.cx_finish(tid, tregs, REGS_SIZE, txs, len(txs), tmask, 0)
-                if e < 0:
-                    raise CxlforkError(f"installing the registers of a thread of clone "
-                                       f"{k + 1}: {os.strerror(-e)}")
+            threads.finish(c.tids, p.threads, k + 1)
             e = lib.cx_finish(c.pid, p.regs, REGS_SIZE, p.xstate, len(p.xstate),
                               m["signals"]["blocked"], pending[0])
             if e < 0:

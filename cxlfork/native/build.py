@@ -17,13 +17,15 @@ def _header_decls():
         return "".join(line for line in f if not line.startswith("#"))
 
 
+SOURCES = ("hash.c", "ptrace.c", "fdpeek.c", "dump.c", "spawn.c", "handover.c", "lazy.c")
+
 ffibuilder = FFI()
 ffibuilder.cdef(_header_decls())
 ffibuilder.set_source(
     "cxlfork._native",
     '#include "cxlfork_native.h"',
-    sources=[os.path.relpath(os.path.join(HERE, "cxlfork_native.c")),
-             os.path.relpath(os.path.join(HERE, "lazy.c"))],
+    # one C file per concern; cx_internal.h holds what they share
+    sources=[os.path.relpath(os.path.join(HERE, name)) for name in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=["-O2", "-Wall", "-std=gnu11", "-pthread"],
     extra_link_args=["-pthread"],

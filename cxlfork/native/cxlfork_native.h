@@ -1,4 +1,6 @@
-/* cxlfork C helpers: ptrace freeze/inject, page dump into the store, hashing, spawn. */
+/* cxlfork C helpers (the cffi interface): hashing (hash.c), ptrace freeze/inject (ptrace.c),
+ * fds seen from outside (fdpeek.c), page dump into the store (dump.c), spawn of the restorer
+ * (spawn.c), the ptrace hand-over of a restore (handover.c), lazy moa (lazy.c). */
 #include <stdint.h>
 
 typedef struct { uint64_t h[4]; uint64_t n; } cx_hash_t;

@@ -1,23 +1,27 @@
-"""AF_UNIX socketpairs with both ends inside the process: checkpoint and recreate.
+"""Sockets: AF_UNIX socketpairs with both ends inside the process, checkpointed and recreated.
 
-Checkpoint (`collect`): a copy of the socket is taken with pidfd_getfd; its domain, type and
+Checkpoint (`collect`, then `finish` over all of them): a copy of the socket is taken with pidfd_getfd; its domain, type and
 name (getsockopt/getsockname) and its peer, shutdown state and queue (NETLINK_SOCK_DIAG,
 UNIX_DIAG_PEER/SHUTDOWN) are read; the bytes or datagrams queued for reading are peeked
 without being consumed (SO_PEEK_OFF from 0, MSG_PEEK until EAGAIN; SO_PEEK_OFF is put back
 to -1). Refused, with the fd named: other domains, named or listening unix sockets, a pair
 whose other end is outside the process or closed, a shut-down end, SO_PEEK_OFF or
 SO_PASSCRED in use, fds or credentials in flight (SCM_RIGHTS/SCM_CREDENTIALS), empty
-datagrams. Restore (`recreate`): socketpair(2) of the same type, buffer sizes, then each end's
+datagrams. Restore (`recreate_all`, `reopen`): socketpair(2) of the same type, buffer sizes, then each end's
 queue is sent from the other end (stream: the bytes; datagram/seqpacket: message by message).
 """
 from __future__ import annotations
 
+import base64
 import errno
+import fcntl
 import os
 import socket
 import struct
 
+from cxlfork import image as image_mod
 from cxlfork.errors import CxlforkError, Refused
+from cxlfork.native import lib
 
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
 UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 0x4, 0x10
@@ -98,7 +102,7 @@ def _peek_all(s: socket.socket, fd: int, stream: bool) -> list[bytes]:
     return [b"".join(msgs)] if stream and msgs else msgs
 
 
-def collect(dfd: int, fd: int, link: str) -> dict:
+def _collect_socket(dfd: int, fd: int, link: str) -> dict:
     """The socketpair end at fd of the target (dfd: our copy, closed here): the fields of
     its fd record (kind socket). Its peer must be found among the process's fds by the
     caller (`peer` inode)."""
@@ -181,3 +185,42 @@ def recreate(sotype: int, ends: tuple[dict, dict]) -> tuple[int, int]:
     finally:
         a.close()
         b.close()
+
+
+def collect(pid: int, f: dict, rec: dict) -> None:
+    """Fill rec for socket fd f (procfs.fds) of PID; refuses what is not a socketpair end."""
+    n = f["fd"]
+    dfd = lib.cx_pidfd_getfd(pid, n)
+    if dfd < 0:
+        raise CxlforkError(f"pidfd_getfd(fd {n}) of PID {pid}: {os.strerror(-dfd)}")
+    rec.update(_collect_socket(dfd, n, f["link"]))
+
+
+def finish(recs: list[dict]) -> None:
+    """Pair up the socket records of one process; their queues into base64."""
+    pair_up(recs)
+    for r in recs:
+        r["queue"] = [image_mod.b64(q) for q in r["queue"]]
+        del r["ino"], r["peer"]
+
+
+def recreate_all(m: dict, opened: list[int]) -> dict[int, tuple[int, int]]:
+    """A new socketpair, queues refilled, for each pair of the image: {pair: (end 0, end 1)}."""
+    ends: dict[int, list] = {}
+    for f in m["fds"]:
+        if f["kind"] == "socket" and f.get("dup_of") is None:
+            rec = dict(f, queue=[base64.b64decode(q) for q in f["queue"]])
+            ends.setdefault(f["pair"], [None, None])[f["end"]] = rec
+    out = {}
+    for pair, (e0, e1) in ends.items():
+        out[pair] = recreate(e0["sotype"], (e0, e1))
+        opened += out[pair]
+    return out
+
+
+def reopen(f: dict, flags: int, socks: dict[int, tuple[int, int]]) -> int:
+    """The clone's fd for socket record f, with its O_NONBLOCK."""
+    s = socks[f["pair"]][f["end"]]
+    fl = fcntl.fcntl(s, fcntl.F_GETFL)
+    fcntl.fcntl(s, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (flags & os.O_NONBLOCK))
+    return s

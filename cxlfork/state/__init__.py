@@ -1,0 +1,18 @@
+"""The kinds of process state cxlfork carries, one module each, with its checkpoint side
+(`collect`: read it from the frozen process, refuse what cannot be carried, naming it) and its
+restore side (recreate it for a clone, or give the restore plan what it needs) side by side:
+
+    process    exe, cwd, umask, session, mm fields, rlimits; child processes refused
+    registers  general registers, xstate, rseq, robust list, clear-child-tid address
+    threads    the other threads (their registers, mask, sigaltstack...); thread hand-over
+    signals    sigactions, sigaltstack, blocked mask
+    memory     mappings and their stored page runs, shmem/memfd objects, mapped files
+    fds        the fd table (dups, FD_CLOEXEC, stdio), handing each fd to its kind:
+    files      regular files, directories, character devices, memfd fds
+    pipes      pipes with both ends inside the process, their buffered bytes
+    sockets    AF_UNIX socketpairs with both ends inside the process, their queues
+    eventfds   eventfd counters and flags
+    timers     POSIX timers and interval timers
+
+The pipelines that call them in order are cxlfork.checkpoint and cxlfork.restore.
+"""

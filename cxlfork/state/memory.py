@@ -1,0 +1,237 @@
+"""Memory: the mappings of the address space and the shmem objects behind them.
+
+Checkpoint (`collect`): /proc/PID/smaps (maps + VmFlags) turned into VMA records (anonymous,
+file, shmem/memfd, vvar/vdso), each with the runs of pages the store must keep (pagemap
+presence; for file/shmem private mappings only the copied-on-write pages); shared anonymous
+memory and memfds become objects (`Objects`, by inode) whose data ranges (SEEK_DATA/HOLE) are
+stored too. Refused, naming the mapping: mlocked, VM_IO/PFNMAP, userfaultfd-registered,
+shadow-stack and sealed memory, SysV shm, deleted mapped files, the restorer's region.
+The pages themselves are written by cxlfork.pages.
+
+Restore: the kernel's vvar/vdso layout is checked (`check_specials`), the mapped files are
+opened once per restore (`open_mapped_files`), each clone gets its own memfds refilled from
+the store (`make_objects`); the plan (cxlfork.plan) maps everything per policy.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import os
+
+import numpy as np
+
+from cxlfork import image as image_mod
+from cxlfork.errors import CxlforkError, ImageError, Refused
+from cxlfork.native import lib
+from cxlfork.state.process import stat_ref
+from tiermem.native import pagemap_read, PM_FILE, PM_PRESENT, PM_SWAP
+
+PAGE = 4096
+SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]")
+MADVISE = {"hg": 14, "nh": 15, "dc": 10, "dd": 16, "wf": 18, "sr": 2, "rr": 1, "mg": 12}
+REFUSED_VMFLAGS = {"lo": "mlock()ed memory", "io": "device memory (VM_IO)",
+                   "pf": "device memory (VM_PFNMAP)", "um": "userfaultfd-registered memory",
+                   "uw": "userfaultfd-registered memory", "ss": "a shadow stack",
+                   "sl": "sealed (mseal) memory"}
+F_GET_SEALS, F_ADD_SEALS = 1034, 1033
+MFD_ALLOW_SEALING = 2
+
+
+# -- checkpoint --------------------------------------------------------------------------------
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(first page index, page count) of each run of True in mask."""
+    if not mask.any():
+        return []
+    m = np.concatenate(([False], mask, [False])).astype(np.int8)
+    d = np.diff(m)
+    starts = np.flatnonzero(d == 1)
+    ends = np.flatnonzero(d == -1)
+    return list(zip(starts.tolist(), (ends - starts).tolist()))
+
+
+class Objects:
+    """shmem objects (shared anonymous memory, memfd) by inode, with an fd to read them."""
+
+    def __init__(self):
+        self.by_ino: dict[tuple[int, int], dict] = {}
+        self.fds: dict[int, int] = {}
+
+    def add(self, fd: int, kind: str, name: str) -> dict:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        o = self.by_ino.get(key)
+        if o is None:
+            try:
+                seals = fcntl.fcntl(fd, F_GET_SEALS) if kind == "memfd" else 0
+            except OSError:
+                seals = 0
+            o = {"id": len(self.by_ino), "kind": kind, "name": name, "size": st.st_size,
+                 "seals": seals, "runs": []}
+            self.by_ino[key] = o
+            self.fds[o["id"]] = fd
+        else:
+            os.close(fd)
+            if kind == "memfd":
+                o["kind"], o["name"] = "memfd", name
+        return o
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """Page-aligned (offset, pages) ranges of a shmem file that hold data (SEEK_DATA/HOLE)."""
+    out, off = [], 0
+    while off < size:
+        try:
+            d = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            raise
+        h = os.lseek(fd, d, os.SEEK_HOLE)
+        d0 = d // PAGE * PAGE
+        h1 = min(-(-h // PAGE) * PAGE, -(-size // PAGE) * PAGE)
+        if out and out[-1][0] + out[-1][1] * PAGE >= d0:
+            start = out[-1][0]
+            out[-1] = (start, (max(h1, start + out[-1][1] * PAGE) - start) // PAGE)
+        else:
+            out.append((d0, (h1 - d0) // PAGE))
+        off = h
+    return out
+
+
+def collect(pid: int, maps: list[dict], objs: Objects) -> list[dict]:
+    """The VMA records of maps (procfs.smaps(pid)), with their stored runs."""
+    vmas = []
+    for v in maps:
+        path, flags = v["path"], v["vmflags"]
+        if path == "[vsyscall]":
+            continue
+        s, e = v["start"], v["end"]
+        prot = (1 if v["perms"][0] == "r" else 0) | (2 if v["perms"][1] == "w" else 0) \
+            | (4 if v["perms"][2] == "x" else 0)
+        shared = v["perms"][3] == "s"
+        rec = {"start": s, "end": e, "prot": prot, "shared": shared, "offset": v["pgoff"],
+               "growsdown": "gd" in flags, "path": path, "runs": [],
+               "madvise": sorted(MADVISE[f] for f in flags if f in MADVISE)}
+        if path in SPECIAL:
+            rec["kind"] = "special"
+            vmas.append(rec)
+            continue
+        bad = next((REFUSED_VMFLAGS[f] for f in flags if f in REFUSED_VMFLAGS), None)
+        if bad:
+            raise Refused(f"mapping {s:#x}-{e:#x} {path or '[anon]'} is {bad}; not supported")
+        if s < image_mod.REGION[1] and e > image_mod.REGION[0]:
+            raise Refused(f"mapping {s:#x}-{e:#x} overlaps cxlfork's restorer region "
+                          f"{image_mod.REGION[0]:#x}-{image_mod.REGION[1]:#x}")
+        if path == "/dev/zero (deleted)" or path.startswith("[anon_shmem:") \
+                or path.startswith("/memfd:"):
+            fd = os.open(f"/proc/{pid}/map_files/{s:x}-{e:x}", os.O_RDONLY | os.O_CLOEXEC)
+            kind = "memfd" if path.startswith("/memfd:") else "shmem"
+            o = objs.add(fd, kind, path[len("/memfd:"):].removesuffix(" (deleted)")
+                         if kind == "memfd" else "")
+            rec.update(kind="shmem", object=o["id"])
+        elif path.startswith("/SYSV"):
+            raise Refused(f"mapping {s:#x}-{e:#x} is System V shared memory; not supported")
+        elif path == "" or path in ("[heap]", "[stack]") or path.startswith("[anon:"):
+            if shared:
+                raise Refused(f"mapping {s:#x}-{e:#x} {path}: unknown shared anonymous memory")
+            rec["kind"] = "anon"
+        elif path.startswith("/"):
+            if path.endswith(" (deleted)"):
+                raise Refused(f"mapping {s:#x}-{e:#x} is of a deleted file ({path})")
+            try:
+                ref = stat_ref(f"/proc/{pid}/map_files/{s:x}-{e:x}", path)
+                st2 = os.stat(path)
+            except OSError as ex:
+                raise Refused(f"mapped file {path}: {ex.strerror}") from ex
+            if (st2.st_dev, st2.st_ino) != (ref["dev"], ref["ino"]):
+                raise Refused(f"mapped file {path} was replaced since it was mapped")
+            rec.update(kind="file", file=ref)
+        else:
+            raise Refused(f"mapping {s:#x}-{e:#x} {path} is of a kind not supported")
+        # which pages hold process-private data the store must keep
+        if not (rec["kind"] in ("file", "shmem") and shared):
+            pm = pagemap_read(pid, s, (e - s) // PAGE)
+            present = (pm & np.uint64(PM_PRESENT | PM_SWAP)) != 0
+            if rec["kind"] != "anon":
+                present &= (pm & np.uint64(PM_FILE)) == 0     # CoW copies only
+            rec["runs"] = [[s + a * PAGE, n, 0] for a, n in runs(present)]
+        vmas.append(rec)
+    return vmas
+
+
+# -- restore -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _self_specials() -> dict[str, tuple[int, int]]:
+    out = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] in SPECIAL:
+                a, b = (int(x, 16) for x in parts[0].split("-"))
+                out[parts[5]] = (a, b - a)
+    return out
+
+
+def check_specials(m: dict, image: str) -> None:
+    """This kernel's vvar/vdso must have the checkpoint's sizes and relative layout."""
+    mine = _self_specials()
+    theirs = {v["path"]: (v["start"], v["end"] - v["start"]) for v in m["vmas"]
+              if v["kind"] == "special"}
+    if set(mine) != set(theirs) or any(mine[k][1] != theirs[k][1] for k in mine):
+        raise ImageError(f"image {image}: this kernel's vvar/vdso layout "
+                         f"({', '.join(f'{k} {v[1]} B' for k, v in sorted(mine.items()))}) "
+                         "differs from the checkpoint's; restore needs the same kernel")
+    if "[vdso]" in mine:
+        for k in mine:
+            if mine[k][0] - mine["[vdso]"][0] != theirs[k][0] - theirs["[vdso]"][0]:
+                raise ImageError(f"image {image}: vvar/vdso relative layout differs from "
+                                 "the checkpoint's")
+
+
+def open_mapped_files(m: dict, fds_open: list[int]) -> dict[int, int]:
+    """Check and open every mapped file once (read-write where the mapping needs it):
+    {vma index: fd}; the fds are appended to fds_open."""
+    file_fds: dict[int, int] = {}
+    opened: dict[tuple[str, bool], int] = {}
+    for i, v in enumerate(m["vmas"]):
+        if v["kind"] != "file":
+            continue
+        image_mod.check_file(v["file"], "mapped file")
+        rw = v["shared"] and bool(v["prot"] & 2)
+        key = (v["file"]["path"], rw)
+        if key not in opened:
+            fd = os.open(key[0], (os.O_RDWR if rw else os.O_RDONLY) | os.O_CLOEXEC)
+            fds_open.append(fd)
+            opened[key] = fd
+        file_fds[i] = opened[key]
+    return file_fds
+
+
+def make_objects(m: dict, store: int, opened: list[int]) -> dict[int, int]:
+    """One clone's own shared-memory objects (memfds refilled from the store fd): {id: fd}."""
+    objfds = {}
+    for o in m["objects"]:
+        fd = lib.cx_memfd(f"cxlfork-{o['kind']}:{o['name']}".encode()[:240], MFD_ALLOW_SEALING)
+        if fd < 0:
+            raise CxlforkError(f"memfd_create: {os.strerror(-fd)}")
+        opened.append(fd)
+        os.ftruncate(fd, o["size"])
+        for off, n, sp in o["runs"]:
+            todo = min(n * PAGE, o["size"] - off)
+            done = 0
+            os.lseek(fd, off, os.SEEK_SET)
+            while done < todo:
+                k = os.sendfile(fd, store, sp * PAGE + done, todo - done)
+                if k <= 0:
+                    raise CxlforkError("refilling a memfd from the store: short copy")
+                done += k
+        if o["seals"]:
+            fcntl.fcntl(fd, F_ADD_SEALS, o["seals"])
+        objfds[o["id"]] = fd
+    return objfds
