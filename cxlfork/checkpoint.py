@@ -4,9 +4,9 @@ page store -> publish the manifest -> resume (or kill) the process.
     freeze    ptrace seize + interrupt of every thread (ptrace.Tracee)
     collect   one module per kind of state (cxlfork.state): process tree refused; in the
               injection window (syscalls run through the target's vDSO, scratch page mapped
-              and unmapped again) signals, tid address, brk, the other threads; then
+              and unmapped again) signals, tid address, brk, the other threads, timers; then
               registers, process (exe, cwd, umask, mm, rlimits), fds (files, pipes, sockets,
-              eventfds), timers, memory (mappings, shmem objects)
+              eventfds), memory (mappings, shmem objects)
     pages     cxlfork.pages: every stored run copied into the page file, hashed
     publish   manifest into IMAGE.tmp.PID, page file renamed into place, directory renamed to
               IMAGE; a failure or SIGTERM/SIGINT on the way removes both and resumes the process
@@ -23,7 +23,8 @@ from cxlfork import FORMAT, FORMAT_VERSION, image as image_mod, procfs
 from cxlfork.errors import CxlforkError, Refused
 from cxlfork.pages import write_pages
 from cxlfork.ptrace import Tracee
-from cxlfork.state import fds as fds_mod, memory, process, registers, signals, threads
+from cxlfork.state import (fds as fds_mod, memory, process, registers, signals, threads,
+                           timers)
 from cxlfork.store import open_store
 
 PAGE = 4096
@@ -61,6 +62,7 @@ def collect(tr: Tracee) -> dict:
         tid_address = tr.tid_address()
         brk = tr.brk()
         thread_recs = threads.collect(tr)
+        tmrs = timers.collect(tr)
     regs = registers.collect(tr, tid_address)
     proc = process.collect(pid, status, brk)
     objs = memory.Objects()
@@ -72,7 +74,7 @@ def collect(tr: Tracee) -> dict:
         raise
     return {"process": proc["process"], **regs, "signals": sigs, "mm": proc["mm"],
             "rlimits": proc["rlimits"], "fds": fds, "vmas": vmas, "threads": thread_recs,
-            "_objs": objs}
+            "timers": tmrs, "_objs": objs}
 
 
 def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = False,

@@ -14,6 +14,8 @@ How a policy turns into ops, per mapping of the image:
             back in (moa; hybrid for touched pages)
     shmem   mmap the clone's own memfd holding the object (MAP_SHARED, or MAP_PRIVATE + its
             copied-on-write pages as for files)
+Then signals, rseq, tid address, robust list, PR_SET_MM_MAP, name (a warm ghost stops here),
+the lazy moa userfaultfd, timers, rlimits, FD_CLOEXEC, the go byte, threads, closing fds.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import base64
 import struct
 
 PLAN_MAGIC = 0x314E414C50584643
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 REGION_LO, REGION_HI = 0x100000000000, 0x100040000000
 PLAN_ADDR = REGION_LO + 0x20000000
 THREAD_PARK = REGION_LO + 0x3ffff000        # never mapped; see restorer.c
@@ -29,7 +31,7 @@ HDR_WORDS = 32
 (OP_MMAP, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK, OP_SIGMASK, OP_RSEQ,
  OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL, OP_PRLIMIT,
  OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
- OP_GHOSTWAIT) = range(1, 23)
+ OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER) = range(1, 26)
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PROT_R = 1
@@ -94,6 +96,26 @@ def _store_runs(p, v: dict, runs, hot, copy_all: bool, store: int, populate: lis
             if prot & PROT_R:
                 populate.append((addr, n * PAGE))
     return needs_w
+
+
+def _timer_ops(p: Plan, t: dict | None) -> None:
+    """POSIX timers under their old IDs (to_main: SIGEV_THREAD_ID at the clone's main
+    thread), armed with their remaining time; then the interval timers."""
+    if not t:
+        return
+    for tm in t["posix"]:
+        to_main = tm["notify"] & 4
+        p.op(OP_TIMER_CREATE, tm["id"], tm["clock"], tm["notify"], tm["signo"], tm["value"],
+             1 if to_main else 0)
+    for tm in t["posix"]:
+        if tm["value_ns"]:
+            p.op(OP_TIMER_SET, tm["id"], tm["interval_ns"] // 10**9, tm["interval_ns"] % 10**9,
+                 tm["value_ns"] // 10**9, tm["value_ns"] % 10**9)
+    for which, name in enumerate(("real", "virtual", "prof")):
+        it = t["itimers"].get(name)
+        if it and it["value_us"]:
+            p.op(OP_SETITIMER, which, it["interval_us"] // 10**6, it["interval_us"] % 10**6,
+                 it["value_us"] // 10**6, it["value_us"] % 10**6)
 
 
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
@@ -172,6 +194,8 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
         for addr, nbytes, _ in lazy_runs(m):
             p.op(OP_UFFD_REG, addr, nbytes)
         p.op(OP_UFFD_SEND, fdnums["uffd_sock"])
+    # timers: created and armed per clone (after a warm ghost's wait), with the times left
+    _timer_ops(p, m.get("timers"))
     from cxlfork.procfs import RLIMITS
     for name, (soft, hard) in sorted(m["rlimits"].items()):
         p.op(OP_PRLIMIT, RLIMITS[name], soft, hard)

@@ -1,5 +1,5 @@
 """What /proc says about a process that psutil does not: mappings with smaps flags, status
-fields (signal masks, umask), stat fields (mm layout), fds with fdinfo, auxv. (Children,
+fields (signal masks, umask), stat fields (mm layout), fds with fdinfo, auxv, timers. (Children,
 threads, rlimits and process status come from psutil.)
 
 Read-only and side-effect free; called while the process is frozen by ptrace.
@@ -29,6 +29,11 @@ def _read(pid: int, name: str, binary: bool = False):
         raise CxlforkError(f"cannot read /proc/{pid}/{name}: permission denied") from e
     except ProcessLookupError as e:
         raise CxlforkError(f"process {pid} exited while being read") from e
+
+
+def read_text(pid: int, name: str) -> str:
+    """/proc/PID/NAME as text (a clear error if the process is gone or not ours)."""
+    return _read(pid, name)
 
 
 def smaps(pid: int) -> list[dict]:

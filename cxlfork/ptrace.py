@@ -147,11 +147,16 @@ class Tracee:
         self.syscall_ip = vdso_start + i
 
     def inject(self, name: str, *args: int) -> int:
+        return self.inject_nr(NR[name], *args)
+
+    def inject_nr(self, nr: int, *args: int) -> int:
+        """inject() by syscall number."""
         a = [int(x) for x in args] + [0] * (6 - len(args))
         ret = ffi.new("long *")
         self.injected = True
-        e = lib.cx_inject(self.pid, self.regs_raw, self.syscall_ip, NR[name], *a, ret)
+        e = lib.cx_inject(self.pid, self.regs_raw, self.syscall_ip, nr, *a, ret)
         if e < 0:
+            name = next((k for k, v in NR.items() if v == nr), f"syscall {nr}")
             raise CxlforkError(f"injecting {name} into PID {self.pid}: {os.strerror(-e)}")
         if e > 0 and not self.held_signal:
             self.held_signal = e

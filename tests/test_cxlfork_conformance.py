@@ -75,3 +75,40 @@ def test_threads(env, policy):
 @pytest.mark.parametrize("prog", ["regs", "sig", "misc"])
 def test_state_survives_lazy_moa(env, prog):
     _roundtrip(env, prog, "moa")
+
+
+POLICIES = ["mow", "moa", "moa --eager", "hybrid"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("prog,args", [("pipeofd", ()), ("memfdmode", ()), ("rseqsig", ()),
+                                       ("maywrite", ("{work}",)), ("timers", ())])
+def test_restored_right_not_just_restored(env, prog, args, policy):
+    """Issue 13's "restores successfully but wrong": two open file descriptions of one pipe
+    keep their own O_NONBLOCK; a memfd keeps its mode; rseq keeps its signature; a read-only
+    shared file mapping that may become writable still can; POSIX and interval timers are
+    carried over (timers: the periodic one must keep firing in the clone)."""
+    _roundtrip(env, prog, policy.split()[0], args=args, extra=policy.split()[1:])
+
+
+@pytest.mark.parametrize("mode,want", [("thread", "signals thread"),
+                                       ("cpu", "a CPU-time clock")])
+def test_timers_refused_with_a_line(env, mode, want):
+    """Timers that cannot be carried are refused at checkpoint, one error line naming the
+    timer; nothing is published and the process goes on."""
+    d, store = env
+    exe = build_prog("timerrefuse", d)
+    orig = start([exe, mode], cwd=d)
+    img = os.path.join(d, f"timerrefuse-{mode}.img")
+    try:
+        r = cxlfork("checkpoint", orig.pid, "-o", img, "--store", store, check=False)
+        errors = [x for x in r.stderr.splitlines() if x.startswith("cxlfork: error:")]
+        assert r.returncode == 1 and len(errors) == 1, r.stderr
+        assert "POSIX timer ID" in errors[0] and want in errors[0], r.stderr
+        assert not os.path.exists(img)
+        out, rc, _ = go(orig)
+        assert out.strip() == "ok" and rc == 0, out
+    finally:
+        if orig.poll() is None:
+            orig.kill()
+            orig.wait()

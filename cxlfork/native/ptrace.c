@@ -87,8 +87,9 @@ int cx_setregset(int pid, int type, const void *buf, int size)
 
 int cx_get_rseq(int pid, uint64_t *out4)
 {
-    /* struct ptrace_rseq_configuration: u64 rseq_abi_pointer; u32 len, flags, signature, pad */
-    struct { uint64_t ptr; uint32_t len, flags, sig, pad; } c;
+    /* struct ptrace_rseq_configuration (include/uapi/linux/ptrace.h): u64 rseq_abi_pointer;
+     * u32 rseq_abi_size, signature, flags, pad (the signature comes before the flags) */
+    struct { uint64_t ptr; uint32_t len, sig, flags, pad; } c;
     memset(&c, 0, sizeof c);
     long r = ptrace(PTRACE_GET_RSEQ_CONFIGURATION, pid, (void *)sizeof c, &c);
     if (r < 0)

@@ -8,7 +8,8 @@
  *      their checkpointed addresses;
  *   3. runs the plan's operations in order: mmap (store file MAP_PRIVATE, files, anonymous),
  *      pread (eager copies), mprotect, madvise, sigactions, sigaltstack, signal mask, rseq,
- *      tid address, robust list, prctl(PR_SET_MM_MAP), closing its own fds, FD_CLOEXEC;
+ *      tid address, robust list, prctl(PR_SET_MM_MAP), POSIX and interval timers, closing its
+ *      own fds, FD_CLOEXEC;
  *   4. creates the other threads (OP_THREAD: clone with CLONE_THREAD onto a stack in the
  *      region; each sets its own sigaltstack, rseq, tid address and robust list, then calls
  *      THREAD_PARK, which is never mapped: cxlfork, attached with PTRACE_O_TRACECLONE, keeps
@@ -46,12 +47,12 @@
 #define THREAD_PARK   (REGION_LO + 0x3ffff000UL)   /* never mapped */
 
 #define PLAN_MAGIC 0x314e414c50584643UL   /* "CFXPLAN1" little-endian */
-#define PLAN_VERSION 3
+#define PLAN_VERSION 4
 
 enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK,
        OP_SIGMASK, OP_RSEQ, OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL,
        OP_PRLIMIT, OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
-       OP_GHOSTWAIT };
+       OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER };
 
 #define NR_read 0
 #define NR_write 1
@@ -85,6 +86,10 @@ enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTST
 #define NR_setsid 112
 #define NR_setpgid 109
 #define NR_close_range 436
+#define NR_timer_create 222
+#define NR_timer_settime 223
+#define NR_setitimer 38
+#define PR_TIMER_CREATE_RESTORE_IDS 77
 
 #define GHOST_MAGIC 0x3154534f48475843UL   /* "CXGHOST1" little-endian */
 #define GHOST_MAXFD 253                      /* SCM_MAX_FD */
@@ -225,6 +230,8 @@ static const char *const op_names[] = {
     "close", "fcntl(FD_CLOEXEC)", "prctl", "prlimit64", "read of cxlfork's go byte",
     "userfaultfd (lazy moa)", "UFFDIO_REGISTER (lazy moa)", "sendmsg of the userfaultfd",
     "clone of a thread", "close_range", "wait of a warm ghost",
+    "timer_create under the checkpointed ID (PR_TIMER_CREATE_RESTORE_IDS needs Linux 6.17+)",
+    "timer_settime", "setitimer",
 };
 
 static long uffd = -1;
@@ -394,6 +401,31 @@ static long run_op(const uint64_t *o)
             return r < 0 ? r : -5;
         ghost_wait((long)o[1]);
         return 0;
+    }
+    case OP_TIMER_CREATE: {
+        /* o: id, clock, notify, signo, value, at the main thread (SIGEV_THREAD_ID) */
+        struct { uint64_t value; int32_t signo, notify, tid, pad[11]; } ev = { 0 };
+        int32_t id = (int32_t)o[1];
+        ev.value = o[5];
+        ev.signo = (int32_t)o[4];
+        ev.notify = (int32_t)o[3];
+        if (o[6])
+            ev.tid = (int32_t)sc(NR_getpid, 0, 0, 0);
+        if ((r = sc(NR_prctl, PR_TIMER_CREATE_RESTORE_IDS, 1 /* ON */, 0)) < 0)
+            return r;
+        r = sc(NR_timer_create, o[2], &ev, &id);
+        sc(NR_prctl, PR_TIMER_CREATE_RESTORE_IDS, 0 /* OFF */, 0);
+        if (r < 0)
+            return r;
+        return id == (int32_t)o[1] ? 0 : -17;
+    }
+    case OP_TIMER_SET: {
+        int64_t its[4] = { (int64_t)o[2], (int64_t)o[3], (int64_t)o[4], (int64_t)o[5] };
+        return sc6(NR_timer_settime, o[1], 0, (long)its, 0, 0, 0);
+    }
+    case OP_SETITIMER: {
+        int64_t itv[4] = { (int64_t)o[2], (int64_t)o[3], (int64_t)o[4], (int64_t)o[5] };
+        return sc(NR_setitimer, o[1], itv, 0);
     }
     case OP_CLOEXEC:
         return sc(NR_fcntl, o[1], 2 /* F_SETFD */, 1 /* FD_CLOEXEC */);

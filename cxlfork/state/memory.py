@@ -67,7 +67,7 @@ class Objects:
             except OSError:
                 seals = 0
             o = {"id": len(self.by_ino), "kind": kind, "name": name, "size": st.st_size,
-                 "seals": seals, "runs": []}
+                 "seals": seals, "mode": st.st_mode & 0o7777, "runs": []}
             self.by_ino[key] = o
             self.fds[o["id"]] = fd
         else:
@@ -116,6 +116,7 @@ def collect(pid: int, maps: list[dict], objs: Objects) -> list[dict]:
             | (4 if v["perms"][2] == "x" else 0)
         shared = v["perms"][3] == "s"
         rec = {"start": s, "end": e, "prot": prot, "shared": shared, "offset": v["pgoff"],
+               "maywrite": "mw" in flags,
                "growsdown": "gd" in flags, "path": path, "runs": [],
                "madvise": sorted(MADVISE[f] for f in flags if f in MADVISE)}
         if path in SPECIAL:
@@ -203,7 +204,9 @@ def open_mapped_files(m: dict, fds_open: list[int]) -> dict[int, int]:
         if v["kind"] != "file":
             continue
         image_mod.check_file(v["file"], "mapped file")
-        rw = v["shared"] and bool(v["prot"] & 2)
+        # a shared mapping that may be made writable (VM_MAYWRITE: the file was opened
+        # O_RDWR) needs a read-write fd even when it is read-only now
+        rw = v["shared"] and (bool(v["prot"] & 2) or v.get("maywrite") is True)
         key = (v["file"]["path"], rw)
         if key not in opened:
             fd = os.open(key[0], (os.O_RDWR if rw else os.O_RDONLY) | os.O_CLOEXEC)
@@ -211,6 +214,14 @@ def open_mapped_files(m: dict, fds_open: list[int]) -> dict[int, int]:
             opened[key] = fd
         file_fds[i] = opened[key]
     return file_fds
+
+
+def object_mode(o: dict) -> int:
+    """An object's permission bits (images without the field: memfd_create's 0777)."""
+    mode = o.get("mode", 0o777)
+    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode < 0o10000:
+        raise ImageError(f"manifest field objects[{o['id']}].mode: {mode!r} is not a file mode")
+    return mode
 
 
 def make_objects(m: dict, store: int, opened: list[int]) -> dict[int, int]:
@@ -221,6 +232,7 @@ def make_objects(m: dict, store: int, opened: list[int]) -> dict[int, int]:
         if fd < 0:
             raise CxlforkError(f"memfd_create: {os.strerror(-fd)}")
         opened.append(fd)
+        os.fchmod(fd, object_mode(o))
         os.ftruncate(fd, o["size"])
         for off, n, sp in o["runs"]:
             todo = min(n * PAGE, o["size"] - off)

@@ -54,17 +54,27 @@ def _pipe_data(pid: int, fd: int) -> bytes:
 
 
 def reopen(f: dict, flags: int, made: dict, opened: list[int]) -> int:
-    """The clone's fd for pipe record f; made: this clone's pipes so far, by inode."""
+    """The clone's fd for pipe record f; made: this clone's pipes so far, by inode. The first
+    record of each end gets the new pipe's end itself; another open file description of the
+    same end (not a dup: the process opened it again, e.g. through /proc/self/fd/N) gets a
+    new one too, opened through /proc/self/fd, so each keeps its own O_NONBLOCK."""
     if f["pipe"] not in made:
         r, w = os.pipe2(os.O_CLOEXEC)
         opened += [r, w]
-        made[f["pipe"]] = (r, w)
-    r, w = made[f["pipe"]]
-    s = r if f["end"] == "r" else w
-    if f["end"] == "r" and f.get("data"):
+        made[f["pipe"]] = {"r": r, "w": w, "given": set()}
+    pipe = made[f["pipe"]]
+    end = f["end"]
+    if end in pipe["given"]:
+        s = os.open(f"/proc/self/fd/{pipe[end]}",
+                    (os.O_RDONLY if end == "r" else os.O_WRONLY) | os.O_NONBLOCK | os.O_CLOEXEC)
+        opened.append(s)
+    else:
+        s = pipe[end]
+        pipe["given"].add(end)
+    if end == "r" and f.get("data"):
         data = base64.b64decode(f["data"])
-        fcntl.fcntl(w, F_SETPIPE_SZ, max(len(data), 4096))
-        os.write(w, data)
+        fcntl.fcntl(pipe["w"], F_SETPIPE_SZ, max(len(data), 4096))
+        os.write(pipe["w"], data)
     fl = fcntl.fcntl(s, fcntl.F_GETFL)
     fcntl.fcntl(s, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (flags & os.O_NONBLOCK))
     return s
