@@ -1,7 +1,7 @@
 /* POSIX timers and interval timers: a periodic SIGEV_SIGNAL timer (50 ms, SIGUSR2, a handler
  * counts) keeps firing, a one-shot CLOCK_MONOTONIC timer and a periodic SIGEV_NONE
- * CLOCK_REALTIME one keep their remaining times and intervals under the same timer IDs, and
- * ITIMER_REAL / ITIMER_PROF keep theirs. */
+ * CLOCK_REALTIME one and a SIGEV_THREAD_ID one aimed at the main thread keep their remaining
+ * times and intervals under the same timer IDs, and ITIMER_REAL / ITIMER_PROF keep theirs. */
 #include "conform.h"
 #include <errno.h>
 #include <signal.h>
@@ -24,7 +24,7 @@ int main(void)
     sa.sa_sigaction = tick;
     sa.sa_flags = SA_SIGINFO | SA_RESTART;
     sigaction(SIGUSR2, &sa, NULL);
-    timer_t periodic, oneshot, none;
+    timer_t periodic, oneshot, none, tidt;
     struct sigevent ev = { 0 };
     ev.sigev_notify = SIGEV_SIGNAL;
     ev.sigev_signo = SIGUSR2;
@@ -35,6 +35,12 @@ int main(void)
     CHECK(timer_create(CLOCK_MONOTONIC, &ev, &oneshot) == 0, "timer_create 2");
     ev.sigev_notify = SIGEV_NONE;
     CHECK(timer_create(CLOCK_REALTIME, &ev, &none) == 0, "timer_create 3");
+    ev.sigev_notify = SIGEV_THREAD_ID;
+    ev.sigev_signo = SIGUSR1;
+    ev._sigev_un._tid = gettid();
+    CHECK(timer_create(CLOCK_BOOTTIME, &ev, &tidt) == 0, "timer_create 4");
+    struct itimerspec tt = { { 0, 0 }, { 2000, 0 } };
+    timer_settime(tidt, 0, &tt, NULL);
     struct itimerspec its = { { 0, 50000000 }, { 0, 50000000 } };
     timer_settime(periodic, 0, &its, NULL);
     struct itimerspec one = { { 0, 0 }, { 3600, 0 } };
@@ -52,6 +58,8 @@ int main(void)
           (long)got.it_value.tv_sec);
     CHECK(timer_gettime(none, &got) == 0 && got.it_interval.tv_sec == 7 &&
           got.it_value.tv_sec > 0 && got.it_value.tv_sec <= 100, "SIGEV_NONE timer");
+    CHECK(timer_gettime(tidt, &got) == 0 && got.it_value.tv_sec > 1000 &&
+          got.it_value.tv_sec < 2000, "SIGEV_THREAD_ID timer: %ld s", (long)got.it_value.tv_sec);
     CHECK(timer_gettime(periodic, &got) == 0 && got.it_interval.tv_nsec == 50000000,
           "periodic timer interval");
     struct itimerval iv;
