@@ -57,6 +57,7 @@ def collect(tr: Tracee) -> dict:
     tr.freeze_threads()
     process.refuse_tree(pid)
     status = procfs.status(pid)
+    process.refuse_seccomp(pid, status)
     with injection_window(tr, procfs.smaps(pid)):
         sigs = signals.collect(tr, status)
         tid_address = tr.tid_address()

@@ -1,6 +1,7 @@
 """The process as a whole: executable, cwd, umask, session/group leadership, name, mm fields
 (for PR_SET_MM_MAP), rlimits. Refused at checkpoint: child processes, a zombie, a deleted cwd
-or executable. Restored by the spawn (cwd, umask, session) and the plan (mm, name, rlimits)."""
+or executable, a seccomp filter or strict mode (a sandbox the clone would silently lose).
+Restored by the spawn (cwd, umask, session) and the plan (mm, name, rlimits)."""
 from __future__ import annotations
 
 import os
@@ -38,6 +39,17 @@ def refuse_tree(pid: int) -> None:
                       "process trees are not supported yet")
     if zombie:
         raise CxlforkError(f"PID {pid} is a zombie")
+
+
+def refuse_seccomp(pid: int, status: dict) -> None:
+    """A process under seccomp (strict mode or filters) is refused: the restorer cannot
+    install its filters again, and a clone without them would run unsandboxed."""
+    mode = status.get("Seccomp", "0").strip()
+    if mode not in ("", "0"):
+        what = "strict mode" if mode == "1" else \
+            f"{status.get('Seccomp_filters', '?').strip()} seccomp filter(s)"
+        raise Refused(f"PID {pid} runs under seccomp ({what}); a clone would lose the "
+                      "sandbox: not supported")
 
 
 def rlimits(pid: int) -> dict[str, list[int]]:
