@@ -75,10 +75,12 @@ def restart_adjusted(regs: dict[str, int], live: bool) -> dict[str, int]:
 class Tracee:
     """A process frozen with PTRACE_SEIZE + PTRACE_INTERRUPT; detach() resumes it."""
 
-    def __init__(self, pid: int, timeout_s: float = 10.0):
+    def __init__(self, pid: int, timeout_s: float = 10.0, tgid: int | None = None):
         self.pid = pid
+        self.tgid = tgid or pid           # the process, for a thread
         self.attached = False
         self.held_signal = 0
+        self.held_siginfo = None        # its siginfo (128 bytes), to queue it again as it was
         self.scratch = 0
         self.threads: list[Tracee] = []     # the other threads, for the main one
         e = lib.cx_seize(pid)
@@ -153,13 +155,15 @@ class Tracee:
         """inject() by syscall number."""
         a = [int(x) for x in args] + [0] * (6 - len(args))
         ret = ffi.new("long *")
+        info = ffi.new("char[128]")
         self.injected = True
-        e = lib.cx_inject(self.pid, self.regs_raw, self.syscall_ip, nr, *a, ret)
+        e = lib.cx_inject(self.pid, self.regs_raw, self.syscall_ip, nr, *a, ret, info)
         if e < 0:
             name = next((k for k, v in NR.items() if v == nr), f"syscall {nr}")
             raise CxlforkError(f"injecting {name} into PID {self.pid}: {os.strerror(-e)}")
         if e > 0 and not self.held_signal:
             self.held_signal = e
+            self.held_siginfo = ffi.buffer(info)[:]
         return ret[0]
 
     def map_scratch(self) -> int:
@@ -226,7 +230,7 @@ class Tracee:
             for t in new:
                 seen.add(t)
                 try:
-                    self.threads.append(Tracee(t))
+                    self.threads.append(Tracee(t, tgid=self.pid))
                 except CxlforkError:
                     if os.path.exists(f"/proc/{self.pid}/task/{t}"):
                         raise
@@ -243,10 +247,10 @@ class Tracee:
         lib.cx_detach(self.pid, 0)
         self.attached = False
         if self.held_signal:
-            try:
-                os.kill(self.pid, self.held_signal)
-            except ProcessLookupError:
-                pass
+            # queued again to the thread it stopped, with its siginfo (a timer's signal stays
+            # SI_TIMER with its value); lib falls back to tgkill
+            lib.cx_requeue(self.tgid, self.pid, self.held_signal,
+                           self.held_siginfo if self.held_siginfo else ffi.NULL)
 
     def kill(self) -> None:
         """SIGKILL it and wait until it is gone (as its tracer we see its death)."""

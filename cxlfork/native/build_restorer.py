@@ -1,4 +1,4 @@
-"""Compile cxlfork-restorer: the static, libc-free restorer (restorer.c + restorer.ld).
+"""Compile cxlfork-restorer: the static, libc-free restorer (SOURCES + restorer.ld).
 
 Called by setup.py's build_ext hook at pip install time (and runnable by hand:
 `python cxlfork/native/build_restorer.py OUT`). Needs gcc (or $CC) and GNU ld.
@@ -10,6 +10,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "cxlfork-restorer"
+SOURCES = ("restorer.c", "restorer_ghost.c", "restorer_thread.c")   # + restorer.h
 CFLAGS = ["-O2", "-static", "-nostdlib", "-nostartfiles", "-ffreestanding", "-fno-builtin",
           "-fno-stack-protector", "-fpie", "-no-pie", "-fno-asynchronous-unwind-tables",
           "-fno-tree-loop-distribute-patterns", "-Wall"]
@@ -26,7 +27,7 @@ def build(out_dir: str) -> str:
                  "e.g. 'apt-get install gcc', then run pip install again")
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, NAME)
-    cmd = [cc, *CFLAGS, *LDFLAGS, "-o", out + ".tmp", os.path.join(HERE, "restorer.c")]
+    cmd = [cc, *CFLAGS, *LDFLAGS, "-o", out + ".tmp", *(os.path.join(HERE, f) for f in SOURCES)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"cxlfork: building {NAME} failed:\n{' '.join(cmd)}\n{r.stderr}")

@@ -19,7 +19,8 @@ int cx_setregset(int pid, int type, const void *buf, int size);
 int cx_get_rseq(int pid, uint64_t *out4);
 int cx_get_robust_list(int pid, uint64_t *head, uint64_t *len);
 int cx_inject(int pid, const void *saved_regs, uint64_t syscall_ip, long nr,
-              long a0, long a1, long a2, long a3, long a4, long a5, long *ret);
+              long a0, long a1, long a2, long a3, long a4, long a5, long *ret, void *siginfo);
+int cx_requeue(int tgid, int tid, int sig, const void *siginfo);
 int cx_kcmp_file(int pid, int fd1, int fd2);
 int cx_pidfd_getfd(int pid, int fd);
 int cx_tee(int in_fd, int out_fd, uint64_t len);

@@ -110,8 +110,9 @@ int cx_get_robust_list(int pid, uint64_t *head, uint64_t *len)
 }
 
 /* Wait for a syscall stop (SIGTRAP|0x80), passing through other stops. A signal seen on the
- * way is suppressed and returned in *pending so the caller can re-deliver it at detach. */
-static int wait_syscall_stop(int pid, int *pending)
+ * way is suppressed and returned in *pending, its siginfo in siginfo (128 bytes), so the
+ * caller can queue it again, as it was, at detach (cx_requeue). */
+static int wait_syscall_stop(int pid, int *pending, void *siginfo)
 {
     for (;;) {
         int st;
@@ -123,15 +124,18 @@ static int wait_syscall_stop(int pid, int *pending)
         int sig = WSTOPSIG(st);
         if (sig == (SIGTRAP | 0x80))
             return 0;
-        if ((st >> 16) == 0 && sig != SIGTRAP && sig != SIGSTOP && pending && !*pending)
+        if ((st >> 16) == 0 && sig != SIGTRAP && sig != SIGSTOP && pending && !*pending) {
             *pending = sig;
+            if (siginfo && ptrace(PTRACE_GETSIGINFO, pid, 0, siginfo) < 0)
+                memset(siginfo, 0, 128);
+        }
         if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
             return -errno;
     }
 }
 
 int cx_inject(int pid, const void *saved_regs, uint64_t syscall_ip, long nr,
-              long a0, long a1, long a2, long a3, long a4, long a5, long *ret)
+              long a0, long a1, long a2, long a3, long a4, long a5, long *ret, void *siginfo)
 {
     struct user_regs_struct r;
     memcpy(&r, saved_regs, sizeof r);
@@ -145,14 +149,24 @@ int cx_inject(int pid, const void *saved_regs, uint64_t syscall_ip, long nr,
     int pending = 0;
     if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
         return -errno;
-    if ((e = wait_syscall_stop(pid, &pending)) < 0)       /* entry */
+    if ((e = wait_syscall_stop(pid, &pending, siginfo)) < 0)       /* entry */
         return e;
     if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
         return -errno;
-    if ((e = wait_syscall_stop(pid, &pending)) < 0)       /* exit */
+    if ((e = wait_syscall_stop(pid, &pending, siginfo)) < 0)       /* exit */
         return e;
     if ((e = cx_getregset(pid, NT_PRSTATUS, &r, sizeof r)) < 0)
         return e;
     *ret = (long)r.rax;
-    return pending;   /* >0: a signal arrived meanwhile and was held back */
+    return pending;   /* >0: a signal arrived meanwhile and was held back (siginfo) */
+}
+
+/* Queue a held-back signal again on thread tid of tgid with the siginfo it came with (a
+ * timer's SI_TIMER and value, a sigqueue's value); where the kernel refuses that (si_code >= 0
+ * or SI_TKILL from another process), send it with tgkill. */
+int cx_requeue(int tgid, int tid, int sig, const void *siginfo)
+{
+    if (siginfo && syscall(SYS_rt_tgsigqueueinfo, tgid, tid, sig, siginfo) == 0)
+        return 0;
+    return syscall(SYS_tgkill, tgid, tid, sig) < 0 ? -errno : 0;
 }

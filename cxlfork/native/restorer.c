@@ -32,83 +32,12 @@
  * ready byte on its socket and waits there, as above, for the clone's own fds only. Until
  * then the error fd is a copy of that socket, so a failure line reaches the pool.
  */
-#include <stdint.h>
+#include "restorer.h"
 #include <linux/ioctl.h>
 #include <linux/userfaultfd.h>
 
-#define REGION_LO   0x100000000000UL
-#define REGION_HI   0x100040000000UL
-#define SELF_TMP    (REGION_LO + 0x10000000UL)
-#define PLAN_ADDR   (REGION_LO + 0x20000000UL)
-#define SPECIAL_TMP (REGION_LO + 0x30000000UL)
-#define TASK_TOP    0x7ffffffff000UL
-#define THREAD_STACKS (REGION_LO + 0x38000000UL)
-#define THREAD_STACK  0x10000UL
-#define THREAD_PARK   (REGION_LO + 0x3ffff000UL)   /* never mapped */
-
-#define PLAN_MAGIC 0x314e414c50584643UL   /* "CFXPLAN1" little-endian */
-#define PLAN_VERSION 4
-
-enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK,
-       OP_SIGMASK, OP_RSEQ, OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL,
-       OP_PRLIMIT, OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
-       OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER };
-
-#define NR_read 0
-#define NR_write 1
-#define NR_close 3
-#define NR_fstat 5
-#define NR_mmap 9
-#define NR_mprotect 10
-#define NR_munmap 11
-#define NR_rt_sigaction 13
-#define NR_rt_sigprocmask 14
-#define NR_pread64 17
-#define NR_mremap 25
-#define NR_madvise 28
-#define NR_getpid 39
-#define NR_exit_group 231
-#define NR_kill 62
-#define NR_fcntl 72
-#define NR_sigaltstack 131
-#define NR_prctl 157
-#define NR_set_tid_address 218
-#define NR_set_robust_list 273
-#define NR_rseq 334
-#define NR_prlimit64 302
-#define NR_ioctl 16
-#define NR_sendmsg 46
-#define NR_userfaultfd 323
-#define NR_recvmsg 47
-#define NR_dup2 33
-#define NR_chdir 80
-#define NR_umask 95
-#define NR_setsid 112
-#define NR_setpgid 109
-#define NR_close_range 436
-#define NR_timer_create 222
-#define NR_timer_settime 223
-#define NR_setitimer 38
-#define PR_TIMER_CREATE_RESTORE_IDS 77
-
-#define GHOST_MAGIC 0x3154534f48475843UL   /* "CXGHOST1" little-endian */
-#define GHOST_MAXFD 253                      /* SCM_MAX_FD */
-
 extern char cx_image_start[], cx_image_end[];
 char cx_stack[1 << 16] __attribute__((aligned(64)));
-
-static inline long sc6(long n, long a, long b, long c, long d, long e, long f)
-{
-    register long r10 __asm__("r10") = d;
-    register long r8 __asm__("r8") = e;
-    register long r9 __asm__("r9") = f;
-    long ret;
-    __asm__ volatile("syscall" : "=a"(ret)
-                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return ret;
-}
-#define sc(n, a, b, c) sc6(n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
 
 void *memcpy(void *d, const void *s, unsigned long n)
 {
@@ -126,23 +55,6 @@ void *memset(void *d, int c, unsigned long n)
         *dd++ = (char)c;
     return d;
 }
-
-/* clone(flags, newsp) for a thread: the child pops its record from the new stack and runs
- * cx_thread_main; the parent returns the new tid (or -errno). */
-long cx_clone_thread(long flags, uint64_t *newsp);
-__asm__(".text\n.globl cx_clone_thread\ncx_clone_thread:\n"
-        "  mov $56, %eax\n"
-        "  xor %edx, %edx\n"
-        "  xor %r10d, %r10d\n"
-        "  xor %r8d, %r8d\n"
-        "  syscall\n"
-        "  test %rax, %rax\n"
-        "  jz 1f\n"
-        "  ret\n"
-        "1: pop %rdi\n"
-        "  and $-16, %rsp\n"
-        "  call cx_thread_main\n"
-        "  ud2\n");
 
 __asm__(".text\n.globl _start\n_start:\n"
         "  mov %rsp, %r12\n"
@@ -167,7 +79,7 @@ __attribute__((used)) void cx_selfcopy(void)
         sc(NR_exit_group, 121, 0, 0);
 }
 
-static int errfd = -1;
+int errfd = -1;
 
 static char *put_str(char *p, const char *s)
 {
@@ -207,7 +119,7 @@ static char *put_dec(char *p, long v)
     return p;
 }
 
-static void fail(const char *what, long op, unsigned long addr, long err)
+void fail(const char *what, long op, unsigned long addr, long err)
 {
     char buf[200], *p = buf;
     p = put_str(p, "restorer: ");
@@ -222,6 +134,7 @@ static void fail(const char *what, long op, unsigned long addr, long err)
     if (errfd >= 0)
         sc(NR_write, errfd, buf, p - buf);
     sc(NR_exit_group, 1, 0, 0);
+    __builtin_unreachable();
 }
 
 static const char *const op_names[] = {
@@ -252,98 +165,6 @@ static long send_uffd(long sock)
     sc(NR_close, uffd, 0, 0);
     uffd = -1;
     return r < 0 ? r : 0;
-}
-
-/* A restored thread's own state, then park at THREAD_PARK. rec (in the plan): sigaltstack
- * sp/flags/size, rseq address/length/signature, tid address, robust list head/length, index,
- * then its name (16 bytes). */
-__attribute__((used, noreturn)) void cx_thread_main(const uint64_t *rec)
-{
-    long r;
-    if (!(rec[1] & 2)) {                       /* SS_DISABLE: nothing to set */
-        uint64_t ss[3] = { rec[0], rec[1] & ~1UL & 0xffffffffUL, rec[2] };
-        if ((r = sc(NR_sigaltstack, ss, 0, 0)) < 0)
-            fail("sigaltstack of a thread", (long)rec[9], rec[0], r);
-    }
-    if (rec[3] && (r = sc6(NR_rseq, rec[3], rec[4], 0, rec[5], 0, 0)) < 0)
-        fail("rseq of a thread", (long)rec[9], rec[3], r);
-    sc(NR_set_tid_address, rec[6], 0, 0);
-    if (rec[7] && (r = sc(NR_set_robust_list, rec[7], rec[8], 0)) < 0)
-        fail("set_robust_list of a thread", (long)rec[9], rec[7], r);
-    if (((const char *)&rec[10])[0])            /* its name (comm), NUL-padded */
-        sc(NR_prctl, 15 /* PR_SET_NAME */, &rec[10], 0);
-    uint64_t mask = ~(1UL << 10);              /* only SIGSEGV, for the park below */
-    sc6(NR_rt_sigprocmask, 2, (long)&mask, 0, 8, 0, 0);
-    ((void (*)(void))THREAD_PARK)();
-    __builtin_unreachable();
-}
-
-/* Ghost mode: wait for one restore on socket sock, lay out the fd table it carries; returns
- * the plan fd. Message: u64 magic, nfd, umask, session mode (1 setsid, 2 setpgid), plan fd,
- * error-pipe index, cwd length, 0; then nfd int32 destination numbers, then the cwd; the
- * nfd fds in SCM_RIGHTS, in the same order. Fails with exit statuses 126/127 before the
- * error pipe is in place. */
-static char ghost_buf[8192] __attribute__((aligned(8)));
-static uint64_t ghost_cmsg[(16 + GHOST_MAXFD * 4 + 7) / 8 + 1];
-
-static long ghost_wait(long sock)
-{
-    uint64_t iov[2] = { (uint64_t)ghost_buf, sizeof ghost_buf };
-    struct {
-        uint64_t name;
-        uint32_t namelen, pad;
-        uint64_t iov, iovlen, control, controllen;
-        int32_t flags, pad2;
-    } mh = { 0, 0, 0, (uint64_t)iov, 1, (uint64_t)ghost_cmsg, sizeof ghost_cmsg, 0, 0 };
-    long n;
-    do
-        n = sc(NR_recvmsg, sock, &mh, 0x40000000 /* MSG_CMSG_CLOEXEC */);
-    while (n == -4 /* EINTR */);
-    if (n <= 0)                                /* EOF: the pool is closed or its owner gone */
-        sc(NR_exit_group, 0, 0, 0);
-    const uint64_t *h = (const uint64_t *)ghost_buf;
-    uint64_t nfd = h[1];
-    const uint32_t *c = (const uint32_t *)ghost_cmsg;   /* len (u64), level, type, fds */
-    if (n < 64 || n >= (long)sizeof ghost_buf || h[0] != GHOST_MAGIC || nfd > GHOST_MAXFD ||
-        (mh.flags & 0x28 /* MSG_CTRUNC, MSG_TRUNC */) ||
-        mh.controllen < 16 || c[2] != 1 || c[3] != 1 ||
-        ghost_cmsg[0] != 16 + nfd * 4 || h[6] >= sizeof ghost_buf ||
-        (uint64_t)n < 64 + nfd * 4 + h[6])
-        sc(NR_exit_group, 126, 0, 0);
-    const int32_t *dst = (const int32_t *)(ghost_buf + 64);
-    const int32_t *got = (const int32_t *)(c + 4);
-    char *cwd = ghost_buf + 64 + nfd * 4;
-    int32_t tmp[GHOST_MAXFD];
-    long base = sock + 1, r;
-    for (uint64_t i = 0; i < nfd; i++)
-        if (dst[i] >= base)
-            base = dst[i] + 1;
-    /* out of the way of every destination, then into place (as cx_spawn's child does) */
-    for (uint64_t i = 0; i < nfd; i++) {
-        r = sc(NR_fcntl, got[i], 0 /* F_DUPFD */, base);
-        if (r < 0)
-            sc(NR_exit_group, 127, 0, 0);
-        sc(NR_close, got[i], 0, 0);
-        tmp[i] = (int32_t)r;
-    }
-    sc(NR_close, sock, 0, 0);
-    for (uint64_t i = 0; i < nfd; i++)
-        if (sc(NR_dup2, tmp[i], dst[i], 0) < 0)
-            sc(NR_exit_group, 127, 0, 0);
-    sc6(NR_close_range, base, ~0U, 0, 0, 0, 0);
-    if (h[5] < nfd)
-        errfd = dst[h[5]];
-    if (h[6]) {
-        cwd[h[6]] = 0;
-        if ((r = sc(NR_chdir, cwd, 0, 0)) < 0)
-            fail("chdir to the checkpointed cwd", -1, 0, r);
-    }
-    sc(NR_umask, h[2], 0, 0);
-    if (h[3] == 1 && (r = sc(NR_setsid, 0, 0, 0)) < 0)
-        fail("setsid", -1, 0, r);
-    if (h[3] == 2 && (r = sc(NR_setpgid, 0, 0, 0)) < 0)
-        fail("setpgid", -1, 0, r);
-    return (long)h[4];
 }
 
 static long run_op(const uint64_t *o)
@@ -399,7 +220,7 @@ static long run_op(const uint64_t *o)
         char c = 'r';
         if ((r = sc(NR_write, o[1], &c, 1)) != 1)
             return r < 0 ? r : -5;
-        ghost_wait((long)o[1]);
+        cx_ghost_wait((long)o[1]);
         return 0;
     }
     case OP_TIMER_CREATE: {
@@ -500,7 +321,7 @@ __attribute__((used)) void cx_main(uint64_t *sp0)
         planfd = planfd * 10 + (*s - '0');
     }
     if (ghost)
-        planfd = ghost_wait(planfd);
+        planfd = cx_ghost_wait(planfd);
 
     uint64_t st[18];               /* struct stat: st_size at word 6 */
     if (sc(NR_fstat, planfd, st, 0) < 0)
