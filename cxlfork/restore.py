@@ -2,15 +2,18 @@
 the address space from the page store -> install registers -> run.
 
     check     manifest validated (image.load), page file size, exe and mapped files unchanged,
-              vvar/vdso sizes of this kernel equal to the checkpoint's
-    fds       per clone: stdio (--stdio), files reopened at their offsets, pipes refilled,
-              eventfds, memfds (refilled from the store); the restorer's own fds above them
+              vvar/vdso sizes of this kernel equal to the checkpoint's (state.memory),
+              signals and timers restorable (state.signals, state.timers)
+    fds       per clone (state.fds and the module of each kind): stdio (--stdio), files
+              reopened at their offsets, pipes refilled, socketpairs, eventfds, memfds
+              (refilled from the store, state.memory); the restorer's own fds above them
     spawn     vfork-style clone (clone3 with set_tid for --same-pid) -> signals reset,
               session/pgrp, cwd, umask, fd table -> exec cxlfork-restorer, which runs the plan
               (cxlfork.plan: memory, signals, rlimits, mm, ...) while cxlfork PTRACE_SEIZEs it
               (EXITKILL) and sends it a go byte
     finish    at the restorer's hand-over stop (the SIGSEGV of returning into its own unmapped
-              code): signal mask, xstate, registers; detach with the signal dropped
+              code): signal mask, xstate, registers (state.registers, state.threads); detach
+              with the signal dropped
 Any failure kills and reaps every clone made so far; nothing half-made is left running.
 
 `prepare_restore(image)` does the check, the plan and the files once and returns an object
