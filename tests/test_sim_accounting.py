@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from emulation import synth
-from emulation import trace as tracefmt
-from emulation.sim import TierModel, simulate
-from emulation.trace_capture import parse_lackey_lines, trace_from_batches
+from tiermem import synth
+from tiermem import trace as tracefmt
+from tiermem.sim import TierModel, simulate
+from tiermem.trace_capture import parse_lackey_lines, trace_from_batches
 from tiermem.access import AccessBatch
 from tiermem.errors import TiermemError
 from tiermem.policies import POLICIES, load_policy_file, make_policy

@@ -235,9 +235,9 @@ def record(sampler, target, duration: float, interval: float, progress=None) -> 
 
 
 def to_trace(rec: Record):
-    """The record as an emulation.trace.Trace (pages with weights; epoch = batch), so the
+    """The record as an tiermem.trace.Trace (pages with weights; epoch = batch), so the
     simulator can replay what a live sampler saw."""
-    from emulation.trace import Trace
+    from tiermem.trace import Trace
     parts, eps = [], []
     for b in range(rec.nr_batches):
         bt = rec.spans(b).to_batch()

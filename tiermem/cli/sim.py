@@ -24,7 +24,7 @@ def _parse_params(items) -> dict[str, dict[str, str]]:
 
 def run_comparison(trace, names, model, params=None, progress=True):
     """SimResult per policy name (in order), with a click progress bar on stderr."""
-    from emulation.sim import simulate
+    from tiermem.sim import simulate
     from tiermem.policies import make_policy
     params = params or {}
     unknown = set(params) - set(names)
@@ -100,9 +100,9 @@ def command(trace_path, workload, accesses, pages, policies, fast_mb, fast_pct, 
             epoch_accesses, sample_every, llc_mb, params, policy_file, plot_dir, no_plots,
             as_json):
     """Compare tiering policies on the same accesses in the tiered-memory simulator."""
-    from emulation import synth
-    from emulation import trace as tracefmt
-    from emulation.sim import TierModel, model_dict
+    from tiermem import synth
+    from tiermem import trace as tracefmt
+    from tiermem.sim import TierModel, model_dict
     from tiermem.policies import POLICIES, load_policy_file
 
     if (trace_path is None) == (workload is None):
@@ -135,7 +135,7 @@ def command(trace_path, workload, accesses, pages, policies, fast_mb, fast_pct, 
     title = trace_path or f"synthetic {workload}"
     plots = []
     if not no_plots:
-        from emulation.sim_plot import plot_results
+        from tiermem.sim_plot import plot_results
         plots = plot_results(results, plot_dir, str(title))
     if as_json:
         out = {"trace": title, "accesses": len(tr), "footprint_mb": tr.n_pages * 4096 / 2**20,

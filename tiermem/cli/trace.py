@@ -43,9 +43,9 @@ def _summary(tr, path) -> dict:
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 def command(output, sample_every, max_samples, workload, accesses, pages, show, as_json, cmd):
     """Record memory accesses of CMD (tiermem trace -o T.npz -- CMD ARGS)."""
-    from emulation import synth
-    from emulation import trace as tracefmt
-    from emulation.trace_capture import capture
+    from tiermem import synth
+    from tiermem import trace as tracefmt
+    from tiermem.trace_capture import capture
 
     modes = sum(x is not None and x != () for x in (show, workload, cmd or None))
     if modes != 1:

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from emulation.trace import Trace
+from tiermem.trace import Trace
 from tiermem.access import AccessBatch
 from tiermem.errors import TiermemError
 
