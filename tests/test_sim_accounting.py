@@ -216,8 +216,17 @@ def test_cli_sim_json_and_plots(tmp_path):
     out = json.loads(r.stdout)
     assert [x["policy"] for x in out["results"]] == ["m5", "tpp", "oracle"]
     assert all(0 <= x["fast_ratio"] <= 1 for x in out["results"])
+    assert len(out["plots"]) == 2
     for p in out["plots"]:
         assert os.path.getsize(p) > 10_000 and open(p, "rb").read(4) == b"\x89PNG"
+
+
+def test_cli_sim_writes_no_plots_unasked(tmp_path):
+    r = _cli("sim", "--workload", "zipf", "--pages", "256", "--accesses", "20000",
+             "--fast-pct", "25", "--policies", "tpp", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["plots"] == []
+    assert os.listdir(tmp_path) == []        # no sim-plots/ (or anything) in the cwd
 
 
 @pytest.mark.parametrize("args,msg", [

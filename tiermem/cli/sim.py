@@ -92,12 +92,12 @@ def format_table(results, model, footprint_pages: int) -> str:
               help="policy parameters, POLICY:key=value[,key=value] (repeatable)")
 @click.option("--policy-file", multiple=True, type=click.Path(dir_okay=False),
               help="load a user policy from a .py file (repeatable)")
-@click.option("--plot-dir", default="sim-plots", show_default=True,
-              help="directory for fast_ratio.png and migrations.png")
-@click.option("--no-plots", is_flag=True, help="do not write plots")
+@click.option("--plot-dir", type=click.Path(file_okay=False),
+              help="write fast_ratio.png and migrations.png into this directory (no plots "
+                   "without it)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def command(trace_path, workload, accesses, pages, policies, fast_mb, fast_pct, budget_mb,
-            epoch_accesses, sample_every, llc_mb, params, policy_file, plot_dir, no_plots,
+            epoch_accesses, sample_every, llc_mb, params, policy_file, plot_dir,
             as_json):
     """Compare tiering policies on the same accesses in the tiered-memory simulator."""
     from tiermem import synth
@@ -134,7 +134,7 @@ def command(trace_path, workload, accesses, pages, policies, fast_mb, fast_pct, 
     results = run_comparison(tr, names, model, _parse_params(params))
     title = trace_path or f"synthetic {workload}"
     plots = []
-    if not no_plots:
+    if plot_dir:
         from tiermem.sim_plot import plot_results
         plots = plot_results(results, plot_dir, str(title))
     if as_json:
