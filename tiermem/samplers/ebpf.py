@@ -380,8 +380,8 @@ class FaultSampler(_BpfCounter):
                             f"-DMAX_WALK_CHUNKS={MAX_WALK_CHUNKS}"])
         if delay:
             try:
-                self.bpf.attach_kprobe(event=SCAN_FN, fn_name=b"scan_enter")
-                self.bpf.attach_kretprobe(event=SCAN_FN, fn_name=b"scan_return")
+                self.bpf.attach_kprobe(event=SCAN_FN.encode(), fn_name=b"scan_enter")
+                self.bpf.attach_kretprobe(event=SCAN_FN.encode(), fn_name=b"scan_return")
             except Exception as e:
                 raise TiermemError(f"cannot attach kprobes to {SCAN_FN}: {e}") from e
 
