@@ -23,10 +23,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from emulation import synth  # noqa: E402
-from emulation import trace as tracefmt  # noqa: E402
-from emulation.sim import TierModel, simulate  # noqa: E402
-from emulation.trace_capture import capture  # noqa: E402
+from tiermem import synth  # noqa: E402
+from tiermem import trace as tracefmt  # noqa: E402
+from tiermem.sim import TierModel, simulate  # noqa: E402
+from tiermem.trace_capture import capture  # noqa: E402
 from tiermem.policies import make_policy  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +103,7 @@ def main():
             print(f"{name:<10} {pct:>3}% {fp:7.1f}MB | " + " | ".join(f"{c:>19}" for c in cells),
                   flush=True)
             if a.plots:
-                from emulation.sim_plot import plot_results
+                from tiermem.sim_plot import plot_results
                 plot_results(list(res.values()), os.path.join(a.plots, f"{name}-{pct}"),
                              f"{name}, fast tier {pct}%")
     print("\ncell: fast ratio (ratio / oracle's) and time / oracle's time ('t'); "

@@ -2,9 +2,9 @@
 
 Baseline (measured in the same run): the obvious per-epoch implementation that sorts the
 epoch's byte addresses (np.unique on page numbers) and looks each distinct page up in a
-sorted placement (searchsorted), instead of emulation.sim's bincount over dense page ids.
+sorted placement (searchsorted), instead of tiermem.sim's bincount over dense page ids.
 Both run the first-touch policy (no migrations) so the table measures the simulator core;
-a last column gives emulation.sim with the m5 policy (sampling 1 in 64) for the full cost.
+a last column gives tiermem.sim with the m5 policy (sampling 1 in 64) for the full cost.
 Median of --runs runs; one core (numpy is single-threaded here). Run:
 
     .venv/bin/python bench/bench_sim.py [--runs 3] [--max-m 16]
@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from emulation import synth  # noqa: E402
-from emulation.sim import TierModel, simulate  # noqa: E402
+from tiermem import synth  # noqa: E402
+from tiermem.sim import TierModel, simulate  # noqa: E402
 from tiermem.policies import make_policy  # noqa: E402
 
 

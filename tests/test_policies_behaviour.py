@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from emulation.sim import TierModel, simulate
-from emulation.trace import Trace
+from tiermem.sim import TierModel, simulate
+from tiermem.trace import Trace
 from tiermem.access import AccessBatch
 from tiermem.policies import make_policy
 from tiermem.policies.base import FAST, SLOW, Budget, Capacity, Placement

@@ -3,8 +3,8 @@ effect it is for (a hot set sampled less than once a page per interval kept on t
 better than with the fixed decay)."""
 import numpy as np
 
-from emulation import synth
-from emulation.sim import TierModel, simulate
+from tiermem import synth
+from tiermem.sim import TierModel, simulate
 from tiermem.access import AccessBatch
 from tiermem.policies import make_policy
 from tiermem.policies.base import Budget, Capacity, Placement, SLOW

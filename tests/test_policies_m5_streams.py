@@ -2,9 +2,9 @@
 stride prefetch, the lazy sketch decay, and the rate following a moved hot set."""
 import numpy as np
 
-from emulation import synth
-from emulation.sim import TierModel, simulate
-from emulation.trace import Trace
+from tiermem import synth
+from tiermem.sim import TierModel, simulate
+from tiermem.trace import Trace
 from tiermem.policies import make_policy
 from tiermem.policies.base import FAST
 from tiermem.policies.m5 import CountMinSketch, detect_streams

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from emulation import synth
-from emulation import trace as tracefmt
-from emulation.sim import TierModel, simulate
-from emulation.trace_capture import parse_lackey_lines, trace_from_batches
+from tiermem import synth
+from tiermem import trace as tracefmt
+from tiermem.sim import TierModel, simulate
+from tiermem.trace_capture import parse_lackey_lines, trace_from_batches
 from tiermem.access import AccessBatch
 from tiermem.errors import TiermemError
 from tiermem.policies import POLICIES, load_policy_file, make_policy
@@ -216,8 +216,17 @@ def test_cli_sim_json_and_plots(tmp_path):
     out = json.loads(r.stdout)
     assert [x["policy"] for x in out["results"]] == ["m5", "tpp", "oracle"]
     assert all(0 <= x["fast_ratio"] <= 1 for x in out["results"])
+    assert len(out["plots"]) == 2
     for p in out["plots"]:
         assert os.path.getsize(p) > 10_000 and open(p, "rb").read(4) == b"\x89PNG"
+
+
+def test_cli_sim_writes_no_plots_unasked(tmp_path):
+    r = _cli("sim", "--workload", "zipf", "--pages", "256", "--accesses", "20000",
+             "--fast-pct", "25", "--policies", "tpp", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["plots"] == []
+    assert os.listdir(tmp_path) == []        # no sim-plots/ (or anything) in the cwd
 
 
 @pytest.mark.parametrize("args,msg", [

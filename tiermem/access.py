@@ -18,7 +18,7 @@ and scalars ``sub_page`` (low 12 bits of addr carry a real word offset), ``space
 ('vaddr' or 'paddr') and the interval ``t_start`` .. ``t_end`` in seconds.
 
 The same type flows from the live samplers (tiermem.samplers) and from trace replay in the
-simulator (emulation.sim) into the same policy objects (tiermem.policies).
+simulator (tiermem.sim) into the same policy objects (tiermem.policies).
 """
 from __future__ import annotations
 

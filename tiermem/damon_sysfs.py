@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import psutil
 
 from tiermem import kfs
 from tiermem.errors import TiermemError
@@ -472,16 +473,13 @@ class Kdamond:
         self.stop()
 
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
 def thread_cpu_seconds(pid: int) -> float:
-    """utime+stime of a task from /proc/PID/stat, seconds (0 when it is gone)."""
-    s = kfs.read(f"/proc/{pid}/stat", "")
-    if not s:
+    """utime+stime of a task, seconds (0 when it is gone)."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return 0.0
-    fields = s[s.rfind(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return t.user + t.system
 
 
 def node_phys_range(nid: int) -> tuple[int, int]:

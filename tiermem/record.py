@@ -172,9 +172,11 @@ def _validate(r: Record, where: str) -> None:
 
 def process_alive(pid: int) -> bool:
     """True while pid runs (a zombie, exited but not yet reaped, counts as gone)."""
-    from tiermem import kfs
-    st = kfs.read(f"/proc/{pid}/stat", "")
-    return bool(st) and st[st.rfind(")") + 2:st.rfind(")") + 3] not in ("Z", "X", "")
+    import psutil
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False
 
 
 def base_meta(sampler, target) -> dict:
@@ -235,9 +237,9 @@ def record(sampler, target, duration: float, interval: float, progress=None) -> 
 
 
 def to_trace(rec: Record):
-    """The record as an emulation.trace.Trace (pages with weights; epoch = batch), so the
+    """The record as an tiermem.trace.Trace (pages with weights; epoch = batch), so the
     simulator can replay what a live sampler saw."""
-    from emulation.trace import Trace
+    from tiermem.trace import Trace
     parts, eps = [], []
     for b in range(rec.nr_batches):
         bt = rec.spans(b).to_batch()

@@ -1,29 +1,36 @@
-"""The control socket: a unix stream socket, root-owned, mode 0600, one JSON request line and
-one JSON reply line per connection, and a peer-credential check (SO_PEERCRED) so only root
-(or the daemon's own user) is served even if the file mode is loosened.
-
-Requests: {"cmd": "status"|"pause"|"resume"|"reload"|"stats"} or
-          {"cmd": "policy", "target": NAME, "policy": POLICY}
-Replies:  {"ok": true, ...} or {"ok": false, "error": "one line"}
-"""
+"""tiermemd's control socket server: a unix stream socket, root-owned, mode 0600, and a
+peer-credential check (SO_PEERCRED) so only root (or the daemon's own user) is served even if
+the file mode is loosened. The protocol (framing, client) is tiermem.control."""
 from __future__ import annotations
 
 import json
 import os
 import socket
-import struct
 import threading
+import time
 
+from tiermem.control import MAX_REQUEST, peer_uid, request, send as _send
 from tiermem.errors import TiermemError
 
-MAX_REQUEST = 64 * 1024
+__all__ = ["ControlServer", "request"]   # request: the client, re-exported for old callers
+
+CONN_TIMEOUT = 5.0       # s a peer has to send its request line (and to read a refusal)
+MAX_CONNECTIONS = 32     # served at once; more are closed unanswered
 
 
-def peer_uid(conn: socket.socket) -> tuple[int, int]:
-    """(pid, uid) of the process at the other end of a unix socket."""
-    data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", data)
-    return pid, uid
+def _drain(conn: socket.socket, deadline: float) -> None:
+    """Read and drop what the peer sends until it closes or the deadline passes."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        got = 0
+        while got < MAX_REQUEST:
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            got += len(chunk)
+    except OSError:
+        pass
 
 
 class ControlServer:
@@ -32,6 +39,8 @@ class ControlServer:
         self.sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._handler_lock = threading.Lock()
 
     def start(self) -> None:
         d = os.path.dirname(self.path)
@@ -50,7 +59,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        s.listen(8)
+        s.listen(64)
         s.settimeout(0.5)
         self.sock = s
         self._thread = threading.Thread(target=self._serve, name="tiermemd-control",
@@ -58,6 +67,8 @@ class ControlServer:
         self._thread.start()
 
     def _serve(self) -> None:
+        """Accept loop: each connection is served in its own thread, so a slow or silent peer
+        holds only its own thread (for at most CONN_TIMEOUT seconds), never root's ctl."""
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
@@ -65,35 +76,55 @@ class ControlServer:
                 continue
             except OSError:
                 return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    self._one(conn)
-                except Exception as e:  # a bad client must not take the daemon down
-                    self.log.warning("control: %s: %s", type(e).__name__, e)
+            if not self._slots.acquire(blocking=False):
+                conn.close()                 # more than MAX_CONNECTIONS at once: refused
+                self.log.warning("control: %d connections open; one refused", MAX_CONNECTIONS)
+                continue
+            threading.Thread(target=self._conn, args=(conn,), name="tiermemd-control-conn",
+                             daemon=True).start()
 
-    def _one(self, conn: socket.socket) -> None:
-        pid, uid = peer_uid(conn)
-        buf = b""
-        while b"\n" not in buf and len(buf) < MAX_REQUEST:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-        if uid != 0 and uid != os.geteuid():   # read first: closing unread data sends RST
+    def _conn(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self._one(conn, time.monotonic() + CONN_TIMEOUT)
+        except Exception as e:  # a bad client must not take the daemon down
+            self.log.warning("control: %s: %s", type(e).__name__, e)
+        finally:
+            self._slots.release()
+
+    def _one(self, conn: socket.socket, deadline: float) -> None:
+        pid, uid = peer_uid(conn)            # who it is, before reading a byte
+        if uid != 0 and uid != os.geteuid():
             self.log.warning("control: refused uid %d (pid %d): not root", uid, pid)
             _send(conn, {"ok": False, "error": f"permission denied: uid {uid} may not "
                                                "control tiermemd (root only)"})
+            _drain(conn, deadline)           # closing unread data would reset the reply
             return
+        buf = b""
+        while b"\n" not in buf and len(buf) < MAX_REQUEST:
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                chunk = conn.recv(4096)
+            except (socket.timeout, TimeoutError):
+                self.log.warning("control: pid %d sent no full request in %.0f s",
+                                 pid, CONN_TIMEOUT)
+                return
+            if not chunk:
+                break
+            buf += chunk
         try:
             req = json.loads(buf.split(b"\n", 1)[0] or b"null")
             if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                 raise ValueError("expected a JSON object with 'cmd'")
+        except RecursionError:
+            _send(conn, {"ok": False, "error": "bad request: JSON nested too deeply"})
+            return
         except ValueError as e:
             _send(conn, {"ok": False, "error": f"bad request: {e}"})
             return
         try:
-            reply = self.handler(req)
+            with self._handler_lock:         # the handler sees one request at a time
+                reply = self.handler(req)
             reply = {"ok": True, **(reply or {})}
         except TiermemError as e:
             reply = {"ok": False, "error": str(e)}
@@ -114,44 +145,3 @@ class ControlServer:
             self._thread.join(timeout=2)
 
 
-def _send(conn: socket.socket, obj: dict) -> None:
-    conn.sendall(json.dumps(obj).encode() + b"\n")
-
-
-def request(path: str, req: dict, timeout: float = 30.0) -> dict:
-    """Send one request to a running tiermemd; TiermemError with one clear line on failure."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        try:
-            s.connect(path)
-        except FileNotFoundError:
-            raise TiermemError(f"tiermemd is not running (no control socket at {path})") \
-                from None
-        except ConnectionRefusedError:
-            raise TiermemError(f"tiermemd is not running (stale control socket {path})") \
-                from None
-        except PermissionError:
-            raise TiermemError(f"permission denied on {path}: only root may control "
-                               "tiermemd") from None
-        s.sendall(json.dumps(req).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    except (socket.timeout, TimeoutError):
-        raise TiermemError(f"tiermemd did not answer on {path} within {timeout:.0f} s") \
-            from None
-    except OSError as e:
-        raise TiermemError(f"control socket {path}: {e.strerror or e}") from None
-    finally:
-        s.close()
-    try:
-        rep = json.loads(buf)
-    except ValueError:
-        raise TiermemError(f"tiermemd sent a bad reply on {path}") from None
-    if not rep.get("ok"):
-        raise TiermemError(rep.get("error", "tiermemd refused the request"))
-    return rep

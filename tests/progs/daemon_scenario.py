@@ -72,11 +72,11 @@ class Daemon:
             time.sleep(0.1)
 
     def ctl(self, cmd, **kw):
-        """One control request over the socket (tiermemd.control.request, what `tiermem
+        """One control request over the socket (tiermem.control.request, what `tiermem
         ctl` uses; the CLI itself is exercised by the host tests: starting it costs tens of
         seconds under TCG)."""
         from tiermem.errors import TiermemError
-        from tiermemd.control import request
+        from tiermem.control import request
         try:
             return {"rc": 0, "out": request(os.path.join(rundir(self.wd), "ctl.sock"),
                                             dict(cmd=cmd, **kw), timeout=120), "err": ""}

@@ -1,4 +1,8 @@
-"""The `tiermem` command: a click group; each verb lives in its own module in this package."""
+"""The `tiermem` command: a click group; each verb lives in its own module in this package.
+
+Verbs that drive packages above the library (`tiermem emulate`, from `emulation`) are not
+imported here: those packages register them through the `tiermem.commands` entry-point group
+(pyproject.toml), so the library never imports upward (docs/layout.md)."""
 from __future__ import annotations
 
 import sys
@@ -29,10 +33,17 @@ def main():
     """tiermem: memory tiering for hosts with a fast (DRAM) and a slow (CXL) tier."""
 
 
+ENTRY_POINT_GROUP = "tiermem.commands"
+
+
 def _register():
-    from tiermem.cli import ctl, emulate, move, numastat, record, report, sim, topo, trace
-    for mod in (topo, numastat, move, emulate, ctl, sim, trace, record, report):
+    from importlib.metadata import entry_points
+
+    from tiermem.cli import ctl, move, numastat, record, report, sim, topo, trace
+    for mod in (topo, numastat, move, ctl, sim, trace, record, report):
         main.add_command(mod.command)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        main.add_command(ep.load(), ep.name)
 
 
 _register()

@@ -16,7 +16,7 @@ DEFAULT_SOCKET = "/run/tiermemd.sock"
 
 
 def _req(ctx, **req) -> dict:
-    from tiermemd.control import request
+    from tiermem.control import request
     return request(ctx.obj["socket"], req)
 
 

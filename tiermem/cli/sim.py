@@ -24,7 +24,7 @@ def _parse_params(items) -> dict[str, dict[str, str]]:
 
 def run_comparison(trace, names, model, params=None, progress=True):
     """SimResult per policy name (in order), with a click progress bar on stderr."""
-    from emulation.sim import simulate
+    from tiermem.sim import simulate
     from tiermem.policies import make_policy
     params = params or {}
     unknown = set(params) - set(names)
@@ -92,17 +92,17 @@ def format_table(results, model, footprint_pages: int) -> str:
               help="policy parameters, POLICY:key=value[,key=value] (repeatable)")
 @click.option("--policy-file", multiple=True, type=click.Path(dir_okay=False),
               help="load a user policy from a .py file (repeatable)")
-@click.option("--plot-dir", default="sim-plots", show_default=True,
-              help="directory for fast_ratio.png and migrations.png")
-@click.option("--no-plots", is_flag=True, help="do not write plots")
+@click.option("--plot-dir", type=click.Path(file_okay=False),
+              help="write fast_ratio.png and migrations.png into this directory (no plots "
+                   "without it)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def command(trace_path, workload, accesses, pages, policies, fast_mb, fast_pct, budget_mb,
-            epoch_accesses, sample_every, llc_mb, params, policy_file, plot_dir, no_plots,
+            epoch_accesses, sample_every, llc_mb, params, policy_file, plot_dir,
             as_json):
     """Compare tiering policies on the same accesses in the tiered-memory simulator."""
-    from emulation import synth
-    from emulation import trace as tracefmt
-    from emulation.sim import TierModel, model_dict
+    from tiermem import synth
+    from tiermem import trace as tracefmt
+    from tiermem.sim import TierModel, model_dict
     from tiermem.policies import POLICIES, load_policy_file
 
     if (trace_path is None) == (workload is None):
@@ -134,8 +134,8 @@ def command(trace_path, workload, accesses, pages, policies, fast_mb, fast_pct, 
     results = run_comparison(tr, names, model, _parse_params(params))
     title = trace_path or f"synthetic {workload}"
     plots = []
-    if not no_plots:
-        from emulation.sim_plot import plot_results
+    if plot_dir:
+        from tiermem.sim_plot import plot_results
         plots = plot_results(results, plot_dir, str(title))
     if as_json:
         out = {"trace": title, "accesses": len(tr), "footprint_mb": tr.n_pages * 4096 / 2**20,

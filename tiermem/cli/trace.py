@@ -32,6 +32,9 @@ def _summary(tr, path) -> dict:
               help="keep 1 in N data accesses (lackey)")
 @click.option("--max-samples", type=int, default=20_000_000, show_default=True,
               help="stop recording after this many kept accesses")
+@click.option("--follow-exec/--no-follow-exec", default=True, show_default=True,
+              help="trace through exec (wrappers such as env, pyenv shims, shell scripts; "
+                   "children that exec are traced too)")
 @click.option("--workload", help="write a synthetic workload instead of running a command")
 @click.option("--accesses", type=int, default=2_000_000, show_default=True,
               help="accesses of the synthetic workload")
@@ -41,11 +44,13 @@ def _summary(tr, path) -> dict:
               help="summarise an existing trace instead")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable summary")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
-def command(output, sample_every, max_samples, workload, accesses, pages, show, as_json, cmd):
-    """Record memory accesses of CMD (tiermem trace -o T.npz -- CMD ARGS)."""
-    from emulation import synth
-    from emulation import trace as tracefmt
-    from emulation.trace_capture import capture
+def command(output, sample_every, max_samples, follow_exec, workload, accesses, pages, show, as_json, cmd):
+    """Record memory accesses of CMD (tiermem trace -o T.npz -- CMD ARGS).
+
+    Ctrl-C stops CMD and writes what was kept so far."""
+    from tiermem import synth
+    from tiermem import trace as tracefmt
+    from tiermem.trace_capture import capture
 
     modes = sum(x is not None and x != () for x in (show, workload, cmd or None))
     if modes != 1:
@@ -74,8 +79,11 @@ def command(output, sample_every, max_samples, workload, accesses, pages, show, 
                                f"{kept / 1e6:6.2f} M kept, {now - t0:5.0f} s", err=True,
                                nl=False)
             tr = capture(list(cmd), sample_every=sample_every, max_samples=max_samples,
-                         progress=progress)
+                         progress=progress, follow_exec=follow_exec)
             click.echo("", err=True)
+            if tr.meta.get("interrupted"):
+                click.echo("tiermem trace: interrupted: writing the accesses kept so far",
+                           err=True)
         tr.save(output)
         click.echo(f"wrote {output}: {len(tr)} accesses over {tr.n_pages} pages "
                    f"({tr.n_pages * 4096 / 2**20:.1f} MB) in {time.monotonic() - t0:.1f} s",

@@ -55,7 +55,8 @@ def load(text: str, cflags=()):
     kfs.ensure_tracefs()
     import bcc
     try:
-        return bcc.BPF(text=text, cflags=["-Wno-ignored-attributes", *cflags])
+        # bytes, not str: bcc warns (DeprecationWarning) with the whole program text otherwise
+        return bcc.BPF(text=text.encode(), cflags=["-Wno-ignored-attributes", *cflags])
     except Exception as e:  # bcc raises plain Exception on compile/load errors
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise TiermemError(f"cannot load the BPF program: {msg}") from e

@@ -13,9 +13,9 @@ without one (VMs such as this project's host and its TCG guest) available() says
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
+import psutil
 
 from tiermem import kfs, procmaps
 from tiermem.errors import TiermemError
@@ -230,10 +230,10 @@ def map_size(pids, floor: int, cap: int) -> int:
     for pid in pids:
         rss = wr = 0
         try:
-            rss = int(kfs.read(f"/proc/{pid}/statm").split()[1])
+            rss = psutil.Process(pid).memory_info().rss // 4096
             wr = sum(v.size for v in procmaps.read_vmas(pid, with_rss=False)
                      if v.perms[1] == "w" and v.perms[3] == "p") // 4096
-        except (TiermemError, IndexError, ValueError):
+        except (TiermemError, psutil.Error):
             pass
         pages += max(rss, wr)
     want = -(-(pages + pages // 8) // 4096) * 4096
@@ -380,8 +380,8 @@ class FaultSampler(_BpfCounter):
                             f"-DMAX_WALK_CHUNKS={MAX_WALK_CHUNKS}"])
         if delay:
             try:
-                self.bpf.attach_kprobe(event=SCAN_FN, fn_name=b"scan_enter")
-                self.bpf.attach_kretprobe(event=SCAN_FN, fn_name=b"scan_return")
+                self.bpf.attach_kprobe(event=SCAN_FN.encode(), fn_name=b"scan_enter")
+                self.bpf.attach_kretprobe(event=SCAN_FN.encode(), fn_name=b"scan_return")
             except Exception as e:
                 raise TiermemError(f"cannot attach kprobes to {SCAN_FN}: {e}") from e
 
@@ -454,8 +454,8 @@ class MemSampler(_BpfCounter):
         attr.exclude_kernel = 1
         self._pmu = pmu
         for p in target.pids:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                self.bpf.attach_perf_event_raw(attr=attr, fn_name=b"on_sample", pid=int(tid),
+            for th in psutil.Process(p).threads():
+                self.bpf.attach_perf_event_raw(attr=attr, fn_name=b"on_sample", pid=th.id,
                                                cpu=-1)
 
     def metadata(self) -> dict:

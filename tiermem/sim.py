@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from emulation.trace import PID_SHIFT, Trace
+from tiermem.trace import PID_SHIFT, Trace
 from tiermem.access import PAGE_SHIFT, PAGE_SIZE, WORD_SHIFT, AccessBatch
 from tiermem.errors import TiermemError
 from tiermem.policies.base import FAST, SLOW, Budget, Capacity, Placement, Policy

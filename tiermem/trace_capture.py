@@ -7,23 +7,46 @@ long run stays small), never holding the raw text in memory. Program order is ke
 kept access has weight ``sample_every``. Instruction fetches are ignored. Lackey runs the
 program ~50-100x slower than native.
 
+The tracer dies with us: valgrind (which ignores SIGTERM) gets SIGKILL from the kernel when
+the process that started it dies (PR_SET_PDEATHSIG), even by SIGKILL. Ctrl-C (SIGINT) stops
+the capture and returns what was kept so far, as ``perf record`` does (meta
+``interrupted``). With ``follow_exec`` (the default) valgrind follows exec
+(``--trace-children=yes``), so a wrapper (``env``, a pyenv shim, a shell script) is traced
+through to the real program; valgrind cannot tell the first program's exec from a child's, so
+children that exec are traced too.
+
 Also: ``trace_from_batches`` turns sampler records (AccessBatch objects, e.g. recorded by the
 daemon) into a trace whose ``epoch`` column keeps the batch boundaries, for replay.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
 
-from emulation.trace import Trace
+from tiermem.trace import Trace
 from tiermem.access import AccessBatch
 from tiermem.errors import TiermemError
 
 CHUNK = 4 << 20
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int):
+    """preexec_fn: SIGKILL this child when the process that forked it dies."""
+    def set_pdeathsig():
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(127)
+        if os.getppid() != parent:           # the parent died before prctl took effect
+            os._exit(127)
+    return set_pdeathsig
 
 
 def parse_lackey_lines(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -45,9 +68,10 @@ def parse_lackey_lines(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_000,
             seed: int = 1, progress=None, valgrind: str | None = None,
-            stdout=None) -> Trace:
+            stdout=None, follow_exec: bool = True) -> Trace:
     """Run ``cmd`` under lackey; returns the sampled trace (sub_page, vaddr, weight =
-    sample_every). ``progress(data_accesses_seen, kept)`` is called after each chunk."""
+    sample_every). ``progress(data_accesses_seen, kept)`` is called after each chunk. A
+    SIGINT (Ctrl-C, in the main thread) stops the program and returns what was kept."""
     if not cmd:
         raise TiermemError("trace: no command given (usage: tiermem trace -o T.npz -- CMD ARGS)")
     if sample_every < 1:
@@ -61,8 +85,9 @@ def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_00
     r, w = os.pipe()
     try:
         proc = subprocess.Popen([vg, "--tool=lackey", "--trace-mem=yes", f"--log-fd={w}",
+                                 f"--trace-children={'yes' if follow_exec else 'no'}",
                                  *cmd], pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                stdout=stdout)
+                                stdout=stdout, preexec_fn=_die_with_parent(os.getpid()))
     except OSError as e:
         os.close(r)
         os.close(w)
@@ -71,6 +96,15 @@ def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_00
     kept_a, kept_w = [], []
     seen = kept = 0
     tail = b""
+    interrupted = False
+
+    def on_sigint(signum, frame):            # stop the program; the loop then sees EOF
+        nonlocal interrupted
+        interrupted = True
+        proc.kill()
+    old_sigint = None
+    if threading.current_thread() is threading.main_thread():
+        old_sigint = signal.signal(signal.SIGINT, on_sigint)
     try:
         with os.fdopen(r, "rb", buffering=0) as f:
             while True:
@@ -97,11 +131,17 @@ def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_00
         proc.kill()
         proc.wait()
         raise
+    finally:
+        if old_sigint is not None:
+            signal.signal(signal.SIGINT, old_sigint)
     rc = proc.wait()
-    if rc != 0:
+    if rc != 0 and not interrupted:
         raise TiermemError(f"trace: {' '.join(cmd)} exited with status {rc} under valgrind; "
                            "no trace written")
     if kept == 0:
+        if interrupted:
+            raise TiermemError("trace: interrupted before any access was kept; no trace "
+                               "written")
         raise TiermemError("trace: no memory accesses recorded (program too short for the "
                            f"sampling rate 1/{sample_every}?)")
     addr = np.concatenate(kept_a)
@@ -110,6 +150,7 @@ def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_00
                                 weight=np.full(addr.size, sample_every, np.float32),
                                 source="lackey", command=" ".join(cmd),
                                 sample_every=sample_every, data_accesses=seen,
+                                interrupted=interrupted, follow_exec=follow_exec,
                                 captured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 

@@ -1,4 +1,5 @@
-"""`tiermem emulate prepare|start|run|status|stop|demo`: the emulated CXL machine.
+"""`tiermem emulate prepare|start|run|status|stop|demo`: the emulated CXL machine (registered
+with `tiermem` through the `tiermem.commands` entry point, pyproject.toml).
 
 Without --node, `start` boots a QEMU guest with a CPU node and CPU-less slow memory nodes
 (SLIT + HMAT, lower memory tier) that keeps running after the command returns; `run` runs a

@@ -1,4 +1,4 @@
-"""Synthetic workload generators: each returns an emulation.trace.Trace with word addresses.
+"""Synthetic workload generators: each returns an tiermem.trace.Trace with word addresses.
 
 All generators are vectorised and seeded (same arguments -> same trace). Sizes are in pages
 (4 KiB) and accesses; every trace starts with an initialisation pass (one write per page in
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emulation.trace import Trace
+from tiermem.trace import Trace
 from tiermem.access import PAGE_SIZE
 from tiermem.errors import TiermemError
 
