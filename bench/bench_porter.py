@@ -525,6 +525,123 @@ def llm_weight_placement(reps: int = 3) -> None:
                   [f"{sum(r['same'])}/{len(r['same'])}"], wd))
 
 
+REAL_KINDS = (("cold", "cold", 0), ("restored mow", "mow", 0), ("lazy moa", "moa", 0),
+              ("warm ghost", "mow", 1), ("warm", "mow", 0))
+REAL_FUNCS = {"llm": ('["python", "-m", "cxlfork.workers.llm"]',
+                      {"prompt": "What is the capital of France?", "max_new_tokens": 16}),
+              "embed": ('["python", "-m", "cxlfork.workers.embed"]',
+                        {"texts": ["How do I bake bread at home?",
+                                   "What is the way to make a loaf of bread?"]})}
+
+
+def real_model_starts(rounds: int = 8, fleet: int = 8) -> None:
+    """The real LLM and embedder through the porter, per start kind: the end-to-end latency
+    of the request that started the instance (cold: spawn + init; restored: mow, lazy moa,
+    mow from a warm ghost; warm: an instance already up), the LLM's time to first token as
+    the client sees it and its decode rate against the warm instance's, the local memory of
+    one instance and of `fleet` instances started at once (porter-side smaps: anonymous
+    bytes, plus the store pages they share)."""
+    from cxlfork.porter.memory import process_memory
+    res = {}
+    for fn, (cmd, req) in REAL_FUNCS.items():
+        for kind, policy, ghosts in REAL_KINDS:
+            d = tempfile.mkdtemp(prefix="bench-real-")
+            store = tempfile.mkdtemp(prefix="bench-real-store-", dir="/dev/shm")
+            cfg = os.path.join(d, "porter.toml")
+            warm = kind == "warm"
+            with open(cfg, "w") as f:
+                f.write(f'[porter]\nport = 0\nstore = "{store}"\nghost_pool = {ghosts}\n'
+                        f'\n[functions.{fn}]\ncommand = {cmd}\npolicy = "{policy}"\n'
+                        f'checkpoint_after = 2\nkeepalive_s = {60 if warm else 0.5}\n'
+                        f'max_instances = {fleet}\nqueue_timeout_s = 60\ntimeout_s = 60\n')
+            with open(os.path.join(d, "porter.log"), "w") as err:
+                p = subprocess.Popen([PY, "-m", "cxlfork", "porter", "--config", cfg],
+                                     stdout=subprocess.PIPE, stderr=err, text=True)
+            run = PorterRun.__new__(PorterRun)
+            try:
+                line = p.stdout.readline()
+                if "listening on" not in line:
+                    raise RuntimeError(f"porter did not start: {line}")
+                run.port = int(line.rsplit(":", 1)[1])
+
+                def invoke():
+                    t = time.perf_counter()
+                    code, out, start = run.request("POST", f"/functions/{fn}/invoke", req)
+                    return code, out, start, (time.perf_counter() - t) * 1e3
+
+                def idle():
+                    return run.stats()["functions"][fn]["instances"] == 0
+
+                for _ in range(3):                        # K = 2 invocations + checkpoint
+                    invoke()
+                t = time.monotonic()
+                while policy != "cold" and not run.stats()["functions"][fn]["checkpoint"]["image"]:
+                    if time.monotonic() - t > 120:
+                        raise RuntimeError(f"{fn}: no checkpoint in 120 s")
+                    time.sleep(0.2)
+                want = "warm" if warm else ("cold" if policy == "cold" else "restored")
+                r = res.setdefault((fn, kind), {"ms": [], "ttft": [], "rate": [], "mem": [],
+                                                "fleet": None, "bad": 0})
+                for _ in range(rounds):
+                    t = time.monotonic()
+                    while not warm and not idle() and time.monotonic() - t < 30:
+                        time.sleep(0.1)
+                    code, out, start, ms = invoke()
+                    if code != 200 or start != want:
+                        r["bad"] += 1
+                        continue
+                    r["ms"].append(ms)
+                    if fn == "llm":
+                        n, rate = len(out["tokens"]), out["tokens_per_s"]
+                        r["ttft"].append(ms - ((n - 1) / rate * 1e3 if rate and n > 1 else 0))
+                        r["rate"].append(rate)
+                    pids = [i["pid"] for i in run.stats()["functions"][fn]["instance_list"]]
+                    r["mem"].append(sum(process_memory(pid, store)[0] for pid in pids[:1]))
+                # `fleet` instances at once (scale out from zero, or from the warm one)
+                t = time.monotonic()
+                while not warm and not idle() and time.monotonic() - t < 30:
+                    time.sleep(0.1)
+                with cf.ThreadPoolExecutor(fleet) as ex:
+                    list(ex.map(lambda _: invoke(), range(fleet)))
+                insts = run.stats()["functions"][fn]["instance_list"]
+                mem = [process_memory(i["pid"], store) for i in insts]
+                r["fleet"] = (len(insts), sum(m[0] for m in mem), max((m[1] for m in mem),
+                                                                       default=0))
+            finally:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                shutil.rmtree(d, ignore_errors=True)
+                shutil.rmtree(store, ignore_errors=True)
+            print(f"  ran {fn} {kind}", file=sys.stderr, flush=True)
+    print(f"\nreal models through the porter, per start kind ({rounds} starts each; K = 2; "
+          f"llm 16 greedy tokens, embed 2 texts): latency of the request that started the "
+          f"instance, p50 / p99 ms; LLM time to first token seen by the client and decode "
+          f"rate against warm; local MiB of one instance; {fleet} instances started at once: "
+          "how many came up, their local MiB in all, the store MiB one maps")
+    cols = ["function", "start kind", "n", "p50 ms", "p99 ms", "TTFT p50 ms", "tok/s p50",
+            "tok/s vs warm", "local MiB", f"{fleet} inst: n / local MiB / shared MiB"]
+    wd = [8, 12, 3, 9, 9, 11, 9, 13, 9, 36]
+    print(row(cols, wd))
+    for (fn, kind), r in res.items():
+        warm_rate = res.get((fn, "warm"), {}).get("rate")
+        rate = f"{np.median(r['rate']):.1f}" if r["rate"] else "-"
+        vs = (f"{np.median(r['rate']) / np.median(warm_rate):.2f}x"
+              if r["rate"] and warm_rate else "-")
+        fl = r["fleet"]
+        print(row([fn, kind, len(r["ms"]),
+                   f"{pct(r['ms'], 50):.1f}" if r["ms"] else "-",
+                   f"{pct(r['ms'], 99):.1f}" if r["ms"] else "-",
+                   f"{np.median(r['ttft']):.1f}" if r["ttft"] else "-", rate, vs,
+                   f"{np.median(r['mem']) / 2**20:.1f}" if r["mem"] else "-",
+                   f"{fl[0]} / {fl[1] / 2**20:.1f} / {fl[2] / 2**20:.1f}" if fl else "-"], wd))
+        if r["bad"]:
+            print(f"    ({r['bad']} starts were not of this kind or failed)")
+
+
 # -- tables ------------------------------------------------------------------------------
 def row(cells, widths):
     return " | ".join(str(c).rjust(w) for c, w in zip(cells, widths))
@@ -639,6 +756,8 @@ def main():
                     "restore modes (mow-spawn: none)")
     ap.add_argument("--llm-placement-only", action="store_true", help="only the LLM "
                     "weights table: anonymous memory vs mmapped GGUF")
+    ap.add_argument("--real-models-only", action="store_true", help="only the real LLM and "
+                    "embedder per start kind")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_porter: needs root (cxlfork checkpoint/restore)")
@@ -646,6 +765,9 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from cxlfork.workers.build_c import build
     wc = build()
+    if a.real_models_only:
+        real_model_starts()
+        return
     if a.llm_placement_only:
         llm_weight_placement()
         return
@@ -697,6 +819,7 @@ def main():
     print_first_request(rows)
     sampling_cost()
     ghost_cost()
+    real_model_starts()
     print(f"\nload average after the runs {os.getloadavg()[0]:.1f}; total "
           f"{time.monotonic() - t0:.0f} s")
     unl = {r["mode"]: r for r in rows if not r["limit"]}
