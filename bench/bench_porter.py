@@ -526,7 +526,7 @@ def llm_weight_placement(reps: int = 3) -> None:
 
 
 REAL_KINDS = (("cold", "cold", 0), ("restored mow", "mow", 0), ("lazy moa", "moa", 0),
-              ("warm ghost", "mow", 1), ("warm", "mow", 0))
+              ("warm ghost", "mow", 1), ("ghost+prefault", "mow", 1), ("warm", "mow", 0))
 REAL_FUNCS = {"llm": ('["python", "-m", "cxlfork.workers.llm"]',
                       {"prompt": "What is the capital of France?", "max_new_tokens": 16}),
               "embed": ('["python", "-m", "cxlfork.workers.embed"]',
@@ -551,6 +551,7 @@ def real_model_starts(rounds: int = 8, fleet: int = 8) -> None:
             warm = kind == "warm"
             with open(cfg, "w") as f:
                 f.write(f'[porter]\nport = 0\nstore = "{store}"\nghost_pool = {ghosts}\n'
+                        f'ghost_prefault = {"true" if kind == "ghost+prefault" else "false"}\n'
                         f'\n[functions.{fn}]\ncommand = {cmd}\npolicy = "{policy}"\n'
                         f'checkpoint_after = 2\nkeepalive_s = {60 if warm else 0.5}\n'
                         f'max_instances = {fleet}\nqueue_timeout_s = 60\ntimeout_s = 60\n')
@@ -624,7 +625,7 @@ def real_model_starts(rounds: int = 8, fleet: int = 8) -> None:
           "how many came up, their local MiB in all, the store MiB one maps")
     cols = ["function", "start kind", "n", "p50 ms", "p99 ms", "TTFT p50 ms", "tok/s p50",
             "tok/s vs warm", "local MiB", f"{fleet} inst: n / local MiB / shared MiB"]
-    wd = [8, 12, 3, 9, 9, 11, 9, 13, 9, 36]
+    wd = [8, 14, 3, 9, 9, 11, 9, 13, 9, 36]
     print(row(cols, wd))
     for (fn, kind), r in res.items():
         warm_rate = res.get((fn, "warm"), {}).get("rate")
