@@ -456,6 +456,12 @@ def _mapped_rss(pid: int, path: str) -> int:
     return total
 
 
+def _minflt(pid: int) -> int:
+    """Minor page faults of PID so far (/proc/PID/stat field 10)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(") ", 1)[1].split()[7])
+
+
 def _ask(fd_in: int, fd_out: int, req: dict) -> tuple[dict, float]:
     """One request over raw pipe fds: (answer, ms)."""
     t = time.perf_counter()
@@ -497,7 +503,9 @@ def llm_weight_placement(reps: int = 3) -> None:
                 os.close(ir)
                 os.close(ow)
                 try:
+                    f0 = _minflt(pid)
                     ans, first_ms = _ask(iw, orr, req)
+                    faults = _minflt(pid) - f0
                     local = local_memory(pid) + _mapped_rss(pid, gguf)
                 finally:
                     os.kill(pid, signal.SIGKILL)
@@ -506,22 +514,24 @@ def llm_weight_placement(reps: int = 3) -> None:
                     os.close(orr)
                 same = ans["output"]["tokens"] == ref["output"]["tokens"]
                 r = res.setdefault(mmap, {k: [] for k in ("cold", "ck_ms", "ck_mib", "restore",
-                                                          "first", "warm", "local", "same")})
+                                                          "first", "faults", "warm", "local",
+                                                          "same")})
                 for k, v in (("cold", cold_ms), ("ck_ms", summ["total_s"] * 1e3),
                              ("ck_mib", summ["bytes"] / 2**20), ("restore", restore_ms),
-                             ("first", first_ms), ("warm", warm_ms),
+                             ("first", first_ms), ("faults", faults), ("warm", warm_ms),
                              ("local", local / 2**20), ("same", same)):
                     r[k].append(v)
     print(f"\nLLM weights: anonymous (use_mmap false) vs mmapped GGUF; medians of {reps} "
           "(mow clone, 16 greedy tokens; local = anonymous + page-cache pages mapped)")
     cols = ["weights", "cold start ms", "checkpoint ms", "checkpoint MiB", "restore ms",
-            "clone 1st req ms", "warm req ms", "clone local MiB", "same tokens"]
+            "clone 1st req ms", "its minor faults", "warm req ms", "clone local MiB",
+            "same tokens"]
     wd = [10] + [max(len(c), 9) for c in cols[1:]]
     print(row(cols, wd))
     for mmap, r in res.items():
         print(row(["mmap" if mmap else "anonymous"] +
                   [f"{np.median(r[k]):.1f}" for k in ("cold", "ck_ms", "ck_mib", "restore",
-                                                      "first", "warm", "local")] +
+                                                      "first", "faults", "warm", "local")] +
                   [f"{sum(r['same'])}/{len(r['same'])}"], wd))
 
 
