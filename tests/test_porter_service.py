@@ -262,13 +262,10 @@ def test_register_by_api_and_keepalive_scale_to_zero(porter):
 
 def test_llm_and_c_worker_restored_clones_answer_like_the_original(porter):
     from cxlfork.workers.build_c import build
-    from cxlfork.workers.llm_weights import generate
-    weights = generate()
     wc = build()
     fns = f"""
 [functions.llm]
 command = ["python", "-m", "cxlfork.workers.llm"]
-init = {{ weights = "{weights}" }}
 policy = "moa"
 checkpoint_after = 2
 keepalive_s = 2
@@ -284,9 +281,9 @@ queue_timeout_s = 60
 env = {{ PORTER_TEST_TAG = "@TAG@" }}
 """
     p = porter(fns)
-    prompt = {"prompt": "CXL memory is", "max_new_tokens": 6}
+    prompt = {"prompt": "What is the capital of France?", "max_new_tokens": 8}
     ref = [p.invoke("llm", prompt)[1] for _ in range(2)]
-    assert ref[0]["tokens"] == ref[1]["tokens"] and len(ref[0]["tokens"]) == 6
+    assert ref[0]["tokens"] == ref[1]["tokens"] and "Paris" in ref[0]["text"], ref
     code, out, _ = p.invoke("wc", "two words\nand more")
     assert code == 200 and out["words"] == 4 and out["lines"] == 1 and out["bytes"] == 18
     code, wc_ref, _ = p.invoke("wc", "two words\nand more")
@@ -298,7 +295,7 @@ env = {{ PORTER_TEST_TAG = "@TAG@" }}
     code, out, r = p.invoke("llm", prompt)
     assert code == 200 and r.getheader("X-Porter-Start") == "restored", \
         p.stats()["functions"]["llm"]
-    assert out["tokens"] == ref[0]["tokens"]                  # same weights, same answer
+    assert out["tokens"] == ref[0]["tokens"]                  # same model, same answer
     code, out, r = p.invoke("wc", "two words\nand more")
     assert code == 200 and out == wc_ref
     assert r.getheader("X-Porter-Start") == "restored", p.stats()["functions"]["wc"]

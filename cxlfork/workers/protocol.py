@@ -5,8 +5,9 @@
     porter -> worker   {"id": N, "input": <any JSON>}    one request at a time
     worker -> porter   {"id": N, "output": <any JSON>}   or {"id": N, "error": "..."}
 
-A worker is one thread, opens no sockets and starts no processes, so cxlfork can checkpoint it
-while it waits for the next request line; a restored clone continues in that read.
+A worker opens no sockets and starts no processes (threads are fine: cxlfork checkpoints them;
+the llm worker has llama.cpp's), so cxlfork can checkpoint it while it waits for the next
+request line; a restored clone continues in that read.
 """
 from __future__ import annotations
 
