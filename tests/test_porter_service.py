@@ -201,7 +201,7 @@ def test_checkpoint_after_k_then_restored_scale_out_and_shutdown(porter):
 
 
 def test_errors_404_400_crash_502_hang_504(porter):
-    p = porter(ECHO.format(policy="cold", slo=1000))
+    p = porter(ECHO.format(policy="cold", slo=1000), "allow_register = true")
     code, out, _ = p.invoke("nope", {})
     assert code == 404 and out["error"].startswith("unknown function 'nope'")
     assert "\n" not in out["error"]
@@ -239,7 +239,7 @@ def test_errors_404_400_crash_502_hang_504(porter):
 
 
 def test_register_by_api_and_keepalive_scale_to_zero(porter):
-    p = porter("")
+    p = porter("", "allow_register = true")
     code, out, _ = p.request("POST", "/functions", {"name": "e", "command": ["python"],
                                                     "policy": "quick"})
     assert code == 400 and out["error"] == ("request:functions.e.policy: must be one of auto, "

@@ -12,6 +12,8 @@
     checkpoint_after = 16         # K: invocations served before the checkpoint
     ghost_pool = 0                # per function: idle pre-spawned restorers (cxlfork ghosts)
     ghost_prefault = false        # warm mow/hybrid ghosts fill their store page tables
+    allow_register = false        # POST /functions (root callers only) when true
+    invoke_uids = [0]             # local uids that may invoke and list functions; "*" = any
 
     [functions.NAME]
     command = ["python", "-m", "cxlfork.workers.llm"]   # "python" = the porter's interpreter
@@ -29,6 +31,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -72,6 +75,8 @@ class PorterConfig:
     checkpoint_after: int = 16
     ghost_pool: int = 0
     ghost_prefault: bool = False
+    allow_register: bool = False
+    invoke_uids: list = dataclasses.field(default_factory=lambda: [0])
     functions: dict[str, FunctionConfig] = dataclasses.field(default_factory=dict)
 
 
@@ -87,6 +92,8 @@ class _Checker:
         ok = isinstance(v, int) if integer else isinstance(v, (int, float))
         if not ok or isinstance(v, bool):
             self.fail(path, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
+        if not integer and not math.isfinite(v):
+            self.fail(path, f"must be a finite number, got {v!r}")
         if lo is not None and v < lo:
             self.fail(path, f"must be >= {lo}, got {v}")
         return v
@@ -164,6 +171,15 @@ def from_dict(d: dict, source: str) -> PorterConfig:
     cfg.ghost_prefault = pt.get("ghost_prefault", False)
     if not isinstance(cfg.ghost_prefault, bool):
         c.fail("porter.ghost_prefault", f"must be true or false, got {cfg.ghost_prefault!r}")
+    cfg.allow_register = pt.get("allow_register", False)
+    if not isinstance(cfg.allow_register, bool):
+        c.fail("porter.allow_register", f"must be true or false, got {cfg.allow_register!r}")
+    uids = pt.get("invoke_uids", [0])
+    if not (isinstance(uids, list) and all(
+            (isinstance(u, int) and not isinstance(u, bool) and u >= 0) or u == "*"
+            for u in uids)):
+        c.fail("porter.invoke_uids", f'must be a list of uids (integers >= 0) or "*", got {uids!r}')
+    cfg.invoke_uids = uids
     fns = d.get("functions", {})
     if not isinstance(fns, dict):
         c.fail("functions", "must be a table of [functions.NAME] tables")
@@ -180,4 +196,6 @@ def load(path: str) -> PorterConfig:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): TOML files are UTF-8") from e
     return from_dict(d, path)

@@ -11,7 +11,8 @@
     GET    /healthz                 "ok"
 
 Every error is JSON with one line: {"error": "..."}: 400 malformed JSON or config, 404
-unknown function or path, 405 wrong method, 409 already registered, 411/413 body length,
+unknown function or path, 403 caller not allowed ([porter] invoke_uids, allow_register), 405 wrong method,
+409 already registered, 411 no body length, 413 body too large,
 500 the function's own error, 502 the worker crashed or failed to start (it is replaced),
 503 no instance available (busy, memory limit, shutting down), 504 the worker hung past
 its timeout (killed, replaced).
@@ -23,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cxlfork.porter.cgroup import CgroupError
 from cxlfork.porter.config import ConfigError, function_from_dict
+from cxlfork.porter.peer import peer_uid
 from cxlfork.porter.pool import InvokeError, Unavailable
 
 MAX_BODY = 16 << 20
@@ -65,20 +67,62 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._error(400, f"bad Content-Length {n!r}")
             return None
-        if n < 0 or n > MAX_BODY:
+        if n < 0:
+            self.close_connection = True
+            self._error(400, f"bad Content-Length {n} (negative)")
+            return None
+        if n > MAX_BODY:
             self.close_connection = True
             self._error(413, f"request body larger than {MAX_BODY >> 20} MiB")
             return None
         raw = self.rfile.read(n)
+        if len(raw) < n:                     # the client closed mid-body: nobody to answer
+            self.close_connection = True
+            self.porter.log(f"client {self.client_address[0]}:{self.client_address[1]} closed "
+                            f"after {len(raw)} of {n} body bytes; request dropped")
+            return None
         try:
             return (json.loads(raw),)
         except ValueError as e:
             self._error(400, f"request body is not valid JSON: {e}")
             return None
 
+    def _peer_uid(self):
+        return peer_uid(self.client_address[1], self.server.server_address[1])
+
+    def _may_invoke(self) -> bool:
+        """Invoking and listing: the uids in [porter] invoke_uids (root only by default)."""
+        allowed = self.porter.cfg.invoke_uids
+        if "*" in allowed:
+            return True
+        uid = self._peer_uid()
+        if uid is not None and uid in allowed:
+            return True
+        who = "a peer not on this host" if uid is None else f"uid {uid}"
+        self._error(403, f"{who} may not use this porter (allowed uids: "
+                         f"{', '.join(map(str, allowed)) or 'none'}; see [porter] invoke_uids)")
+        return False
+
+    def _may_register(self) -> bool:
+        """Registering a command: off unless allow_register, and then root callers only, so a
+        registered command never runs with more privilege than its registrant."""
+        if not self.porter.cfg.allow_register:
+            self._error(403, "registering functions over HTTP is off ([porter] "
+                             "allow_register = false); add them to the config file")
+            return False
+        uid = self._peer_uid()
+        if uid != 0:
+            who = "a peer not on this host" if uid is None else f"uid {uid}"
+            self._error(403, f"only root may register functions ({who} asked): a registered "
+                             f"command runs with the porter's (root) privileges")
+            return False
+        return True
+
     def do_GET(self):
         p = self.porter
         path = self.path.split("?", 1)[0]
+        if path not in ("/healthz", "/metrics") and not self._may_invoke():
+            return
         if path == "/stats":
             self._json(200, p.stats())
         elif path == "/metrics":
@@ -97,6 +141,8 @@ class _Handler(BaseHTTPRequestHandler):
         p = self.porter
         path = self.path.split("?", 1)[0]
         parts = path.strip("/").split("/")
+        if not self._may_invoke():
+            return
         if len(parts) == 3 and parts[0] == "functions" and parts[2] == "invoke":
             pool = p.pool(parts[1])
             if pool is None:
@@ -121,6 +167,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, out, {"X-Porter-Start": start, "X-Porter-Instance": str(inst.pid),
                                   "X-Porter-Latency-Ms": f"{ms:.3f}"})
         elif path == "/functions":
+            if not self._may_register():
+                return
             body = self._body()
             if body is None:
                 return
@@ -159,8 +207,20 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    porter = None
+
+    def handle_error(self, request, client_address):
+        """One log line for a connection that broke (a client gone mid-answer), not the
+        socketserver's traceback."""
+        import sys
+        e = sys.exc_info()[1]
+        log = self.porter.log if self.porter is not None else print
+        log(f"client {client_address[0]}:{client_address[1]}: connection dropped: "
+            f"{type(e).__name__}: {e}")
 
 
 def make_server(porter, host: str, port: int) -> ThreadingHTTPServer:
     handler = type("Handler", (_Handler,), {"porter": porter})
-    return _Server((host, port), handler)
+    srv = _Server((host, port), handler)
+    srv.porter = porter
+    return srv
