@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -745,6 +746,58 @@ def print_first_request(rows):
                   f"({len(xs)})")
 
 
+def burst(sizes=(200, 1000, 2000), reps: int = 3) -> None:
+    """Connections answered / sent when N clients connect at once to one porter (C worker,
+    4 instances, queue_timeout_s 30): the porter's listen backlog against socketserver's 5,
+    measured in the same run by a porter whose HTTP server is patched back to 5."""
+    import threading
+    wc = __import__("cxlfork.workers.build_c", fromlist=["build"]).build()
+    print("burst: N clients connect at once and send one request each; answered = any HTTP "
+          f"answer (200 or 503); medians of {reps}; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'clients':>8} | {'backlog 1024: answered/sent':>28} | {'backlog 5: answered/sent':>25}")
+    for n in sizes:
+        cells = []
+        for backlog in (1024, 5):
+            got = []
+            for _ in range(reps):
+                d = tempfile.mkdtemp(prefix="bench-burst-")
+                cfg = os.path.join(d, "porter.toml")
+                with open(cfg, "w") as f:
+                    f.write(f'[porter]\nport = 0\n[functions.wc]\ncommand = ["{wc}"]\n'
+                            'policy = "cold"\nmax_instances = 4\nqueue_timeout_s = 30\n')
+                code = ("import sys, socketserver; from cxlfork.porter import server; "
+                        f"server._Server.request_queue_size = {backlog}; "
+                        "from cxlfork.cli import main; sys.argv[0] = 'cxlfork'; main()")
+                p = subprocess.Popen([PY, "-c", code, "porter", "--config", cfg],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                port = int(p.stdout.readline().rsplit(":", 1)[1])
+                answered, go = [], threading.Event()
+
+                def one():
+                    try:
+                        c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                        go.wait()
+                        c.request("POST", "/functions/wc/invoke", body=b'"a b c"',
+                                  headers={"Content-Type": "application/json"})
+                        c.getresponse().read()
+                        answered.append(1)
+                        c.close()
+                    except OSError:
+                        pass
+                ts = [threading.Thread(target=one) for _ in range(n)]
+                for t in ts:
+                    t.start()
+                go.set()
+                for t in ts:
+                    t.join(180)
+                p.terminate()
+                p.wait(30)
+                shutil.rmtree(d, ignore_errors=True)
+                got.append(len(answered))
+            cells.append(f"{statistics.median(got):.0f}/{n}")
+        print(f"{n:>8} | {cells[0]:>28} | {cells[1]:>25}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0, help="trace seconds per run")
@@ -769,6 +822,8 @@ def main():
                     "weights table: anonymous memory vs mmapped GGUF")
     ap.add_argument("--real-models-only", action="store_true", help="only the real LLM and "
                     "embedder per start kind")
+    ap.add_argument("--burst-only", action="store_true", help="only the connection-burst "
+                    "table (answered / sent)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_porter: needs root (cxlfork checkpoint/restore)")
@@ -776,6 +831,9 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from cxlfork.workers.build_c import build
     wc = build()
+    if a.burst_only:
+        burst()
+        return
     if a.real_models_only:
         real_model_starts()
         return

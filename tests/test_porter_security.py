@@ -118,3 +118,32 @@ def test_bad_config_is_one_line(tmp_path, text, why):
     r = subprocess.run([sys.executable, "-m", "cxlfork", "porter",
                         "--config", str(f)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr and why in r.stderr, r.stderr
+
+
+def test_a_burst_of_200_connections_is_answered(porter):  # noqa: F811
+    """Every request of a burst gets an HTTP answer (200, or 503 once queue_timeout_s passes),
+    none is reset: the listen backlog was socketserver's 5."""
+    import http.client
+    import threading
+    p = porter(ECHO.format(policy="cold", slo=1000))
+    codes, errors = [], []
+    go = threading.Event()
+
+    def one(i):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=120)
+            go.wait()
+            c.request("POST", "/functions/echo/invoke", body=b'{"i": %d}' % i,
+                      headers={"Content-Type": "application/json"})
+            codes.append(c.getresponse().status)
+            c.close()
+        except OSError as e:
+            errors.append(repr(e))
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    go.set()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors[:5]
+    assert len(codes) == 200 and set(codes) <= {200, 503}, sorted(set(codes))

@@ -207,6 +207,10 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # The listen backlog: connections the kernel queues before the porter accepts them (a
+    # thread each). socketserver's default of 5 reset 96 of a burst of 200; the kernel caps
+    # it at net.core.somaxconn (4096 on Linux >= 5.4).
+    request_queue_size = 1024
     porter = None
 
     def handle_error(self, request, client_address):
