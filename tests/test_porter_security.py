@@ -147,3 +147,31 @@ def test_a_burst_of_200_connections_is_answered(porter):  # noqa: F811
         t.join(180)
     assert not errors, errors[:5]
     assert len(codes) == 200 and set(codes) <= {200, 503}, sorted(set(codes))
+
+
+def test_a_sigkilled_porters_leftovers_are_removed_at_the_next_start(porter, tmp_path):  # noqa: F811
+    import signal as sig
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    extra = f'run_dir = "{run}"'
+    a = porter(ECHO.format(policy="mow", slo=1000), extra)
+    for i in range(3):
+        assert a.invoke("echo", {"i": i})[0] == 200
+    st = a.wait_for(lambda s: s["functions"]["echo"]["checkpoint"]["image"], 60, "checkpoint")
+    image = st["functions"]["echo"]["checkpoint"]["image"]
+    assert os.path.isdir(image)
+    pages = [os.path.join(a.store, n) for n in os.listdir(a.store) if n.endswith(".pages")]
+    assert pages
+    a.p.send_signal(sig.SIGKILL)
+    a.p.wait(30)
+    for pid in a.tagged_pids():
+        os.kill(pid, sig.SIGKILL)
+    b = porter(ECHO.format(policy="mow", slo=1000), extra)
+    assert not os.path.exists(image) and not any(os.path.exists(q) for q in pages)
+    for i in range(3):
+        assert b.invoke("echo", {"i": i})[0] == 200
+    st = b.wait_for(lambda s: s["functions"]["echo"]["checkpoint"]["image"], 60,
+                    "a new checkpoint in the same run_dir")
+    assert os.path.isdir(st["functions"]["echo"]["checkpoint"]["image"])
+    _, err = b.stop()                       # SIGTERM removes what it made
+    assert not os.listdir(run / "images"), err

@@ -39,6 +39,9 @@ class Porter:
         self.own_run_dir = not cfg.run_dir
         self.run_dir = cfg.run_dir or tempfile.mkdtemp(prefix="cxlfork-porter-")
         os.makedirs(os.path.join(self.run_dir, "images"), exist_ok=True)
+        self._run_lock = None
+        if not self.own_run_dir:
+            self._claim_run_dir()
         self.store_dir = None
         self.lock = threading.Lock()               # guards self.pools
         self.pools: dict[str, FunctionPool] = {}
@@ -145,6 +148,37 @@ class Porter:
         except queue.Full:
             pass
 
+    def _claim_run_dir(self) -> None:
+        """Lock a configured run_dir for this porter, and remove the checkpoints a porter
+        that died there (SIGKILL, a crash) left behind, with their page files: only image
+        directories this user owns, in an images/ directory nobody else may write."""
+        import fcntl
+        lock = open(os.path.join(self.run_dir, "porter.lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ConfigError(f"{self.run_dir}: run_dir is in use by another running porter")
+        self._run_lock = lock
+        images = os.path.join(self.run_dir, "images")
+        st = os.lstat(images)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise ConfigError(f"{images}: owned by uid {st.st_uid} or writable by others: "
+                              f"not removing what is in it; use a run_dir only this user can write")
+        from cxlfork import image as image_mod
+        import stat as stat_mod
+        for name in sorted(os.listdir(images)):
+            path = os.path.join(images, name)
+            st = os.lstat(path)
+            if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                self.log(f"leaving {path}: not an image directory of uid {os.geteuid()}")
+                continue
+            try:
+                image_mod.remove(path)
+                self.log(f"removed {path}, left by a porter that did not stop")
+            except (CxlforkError, OSError) as e:
+                self.log(f"removing {path}, left by an earlier porter: {e}")
+
     def stop(self) -> None:
         """Stop serving, kill every instance, remove checkpoints and the run directory."""
         self.stopping = True
@@ -174,6 +208,9 @@ class Porter:
             self.cgroup.remove()
         if self.own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        elif self._run_lock is not None:
+            self._run_lock.close()
+            self._run_lock = None
 
     # -- main-thread jobs ----------------------------------------------------------------
     def _run_job(self, job) -> None:
