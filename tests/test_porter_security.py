@@ -175,3 +175,15 @@ def test_a_sigkilled_porters_leftovers_are_removed_at_the_next_start(porter, tmp
     assert os.path.isdir(st["functions"]["echo"]["checkpoint"]["image"])
     _, err = b.stop()                       # SIGTERM removes what it made
     assert not os.listdir(run / "images"), err
+
+
+def test_a_worker_answering_garbage_is_reported_as_such(porter, tmp_path):  # noqa: F811
+    w = tmp_path / "garbage.sh"
+    w.write_text('#!/bin/sh\nread init\necho \'{"ready": true}\'\nread req\n'
+                 'echo "this is not json"\nsleep 60\n')
+    w.chmod(0o755)
+    p = porter(f'[functions.g]\ncommand = ["{w}"]\npolicy = "cold"\ntimeout_s = 10\n')
+    code, out, _ = p.invoke("g", {"x": 1})
+    assert code == 502, out
+    assert "not JSON: b'this is not json'" in out["error"], out
+    assert "killed by signal" not in out["error"], out

@@ -24,6 +24,10 @@ class WorkerDied(Exception):
     """The worker exited (or closed stdout) before answering."""
 
 
+class WorkerBadAnswer(WorkerDied):
+    """The worker is alive but broke the protocol (a line that is not JSON, a wrong id)."""
+
+
 class WorkerTimeout(Exception):
     """No answer within the timeout."""
 
@@ -175,10 +179,10 @@ class Instance:
         try:
             ans = json.loads(line)
         except ValueError as e:
-            raise WorkerDied(f"answered the {what} with a line that is not JSON: "
+            raise WorkerBadAnswer(f"answered the {what} with a line that is not JSON: "
                              f"{line[:120]!r}") from e
         if not isinstance(ans, dict):
-            raise WorkerDied(f"answered the {what} with {line[:120]!r}, not an object")
+            raise WorkerBadAnswer(f"answered the {what} with {line[:120]!r}, not an object")
         return ans
 
     def call(self, payload, timeout: float):
@@ -188,11 +192,11 @@ class Instance:
         self._send({"id": rid, "input": payload})
         ans = self._read(timeout, "request")
         if ans.get("id") != rid:
-            raise WorkerDied(f"answered request {ans.get('id')!r}, expected {rid}")
+            raise WorkerBadAnswer(f"answered request {ans.get('id')!r}, expected {rid}")
         if "error" in ans:
             raise WorkerFailed(str(ans["error"]))
         if "output" not in ans:
-            raise WorkerDied("answer has neither output nor error")
+            raise WorkerBadAnswer("answer has neither output nor error")
         return ans["output"]
 
     # -- ending --------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import numpy as np
 
 from cxlfork.errors import CxlforkError
 from cxlfork.porter.config import FunctionConfig
-from cxlfork.porter.instance import (Instance, WorkerDied, WorkerFailed, WorkerTimeout,
-                                     cxlfork_policy)
+from cxlfork.porter.instance import (Instance, WorkerBadAnswer, WorkerDied, WorkerFailed,
+                                     WorkerTimeout, cxlfork_policy)
 
 WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "NUMEXPR_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -291,6 +291,8 @@ class FunctionPool:
             self._error("oom_kill" if "OOM" in how else "crash")
             if self.porter.stopping:
                 raise Unavailable("the porter is shutting down") from e
+            if isinstance(e, WorkerBadAnswer):      # alive, but broke the protocol
+                how = f"{e}; it was killed"
             raise InvokeError(f"function {self.name}: instance PID {inst.pid} ({inst.kind}) "
                               f"{how} while handling the request; it is being replaced "
                               f"(log: {self.log_path})", 502) from e
