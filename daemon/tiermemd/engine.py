@@ -257,9 +257,11 @@ class Engine:
             ident = discovery.proc_identity(pid)
             if pid not in seen.get(p.target, ()) or ident is None:
                 log.info("target %s: process %d exited; dropped", p.target, pid)
+                self._count_exit(p.target)
                 del self.procs[pid]
             elif ident[0] != p.ident[0]:
                 log.info("target %s: PID %d was reused by a new process", p.target, pid)
+                self._count_exit(p.target)
                 del self.procs[pid]
             elif ident[1] != p.ident[1]:
                 log.info("target %s: process %d exec'd %s; starting over for it", p.target,
@@ -355,10 +357,12 @@ class Engine:
                 self._tier_one(p, batches.get(pid), state)
             except TargetGone as e:
                 log.info("target %s: %s; dropped", p.target, e)
+                self._count_exit(p.target)
                 self.procs.pop(pid, None)
             except TiermemError as e:
                 if "exited" in str(e) or "no process" in str(e):
                     log.info("target %s: process %d exited; dropped", p.target, pid)
+                    self._count_exit(p.target)
                     self.procs.pop(pid, None)
                 else:
                     self._proc_error(p, str(e))
@@ -373,6 +377,10 @@ class Engine:
     @staticmethod
     def _wm(w: tuple[str, float], tot_kb: int) -> float:
         return w[1] * tot_kb * 1024 if w[0] == "share" else w[1]
+
+    def _count_exit(self, target: str) -> None:
+        with self.stats.lock:
+            self.stats.targets[target].processes_exited += 1
 
     def _proc_error(self, p: Proc, msg: str) -> None:
         line = f"target {p.target}: process {p.pid}: {msg}"
@@ -464,6 +472,8 @@ class Engine:
                 st["room"] += moved.size
                 st["deficit"] = max(0, st["deficit"] - moved.size)
             if out.node_full:
+                with self.stats.lock:
+                    ts.node_full += 1
                 self._once(f"node {node} is full (ENOMEM): "
                            f"{'promotions' if tier == FAST else 'demotions'} to it wait "
                            "until it has free memory")

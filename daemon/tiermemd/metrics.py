@@ -40,6 +40,8 @@ class TargetStats:
         self.planned_demote = 0
         self.errors = 0            # policy/sampler errors logged
         self.last_error = ""
+        self.processes_exited = 0  # processes that exited (or exec'd) while tiered
+        self.node_full = 0         # moves that stopped because the target node was full
 
     @property
     def fast_share(self) -> float | None:
@@ -57,6 +59,9 @@ class TargetStats:
                 "planned_promote": self.planned_promote,
                 "planned_demote": self.planned_demote,
                 "processes": self.processes, "errors": self.errors,
+                "processes_exited": self.processes_exited,
+                "node_full_events": self.node_full,
+                "pages_busy": self.failures.get("EBUSY", 0),
                 "last_error": self.last_error}
 
 
