@@ -98,3 +98,24 @@ def test_units():
     for bad in ("", "1 s s", "-1s", "0ms"):
         with pytest.raises(ValueError):
             units.duration(bad)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e308", "-inf"])
+def test_non_finite_or_huge_durations_are_refused(tmp_path, value):
+    """interval = nan / inf / 1e308 passed --check and then killed the daemon (budget
+    overflow): refused as file:key: reason."""
+    with pytest.raises(TiermemError, match=r"t.toml:daemon.interval: .*duration must be"):
+        load(tmp_path, GOOD.replace('interval = "500ms"', f"interval = {value}"))
+
+
+def test_not_utf8_is_one_line_at_check(tmp_path):
+    import subprocess
+    import sys
+    p = tmp_path / "t.toml"
+    p.write_bytes(GOOD.encode().replace(b'name = "a"', b'name = "caf\xe9"'))
+    with pytest.raises(TiermemError, match=r"t.toml: not UTF-8 text \(byte \d+\)"):
+        config.load(str(p))
+    r = subprocess.run([sys.executable, "-m", "tiermemd", "--check", "--config", str(p)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "not UTF-8" in r.stderr, r.stderr

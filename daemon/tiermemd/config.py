@@ -106,6 +106,8 @@ def load(path: str, topology=None, check_files: bool = True) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): TOML files are UTF-8") from None
     return parse(raw, path, topology, check_files)
 
 

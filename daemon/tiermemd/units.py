@@ -9,7 +9,10 @@ Each parser raises ValueError with the reason; config.py adds file:key in front.
 """
 from __future__ import annotations
 
+import math
 import re
+
+MAX_DURATION_S = 7 * 86400.0     # longer loop intervals or windows overflow budgets
 
 _DURATION = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 2**20, "mb": 10**6,
@@ -30,8 +33,10 @@ def duration(v) -> float:
             raise ValueError(f"bad duration {v!r}: expected a number with a unit "
                              f"({', '.join(_DURATION)}), e.g. '1s' or '500ms'")
         s = float(m.group(1)) * _DURATION[m.group(2)]
-    if s <= 0:
-        raise ValueError(f"duration must be positive, got {v!r}")
+    if not math.isfinite(s) or s <= 0:
+        raise ValueError(f"duration must be a positive, finite number, got {v!r}")
+    if s > MAX_DURATION_S:
+        raise ValueError(f"duration must be at most {MAX_DURATION_S:g} s (a week), got {v!r}")
     return s
 
 
