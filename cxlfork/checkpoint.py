@@ -92,6 +92,7 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
     if not os.path.isdir(os.path.dirname(image)):
         raise CxlforkError(f"directory {os.path.dirname(image)} does not exist")
     _check_ptrace_allowed(pid)
+    image_mod.trust.key(create=True)          # the sealing key: refused or made before freezing
     store = open_store(store_dir)
     if store.warning and warn:
         warn(store.warning)
@@ -128,6 +129,10 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
                       "pages": npages, "hash": phash, "hash_alg": image_mod.HASH_ALG,
                       "node": store.node},
         }
+        # the page file gets its final name before the manifest pins it (rename sets ctime)
+        os.rename(owner_tmp, store.owner_path(image_id))
+        os.rename(tmp_pages, store.pages_path(image_id))
+        manifest["store"]["pin"] = _pin(store.pages_path(image_id))
         objs.close()
         manifest["stats"] = {"freeze_ms": (t_frozen - t0) * 1e3,
                              "collect_ms": (t_collected - t_frozen) * 1e3,
@@ -135,8 +140,6 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
                              "frozen_ms": (time.perf_counter() - t_frozen) * 1e3}
         image_mod.validate(dict(manifest, checksum=image_mod.checksum(manifest)), image)
         image_mod.write_tmp(image, manifest)
-        os.rename(tmp_pages, store.pages_path(image_id))
-        os.rename(owner_tmp, store.owner_path(image_id))
         image_mod.publish(tmp_dir, image)
         published = True
         if kill:
@@ -164,6 +167,14 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
             shutil.rmtree(tmp_dir, ignore_errors=True)
         for s, h in old_handlers.items():
             signal.signal(s, h)
+
+
+def _pin(path: str) -> dict:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return image_mod.pin_of(os.fstat(fd))
+    finally:
+        os.close(fd)
 
 
 def _check_ptrace_allowed(pid: int) -> None:

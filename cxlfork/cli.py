@@ -102,10 +102,14 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
     from cxlfork.restore import restore as do, serve_lazy_forever, sync_lazy
     if eager and policy != "moa":
         raise CxlforkError("--eager goes with --policy moa")
+    if pidfile:
+        _check_pidfile(pidfile)               # before any clone is made
     t0 = time.perf_counter()
     pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
               eager=eager)
     dt = time.perf_counter() - t0
+    if pidfile:
+        _write_pidfile(pidfile, pids)         # kills the clones if it fails
     lazy_detach = detach and policy == "moa" and not eager
     if lazy_detach:
         sync_lazy()
@@ -116,11 +120,6 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
         os.setsid()
         serve_lazy_forever()
         os._exit(0)
-    if pidfile:
-        tmp = f"{pidfile}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write("".join(f"{p}\n" for p in pids))
-        os.rename(tmp, pidfile)
     if as_json:
         click.echo(json.dumps({"pids": pids, "policy": policy, "seconds": dt}), err=not detach)
     elif detach:
@@ -134,6 +133,42 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
         code = 128 - code if code < 0 else code
         rc = rc or code
     sys.exit(rc)
+
+
+def _check_pidfile(path: str) -> None:
+    from cxlfork.errors import CxlforkError
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise CxlforkError(f"--pidfile {path}: directory {d} does not exist")
+    if os.path.isdir(path):
+        raise CxlforkError(f"--pidfile {path} is a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise CxlforkError(f"--pidfile {path}: cannot write in {d}")
+
+
+def _write_pidfile(path: str, pids: list[int]) -> None:
+    """Write the PIDs (temporary file renamed into place); on failure kill and reap the
+    clones, so nothing runs that nobody was told about."""
+    import signal
+    from cxlfork.errors import CxlforkError
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write("".join(f"{p}\n" for p in pids))
+        os.rename(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+                os.waitpid(p, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        raise CxlforkError(f"--pidfile {path}: {e.strerror}; killed the {len(pids)} "
+                           "clone(s) restored") from e
 
 
 @main.command()

@@ -1,11 +1,14 @@
 """The image: a 0700 directory holding manifest.json (0600), plus its page file in the store.
 
-The manifest is versioned JSON (format "cxlfork-image", version 1): maps and their page runs,
-registers, xstate, signals, fds, mm fields, rlimits, and the store file with its size and
-content hash; a SHA-256 over the canonical JSON of everything else protects it. It is written
-into IMAGE.tmp.PID and published by renaming that directory to IMAGE. `load` checks the
-checksum and then every field (types, ranges, alignment, overlaps, runs inside the store), so a
-corrupt or hostile manifest is refused before anything is spawned. `hot.json` (optional,
+The manifest is versioned JSON (format "cxlfork-image", version 2): maps and their page runs,
+registers, xstate, signals, fds, mm fields, rlimits, and the store file with its size, content
+hash and pin (device, inode, owner, mode, size, mtime, ctime); its "checksum" is an HMAC-SHA256
+of the canonical JSON of everything else under the caller's key (cxlfork.trust), so only that
+user can make a manifest restore. It is written into IMAGE.tmp.PID and published by renaming
+that directory to IMAGE. `load` checks the seal and then every field (types, ranges, alignment,
+overlaps, runs inside the store), so a corrupt, edited or hostile manifest is refused before
+anything is spawned; `open_store_file` opens the page file only inside a store directory the
+caller owns and checks its pin. `hot.json` (optional,
 written later by `cxlfork profile`) records pages clones touched, for the hybrid policy.
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import os
 import shutil
 
-from cxlfork import FORMAT, FORMAT_VERSION
+from cxlfork import FORMAT, FORMAT_VERSION, trust
 from cxlfork.errors import ImageError
 
 MANIFEST = "manifest.json"
@@ -45,8 +48,19 @@ def canonical(d: dict) -> bytes:
     return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
 
-def checksum(m: dict) -> str:
-    return hashlib.sha256(canonical({k: v for k, v in m.items() if k != "checksum"})).hexdigest()
+def checksum(m: dict, create_key: bool = False) -> str:
+    """The manifest's seal: HMAC-SHA256 under the caller's key of everything but "checksum"."""
+    return trust.seal(canonical({k: v for k, v in m.items() if k != "checksum"}), create_key)
+
+
+PIN = ("dev", "ino", "uid", "mode", "size", "mtime_ns", "ctime_ns")
+CHECK_PIN = True                 # False only in bench/bench_cxlfork.py, to measure the check
+
+
+def pin_of(st: os.stat_result) -> dict:
+    """The page file's identity as pinned in the manifest (store.pin)."""
+    return {"dev": st.st_dev, "ino": st.st_ino, "uid": st.st_uid, "mode": st.st_mode,
+            "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
 
 def b64(data: bytes) -> str:
@@ -71,7 +85,7 @@ def write_tmp(image: str, manifest: dict) -> str:
     os.mkdir(tmp, 0o700)
     os.chmod(tmp, 0o700)
     manifest = dict(manifest)
-    manifest["checksum"] = checksum(manifest)
+    manifest["checksum"] = checksum(manifest, create_key=True)
     fd = os.open(os.path.join(tmp, MANIFEST), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -161,11 +175,16 @@ def validate(m: dict, image: str = "?") -> dict:
     if m.get("format") != FORMAT:
         v.fail("format", f"not a cxlfork image (expected {FORMAT!r})")
     ver = m.get("version")
+    if ver == 1:
+        v.fail("version", "image format version 1, sealed with an unkeyed checksum by an older "
+                          f"cxlfork; this cxlfork reads version {FORMAT_VERSION} (sealed with "
+                          "its user's key): checkpoint the process again")
     if ver != FORMAT_VERSION:
         v.fail("version", f"image format version {ver!r}; this cxlfork reads version "
                           f"{FORMAT_VERSION}")
-    if m.get("checksum") != checksum(m):
-        raise ImageError(f"image {image}: manifest checksum mismatch (corrupt or edited)")
+    if not trust.same_seal(checksum(m), m.get("checksum")):
+        raise ImageError(f"image {image}: manifest checksum mismatch (corrupt, edited, or not "
+                         f"sealed with your key {trust.key_path()})")
     v.get(m, "id", str, "")
     if not m["id"].isalnum() or len(m["id"]) > 64:
         v.fail("id", "must be alphanumeric")
@@ -262,6 +281,11 @@ def validate(m: dict, image: str = "?") -> dict:
     if alg is not None and alg != HASH_ALG:
         v.fail("store.hash_alg", f"unknown content hash {alg!r} (this cxlfork knows {HASH_ALG})")
     v.int_in(store, "node", 0, 1024, "store")
+    pin = v.get(store, "pin", dict, "store")
+    for k in PIN:
+        v.int_in(pin, k, 0, 2**64, "store.pin")
+    if not os.path.isabs(store["dir"]):
+        v.fail("store.dir", "expected an absolute path")
 
     objs = v.get(m, "objects", list, "")
     obj_ids = set()
@@ -400,20 +424,41 @@ def store_file(m: dict) -> str:
     return os.path.join(m["store"]["dir"], m["store"]["file"])
 
 
-def open_store_file(m: dict, image: str) -> int:
-    """fd of the image's page file, after checking its size (hash: see verify)."""
+def open_store_file(m: dict, image: str, pin: bool = True) -> int:
+    """fd of the image's page file: only in a store directory the caller owns (no symlinks,
+    not writable by others), owned by the caller, of the right size, and (pin) still the file
+    the checkpoint wrote: same device, inode, owner, mode, size, mtime and ctime. The pin is
+    one fstat; the content hash is checked by verify only (see docs/cxlfork.md)."""
     p = store_file(m)
+    what = f"image {image}: page file"
+    dfd = trust.open_dir(m["store"]["dir"], f"image {image}: store", ImageError)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        fd = trust.open_owned(dfd, m["store"]["file"], p, what, ImageError)
     except FileNotFoundError as e:
         raise ImageError(f"image {image}: page file {p} is missing (removed, or the store "
                          "tmpfs was unmounted or rebooted away)") from e
-    size = os.fstat(fd).st_size
-    if size != m["store"]["pages"] * PAGE:
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if st.st_size != m["store"]["pages"] * PAGE:
+            raise ImageError(f"image {image}: page file {p} is {st.st_size} bytes, the manifest "
+                             f"says {m['store']['pages'] * PAGE} (truncated or replaced)")
+        if pin and CHECK_PIN:
+            check_pin(m, st, image)
+    except BaseException:
         os.close(fd)
-        raise ImageError(f"image {image}: page file {p} is {size} bytes, the manifest says "
-                         f"{m['store']['pages'] * PAGE} (truncated or replaced)")
+        raise
     return fd
+
+
+def check_pin(m: dict, st: os.stat_result, image: str) -> None:
+    want, have = m["store"]["pin"], pin_of(st)
+    diff = [k for k in PIN if want[k] != have[k]]
+    if diff:
+        raise ImageError(f"image {image}: page file {store_file(m)} changed since the checkpoint "
+                         f"({', '.join(diff)} differ: written, replaced or touched); restoring "
+                         "would map other contents ('cxlfork verify' checks the content)")
 
 
 def check_file(ref: dict, what: str) -> None:
@@ -430,14 +475,15 @@ def verify(image: str) -> dict:
     """Check everything: manifest checksum and fields, page file size and hash, files mapped
     or used, hot record. Returns a summary; raises ImageError on the first problem."""
     m = load(image)
-    fd = open_store_file(m, image)
+    fd = open_store_file(m, image, pin=False)
     try:
         h = page_file_hash(fd, m["store"]["pages"] * PAGE, m["store"].get("hash_alg"))
+        if h != m["store"]["hash"]:
+            raise ImageError(f"image {image}: page file {store_file(m)} content hash mismatch "
+                             f"({h} != {m['store']['hash']})")
+        check_pin(m, os.fstat(fd), image)
     finally:
         os.close(fd)
-    if h != m["store"]["hash"]:
-        raise ImageError(f"image {image}: page file {store_file(m)} content hash mismatch "
-                         f"({h} != {m['store']['hash']})")
     check_file(m["process"]["exe"], "executable")
     for a in m["vmas"]:
         if a["kind"] == "file":
@@ -498,25 +544,46 @@ def write_hot(image: str, m: dict, bits: bytes) -> None:
 
 
 def remove(image: str) -> list[str]:
-    """Delete an image directory and its page file; returns what was removed."""
+    """Delete a published image directory and its page file; returns what was removed.
+
+    Only an image whose manifest validates (sealed with the caller's key) is removed, and its
+    page file and owner record only inside a store directory the caller owns (cxlfork.trust);
+    an empty directory (a checkpoint that died before writing) is removed as it is."""
+    import stat
     image = os.path.abspath(image)
-    removed = []
+    if not os.path.isdir(image):
+        raise ImageError(f"{image}: no such image (not a directory)")
+    if not os.path.lexists(os.path.join(image, MANIFEST)):
+        if os.listdir(image):
+            raise ImageError(f"{image} is not a cxlfork image (no manifest.json); not removing "
+                             "it")
+        os.rmdir(image)
+        return [image]
     try:
-        m = read_manifest_raw(image)
-        sf = m.get("store", {}).get("file")
-        sd = m.get("store", {}).get("dir")
-        ok_name = isinstance(sf, str) and "/" not in sf and sf.endswith(".pages")
-        if ok_name and isinstance(sd, str):
-            for q in (os.path.join(sd, sf), os.path.join(sd, sf[:-6] + ".owner")):
-                if os.path.exists(q):
-                    os.unlink(q)
-                    removed.append(q)
-    except ImageError:
-        if not os.path.isdir(image):
-            raise
-    if not os.path.exists(os.path.join(image, MANIFEST)) and os.path.isdir(image) \
-            and os.listdir(image):
-        raise ImageError(f"{image} is not a cxlfork image (no manifest.json); not removing it")
+        m = load(image)
+    except ImageError as e:
+        raise ImageError(f"not removing {image}: {e} (remove it yourself if it is yours; "
+                         "'cxlfork gc' removes page files no image uses)") from e
+    removed = []
+    sd, sf = m["store"]["dir"], m["store"]["file"]
+    if os.path.lexists(sd):
+        dfd = trust.open_dir(sd, f"not removing {image}: its store", ImageError)
+        try:
+            names = []
+            for name in (sf, sf[:-len(".pages")] + ".owner"):
+                try:
+                    st = os.lstat(name, dir_fd=dfd)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    raise ImageError(f"not removing {image}: {os.path.join(sd, name)} is not a "
+                                     "regular file of yours")
+                names.append(name)
+            for name in names:
+                os.unlink(name, dir_fd=dfd)
+                removed.append(os.path.join(sd, name))
+        finally:
+            os.close(dfd)
     shutil.rmtree(image)
     removed.append(image)
     return removed

@@ -8,9 +8,12 @@ host); independent of the mount, the writer binds each page file's shared policy
 mbind(2) before filling it.
 
 Default location: $CXLFORK_STORE, else /var/lib/cxlfork/store (mounted as tmpfs when root),
-else /dev/shm/cxlfork-store. The store cxlfork mounts uses `huge=within_size`: page files are
-written in 2 MiB folios (about 3x faster to fill than 4 KiB pages here), and clones still map
-and copy them page by page.
+else /dev/shm/cxlfork-store (root) or /dev/shm/cxlfork-store-UID (other users). The store
+cxlfork mounts uses `huge=within_size`: page files are written in 2 MiB folios (about 3x faster
+to fill than 4 KiB pages here), and clones still map and copy them page by page.
+
+A store must be a directory of the caller's, 0700, under directories nobody else can replace
+(cxlfork.trust.check_dir): one another user owns (e.g. pre-created under /dev/shm) is refused.
 """
 from __future__ import annotations
 
@@ -18,10 +21,16 @@ import os
 import subprocess
 import sys
 
+from cxlfork import trust
 from cxlfork.errors import CxlforkError
 
 DEFAULT = "/var/lib/cxlfork/store"
 FALLBACK = "/dev/shm/cxlfork-store"
+
+
+def fallback() -> str:
+    """The /dev/shm store of this user (root's is FALLBACK; others get their own)."""
+    return FALLBACK if os.geteuid() == 0 else f"{FALLBACK}-{os.geteuid()}"
 
 
 def mount_options(node: int) -> str:
@@ -70,8 +79,20 @@ class Store:
 
 
 def _ensure_dir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
+    """Create the store directory 0700 if missing; an existing one is checked, not changed."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        os.mkdir(path, 0o700)
+    os.chmod(path, 0o700)                     # umask aside: 0700 exactly
+
+
+def _checked(path: str, node: int, warning: str | None) -> Store:
+    trust.check_dir(path, "store")
+    return Store(path, node, warning)
 
 
 def open_store(path: str | None = None, create: bool = True) -> Store:
@@ -84,8 +105,7 @@ def open_store(path: str | None = None, create: bool = True) -> Store:
                 _ensure_dir(path)
             except OSError as e:
                 raise CxlforkError(f"cannot create store directory {path}: {e.strerror}") from e
-        if not os.path.isdir(path):
-            raise CxlforkError(f"store {path} is not a directory")
+        trust.check_dir(path, "store")
         fstype = mount_of(path)[1]
         if fstype != "tmpfs":
             raise CxlforkError(f"store {path} is on {fstype or 'an unknown fs'}, not tmpfs: "
@@ -94,22 +114,30 @@ def open_store(path: str | None = None, create: bool = True) -> Store:
     env = os.environ.get("CXLFORK_STORE")
     if env:
         return open_store(env, create)
-    if mount_of(DEFAULT)[0] == DEFAULT:
-        return Store(DEFAULT, node, warning)
+    mine = os.geteuid() == 0 or (os.path.isdir(DEFAULT)
+                                 and os.stat(DEFAULT).st_uid == os.geteuid())
+    if mine and mount_of(DEFAULT)[0] == DEFAULT:
+        return _checked(DEFAULT, node, warning)
     if create and os.geteuid() == 0:
         try:
             _ensure_dir(DEFAULT)
             r = subprocess.run(["mount", "-t", "tmpfs", "-o", mount_options(node),
                                 "cxlfork-store", DEFAULT], capture_output=True, text=True)
             if r.returncode == 0:
-                return Store(DEFAULT, node, warning)
+                return _checked(DEFAULT, node, warning)
             warn = f"could not mount the store tmpfs on {DEFAULT}: {r.stderr.strip()}"
         except OSError as e:
             warn = f"could not mount the store tmpfs on {DEFAULT}: {e}"
         print(f"cxlfork: warning: {warn}; using {FALLBACK}", file=sys.stderr)
+    fb = fallback()
     if create:
-        _ensure_dir(FALLBACK)
-    return Store(FALLBACK, node, warning)
+        try:
+            _ensure_dir(fb)
+        except OSError as e:
+            raise CxlforkError(f"cannot create store directory {fb}: {e.strerror}") from e
+    elif not os.path.lexists(fb):
+        return Store(fb, node, warning)          # nothing stored yet (gc: nothing to do)
+    return _checked(fb, node, warning)
 
 
 def gc(store: Store) -> list[str]:
@@ -139,7 +167,7 @@ def gc(store: Store) -> list[str]:
                     img = f.read().strip()
             except FileNotFoundError:
                 img = ""
-            if img and image_mod.image_id_of(img) == image_id:
+            if img and (image_mod.image_id_of(img) == image_id or _publishing(img)):
                 continue
             _remove_tmp_image(owner)
             for q in (p, owner):
@@ -147,6 +175,16 @@ def gc(store: Store) -> list[str]:
                     os.unlink(q)
                     removed.append(q)
     return removed
+
+
+def _publishing(img: str) -> bool:
+    """A checkpoint still running has IMAGE.tmp.PID (PID alive) and no IMAGE yet."""
+    parent, base = os.path.dirname(img) or ".", os.path.basename(img) + ".tmp."
+    try:
+        return any(n.startswith(base) and n[len(base):].isdigit()
+                   and os.path.exists(f"/proc/{n[len(base):]}") for n in os.listdir(parent))
+    except OSError:
+        return False
 
 
 def _remove_tmp_image(owner: str) -> None:
