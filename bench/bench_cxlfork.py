@@ -15,6 +15,12 @@ which ran the memory part of the plan when spawned); "CLI" = `python -m cxlfork
 restore --detach`, interpreter start included. The checkpoint rate is next to the rate this
 machine fills fresh memory (numpy.ones of the same size in this process), the bound for
 anything that writes a new copy. Medians of --runs runs.
+`--integrity N`: only the cost of the image checks on the restore path (docs/cxlfork.md): N
+alternating one-shot API mow restores with the page-file checks (store directory and page file
+owned by the caller, O_NOFOLLOW, pin compared after fstat) and with the plain open of before;
+the checks alone; the manifest's HMAC-SHA256 next to the unkeyed SHA-256 it replaced; and the
+full content hash of the page file (what `verify` runs, and what hashing every chunk at restore
+would cost).
 Run as root:  .venv/bin/python bench/bench_cxlfork.py [--full]
 """
 from __future__ import annotations
@@ -283,6 +289,76 @@ def alternate(mib: int, runs: int, work: str, store: str) -> str:
             f"load average {os.getloadavg()[0]:.1f}")
 
 
+def _plain_open_store_file(m: dict, image: str, pin: bool = True) -> int:
+    """The page-file open of before the checks (issue 18.6): open by path, check the size."""
+    fd = os.open(image_mod.store_file(m), os.O_RDONLY | os.O_CLOEXEC)
+    if os.fstat(fd).st_size != m["store"]["pages"] * 4096:
+        os.close(fd)
+        raise RuntimeError("size")
+    return fd
+
+
+def integrity(mib: int, runs: int, work: str, store: str) -> tuple:
+    """Restore with the page-file checks vs without (alternating), and the checks' parts."""
+    import hashlib
+    checked_open = image_mod.open_store_file
+    w, _ = start_worker(mib)
+    try:
+        img = os.path.join(work, f"integ{mib}.img")
+        checkpoint(w.pid, img, store)
+        m = image_mod.load(img)
+        with_c, without = [], []
+        try:
+            pair = [(with_c, checked_open), (without, _plain_open_store_file)]
+            for i in range(runs):                      # which goes first alternates too
+                for out, opener in (pair if i % 2 == 0 else pair[::-1]):
+                    image_mod.open_store_file = opener
+                    out.append(timed_restore(lambda pp: restore(img, "mow", stdio=pp.fds())))
+        finally:
+            image_mod.open_store_file = checked_open
+
+        def each(fn, k=200):
+            ts = []
+            for _ in range(k):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            return med(ts)
+        t_check = each(lambda: os.close(checked_open(m, img)))
+        t_plain = each(lambda: os.close(_plain_open_store_file(m, img)))
+        body = image_mod.canonical({k: v for k, v in m.items() if k != "checksum"})
+        t_hmac = each(lambda: image_mod.checksum(m), 20)
+        t_sha = each(lambda: hashlib.sha256(image_mod.canonical(
+            {k: v for k, v in m.items() if k != "checksum"})).hexdigest(), 20)
+        fd = os.open(image_mod.store_file(m), os.O_RDONLY)
+        try:
+            t_hash = each(lambda: image_mod.page_file_hash(fd, m["store"]["pages"] * 4096,
+                                                           m["store"]["hash_alg"]), 3)
+        finally:
+            os.close(fd)
+        image_mod.remove(img)
+    finally:
+        w.kill()
+        w.wait()
+    return (mib, m["store"]["pages"] * 4096, med(with_c), med(without), t_check, t_plain,
+            len(body), t_hmac, t_sha, t_hash)
+
+
+def print_integrity(rows, runs: int) -> None:
+    print(f"\nimage checks on the restore path: one-shot API mow restore (start -> clone answers "
+          f"a ping), {runs} alternating runs each, medians; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    hdr = ("state", "stored", "restore+checks", "restore plain", "ratio", "checks alone",
+           "plain open", "manifest", "HMAC-SHA256", "SHA-256", "content hash")
+    print(" | ".join(f"{h:>14s}" for h in hdr))
+    for (mib, nb, wc, wo, tc, tp, mlen, th, ts, thash) in rows:
+        vals = (f"{mib} MiB", f"{nb / 2**20:.0f} MiB", f"{wc * 1e3:.2f} ms", f"{wo * 1e3:.2f} ms",
+                f"{wc / wo:.2f}x", f"{tc * 1e6:.1f} us", f"{tp * 1e6:.1f} us",
+                f"{mlen / 1024:.0f} KiB", f"{th * 1e6:.0f} us", f"{ts * 1e6:.0f} us",
+                f"{thash * 1e3:.1f} ms")
+        print(" | ".join(f"{v:>14s}" for v in vals))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="add the 1 GiB worker")
@@ -292,6 +368,9 @@ def main():
     ap.add_argument("--alternate", type=int, default=0, metavar="N",
                     help="only: N alternating runs of os.fork(), prepared (spawned, into a "
                          "ghost, into a warm ghost) and one-shot mow restore per size")
+    ap.add_argument("--integrity", type=int, default=0, metavar="N",
+                    help="only: N alternating restores with and without the image checks "
+                         "per size, and the checks' parts")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_cxlfork: run as root (ptrace, PR_SET_MM_MAP)")
@@ -306,6 +385,10 @@ def main():
                    check=True)
     rows, memrows = [], []
     try:
+        if a.integrity:
+            print_integrity([integrity(mib, a.integrity, work, store) for mib in sizes],
+                            a.integrity)
+            return
         if a.alternate:
             for mib in sizes:
                 print(alternate(mib, a.alternate, work, store), flush=True)

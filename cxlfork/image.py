@@ -54,7 +54,6 @@ def checksum(m: dict, create_key: bool = False) -> str:
 
 
 PIN = ("dev", "ino", "uid", "mode", "size", "mtime_ns", "ctime_ns")
-CHECK_PIN = True                 # False only in bench/bench_cxlfork.py, to measure the check
 
 
 def pin_of(st: os.stat_result) -> dict:
@@ -444,7 +443,7 @@ def open_store_file(m: dict, image: str, pin: bool = True) -> int:
         if st.st_size != m["store"]["pages"] * PAGE:
             raise ImageError(f"image {image}: page file {p} is {st.st_size} bytes, the manifest "
                              f"says {m['store']['pages'] * PAGE} (truncated or replaced)")
-        if pin and CHECK_PIN:
+        if pin:
             check_pin(m, st, image)
     except BaseException:
         os.close(fd)
