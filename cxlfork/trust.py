@@ -9,7 +9,7 @@
   group or others, checked with fstat on the fd that is then used.
 - `key()` / `seal(data)`: manifests are sealed with HMAC-SHA256 under a 32-byte key only the
   caller's uid can read: $CXLFORK_KEY, else /var/lib/tiermem/cxlfork.key for root, else
-  $XDG_STATE_HOME (~/.local/state)/tiermem/cxlfork.key. A checkpoint creates it (0600, in a
+  $XDG_STATE_HOME (default $HOME/.local/state)/tiermem/cxlfork.key. A checkpoint creates it (0600, in a
   0700 directory, written to a temporary name and hard-linked into place, so two first
   checkpoints agree on one key); restore, verify and rm only read it.
 """
@@ -126,8 +126,8 @@ def key_path() -> str:
         return os.path.abspath(env)
     if os.geteuid() == 0:
         return ROOT_KEY
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        pwd.getpwuid(os.geteuid()).pw_dir, ".local", "state")
+    home = os.environ.get("HOME") or pwd.getpwuid(os.geteuid()).pw_dir
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
     return os.path.join(base, "tiermem", "cxlfork.key")
 
 

@@ -212,9 +212,13 @@ def test_bad_pid_and_existing_output(env):
     r = cxlfork("checkpoint", p.pid, "-o", os.path.join(d, "y.img"),
                 "--store", d, check=False)               # a 0700 directory on ext4
     assert r.returncode == 1 and "not tmpfs" in r.stderr, r.stderr
+    ww = os.path.join(d, "ww")                 # like /tmp: a store others may write
+    os.mkdir(ww)
+    os.chmod(ww, 0o1777)
     r = cxlfork("checkpoint", p.pid, "-o", os.path.join(d, "y.img"),
-                "--store", "/tmp", check=False)
+                "--store", ww, check=False)
     assert r.returncode == 1 and "writable by group or others" in r.stderr, r.stderr
+    assert os.stat(ww).st_mode & 0o7777 == 0o1777      # checked, not changed
 
 
 def test_refuses_unprivileged_caller(env):

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -358,4 +359,45 @@ def test_pidfile_write_failing_kills_the_clones(env):
     finally:
         subprocess.run(["umount", full], check=True)
         os.rmdir(full)
+    cxlfork("rm", img)
+
+
+def test_non_root_user_has_own_key_and_store(env):
+    """A non-root user seals with a key in their own state directory and gets their own
+    fallback store; root's store is refused to them, their key is refused to root."""
+    from conftest import unprivileged_cannot_read_checkout
+    if (why := unprivileged_cannot_read_checkout()):
+        pytest.skip(why)
+    d, s, p = env
+    img = _ckpt(env, "nr.img")
+    state = tempfile.mkdtemp(prefix="cxlfork-sec-state-", dir="/dev/shm")
+    os.chmod(state, 0o755)
+    home = os.path.join(state, "home")
+    os.mkdir(home, 0o700)
+    os.chown(home, NOBODY, NOBODY)
+    code = ("import os, sys\n"
+            "from cxlfork import trust, store\n"
+            "from cxlfork.errors import CxlforkError\n"
+            "trust.key(create=True)\n"
+            "st = os.stat(trust.key_path())\n"
+            "print(trust.key_path(), oct(st.st_mode & 0o777), st.st_uid, store.fallback())\n"
+            "try:\n"
+            "    store.open_store(sys.argv[1], create=False)\n"
+            "except CxlforkError as e:\n"
+            "    print(e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            sys.executable, "-c", code, s], capture_output=True, text=True,
+                           env={"PATH": os.environ["PATH"], "PYTHONPATH": root, "HOME": home})
+        assert r.returncode == 0, r.stderr
+        first, second = r.stdout.strip().splitlines()
+        key = os.path.join(home, ".local", "state", "tiermem", "cxlfork.key")
+        assert first == f"{key} 0o600 {NOBODY} /dev/shm/cxlfork-store-{NOBODY}", first
+        assert f"store {s} is owned by uid 0, not by you (uid {NOBODY})" in second, second
+        r = subprocess.run(CXLFORK + ["verify", img], capture_output=True, text=True,
+                           env=dict(os.environ, CXLFORK_KEY=key))
+        _one_error(r, "owned by uid 65534")
+    finally:
+        rmtree(state)
     cxlfork("rm", img)

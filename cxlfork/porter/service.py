@@ -176,7 +176,13 @@ class Porter:
             try:
                 image_mod.remove(path)
                 self.log(f"removed {path}, left by a porter that did not stop")
-            except (CxlforkError, OSError) as e:
+            except CxlforkError as e:
+                # not a sealed image of ours (corrupt, older format): its directory goes (in
+                # our own images/), its page file is left to `cxlfork gc`
+                shutil.rmtree(path, ignore_errors=True)
+                self.log(f"removed {path}, left by an earlier porter, without its page file "
+                         f"({e})")
+            except OSError as e:
                 self.log(f"removing {path}, left by an earlier porter: {e}")
 
     def stop(self) -> None:
