@@ -153,7 +153,10 @@ def _write_pidfile(path: str, pids: list[int]) -> None:
     from cxlfork.errors import CxlforkError
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
+        # O_EXCL | O_NOFOLLOW: a name planted in a shared directory is not followed
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with os.fdopen(fd, "w") as f:
             f.write("".join(f"{p}\n" for p in pids))
         os.rename(tmp, path)
     except OSError as e:

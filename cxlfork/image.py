@@ -119,6 +119,8 @@ def read_manifest_raw(image: str) -> dict:
         m = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise ImageError(f"{path}: corrupt manifest (not JSON: {e})") from e
+    except RecursionError as e:
+        raise ImageError(f"{path}: corrupt manifest (nested too deeply)") from e
     if not isinstance(m, dict):
         raise ImageError(f"{path}: corrupt manifest (not a JSON object)")
     return m

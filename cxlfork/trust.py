@@ -195,4 +195,4 @@ def seal(data: bytes, create: bool = False) -> str:
 
 
 def same_seal(a: str, b) -> bool:
-    return isinstance(b, str) and hmac.compare_digest(a, b)
+    return isinstance(b, str) and hmac.compare_digest(a.encode(), b.encode("utf-8", "replace"))

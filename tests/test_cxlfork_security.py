@@ -159,6 +159,20 @@ def test_manifest_edited_and_resealed_without_key_refused(env):
     _one_error(r, "checksum mismatch")
 
 
+def test_odd_seals_and_deep_nesting_are_one_line(env):
+    d, s, p = env
+    img = _ckpt(env, "odd.img")
+    m = _manifest(img)
+    for bad in ("\u00e9" * 64, 7, None):
+        m["checksum"] = bad
+        _write_manifest(img, m)
+        _restore_fails(env, img, "checksum mismatch")
+    with open(os.path.join(img, "manifest.json"), "w") as f:
+        f.write("[" * 100000)
+    _restore_fails(env, img, "nested too deeply")
+    _one_error(cxlfork("verify", img, check=False), "nested too deeply")
+
+
 def test_old_format_version_refused_with_reason(env):
     img = _ckpt(env, "v1.img")
     m = _manifest(img)
@@ -340,6 +354,38 @@ def test_pidfile_in_missing_directory_makes_no_clone(env):
     _one_error(r, "does not exist")
     r = _restore_with_stdin(env, img, "--detach", "--pidfile", d)
     _one_error(r, "is a directory")
+    cxlfork("rm", img)
+
+
+def test_pidfile_temporary_name_is_not_followed(env):
+    """A symlink planted at the pidfile's temporary name (its PID is guessable) is not
+    written through: the restore fails, the clone is killed, the target is intact."""
+    d, s, p = env
+    img = _ckpt(env, "pid3.img")
+    victim = os.path.join(d, "victim")
+    with open(victim, "w") as f:
+        f.write("precious\n")
+    shared = tempfile.mkdtemp(prefix="cxlfork-sec-shared-", dir="/dev/shm")
+    os.chmod(shared, 0o1777)
+    pidfile = os.path.join(shared, "pids")
+    # the shell waits for a line until the symlink is planted, then execs cxlfork (same PID)
+    q = subprocess.Popen(["sh", "-c", 'read x; exec "$@"', "sh", *CXLFORK,
+                          "restore", img, "--detach", "--pidfile", pidfile],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    os.symlink(victim, f"{pidfile}.tmp.{q.pid}")
+    q.stdin.write("planted\n")
+    q.stdin.flush()
+    try:
+        out, err = q.communicate(timeout=60)
+        left = _ours(d, p.pid)
+        for pid in left:
+            os.kill(pid, 9)
+        assert not left, f"clones left running: {left}"
+        _one_error(subprocess.CompletedProcess(q.args, q.returncode, out, err), "--pidfile")
+        assert open(victim).read() == "precious\n" and not os.path.exists(pidfile)
+    finally:
+        rmtree(shared)
     cxlfork("rm", img)
 
 
