@@ -447,3 +447,30 @@ def test_non_root_user_has_own_key_and_store(env):
     finally:
         rmtree(state)
     cxlfork("rm", img)
+
+
+def test_porter_start_removes_stale_unsealed_images_without_following_them(env):
+    """A porter's run_dir/images/ (its own) holding an image it cannot validate (an older
+    format, or crafted): the directory goes at the next start, nothing outside it."""
+    from cxlfork.porter.config import PorterConfig
+    from cxlfork.porter.service import Porter
+    d, s, p = env
+    run = tempfile.mkdtemp(prefix="cxlfork-sec-run-", dir="/dev/shm")
+    victim = tempfile.mkdtemp(prefix="cxlfork-sec-victim-", dir="/dev/shm")
+    try:
+        with open(os.path.join(victim, "x.pages"), "w") as f:
+            f.write("precious\n")
+        old = os.path.join(run, "images", "old.img")
+        os.makedirs(old, mode=0o700)
+        os.chmod(os.path.join(run, "images"), 0o700)
+        _write_manifest(old, {"format": "cxlfork-image", "version": 1,
+                              "store": {"dir": victim, "file": "x.pages"}})
+        logs = []
+        porter = Porter(PorterConfig(run_dir=run, store=s), log=logs.append)
+        porter.stop()
+        assert not os.path.exists(old), logs
+        assert os.listdir(victim) == ["x.pages"]
+        assert any("without its page file" in x for x in logs), logs
+    finally:
+        rmtree(run)
+        rmtree(victim)
