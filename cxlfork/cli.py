@@ -223,8 +223,8 @@ def inspect(image, as_json):
 @click.argument("image", type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
 def verify(image, as_json):
-    """Check IMAGE completely: manifest checksum and fields, page file size and content hash,
-    executable and mapped files unchanged."""
+    """Check IMAGE completely: manifest seal (your key) and fields, page file owner, size,
+    pin and content hash, executable and mapped files unchanged."""
     from cxlfork import image as image_mod
     r = image_mod.verify(image)
     if as_json:
@@ -238,7 +238,8 @@ def verify(image, as_json):
 @main.command()
 @click.argument("image", type=click.Path())
 def rm(image):
-    """Remove IMAGE and its page file from the store."""
+    """Remove IMAGE and its page file from the store (only an image sealed with your key,
+    and only files inside a store directory of yours)."""
     from cxlfork import image as image_mod
     for p in image_mod.remove(image):
         click.echo(f"removed {p}")

@@ -9,9 +9,9 @@
   group or others, checked with fstat on the fd that is then used.
 - `key()` / `seal(data)`: manifests are sealed with HMAC-SHA256 under a 32-byte key only the
   caller's uid can read: $CXLFORK_KEY, else /var/lib/tiermem/cxlfork.key for root, else
-  $XDG_STATE_HOME (default $HOME/.local/state)/tiermem/cxlfork.key. A checkpoint creates it (0600, in a
-  0700 directory, written to a temporary name and hard-linked into place, so two first
-  checkpoints agree on one key); restore, verify and rm only read it.
+  $XDG_STATE_HOME (default $HOME/.local/state)/tiermem/cxlfork.key. A checkpoint creates it
+  (0600, in a 0700 directory, written to a temporary name and hard-linked into place, so two
+  first checkpoints agree on one key); restore, verify and rm only read it.
 """
 from __future__ import annotations
 
@@ -167,8 +167,8 @@ def key(create: bool = False) -> bytes:
         _create_key(p)
         return key(create=False)
     except OSError as e:
-        raise ImageError(f"cxlfork key {p}: {'is a symlink' if e.errno == errno.ELOOP else e.strerror}"
-                         ) from e
+        why = "is a symlink" if e.errno == errno.ELOOP else e.strerror
+        raise ImageError(f"cxlfork key {p}: {why}") from e
     try:
         st = os.fstat(fd)
         k = (p, st.st_dev, st.st_ino, st.st_ctime_ns)
