@@ -8,8 +8,8 @@ user can make a manifest restore. It is written into IMAGE.tmp.PID and published
 that directory to IMAGE. `load` checks the seal and then every field (types, ranges, alignment,
 overlaps, runs inside the store), so a corrupt, edited or hostile manifest is refused before
 anything is spawned; `open_store_file` opens the page file only inside a store directory the
-caller owns and checks its pin. `hot.json` (optional,
-written later by `cxlfork profile`) records pages clones touched, for the hybrid policy.
+caller owns and checks its pin. `hot.json` (optional, written later by `cxlfork profile`)
+records pages clones touched, for the hybrid policy.
 """
 from __future__ import annotations
 
