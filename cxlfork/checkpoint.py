@@ -23,8 +23,8 @@ from cxlfork import FORMAT, FORMAT_VERSION, image as image_mod, procfs
 from cxlfork.errors import CxlforkError, Refused
 from cxlfork.pages import write_pages
 from cxlfork.ptrace import Tracee
-from cxlfork.state import (fds as fds_mod, memory, process, registers, signals, threads,
-                           timers)
+from cxlfork.state import (fds as fds_mod, fifos, memory, process, registers, signals,
+                           threads, timers)
 from cxlfork.store import open_store
 
 PAGE = 4096
@@ -111,6 +111,8 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
         tr = Tracee(pid)
         t_frozen = time.perf_counter()
         state = collect(tr)
+        if kill:
+            fifos.refuse_on_kill(state["fds"])
         t_collected = time.perf_counter()
         phash = write_pages(state, tmp_pages, store.node, progress)
         t_dumped = time.perf_counter()

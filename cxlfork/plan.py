@@ -15,7 +15,7 @@ How a policy turns into ops, per mapping of the image:
     shmem   mmap the clone's own memfd holding the object (MAP_SHARED, or MAP_PRIVATE + its
             copied-on-write pages as for files)
 Then signals, rseq, tid address, robust list, PR_SET_MM_MAP, name (a warm ghost stops here),
-the lazy moa userfaultfd, timers, rlimits, FD_CLOEXEC, the go byte, threads, closing fds.
+the lazy moa userfaultfd, timers, epoll interest entries, rlimits, FD_CLOEXEC, the go byte, threads, closing fds.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ HDR_WORDS = 32
 (OP_MMAP, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK, OP_SIGMASK, OP_RSEQ,
  OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL, OP_PRLIMIT,
  OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
- OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER) = range(1, 26)
+ OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER, OP_EPOLL_CTL) = range(1, 27)
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PROT_R = 1
@@ -118,6 +118,15 @@ def _timer_ops(p: Plan, t: dict | None) -> None:
                  it["value_us"] // 10**6, it["value_us"] % 10**6)
 
 
+def _epoll_ops(p: Plan, m: dict) -> None:
+    """The interest entries of the clone's epoll fds, added once its fd table is laid out
+    (cxlfork.state.epoll): same target fd numbers, events and data."""
+    for f in m["fds"]:
+        if f["kind"] == "epoll" and f.get("dup_of") is None:
+            for e in f["entries"]:
+                p.op(OP_EPOLL_CTL, e["tfd"], f["fd"], e["events"], e["data"])
+
+
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
           lazy: bool = False, warm_sock: int | None = None, prefault: bool = False) -> bytes:
     """lazy (policy moa): map stored runs from the store as mow does and register them with a
@@ -196,6 +205,7 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
         p.op(OP_UFFD_SEND, fdnums["uffd_sock"])
     # timers: created and armed per clone (after a warm ghost's wait), with the times left
     _timer_ops(p, m.get("timers"))
+    _epoll_ops(p, m)
     from cxlfork.procfs import RLIMITS
     for name, (soft, hard) in sorted(m["rlimits"].items()):
         p.op(OP_PRLIMIT, RLIMITS[name], soft, hard)

@@ -8,8 +8,8 @@
  *      their checkpointed addresses;
  *   3. runs the plan's operations in order: mmap (store file MAP_PRIVATE, files, anonymous),
  *      pread (eager copies), mprotect, madvise, sigactions, sigaltstack, signal mask, rseq,
- *      tid address, robust list, prctl(PR_SET_MM_MAP), POSIX and interval timers, closing its
- *      own fds, FD_CLOEXEC;
+ *      tid address, robust list, prctl(PR_SET_MM_MAP), POSIX and interval timers, epoll
+ *      interest entries, closing its own fds, FD_CLOEXEC;
  *   4. creates the other threads (OP_THREAD: clone with CLONE_THREAD onto a stack in the
  *      region; each sets its own sigaltstack, rseq, tid address and robust list, then calls
  *      THREAD_PARK, which is never mapped: cxlfork, attached with PTRACE_O_TRACECLONE, keeps
@@ -144,7 +144,8 @@ static const char *const op_names[] = {
     "userfaultfd (lazy moa)", "UFFDIO_REGISTER (lazy moa)", "sendmsg of the userfaultfd",
     "clone of a thread", "close_range", "wait of a warm ghost",
     "timer_create under the checkpointed ID (PR_TIMER_CREATE_RESTORE_IDS needs Linux 6.17+)",
-    "timer_settime", "setitimer",
+    "timer_settime", "setitimer", "epoll_ctl(EPOLL_CTL_ADD) of a checkpointed interest entry "
+    "(address: the target fd)",
 };
 
 static long uffd = -1;
@@ -247,6 +248,12 @@ static long run_op(const uint64_t *o)
     case OP_SETITIMER: {
         int64_t itv[4] = { (int64_t)o[2], (int64_t)o[3], (int64_t)o[4], (int64_t)o[5] };
         return sc(NR_setitimer, o[1], itv, 0);
+    }
+    case OP_EPOLL_CTL: {
+        /* o: target fd, epoll fd, events, data (the fd table is the clone's by now) */
+        struct { uint32_t events; uint64_t data; } __attribute__((packed)) ev =
+            { (uint32_t)o[3], o[4] };
+        return sc6(NR_epoll_ctl, (long)o[2], 1 /* EPOLL_CTL_ADD */, (long)o[1], (long)&ev, 0, 0);
     }
     case OP_CLOEXEC:
         return sc(NR_fcntl, o[1], 2 /* F_SETFD */, 1 /* FD_CLOEXEC */);
