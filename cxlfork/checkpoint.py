@@ -6,7 +6,8 @@ page store -> publish the manifest -> resume (or kill) the process.
               injection window (syscalls run through the target's vDSO, scratch page mapped
               and unmapped again) signals, tid address, brk, the other threads, timers; then
               registers, process (exe, cwd, umask, mm, rlimits), fds (files, pipes, sockets,
-              eventfds), memory (mappings, shmem objects)
+              eventfds, epoll, timerfd, signalfd, inotify, FIFOs, deleted files), memory
+              (mappings, shmem objects)
     pages     cxlfork.pages: every stored run copied into the page file, hashed
     publish   manifest into IMAGE.tmp.PID, page file renamed into place, directory renamed to
               IMAGE; a failure or SIGTERM/SIGINT on the way removes both and resumes the process

@@ -7,8 +7,10 @@ Restore: each clone gets its own memfd holding those contents (memory.make_objec
 `cxlfork-deleted:PATH`, with the file's mode), and each fd is a new open file description of
 it with the original's status flags (O_APPEND, access mode...) and offset. In the clone the fd
 shows as `/memfd:cxlfork-deleted:PATH (deleted)` on tmpfs; its writes go to the clone's copy.
-Refused, naming the fd: a deleted FIFO, directory or device, and mappings of deleted files
-(cxlfork.state.memory)."""
+Mappings of a deleted regular file (e.g. shm_open + shm_unlink) join the same object
+(`map_object`, called by cxlfork.state.memory), so the clone's mappings and fds of it share
+its memfd as the original's shared the file. Refused, naming the fd: a deleted FIFO,
+directory or device."""
 from __future__ import annotations
 
 import os
@@ -45,7 +47,21 @@ def check_fd(v, f: dict, w: str, obj_ids) -> None:
 
 
 def reopen(f: dict, flags: int, objfds: dict[int, int], opened: list[int]) -> int:
-    s = os.open(f"/proc/self/fd/{objfds[f['object']]}", flags | os.O_CLOEXEC)
+    # O_NOFOLLOW (shm_open sets it) would refuse the /proc/self/fd magic link
+    s = os.open(f"/proc/self/fd/{objfds[f['object']]}",
+                (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
     opened.append(s)
     os.lseek(s, f["pos"], os.SEEK_SET)
     return s
+
+
+def map_object(pid: int, start: int, end: int, path: str, objs):
+    """The object of a mapping of a deleted regular file (None if it is not one)."""
+    mf = f"/proc/{pid}/map_files/{start:x}-{end:x}"
+    try:
+        if not stat_mod.S_ISREG(os.stat(mf).st_mode):
+            return None
+        fd = os.open(mf, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CxlforkError(f"mapping {start:#x}-{end:#x} of {path}: {e.strerror}") from e
+    return objs.add(fd, KIND, path.removesuffix(" (deleted)"))
