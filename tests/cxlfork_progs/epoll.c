@@ -2,12 +2,18 @@
  * and a EPOLLEXCLUSIVE entry (each with its own 64-bit data), an epoll fd inside another
  * epoll fd, and an entry whose fd is a dup of another target. After restore: /proc/self/fdinfo
  * lists the same entries, events arrive with their data, the one-shot entry fires once,
- * EPOLL_CTL_MOD/DEL by the old fd numbers work, and the outer epoll sees the inner one. */
+ * EPOLL_CTL_MOD/DEL by the old fd numbers work, and the outer epoll sees the inner one. A
+ * third epoll fd watches an expired timerfd (readable: its expiration is carried) and a
+ * signalfd (readable once a signal of its mask is sent). */
 #include "conform.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/epoll.h>
+#include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <sys/timerfd.h>
+#include <time.h>
 
 static int ep, inner, lt[2], et[2], os_[2], ex, dupfd;
 
@@ -84,6 +90,20 @@ int main(void)
     CHECK(epoll_ctl(inner, EPOLL_CTL_ADD, dupfd, &e) == 0, "add dup to inner");
     e = (struct epoll_event){ .events = EPOLLIN, .data.u64 = 0x1 };
     CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, inner, &e) == 0, "add inner epoll");
+    int ep3 = epoll_create1(0), tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
+    struct itimerspec soon = { { 0, 0 }, { 0, 1000000 } };
+    timerfd_settime(tfd, 0, &soon, NULL);
+    sigset_t m;
+    sigemptyset(&m);
+    sigaddset(&m, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &m, NULL);
+    int sfd = signalfd(-1, &m, SFD_NONBLOCK);
+    e = (struct epoll_event){ .events = EPOLLIN, .data.u64 = 0x7f };
+    CHECK(epoll_ctl(ep3, EPOLL_CTL_ADD, tfd, &e) == 0, "add timerfd");
+    e = (struct epoll_event){ .events = EPOLLIN, .data.u64 = 0x5f };
+    CHECK(epoll_ctl(ep3, EPOLL_CTL_ADD, sfd, &e) == 0, "add signalfd");
+    struct timespec ms5 = { 0, 5000000 };
+    nanosleep(&ms5, NULL);
     char before[1024], after[1024];
     entries(ep, before, sizeof before);
     char inner_before[256], inner_after[256];
@@ -117,5 +137,10 @@ int main(void)
     n = waitn(ep, evs, 8);
     CHECK(n == 3 && has(evs, n, 0x55) && !has(evs, n, 0x1111222233334444ULL), "after mod/del: "
           "%d", n);
+    n = waitn(ep3, evs, 8);
+    CHECK(n == 1 && evs[0].data.u64 == 0x7f, "expired timerfd: %d", n);
+    kill(getpid(), SIGUSR1);
+    n = waitn(ep3, evs, 8);
+    CHECK(n == 2 && has(evs, n, 0x5f), "signalfd: %d", n);
     return finish();
 }
