@@ -351,3 +351,31 @@ def test_asyncio_epoll_loop(env, policy):
             orig.kill()
             orig.wait()
         cxlfork("rm", img, check=False)
+
+
+@pytest.mark.parametrize("policy", ["mow", "hybrid"])
+def test_selectors_epoll_loop_clones_side_by_side(env, policy):
+    """A selectors.EpollSelector loop (stdin pipe, os.pipe, eventfd) checkpointed in
+    epoll_wait and left running; two clones under new PIDs and the original each get their
+    own "go" and see their own pipe and eventfd, with the keys' data."""
+    d, s = env
+    orig = start([sys.executable, os.path.join(PROGS, "selloop.py")], env=ENV)
+    img = os.path.join(d, f"selloop-{policy}.img")
+    clones = []
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        for k in range(2):
+            pidfile = f"{img}.pids{k}"
+            clones.append(restore_popen(img, "--policy", policy, "--pidfile", pidfile))
+            wait_file(pidfile, clones[-1])
+        out, rc, _ = go(orig)
+        assert out.strip() == "ok" and rc == 0, out
+        for c in clones:
+            out, rc, err = go(c)
+            assert out.strip() == "ok" and rc == 0, f"{out!r} {err}"
+    finally:
+        for p in [orig] + clones:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        cxlfork("rm", img, check=False)
