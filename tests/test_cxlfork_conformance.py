@@ -120,14 +120,15 @@ def test_refused_with_a_line(env, prog, mode, want):
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("prog", ["epoll", "timerfd", "signalfd", "inotify", "fifo", "deleted",
-                                  "deletedmap"])
+                                  "deletedmap", "pending"])
 def test_event_and_timer_fds(env, prog, policy):
     """Issue 13 part 2: epoll interest lists (LT, EPOLLET, EPOLLONESHOT, EPOLLEXCLUSIVE, data,
     epoll in epoll, a dup as target; MOD/DEL by the old fd numbers), timerfds (every clock,
     time left, interval, TFD_TIMER_ABSTIME, pending expirations), signalfds (masks, flags),
     inotify watches (same wds with a gap, masks), named FIFOs, deleted-but-open files
     (contents, offsets, flags) and mappings of deleted files (shm_unlink'ed POSIX shm shared
-    with its fd, a private mapping with a copied page) survive, each checked by the program
+    with its fd, a private mapping with a copied page) and signals pending at the checkpoint
+    (process and main-thread queues, with their siginfo) survive, each checked by the program
     itself."""
     _roundtrip(env, prog, policy.split()[0], args=("{work}",), extra=policy.split()[1:])
 
@@ -135,7 +136,7 @@ def test_event_and_timer_fds(env, prog, policy):
 @pytest.mark.parametrize("mode,want", [
     ("fanotify", "fd 5 is a fanotify fd"),
     ("epollclosed", "epoll fd 5 of PID {pid}: its interest entry for fd 3"),
-    ("sigpending", "signalfd fd 5 of PID {pid}: signal 10 of its mask is pending"),
+    ("threadpending", "of PID {pid} has signal 10 pending for itself alone"),
     ("inotifyqueued", "inotify fd 5 of PID {pid} has 16 bytes of events not yet read"),
     ("inotifygone", "inotify fd 5 of PID {pid}, watch descriptor 1: the watched inode"),
     ("fifogone", "fd 5 is a deleted named FIFO")])

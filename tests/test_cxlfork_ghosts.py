@@ -86,13 +86,14 @@ class _Clone:
 @pytest.mark.parametrize("prog,policy", [("fds", "mow"), ("threads", "mow"), ("mem", "moa"),
                                          ("sockets", "hybrid"), ("timers", "mow"),
                                          ("pipeofd", "moa"), ("epoll", "mow"),
-                                         ("inotify", "moa")])
+                                         ("inotify", "moa"), ("pending", "mow")])
 def test_restore_into_ghost(env, prog, policy, warm):
     """The clone is the ghost we handed the restore to; its fd table is exactly the
     checkpointed one (no socket of the ghost left over), and the program's own checks pass:
     fds, cwd (the ghost was spawned in /), umask, rlimits; threads; lazy moa; socketpairs;
     timers (created and armed after a warm ghost's wait); pipes reopened; epoll entries
-    (added after a warm ghost's wait, at the clone's fd numbers); inotify watches.
+    (added after a warm ghost's wait, at the clone's fd numbers); inotify watches; pending
+    signals (queued by the clone itself after a warm ghost's wait).
     Cold ghosts get the whole restore; warm ones ran the memory part of the plan before."""
     from cxlfork.ghosts import GhostPool
     from cxlfork.restore import prepare_restore

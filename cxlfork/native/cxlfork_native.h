@@ -64,3 +64,4 @@ int cx_inotify_init(int flags);
 int cx_inotify_add(int fd, const char *path, uint32_t mask);
 int cx_inotify_rm(int fd, int wd);
 int cx_open_by_handle(int mount_fd, int type, const unsigned char *bytes, int len, int flags);
+int cx_peek_siginfo(int tid, int shared, int max, void *buf);

@@ -1,6 +1,7 @@
 /* cxlfork C helpers for event and timer fds (cxlfork/state/epoll.py, timerfd.py, signalfd.py,
  * inotify.py): kcmp of an epoll interest entry's target, timerfd/signalfd/inotify creation
- * for a clone, open_by_handle_at to resolve an inotify watch's file handle to a path.
+ * for a clone, open_by_handle_at to resolve an inotify watch's file handle to a path, the
+ * pending signals of a stopped thread (cxlfork/state/pending.py).
  * Every function returns >= 0, or -errno. */
 #include "cx_internal.h"
 #include <fcntl.h>
@@ -87,4 +88,14 @@ int cx_open_by_handle(int mount_fd, int type, const unsigned char *bytes, int le
     memcpy(fh.h.f_handle, bytes, len);
     int fd = open_by_handle_at(mount_fd, &fh.h, flags);
     return fd < 0 ? -errno : fd;
+}
+
+/* Up to max siginfos (128 bytes each) pending for thread tid (shared: the process-wide queue
+ * instead of the thread's own), without dequeuing them (PTRACE_PEEKSIGINFO; tid is stopped
+ * under our ptrace). Returns how many. */
+int cx_peek_siginfo(int tid, int shared, int max, void *buf)
+{
+    struct { uint64_t off; uint32_t flags; int32_t nr; } args = { 0, shared ? 1 : 0, max };
+    long r = ptrace(0x4209 /* PTRACE_PEEKSIGINFO */, tid, &args, buf);
+    return r < 0 ? -errno : (int)r;
 }

@@ -9,7 +9,8 @@
  *   3. runs the plan's operations in order: mmap (store file MAP_PRIVATE, files, anonymous),
  *      pread (eager copies), mprotect, madvise, sigactions, sigaltstack, signal mask, rseq,
  *      tid address, robust list, prctl(PR_SET_MM_MAP), POSIX and interval timers, epoll
- *      interest entries, closing its own fds, FD_CLOEXEC;
+ *      interest entries, the signals pending at the checkpoint (queued to itself while every
+ *      signal is blocked), closing its own fds, FD_CLOEXEC;
  *   4. creates the other threads (OP_THREAD: clone with CLONE_THREAD onto a stack in the
  *      region; each sets its own sigaltstack, rseq, tid address and robust list, then calls
  *      THREAD_PARK, which is never mapped: cxlfork, attached with PTRACE_O_TRACECLONE, keeps
@@ -146,6 +147,7 @@ static const char *const op_names[] = {
     "timer_create under the checkpointed ID (PR_TIMER_CREATE_RESTORE_IDS needs Linux 6.17+)",
     "timer_settime", "setitimer", "epoll_ctl(EPOLL_CTL_ADD) of a checkpointed interest entry "
     "(address: the target fd)",
+    "rt_sigqueueinfo of a signal pending at the checkpoint",
 };
 
 static long uffd = -1;
@@ -254,6 +256,14 @@ static long run_op(const uint64_t *o)
         struct { uint32_t events; uint64_t data; } __attribute__((packed)) ev =
             { (uint32_t)o[3], o[4] };
         return sc6(NR_epoll_ctl, (long)o[2], 1 /* EPOLL_CTL_ADD */, (long)o[1], (long)&ev, 0, 0);
+    }
+    case OP_SIGQUEUE: {
+        /* o: address of the siginfo in the plan, 1: to this (main) thread only */
+        const int32_t *si = (const int32_t *)o[1];
+        long me = sc(NR_getpid, 0, 0, 0);
+        if (o[2])
+            return sc6(NR_rt_tgsigqueueinfo, me, me, si[0], (long)si, 0, 0);
+        return sc(NR_rt_sigqueueinfo, me, si[0], si);
     }
     case OP_CLOEXEC:
         return sc(NR_fcntl, o[1], 2 /* F_SETFD */, 1 /* FD_CLOEXEC */);

@@ -1,16 +1,15 @@
 """signalfds: the signal mask (fdinfo `sigmask`) and the status flags (O_NONBLOCK; FD_CLOEXEC
 is the fd table's). Restore (`reopen`, per clone): signalfd(-1, mask, flags).
 
-A signalfd reads the process's pending signals, which live in the process, not in the fd, and
-cxlfork does not carry pending signals: a checkpoint while a signal of a signalfd's mask is
-pending (SigPnd/ShdPnd in /proc/PID/status) is refused naming the fd and the signal, instead
-of a clone that never reads it."""
+A signalfd reads the process's pending signals, which live in the process, not in the fd: they
+are carried by cxlfork.state.pending (a signal pending at the checkpoint is read from the
+clone's signalfd as from the original's)."""
 from __future__ import annotations
 
 import os
 
 from cxlfork import procfs
-from cxlfork.errors import CxlforkError, Refused
+from cxlfork.errors import CxlforkError
 from cxlfork.native import lib
 
 KIND = "signalfd"
@@ -27,13 +26,6 @@ def collect(pid: int, f: dict, rec: dict) -> None:
             mask = int(v.strip(), 16)
     if mask is None:
         raise CxlforkError(f"signalfd fd {n} of PID {pid}: no sigmask in its fdinfo")
-    status = procfs.status(pid)
-    pending = (int(status.get("SigPnd", "0"), 16) | int(status.get("ShdPnd", "0"), 16)) & mask
-    if pending:
-        sig = (pending & -pending).bit_length()
-        raise Refused(f"signalfd fd {n} of PID {pid}: signal {sig} of its mask is pending; "
-                      "pending signals are not carried by a checkpoint: not supported "
-                      "(checkpoint once the process has read it)")
     rec.update(kind=KIND, mask=mask)
 
 
