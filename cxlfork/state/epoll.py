@@ -20,13 +20,14 @@ Restore: a new epoll fd per clone (`reopen`); its entries are added by the resto
 same fd numbers as in the original (EPOLL_CTL_MOD/DEL by the program keep working)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
 import select
 
 from cxlfork import procfs
-from cxlfork.errors import Refused
+from cxlfork.errors import CxlforkError, Refused
 from cxlfork.native import lib
 
 KIND = "epoll"
@@ -54,7 +55,11 @@ def collect(pid: int, f: dict, rec: dict) -> None:
     for e in entries:
         toff = seen.get(e["tfd"], 0)
         seen[e["tfd"]] = toff + 1
-        if lib.cx_kcmp_epoll_tfd(pid, e["tfd"], n, e["tfd"], toff) != 0:
+        r = lib.cx_kcmp_epoll_tfd(pid, e["tfd"], n, e["tfd"], toff)
+        if r < 0 and r not in (-errno.EBADF, -errno.ENOENT):
+            raise CxlforkError(f"kcmp(KCMP_EPOLL_TFD) of epoll fd {n} of PID {pid}: "
+                               f"{os.strerror(-r)}")
+        if r != 0:
             raise Refused(f"epoll fd {n} of PID {pid}: its interest entry for fd {e['tfd']} "
                           f"(inode {e['ino']}) is a file no longer open at fd {e['tfd']} "
                           "(closed or reused since EPOLL_CTL_ADD); such an entry cannot be "
