@@ -34,7 +34,7 @@ HDR_WORDS = 32
  OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL, OP_PRLIMIT,
  OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
  OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER, OP_EPOLL_CTL,
- OP_SIGQUEUE) = range(1, 28)
+ OP_SIGQUEUE, OP_EPOLL_FIRED) = range(1, 29)
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PROT_R = 1
@@ -121,13 +121,24 @@ def _timer_ops(p: Plan, t: dict | None) -> None:
                  it["value_us"] // 10**6, it["value_us"] % 10**6)
 
 
+EP_FLAGS = 0xF0000000            # EPOLLEXCLUSIVE | EPOLLWAKEUP | EPOLLONESHOT | EPOLLET
+EPOLLONESHOT = 1 << 30
+
+
 def _epoll_ops(p: Plan, m: dict) -> None:
     """The interest entries of the clone's epoll fds, added once its fd table is laid out
-    (cxlfork.state.epoll): same target fd numbers, events and data."""
+    (cxlfork.state.epoll): same target fd numbers, events and data. Per epoll fd, the
+    one-shot entries that had fired (events: flags only) come first (OP_EPOLL_FIRED makes
+    them fire again inside the restorer, so they end disabled, when their target is ready)."""
     for f in m["fds"]:
         if f["kind"] == "epoll" and f.get("dup_of") is None:
+            fired = [e for e in f["entries"] if e["events"] & EPOLLONESHOT and
+                     not e["events"] & ~EP_FLAGS]
+            for e in fired:
+                p.op(OP_EPOLL_FIRED, e["tfd"], f["fd"], e["events"], e["data"])
             for e in f["entries"]:
-                p.op(OP_EPOLL_CTL, e["tfd"], f["fd"], e["events"], e["data"])
+                if e not in fired:
+                    p.op(OP_EPOLL_CTL, e["tfd"], f["fd"], e["events"], e["data"])
 
 
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,

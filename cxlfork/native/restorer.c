@@ -148,6 +148,7 @@ static const char *const op_names[] = {
     "timer_settime", "setitimer", "epoll_ctl(EPOLL_CTL_ADD) of a checkpointed interest entry "
     "(address: the target fd)",
     "rt_sigqueueinfo of a signal pending at the checkpoint",
+    "epoll_ctl(EPOLL_CTL_ADD) of a fired one-shot interest entry (address: the target fd)",
 };
 
 static long uffd = -1;
@@ -256,6 +257,29 @@ static long run_op(const uint64_t *o)
         struct { uint32_t events; uint64_t data; } __attribute__((packed)) ev =
             { (uint32_t)o[3], o[4] };
         return sc6(NR_epoll_ctl, (long)o[2], 1 /* EPOLL_CTL_ADD */, (long)o[1], (long)&ev, 0, 0);
+    }
+    case OP_EPOLL_FIRED: {
+        /* o: target fd, epoll fd, events, data of an EPOLLONESHOT entry that had fired and was
+         * not re-armed (events: flags only). If the target is ready for anything now, add it
+         * armed for everything and let it fire here (epoll_wait), which disables it as in the
+         * original; else add it with its flags (the kernel arms EPOLLERR|EPOLLHUP). Run before
+         * the epoll fd's other entries are added, so only such entries can be reported. */
+        struct { int32_t fd; int16_t events, revents; } pf = { (int32_t)o[1], 0x27c7, 0 };
+        uint32_t ev = (uint32_t)o[3];
+        r = sc(NR_poll, &pf, 1, 0);
+        if (r < 0)
+            return r;
+        if (pf.revents)
+            ev |= 0x27c7;    /* IN|PRI|OUT|RDNORM|RDBAND|WRNORM|WRBAND|MSG|RDHUP */
+        struct { uint32_t events; uint64_t data; } __attribute__((packed)) e = { ev, o[4] },
+            got[8];
+        r = sc6(NR_epoll_ctl, (long)o[2], 1 /* EPOLL_CTL_ADD */, (long)o[1], (long)&e, 0, 0);
+        if (r < 0 || !pf.revents)
+            return r;
+        do
+            r = sc6(NR_epoll_wait, (long)o[2], (long)got, 8, 0, 0, 0);
+        while (r > 0);
+        return r;
     }
     case OP_SIGQUEUE: {
         /* o: address of the siginfo in the plan, 1: to this (main) thread only */

@@ -12,8 +12,12 @@ epoll fd, the entry's fd and inode. An epoll fd inside another one is an ordinar
 What fdinfo cannot show, and so is not carried: which entries were ready (the ready list);
 each target is polled again when it is added at restore, so a level-triggered entry reports
 as before, an edge-triggered (EPOLLET) entry whose target is ready reports that readiness once
-more, and an EPOLLONESHOT entry that had fired and was not re-armed (events shows only the
-flag) comes back armed for EPOLLERR/EPOLLHUP (the kernel adds those to every EPOLL_CTL_ADD).
+more. An EPOLLONESHOT entry that had fired and was not re-armed (events shows only the
+flags) must come back disabled, but every EPOLL_CTL_ADD arms it at least for EPOLLERR|EPOLLHUP:
+the plan adds such entries first (OP_EPOLL_FIRED), armed for everything when the target polls
+ready, and lets them fire inside the restorer (epoll_wait), which disables them as in the
+original; one whose target is not ready for anything at restore stays armed for
+EPOLLERR/EPOLLHUP only (it reports a later hang-up once, where the original would not).
 
 Restore: a new epoll fd per clone (`reopen`); its entries are added by the restorer's plan
 (cxlfork.plan OP_EPOLL_CTL) once the clone's fd table is laid out, so each is keyed by the

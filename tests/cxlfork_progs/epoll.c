@@ -4,7 +4,10 @@
  * lists the same entries, events arrive with their data, the one-shot entry fires once,
  * EPOLL_CTL_MOD/DEL by the old fd numbers work, and the outer epoll sees the inner one. A
  * third epoll fd watches an expired timerfd (readable: its expiration is carried) and a
- * signalfd (readable once a signal of its mask is sent). */
+ * signalfd (readable once a signal of its mask is sent). A fourth holds two EPOLLONESHOT
+ * entries that fired before the checkpoint and were not re-armed, one on a pipe still
+ * readable, one on a pipe drained since: neither reports anything after restore, not even
+ * when the first's writer hangs up, until re-armed with EPOLL_CTL_MOD. */
 #include "conform.h"
 #include <errno.h>
 #include <fcntl.h>
@@ -102,6 +105,19 @@ int main(void)
     CHECK(epoll_ctl(ep3, EPOLL_CTL_ADD, tfd, &e) == 0, "add timerfd");
     e = (struct epoll_event){ .events = EPOLLIN, .data.u64 = 0x5f };
     CHECK(epoll_ctl(ep3, EPOLL_CTL_ADD, sfd, &e) == 0, "add signalfd");
+    int ep4 = epoll_create1(0), f1[2], f2[2];
+    (void)!pipe(f1);
+    (void)!pipe(f2);
+    e = (struct epoll_event){ .events = EPOLLIN | EPOLLONESHOT, .data.u64 = 0xf1 };
+    epoll_ctl(ep4, EPOLL_CTL_ADD, f1[0], &e);
+    e = (struct epoll_event){ .events = EPOLLIN | EPOLLONESHOT | EPOLLET, .data.u64 = 0xf2 };
+    epoll_ctl(ep4, EPOLL_CTL_ADD, f2[0], &e);
+    (void)!write(f1[1], "1", 1);
+    (void)!write(f2[1], "2", 1);
+    struct epoll_event fired[4];
+    CHECK(epoll_wait(ep4, fired, 4, 0) == 2, "one-shot entries did not fire");
+    char c;
+    (void)!read(f2[0], &c, 1);
     struct timespec ms5 = { 0, 5000000 };
     nanosleep(&ms5, NULL);
     char before[1024], after[1024];
@@ -137,6 +153,17 @@ int main(void)
     n = waitn(ep, evs, 8);
     CHECK(n == 3 && has(evs, n, 0x55) && !has(evs, n, 0x1111222233334444ULL), "after mod/del: "
           "%d", n);
+    n = waitn(ep4, evs, 8);
+    CHECK(n == 0, "fired one-shot entries report again: %d (data %llx)", n,
+          n > 0 ? (unsigned long long)evs[0].data.u64 : 0ULL);
+    close(f1[1]);
+    (void)!write(f2[1], "3", 1);
+    n = waitn(ep4, evs, 8);
+    CHECK(n == 0, "fired one-shot entries report on hang-up or data: %d", n);
+    e = (struct epoll_event){ .events = EPOLLIN | EPOLLONESHOT, .data.u64 = 0xf3 };
+    CHECK(epoll_ctl(ep4, EPOLL_CTL_MOD, f2[0], &e) == 0, "re-arm: errno %d", errno);
+    n = waitn(ep4, evs, 8);
+    CHECK(n == 1 && evs[0].data.u64 == 0xf3, "re-armed one-shot: %d", n);
     n = waitn(ep3, evs, 8);
     CHECK(n == 1 && evs[0].data.u64 == 0x7f, "expired timerfd: %d", n);
     kill(getpid(), SIGUSR1);
