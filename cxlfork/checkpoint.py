@@ -5,8 +5,10 @@ page store -> publish the manifest -> resume (or kill) the process.
     collect   one module per kind of state (cxlfork.state): process tree refused; in the
               injection window (syscalls run through the target's vDSO, scratch page mapped
               and unmapped again) signals, tid address, brk, the other threads, timers; then
+              pending signals (PTRACE_PEEKSIGINFO),
               registers, process (exe, cwd, umask, mm, rlimits), fds (files, pipes, sockets,
-              eventfds), memory (mappings, shmem objects)
+              eventfds, epoll, timerfd, signalfd, inotify, FIFOs, deleted files), memory
+              (mappings, shmem objects)
     pages     cxlfork.pages: every stored run copied into the page file, hashed
     publish   manifest into IMAGE.tmp.PID, page file renamed into place, directory renamed to
               IMAGE; a failure or SIGTERM/SIGINT on the way removes both and resumes the process
@@ -23,8 +25,8 @@ from cxlfork import FORMAT, FORMAT_VERSION, image as image_mod, procfs
 from cxlfork.errors import CxlforkError, Refused
 from cxlfork.pages import write_pages
 from cxlfork.ptrace import Tracee
-from cxlfork.state import (fds as fds_mod, memory, process, registers, signals, threads,
-                           timers)
+from cxlfork.state import (fds as fds_mod, fifos, memory, pending, process, registers,
+                           signals, threads, timers)
 from cxlfork.store import open_store
 
 PAGE = 4096
@@ -64,6 +66,7 @@ def collect(tr: Tracee) -> dict:
         brk = tr.brk()
         thread_recs = threads.collect(tr)
         tmrs = timers.collect(tr)
+    pend = pending.collect(tr)
     regs = registers.collect(tr, tid_address)
     proc = process.collect(pid, status, brk)
     objs = memory.Objects()
@@ -75,7 +78,7 @@ def collect(tr: Tracee) -> dict:
         raise
     return {"process": proc["process"], **regs, "signals": sigs, "mm": proc["mm"],
             "rlimits": proc["rlimits"], "fds": fds, "vmas": vmas, "threads": thread_recs,
-            "timers": tmrs, "_objs": objs}
+            "timers": tmrs, "pending": pend, "_objs": objs}
 
 
 def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = False,
@@ -112,6 +115,8 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
         tr = Tracee(pid)
         t_frozen = time.perf_counter()
         state = collect(tr)
+        if kill:
+            fifos.refuse_on_kill(state["fds"])
         t_collected = time.perf_counter()
         phash = write_pages(state, tmp_pages, store.node, progress)
         t_dumped = time.perf_counter()

@@ -21,6 +21,7 @@ import shutil
 
 from cxlfork import FORMAT, FORMAT_VERSION, trust
 from cxlfork.errors import ImageError
+from cxlfork.state import deleted, epoll, fifos, inotify, signalfd, timerfd
 
 MANIFEST = "manifest.json"
 MAX_THREADS = 1024                        # restorer stacks: 64 KiB each in its region
@@ -30,7 +31,10 @@ PAGE = 4096
 USER_TOP = 1 << 47
 REGION = (0x100000000000, 0x100040000000)    # the restorer's; see native/restorer.ld
 VMA_KINDS = {"anon", "file", "shmem", "special"}
-FD_KINDS = {"file", "dir", "chr", "pipe", "eventfd", "memfd", "stdio", "socket"}
+# the event/timer fds, named FIFOs and deleted files validate their own fields (check_fd)
+EV_KINDS = {m.KIND: m for m in (epoll, timerfd, signalfd, inotify, fifos)}
+FD_KINDS = {"file", "dir", "chr", "pipe", "eventfd", "memfd", "stdio", "socket",
+            deleted.KIND} | set(EV_KINDS)
 REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
              "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base",
              "gs_base", "ds", "es", "fs", "gs")
@@ -294,8 +298,8 @@ def validate(m: dict, image: str = "?") -> dict:
         w = f"objects[{i}]"
         oid = v.int_in(o, "id", 0, 2**31, w)
         obj_ids.add(oid)
-        if v.get(o, "kind", str, w) not in ("memfd", "shmem"):
-            v.fail(f"{w}.kind", "expected memfd or shmem")
+        if v.get(o, "kind", str, w) not in ("memfd", "shmem", deleted.KIND):
+            v.fail(f"{w}.kind", f"expected memfd, shmem or {deleted.KIND}")
         v.get(o, "name", str, w)
         size = v.int_in(o, "size", 0, 1 << 44, w)
         v.int_in(o, "seals", 0, 1 << 16, w)
@@ -385,9 +389,14 @@ def validate(m: dict, image: str = "?") -> dict:
             if v.int_in(f, "object", 0, 2**31, w) not in obj_ids:
                 v.fail(f"{w}.object", "no such object")
             v.int_in(f, "pos", 0, 1 << 62, w)
+        if k in EV_KINDS:
+            EV_KINDS[k].check_fd(v, f, w)
+        if k == deleted.KIND:
+            deleted.check_fd(v, f, w, obj_ids)
     for ends in socks.values():
         if sorted(e[0] for e in ends) != [0, 1] or ends[0][1] != ends[1][1]:
             v.fail(ends[0][2], "a socketpair needs its two ends (0 and 1), of one type")
+    epoll.check_targets(fds, image, v.fail)
     return m
 
 

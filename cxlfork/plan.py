@@ -15,12 +15,14 @@ How a policy turns into ops, per mapping of the image:
     shmem   mmap the clone's own memfd holding the object (MAP_SHARED, or MAP_PRIVATE + its
             copied-on-write pages as for files)
 Then signals, rseq, tid address, robust list, PR_SET_MM_MAP, name (a warm ghost stops here),
-the lazy moa userfaultfd, timers, rlimits, FD_CLOEXEC, the go byte, threads, closing fds.
+the lazy moa userfaultfd, timers, epoll interest entries, pending signals, rlimits, FD_CLOEXEC, the go byte, threads, closing fds.
 """
 from __future__ import annotations
 
 import base64
 import struct
+
+from cxlfork.state import pending
 
 PLAN_MAGIC = 0x314E414C50584643
 PLAN_VERSION = 4
@@ -31,7 +33,8 @@ HDR_WORDS = 32
 (OP_MMAP, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK, OP_SIGMASK, OP_RSEQ,
  OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL, OP_PRLIMIT,
  OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
- OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER) = range(1, 26)
+ OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER, OP_EPOLL_CTL,
+ OP_SIGQUEUE, OP_EPOLL_FIRED) = range(1, 29)
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PROT_R = 1
@@ -118,6 +121,26 @@ def _timer_ops(p: Plan, t: dict | None) -> None:
                  it["value_us"] // 10**6, it["value_us"] % 10**6)
 
 
+EP_FLAGS = 0xF0000000            # EPOLLEXCLUSIVE | EPOLLWAKEUP | EPOLLONESHOT | EPOLLET
+EPOLLONESHOT = 1 << 30
+
+
+def _epoll_ops(p: Plan, m: dict) -> None:
+    """The interest entries of the clone's epoll fds, added once its fd table is laid out
+    (cxlfork.state.epoll): same target fd numbers, events and data. Per epoll fd, the
+    one-shot entries that had fired (events: flags only) come first (OP_EPOLL_FIRED makes
+    them fire again inside the restorer, so they end disabled, when their target is ready)."""
+    for f in m["fds"]:
+        if f["kind"] == "epoll" and f.get("dup_of") is None:
+            fired = [e for e in f["entries"] if e["events"] & EPOLLONESHOT and
+                     not e["events"] & ~EP_FLAGS]
+            for e in fired:
+                p.op(OP_EPOLL_FIRED, e["tfd"], f["fd"], e["events"], e["data"])
+            for e in f["entries"]:
+                if e not in fired:
+                    p.op(OP_EPOLL_CTL, e["tfd"], f["fd"], e["events"], e["data"])
+
+
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
           lazy: bool = False, warm_sock: int | None = None, prefault: bool = False) -> bytes:
     """lazy (policy moa): map stored runs from the store as mow does and register them with a
@@ -196,6 +219,14 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
         p.op(OP_UFFD_SEND, fdnums["uffd_sock"])
     # timers: created and armed per clone (after a warm ghost's wait), with the times left
     _timer_ops(p, m.get("timers"))
+    _epoll_ops(p, m)
+    # signals pending at the checkpoint, queued again by the clone to itself (siginfo records
+    # after the thread records; addresses patched below)
+    sigs = pending.records(m)
+    sig_ops = []
+    for _, private in sigs:
+        sig_ops.append(len(p.ops))
+        p.op(OP_SIGQUEUE, 0, 1 if private else 0)
     from cxlfork.procfs import RLIMITS
     for name, (soft, hard) in sorted(m["rlimits"].items()):
         p.op(OP_PRLIMIT, RLIMITS[name], soft, hard)
@@ -237,6 +268,11 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
         records += struct.pack("<10Q16s", alt["sp"], alt["flags"] & 0xFFFFFFFF, alt["size"],
                                rseq["addr"], rseq["len"], rseq["sig"], t["tid_address"],
                                rl["head"], rl["len"], i, t.get("comm", "").encode()[:15])
+    sig_off = threads_off + len(records)
+    for k, (si, private) in zip(sig_ops, sigs):
+        p.ops[k] = (OP_SIGQUEUE, PLAN_ADDR + sig_off, 1 if private else 0, 0, 0, 0, 0, 0)
+        records += si
+        sig_off += len(si)
     vdso = next((a for a, _, name in specials if name == "[vdso]"), 0)
     hdr = [PLAN_MAGIC, PLAN_VERSION, len(p.ops), ops_off, len(specials), vdso]
     for j in range(4):

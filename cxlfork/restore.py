@@ -35,8 +35,8 @@ from cxlfork.cgtarget import CgroupTarget, spawn_args
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
 from cxlfork.ptrace import REGS_SIZE
-from cxlfork.state import (fds as fds_mod, memory, process, registers, signals, threads,
-                           timers)
+from cxlfork.state import (fds as fds_mod, memory, pending, process, registers, signals,
+                           threads, timers)
 
 PAGE = 4096
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
@@ -101,6 +101,7 @@ class Prepared:
         memory.check_specials(m, self.image)
         signals.check_restorable(m, self.image)
         timers.check(m, self.image)
+        pending.check(m, self.image)
         image_mod.check_file(m["process"]["exe"], "executable")
         self.hot = image_mod.load_hot(self.image, m) if policy == "hybrid" else None
         if policy == "hybrid" and self.hot is None and warn:

@@ -116,3 +116,106 @@ def test_refused_with_a_line(env, prog, mode, want):
         if orig.poll() is None:
             orig.kill()
             orig.wait()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("prog", ["epoll", "timerfd", "signalfd", "inotify", "fifo", "deleted",
+                                  "deletedmap", "pending"])
+def test_event_and_timer_fds(env, prog, policy):
+    """Issue 13 part 2: epoll interest lists (LT, EPOLLET, EPOLLONESHOT, EPOLLEXCLUSIVE, data,
+    epoll in epoll, a dup as target; MOD/DEL by the old fd numbers), timerfds (every clock,
+    time left, interval, TFD_TIMER_ABSTIME, pending expirations), signalfds (masks, flags),
+    inotify watches (same wds with a gap, masks), named FIFOs, deleted-but-open files
+    (contents, offsets, flags) and mappings of deleted files (shm_unlink'ed POSIX shm shared
+    with its fd, a private mapping with a copied page) and signals pending at the checkpoint
+    (process and main-thread queues, with their siginfo) survive, each checked by the program
+    itself."""
+    _roundtrip(env, prog, policy.split()[0], args=("{work}",), extra=policy.split()[1:])
+
+
+@pytest.mark.parametrize("mode,want", [
+    ("fanotify", "fd 5 is a fanotify fd"),
+    ("epollclosed", "epoll fd 5 of PID {pid}: its interest entry for fd 3"),
+    ("threadpending", "of PID {pid} has signal 10 pending for itself alone"),
+    ("inotifyqueued", "inotify fd 5 of PID {pid} has 16 bytes of events not yet read"),
+    ("inotifygone", "inotify fd 5 of PID {pid}, watch descriptor 1: the watched inode"),
+    ("fifogone", "fd 5 is a deleted named FIFO")])
+def test_event_fds_refused_with_a_line(env, mode, want):
+    """What stays unsupported among event fds is refused at checkpoint with one line naming
+    it; nothing is published and the process goes on, neither stopped nor traced."""
+    d, store = env
+    exe = build_prog("evrefuse", d)
+    orig = start([exe, mode, d], cwd=d)
+    want = want.format(pid=orig.pid)
+    img = os.path.join(d, f"evrefuse-{mode}.img")
+    try:
+        r = cxlfork("checkpoint", orig.pid, "-o", img, "--store", store, check=False)
+        errors = [x for x in r.stderr.splitlines() if x.startswith("cxlfork: error:")]
+        assert r.returncode == 1 and len(errors) == 1, r.stderr
+        assert want in errors[0], r.stderr
+        assert "Traceback" not in r.stderr
+        assert not os.path.exists(img)
+        with open(f"/proc/{orig.pid}/status") as f:
+            st = dict(line.split(":", 1) for line in f if ":" in line)
+        assert st["TracerPid"].strip() == "0", st["TracerPid"]
+        assert st["State"].split()[0] in ("S", "R"), st["State"]
+        out, rc, _ = go(orig)
+        assert out.strip() == "ok" and rc == 0, out
+    finally:
+        if orig.poll() is None:
+            orig.kill()
+            orig.wait()
+
+
+def test_fifo_with_bytes_refused_on_kill(env):
+    """checkpoint --kill of a process whose named FIFO holds bytes is refused (they stay in
+    the FIFO, not in the image); without --kill the same process checkpoints."""
+    d, store = env
+    exe = build_prog("fifobytes", d)
+    work = tempfile.mkdtemp(dir=d)
+    orig = start([exe, work], cwd=d)
+    img = os.path.join(d, "fifobytes.img")
+    try:
+        r = cxlfork("checkpoint", orig.pid, "-o", img, "--store", store, "--kill", check=False)
+        errors = [x for x in r.stderr.splitlines() if x.startswith("cxlfork: error:")]
+        assert r.returncode == 1 and len(errors) == 1, r.stderr
+        assert f"is the named FIFO {work}/fifo with 3 bytes buffered" in errors[0], r.stderr
+        assert not os.path.exists(img) and orig.poll() is None
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        out, rc, _ = go(orig)
+        assert out.strip() == "ok" and rc == 0, out
+    finally:
+        if orig.poll() is None:
+            orig.kill()
+            orig.wait()
+        cxlfork("rm", img, check=False)
+
+
+@pytest.mark.parametrize("prog,change,want", [
+    ("inotify", lambda w: (os.rename(f"{w}/d1", f"{w}/d1.old"), os.mkdir(f"{w}/d1")),
+     "inotify watch 1: {work}/d1 is not the file it was at the checkpoint"),
+    ("fifo", lambda w: os.unlink(f"{w}/fifo1"), "named FIFO {work}/fifo1: No such file")])
+def test_event_fds_restore_refuses_changed_paths(env, prog, change, want):
+    """A watched path replaced, or a FIFO gone, after the checkpoint: the restore fails with
+    one line naming it, and no clone is left."""
+    import psutil
+    d, store = env
+    exe = build_prog(prog, d)
+    work = tempfile.mkdtemp(dir=d)
+    orig = start([exe, work], cwd=d)
+    img = os.path.join(d, f"{prog}-changed.img")
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        change(work)
+        r = cxlfork("restore", img, "--stdio", "null", check=False)
+        errors = [x for x in r.stderr.splitlines() if x.startswith("cxlfork: error:")]
+        assert r.returncode == 1 and len(errors) == 1, r.stderr
+        assert want.format(work=work) in errors[0], r.stderr
+        assert "Traceback" not in r.stderr
+        left = [p.pid for p in psutil.process_iter(["exe"]) if p.info["exe"] == exe]
+        assert left == [orig.pid], left
+    finally:
+        if orig.poll() is None:
+            orig.kill()
+            orig.wait()
+        cxlfork("rm", img, check=False)

@@ -85,19 +85,22 @@ class _Clone:
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize("prog,policy", [("fds", "mow"), ("threads", "mow"), ("mem", "moa"),
                                          ("sockets", "hybrid"), ("timers", "mow"),
-                                         ("pipeofd", "moa")])
+                                         ("pipeofd", "moa"), ("epoll", "mow"),
+                                         ("inotify", "moa"), ("pending", "mow")])
 def test_restore_into_ghost(env, prog, policy, warm):
     """The clone is the ghost we handed the restore to; its fd table is exactly the
     checkpointed one (no socket of the ghost left over), and the program's own checks pass:
     fds, cwd (the ghost was spawned in /), umask, rlimits; threads; lazy moa; socketpairs;
-    timers (created and armed after a warm ghost's wait); pipes reopened.
+    timers (created and armed after a warm ghost's wait); pipes reopened; epoll entries
+    (added after a warm ghost's wait, at the clone's fd numbers); inotify watches; pending
+    signals (queued by the clone itself after a warm ghost's wait).
     Cold ghosts get the whole restore; warm ones ran the memory part of the plan before."""
     from cxlfork.ghosts import GhostPool
     from cxlfork.restore import prepare_restore
     d, s = env
     exe = build_prog(prog, d)
     work = tempfile.mkdtemp(dir=d)
-    orig = start([exe, work] if prog == "fds" else [exe], cwd=d)
+    orig = start([exe, work] if prog in ("fds", "inotify") else [exe], cwd=d)
     img = os.path.join(d, f"{prog}-{policy}.img")
     c = _Clone()
     try:

@@ -152,6 +152,28 @@ def test_hostile_manifests(env):
          "end": 0, "sndbuf": 4096, "rcvbuf": 4096, "queue": []}), "its two ends")
 
 
+def test_hostile_event_fd_records(env):
+    """The event/timer fd, FIFO and deleted-file records are validated field by field too."""
+    def fd(**kw):
+        return lambda m: m["fds"].append({"fd": 40, "flags": 2, "cloexec": False, **kw})
+    _hostile(env, "e1.img", fd(kind="epoll", entries=[{"tfd": 77, "events": 1, "data": 0}]),
+             "is not another fd of the image")
+    _hostile(env, "e2.img", fd(kind="epoll", entries=[{"tfd": 0, "events": -1, "data": 0}]),
+             "entries[0].events")
+    _hostile(env, "e3.img", fd(kind="timerfd", clock=2, settime=0, interval_ns=0,
+                               value_ns=0, ticks=0), "clock 2 is not supported")
+    _hostile(env, "e4.img", fd(kind="signalfd", mask=2**64), "mask")
+    _hostile(env, "e5.img", fd(kind="inotify", watches=[
+        {"wd": 3, "mask": 2, "path": "/tmp", "dev": 1, "ino": 1, "symlink": False},
+        {"wd": 2, "mask": 2, "path": "/tmp", "dev": 1, "ino": 1, "symlink": False}]),
+        "watch descriptors must increase")
+    _hostile(env, "e6.img", fd(kind="inotify", watches=[
+        {"wd": 1, "mask": 2, "path": "tmp", "dev": 1, "ino": 1, "symlink": False}]),
+        "absolute path")
+    _hostile(env, "e7.img", fd(kind="fifo", path="/tmp/x", buffered=-3), "buffered")
+    _hostile(env, "e8.img", fd(kind="deleted", object=999, pos=0), "no such object")
+
+
 def test_first_version_content_hash_still_verifies(env):
     """Images written before per-segment hashing (no store.hash_alg: one stream over the whole
     page file) verify with their own algorithm; the segmented hash differs from it."""

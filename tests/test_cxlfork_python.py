@@ -322,3 +322,60 @@ def test_api_cache_sees_a_changed_manifest(env):
     finally:
         w.kill()
         w.wait()
+
+
+
+@pytest.mark.parametrize("policy", ["mow", "moa"])
+def test_asyncio_epoll_loop(env, policy):
+    """A real epoll program: a Python asyncio loop (epoll selector; its interest list holds the
+    stdin pipe, an os.pipe and the loop's self-pipe socketpair), checkpointed in epoll_wait
+    and killed, then restored under its own PID (asyncio ties its running loop to getpid():
+    under a new PID, `asyncio.sleep` in the clone raises "no running event loop", until clones
+    get their PIDs back in a PID namespace). The clone's loop reads its stdin, sees a later
+    write on its pipe and fires a timer."""
+    d, s = env
+    orig = start([sys.executable, os.path.join(PROGS, "aioloop.py")], env=ENV)
+    img = os.path.join(d, f"aioloop-{policy}.img")
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s, "--kill")
+        orig.wait()
+        kinds = [f["kind"] for f in json.load(open(os.path.join(img, "manifest.json")))["fds"]]
+        assert "epoll" in kinds and "socket" in kinds, kinds
+        pidfile = img + ".pids"
+        clone = restore_popen(img, "--policy", policy, "--same-pid", "--pidfile", pidfile)
+        assert int(wait_file(pidfile, clone).split()[0]) == orig.pid
+        out, rc, err = go(clone)
+        assert out.strip() == "ok" and rc == 0, f"{out!r} {err}"
+    finally:
+        if orig.poll() is None:
+            orig.kill()
+            orig.wait()
+        cxlfork("rm", img, check=False)
+
+
+@pytest.mark.parametrize("policy", ["mow", "hybrid"])
+def test_selectors_epoll_loop_clones_side_by_side(env, policy):
+    """A selectors.EpollSelector loop (stdin pipe, os.pipe, eventfd) checkpointed in
+    epoll_wait and left running; two clones under new PIDs and the original each get their
+    own "go" and see their own pipe and eventfd, with the keys' data."""
+    d, s = env
+    orig = start([sys.executable, os.path.join(PROGS, "selloop.py")], env=ENV)
+    img = os.path.join(d, f"selloop-{policy}.img")
+    clones = []
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        for k in range(2):
+            pidfile = f"{img}.pids{k}"
+            clones.append(restore_popen(img, "--policy", policy, "--pidfile", pidfile))
+            wait_file(pidfile, clones[-1])
+        out, rc, _ = go(orig)
+        assert out.strip() == "ok" and rc == 0, out
+        for c in clones:
+            out, rc, err = go(c)
+            assert out.strip() == "ok" and rc == 0, f"{out!r} {err}"
+    finally:
+        for p in [orig] + clones:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        cxlfork("rm", img, check=False)

@@ -1,6 +1,7 @@
 /* cxlfork C helpers (the cffi interface): hashing (hash.c), ptrace freeze/inject (ptrace.c),
  * fds seen from outside (fdpeek.c), page dump into the store (dump.c), spawn of the restorer
- * (spawn.c), the ptrace hand-over of a restore (handover.c), lazy moa (lazy.c). */
+ * (spawn.c), the ptrace hand-over of a restore (handover.c), lazy moa (lazy.c), event and
+ * timer fds (evfd.c). */
 #include <stdint.h>
 
 typedef struct { uint64_t h[4]; uint64_t n; } cx_hash_t;
@@ -53,3 +54,14 @@ int cx_lazy_add(int sock, int pidfd, int store_fd, uint64_t store_len, int n,
 int cx_lazy_serve(void);
 int cx_lazy_sync(int timeout_ms);
 void cx_lazy_stats(uint64_t *out3);
+
+int cx_kcmp_epoll_tfd(int pid, int fd, int epfd, int tfd, int toff);
+int cx_timerfd_make(int clock, int flags, int settime_flags, int64_t isec, int64_t insec,
+                    int64_t vsec, int64_t vnsec, uint64_t ticks);
+int cx_timerfd_take_ticks(int fd, uint64_t *out);
+int cx_signalfd_make(uint64_t mask, int flags);
+int cx_inotify_init(int flags);
+int cx_inotify_add(int fd, const char *path, uint32_t mask);
+int cx_inotify_rm(int fd, int wd);
+int cx_open_by_handle(int mount_fd, int type, const unsigned char *bytes, int len, int flags);
+int cx_peek_siginfo(int tid, int shared, int max, void *buf);

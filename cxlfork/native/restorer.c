@@ -8,8 +8,9 @@
  *      their checkpointed addresses;
  *   3. runs the plan's operations in order: mmap (store file MAP_PRIVATE, files, anonymous),
  *      pread (eager copies), mprotect, madvise, sigactions, sigaltstack, signal mask, rseq,
- *      tid address, robust list, prctl(PR_SET_MM_MAP), POSIX and interval timers, closing its
- *      own fds, FD_CLOEXEC;
+ *      tid address, robust list, prctl(PR_SET_MM_MAP), POSIX and interval timers, epoll
+ *      interest entries, the signals pending at the checkpoint (queued to itself while every
+ *      signal is blocked), closing its own fds, FD_CLOEXEC;
  *   4. creates the other threads (OP_THREAD: clone with CLONE_THREAD onto a stack in the
  *      region; each sets its own sigaltstack, rseq, tid address and robust list, then calls
  *      THREAD_PARK, which is never mapped: cxlfork, attached with PTRACE_O_TRACECLONE, keeps
@@ -144,7 +145,10 @@ static const char *const op_names[] = {
     "userfaultfd (lazy moa)", "UFFDIO_REGISTER (lazy moa)", "sendmsg of the userfaultfd",
     "clone of a thread", "close_range", "wait of a warm ghost",
     "timer_create under the checkpointed ID (PR_TIMER_CREATE_RESTORE_IDS needs Linux 6.17+)",
-    "timer_settime", "setitimer",
+    "timer_settime", "setitimer", "epoll_ctl(EPOLL_CTL_ADD) of a checkpointed interest entry "
+    "(address: the target fd)",
+    "rt_sigqueueinfo of a signal pending at the checkpoint",
+    "epoll_ctl(EPOLL_CTL_ADD) of a fired one-shot interest entry (address: the target fd)",
 };
 
 static long uffd = -1;
@@ -247,6 +251,43 @@ static long run_op(const uint64_t *o)
     case OP_SETITIMER: {
         int64_t itv[4] = { (int64_t)o[2], (int64_t)o[3], (int64_t)o[4], (int64_t)o[5] };
         return sc(NR_setitimer, o[1], itv, 0);
+    }
+    case OP_EPOLL_CTL: {
+        /* o: target fd, epoll fd, events, data (the fd table is the clone's by now) */
+        struct { uint32_t events; uint64_t data; } __attribute__((packed)) ev =
+            { (uint32_t)o[3], o[4] };
+        return sc6(NR_epoll_ctl, (long)o[2], 1 /* EPOLL_CTL_ADD */, (long)o[1], (long)&ev, 0, 0);
+    }
+    case OP_EPOLL_FIRED: {
+        /* o: target fd, epoll fd, events, data of an EPOLLONESHOT entry that had fired and was
+         * not re-armed (events: flags only). If the target is ready for anything now, add it
+         * armed for everything and let it fire here (epoll_wait), which disables it as in the
+         * original; else add it with its flags (the kernel arms EPOLLERR|EPOLLHUP). Run before
+         * the epoll fd's other entries are added, so only such entries can be reported. */
+        struct { int32_t fd; int16_t events, revents; } pf = { (int32_t)o[1], 0x27c7, 0 };
+        uint32_t ev = (uint32_t)o[3];
+        r = sc(NR_poll, &pf, 1, 0);
+        if (r < 0)
+            return r;
+        if (pf.revents)
+            ev |= 0x27c7;    /* IN|PRI|OUT|RDNORM|RDBAND|WRNORM|WRBAND|MSG|RDHUP */
+        struct { uint32_t events; uint64_t data; } __attribute__((packed)) e = { ev, o[4] },
+            got[8];
+        r = sc6(NR_epoll_ctl, (long)o[2], 1 /* EPOLL_CTL_ADD */, (long)o[1], (long)&e, 0, 0);
+        if (r < 0 || !pf.revents)
+            return r;
+        do
+            r = sc6(NR_epoll_wait, (long)o[2], (long)got, 8, 0, 0, 0);
+        while (r > 0);
+        return r;
+    }
+    case OP_SIGQUEUE: {
+        /* o: address of the siginfo in the plan, 1: to this (main) thread only */
+        const int32_t *si = (const int32_t *)o[1];
+        long me = sc(NR_getpid, 0, 0, 0);
+        if (o[2])
+            return sc6(NR_rt_tgsigqueueinfo, me, me, si[0], (long)si, 0, 0);
+        return sc(NR_rt_sigqueueinfo, me, si[0], si);
     }
     case OP_CLOEXEC:
         return sc(NR_fcntl, o[1], 2 /* F_SETFD */, 1 /* FD_CLOEXEC */);

@@ -21,7 +21,8 @@
 enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK,
        OP_SIGMASK, OP_RSEQ, OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL,
        OP_PRLIMIT, OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
-       OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER };
+       OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER, OP_EPOLL_CTL,
+       OP_SIGQUEUE, OP_EPOLL_FIRED };
 
 #define NR_read 0
 #define NR_write 1
@@ -58,6 +59,11 @@ enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTST
 #define NR_timer_create 222
 #define NR_timer_settime 223
 #define NR_setitimer 38
+#define NR_epoll_ctl 233
+#define NR_epoll_wait 232
+#define NR_poll 7
+#define NR_rt_sigqueueinfo 129
+#define NR_rt_tgsigqueueinfo 297
 #define PR_TIMER_CREATE_RESTORE_IDS 77
 
 #define GHOST_MAGIC 0x3154534f48475843UL   /* "CXGHOST1" little-endian */

@@ -12,6 +12,12 @@ restore side (recreate it for a clone, or give the restore plan what it needs) s
     pipes      pipes with both ends inside the process, their buffered bytes
     sockets    AF_UNIX socketpairs with both ends inside the process, their queues
     eventfds   eventfd counters and flags
+    epoll      epoll interest lists (entries added by the restore plan)
+    timerfd    timerfds: clock, time left, interval, flags, pending expirations
+    signalfd   signalfd masks and flags
+    inotify    inotify watches, re-added by path under the same watch descriptors
+    fifos      named FIFOs, reopened by path
+    deleted    deleted-but-open files, their contents carried as store objects
     timers     POSIX timers and interval timers
 
 The pipelines that call them in order are cxlfork.checkpoint and cxlfork.restore.

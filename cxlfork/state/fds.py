@@ -1,8 +1,9 @@
 """The fd table. Checkpoint (`collect`): every fd of /proc/PID/fd with its fdinfo, FD_CLOEXEC
 and status flags; dups (the same open file description, kcmp) point at the first fd; fds 0-2
 are stdio (they come from `restore --stdio`); every other fd goes to the module of its kind
-(files, pipes, sockets, eventfds), and kinds without one are refused with the fd named
-(epoll, signalfd, timerfd, inotify, pidfd, io_uring, userfaultfd...).
+(files, pipes, sockets, eventfds, epoll, timerfd, signalfd, inotify; named FIFOs and
+deleted files through files), and kinds without one are refused with the fd named (fanotify,
+pidfd, io_uring, userfaultfd...).
 
 Restore (`clone_fds`): per clone, the source fd in this process of every fd of the image, and
 its number in the clone; the spawn (or the ghost) lays them out."""
@@ -13,10 +14,14 @@ import os
 from cxlfork import procfs
 from cxlfork.errors import ImageError, Refused
 from cxlfork.native import lib
-from cxlfork.state import eventfds, files, pipes, sockets
+from cxlfork.state import (deleted, epoll, eventfds, fifos, files, inotify, pipes, signalfd,
+                           sockets, timerfd)
 
 O_CLOEXEC = 0o2000000
 O_CREAT_ETC = os.O_CREAT | os.O_TRUNC | os.O_EXCL | os.O_NOCTTY
+# anonymous-inode fds of the event and timer kinds, by their /proc/PID/fd link
+ANON = {m.LINK: m for m in (epoll, timerfd, signalfd, inotify)}
+ANON_KINDS = {m.KIND: m for m in ANON.values()}
 
 
 def collect(pid: int, objs) -> list[dict]:
@@ -51,6 +56,11 @@ def collect(pid: int, objs) -> list[dict]:
         elif link.startswith("socket:"):
             sockets.collect(pid, f, rec)
             socks.append(rec)
+        elif link in ANON:
+            ANON[link].collect(pid, f, rec)
+        elif link == "anon_inode:[fanotify]":
+            raise Refused(f"fd {n} is a fanotify fd ({link}); fanotify marks cannot be read "
+                          "back from outside the process: not supported")
         else:
             raise Refused(f"fd {n} is {link}; this kind of fd is not supported yet")
         out.append(rec)
@@ -69,6 +79,7 @@ def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int]
     io = files.stdio_fds(stdio, opened)
     pipes_made: dict = {}
     socks = sockets.recreate_all(m, opened)
+    holds: dict[str, int] = {}            # named FIFOs held open while the clone's are opened
     for f in m["fds"]:
         n, kind = f["fd"], f["kind"]
         flags = f["flags"] & ~O_CREAT_ETC
@@ -84,6 +95,12 @@ def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int]
             s = sockets.reopen(f, flags, socks)
         elif kind == "eventfd":
             s = eventfds.reopen(f, flags, opened)
+        elif kind in ANON_KINDS:
+            s = ANON_KINDS[kind].reopen(f, flags, opened)
+        elif kind == fifos.KIND:
+            s = fifos.reopen(f, flags, holds, opened)
+        elif kind == deleted.KIND:
+            s = deleted.reopen(f, flags, objfds, opened)
         else:  # validate() admits no other kind
             raise ImageError(f"fd {n}: unknown kind {kind}")
         by_num[n] = s

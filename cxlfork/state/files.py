@@ -1,7 +1,8 @@
 """Fds of files named by path (regular files at their offsets, directories, the character
 devices of CHR_OK and terminals) and of memfds (an fd on one of the process's shmem objects,
-see memory.Objects). Refused: deleted files, files renamed or replaced since they were
-opened, named FIFOs, other devices. Restore: reopened by path (or on the clone's own memfd)
+see memory.Objects); named FIFOs and deleted files are handed to cxlfork.state.fifos and
+cxlfork.state.deleted. Refused: files renamed or replaced since they were opened, other
+devices. Restore: reopened by path (or on the clone's own memfd)
 with the same status flags, at the same offset; stdio comes from `restore --stdio`."""
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import stat as stat_mod
 
 from cxlfork.errors import CxlforkError, Refused
+from cxlfork.state import deleted, fifos
 
 KINDS = ("file", "dir", "chr", "memfd")
 CHR_OK = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty",
@@ -29,8 +31,12 @@ def collect(pid: int, f: dict, rec: dict, objs) -> None:
         rec.update(kind="memfd", object=o["id"], pos=f["pos"])
         return
     if link.endswith(" (deleted)"):
-        raise Refused(f"fd {n} is a deleted file ({link}); not supported")
+        deleted.collect(pid, f, rec, objs)
+        return
     st = os.stat(f"/proc/{pid}/fd/{n}")
+    if stat_mod.S_ISFIFO(st.st_mode):
+        fifos.collect(pid, f, rec, st)
+        return
     try:
         st2 = os.stat(link)
     except OSError:
@@ -44,8 +50,6 @@ def collect(pid: int, f: dict, rec: dict, objs) -> None:
     elif stat_mod.S_ISCHR(st.st_mode) and (link in CHR_OK or link.startswith("/dev/pts/")
                                              or link.startswith("/dev/tty")):
         rec.update(kind="chr", path=link, pos=f["pos"])
-    elif stat_mod.S_ISFIFO(st.st_mode):
-        raise Refused(f"fd {n} is a named FIFO ({link}); not supported yet")
     else:
         raise Refused(f"fd {n} is a device or special file ({link}); not supported")
 

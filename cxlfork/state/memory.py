@@ -5,7 +5,8 @@ file, shmem/memfd, vvar/vdso), each with the runs of pages the store must keep (
 presence; for file/shmem private mappings only the copied-on-write pages); shared anonymous
 memory and memfds become objects (`Objects`, by inode) whose data ranges (SEEK_DATA/HOLE) are
 stored too. Refused, naming the mapping: mlocked, VM_IO/PFNMAP, userfaultfd-registered,
-shadow-stack and sealed memory, SysV shm, deleted mapped files, the restorer's region.
+shadow-stack and sealed memory, SysV shm, the restorer's region. Mappings of deleted files
+become objects too (cxlfork.state.deleted).
 The pages themselves are written by cxlfork.pages.
 
 Restore: the kernel's vvar/vdso layout is checked (`check_specials`), the mapped files are
@@ -24,6 +25,7 @@ import numpy as np
 from cxlfork import image as image_mod
 from cxlfork.errors import CxlforkError, ImageError, Refused
 from cxlfork.native import lib
+from cxlfork.state import deleted
 from cxlfork.state.process import stat_ref
 from tiermem.native import pagemap_read, PM_FILE, PM_PRESENT, PM_SWAP
 
@@ -51,7 +53,8 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 class Objects:
-    """shmem objects (shared anonymous memory, memfd) by inode, with an fd to read them."""
+    """shmem objects (shared anonymous memory, memfd, deleted files) by inode, with an fd to
+    read them."""
 
     def __init__(self):
         self.by_ino: dict[tuple[int, int], dict] = {}
@@ -144,7 +147,16 @@ def collect(pid: int, maps: list[dict], objs: Objects) -> list[dict]:
             rec["kind"] = "anon"
         elif path.startswith("/"):
             if path.endswith(" (deleted)"):
-                raise Refused(f"mapping {s:#x}-{e:#x} is of a deleted file ({path})")
+                o = deleted.map_object(pid, s, e, path, objs)
+                if o is None:
+                    raise Refused(f"mapping {s:#x}-{e:#x} is of a deleted file ({path}) "
+                                  "that is not a regular file; not supported")
+                rec.update(kind="shmem", object=o["id"])
+            else:
+                rec["kind"] = "file"
+        else:
+            raise Refused(f"mapping {s:#x}-{e:#x} {path} is of a kind not supported")
+        if rec.get("kind") == "file":
             try:
                 ref = stat_ref(f"/proc/{pid}/map_files/{s:x}-{e:x}", path)
                 st2 = os.stat(path)
@@ -153,8 +165,6 @@ def collect(pid: int, maps: list[dict], objs: Objects) -> list[dict]:
             if (st2.st_dev, st2.st_ino) != (ref["dev"], ref["ino"]):
                 raise Refused(f"mapped file {path} was replaced since it was mapped")
             rec.update(kind="file", file=ref)
-        else:
-            raise Refused(f"mapping {s:#x}-{e:#x} {path} is of a kind not supported")
         # which pages hold process-private data the store must keep
         if not (rec["kind"] in ("file", "shmem") and shared):
             pm = pagemap_read(pid, s, (e - s) // PAGE)
