@@ -209,15 +209,12 @@ def test_bad_pid_and_existing_output(env):
 
 
 def test_refuses_unprivileged_caller(env):
-    from conftest import unprivileged_cannot_read_checkout
-    if (why := unprivileged_cannot_read_checkout()):
-        pytest.skip(why)
+    from conftest import run_unprivileged
     d, s, img, p = env
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        sys.executable, "-m", "cxlfork", "checkpoint", str(p.pid), "-o",
-                        "/tmp/cxlfork-nobody.img", "--store", "/dev/shm"],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=
-                       os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    r = run_unprivileged([sys.executable, "-m", "cxlfork", "checkpoint", str(p.pid), "-o",
+                          "/tmp/cxlfork-nobody.img", "--store", "/dev/shm"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=
+                         os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert r.returncode != 0
     assert "cannot ptrace PID" in r.stderr or "permission denied" in r.stderr, r.stderr
     assert not os.path.exists("/tmp/cxlfork-nobody.img")
