@@ -116,6 +116,10 @@ def run_unprivileged(argv, uid: int = UNPRIVILEGED, env: dict | None = None,
         return re.sub(re.escape(CHECKOUT) + r"(?=/|:|$)", view, str(v))
 
     env = {k: m(v) for k, v in (os.environ if env is None else env).items()}
+    # the venv's editable install maps the packages to the checkout's own paths: put the
+    # view's package roots first (the same directories, as pyproject.toml lays them out)
+    env["PYTHONPATH"] = ":".join(filter(None, [view, os.path.join(view, "daemon"),
+                                               env.get("PYTHONPATH")]))
     script = 'mount --bind "$1" "$2" && cd "$3" || exit 125; shift 3; exec "$@"'
     return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
                            "view", CHECKOUT, view, m(cwd or os.getcwd()), *pre,
