@@ -324,3 +324,33 @@ def test_numa_mover_status_handling(worker):
     wp.stdin.write("verify\n")
     wp.stdin.flush()
     assert wp.stdout.readline().strip() == "ok"
+
+
+@pytest.mark.parametrize("where", ["dir-itself", "below"])
+def test_state_dir_on_read_only_fs_is_one_line(tmp_path, where):
+    """daemon.state_dir on a read-only file system was a traceback at start: one line
+    naming file:key, exit non-zero, nothing left (no socket, no state file), foreground and
+    detached alike."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tiermemd-test-ro", str(ro)],
+                   check=True)
+    try:
+        sd = ro if where == "dir-itself" else ro / "state"
+        cfg, _ = config(tmp_path, TARGET)
+        text = open(cfg).read().replace(f'state_dir = "{tmp_path}/state"',
+                                        f'state_dir = "{sd}"')
+        open(cfg, "w").write(text)
+        for args in (["-f"], []):
+            r = subprocess.run([PY, "-m", "tiermemd", *args, "-c", cfg], capture_output=True,
+                               text=True, timeout=120)
+            lines = [ln for ln in r.stderr.strip().splitlines()
+                     if "no slow memory tier on this host" not in ln]    # a one-node host
+            assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+            want = f"tiermemd: error: {cfg}:daemon.state_dir: cannot "
+            assert len(lines) == 1 and lines[0].startswith(want), r.stderr
+            assert "Read-only file system" in lines[0], r.stderr
+            assert not (tmp_path / "ctl.sock").exists()
+            assert os.listdir(ro) == []
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)

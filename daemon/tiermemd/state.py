@@ -32,6 +32,12 @@ def _is_tiermemd(pid: int) -> bool:
         return False
 
 
+class StateWriteError(TiermemError):
+    def __init__(self, d: str, reason: str):
+        super().__init__(f"state directory {d} (daemon.state_dir) cannot be written: {reason}")
+        self.reason = reason
+
+
 class StateFile:
     def __init__(self, state_dir: str):
         self.dir = state_dir
@@ -45,11 +51,20 @@ class StateFile:
             return None
 
     def write(self, **d) -> None:
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        """Write the state file atomically; TiermemError (one line) if the directory cannot
+        be made or written (a read-only file system, a file in the way, ...)."""
         tmp = self.path + f".{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(d, f)
-        os.replace(tmp, self.path)
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(d, f)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StateWriteError(self.dir, e.strerror or str(e)) from None
 
     def remove(self) -> None:
         try:
