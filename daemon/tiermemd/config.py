@@ -284,8 +284,9 @@ def _target(t: dict, where: str, err, path: str, check_files: bool) -> TargetCon
             err(f"{where}.pids", f"must be a list of positive integers, got {v!r}")
         tc.pids = list(v)
         if check_files:
+            import psutil
             for pid in tc.pids:
-                if not os.path.exists(f"/proc/{pid}"):
+                if not psutil.pid_exists(pid):
                     err(f"{where}.pids", f"no process with PID {pid}")
     if "cmdline" in t:
         v = t["cmdline"]

@@ -19,16 +19,16 @@ import socket
 import stat
 import time
 
+import psutil
+
 from tiermem import kfs
 from tiermem.errors import TiermemError
-from tiermem.procmaps import pid_alive
 
 
 def _is_tiermemd(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"tiermemd" in f.read()
-    except OSError:
+        return any("tiermemd" in a for a in psutil.Process(pid).cmdline())
+    except psutil.Error:
         return False
 
 
@@ -80,7 +80,7 @@ def check_and_clean(sf: StateFile, socket_path: str, log) -> list[str]:
     done: list[str] = []
     if st is not None:
         pid = int(st.get("pid", -1))
-        if pid != os.getpid() and pid_alive(pid) and _is_tiermemd(pid):
+        if pid != os.getpid() and psutil.pid_exists(pid) and _is_tiermemd(pid):
             raise TiermemError(f"tiermemd is already running as PID {pid} "
                                f"(state file {sf.path})")
         log.warning("previous tiermemd (PID %d) did not stop cleanly: cleaning up", pid)
@@ -130,7 +130,7 @@ def _clean_damon() -> list[str]:
     except (OSError, ValueError):
         return []
     owner = int(rec.get("owner_pid", -1))
-    if pid_alive(owner):
+    if psutil.pid_exists(owner):
         return []
     out = []
     for k in ds.running_kdamonds():
