@@ -139,6 +139,14 @@ def test_serve_ctl_metrics_reload_stop(tmp_path, worker):
         time.sleep(0.5)
         assert d.p.poll() is None
         assert "reload refused, the running config stays" in d.text()
+        # a file that is not UTF-8: refused in one line, the daemon keeps running
+        open(cfg, "wb").write(good.encode().replace(b'name = "w"', b'name = "caf\xe9"'))
+        d.p.send_signal(signal.SIGHUP)
+        r = d.ctl("reload")
+        assert r.returncode != 0 and "not UTF-8 text" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        time.sleep(0.5)
+        assert d.p.poll() is None and "Traceback" not in d.text()
         # a good reload applies (new target name)
         open(cfg, "w").write(good.replace('name = "w"', 'name = "w2"'))
         r = d.ctl("reload")
