@@ -80,6 +80,36 @@ def collect(tr: Tracee) -> dict:
             "timers": tmrs, "_objs": objs}
 
 
+PF_KTHREAD = 0x00200000
+
+
+def _refuse_what_is_not_a_user_process(pid: int) -> None:
+    """Say what PID is when it cannot be checkpointed by its nature, before ptrace would
+    answer ESRCH or EPERM: a kernel thread, a zombie, the init of a PID namespace."""
+    try:
+        p = psutil.Process(pid)
+        name, zombie = p.name(), p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        raise CxlforkError(f"no process with PID {pid}") from None
+    try:                                  # psutil has no task flags nor NSpid
+        flags = int(procfs.read_text(pid, "stat").rpartition(")")[2].split()[6])
+        nspid = next((ln.split()[1:] for ln in procfs.read_text(pid, "status").splitlines()
+                      if ln.startswith("NSpid:")), [])
+    except CxlforkError:
+        return                            # gone meanwhile: the next step says so
+    if flags & PF_KTHREAD:
+        raise CxlforkError(f"PID {pid} ({name}) is a kernel thread: it has no user address "
+                           "space or registers to checkpoint (only user processes can be)")
+    if zombie:
+        raise CxlforkError(f"PID {pid} ({name}) is a zombie: it has exited and waits for its "
+                           "parent to reap it; there is nothing left to checkpoint")
+    if nspid and nspid[-1] == "1":
+        where = "this PID namespace" if pid == 1 else "a PID namespace (PID 1 there)"
+        raise CxlforkError(f"PID {pid} ({name}) is the init process of {where}: cxlfork does "
+                           "not checkpoint an init (it is the parent of the namespace's "
+                           "orphans, and its clone would not be PID 1 of a namespace)")
+
+
 def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = False,
                progress=None, warn=None) -> dict:
     """Checkpoint PID into IMAGE (a new directory). Returns the summary with timings."""
@@ -167,36 +197,6 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
             shutil.rmtree(tmp_dir, ignore_errors=True)
         for s, h in old_handlers.items():
             signal.signal(s, h)
-
-
-PF_KTHREAD = 0x00200000
-
-
-def _refuse_what_is_not_a_user_process(pid: int) -> None:
-    """Say what PID is when it cannot be checkpointed by its nature, before ptrace would
-    answer ESRCH or EPERM: a kernel thread, a zombie, the init of a PID namespace."""
-    try:
-        p = psutil.Process(pid)
-        name, zombie = p.name(), p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        raise CxlforkError(f"no process with PID {pid}") from None
-    try:                                  # psutil has no task flags nor NSpid
-        flags = int(procfs.read_text(pid, "stat").rpartition(")")[2].split()[6])
-        nspid = next((ln.split()[1:] for ln in procfs.read_text(pid, "status").splitlines()
-                      if ln.startswith("NSpid:")), [])
-    except CxlforkError:
-        return                            # gone meanwhile: the next step says so
-    if flags & PF_KTHREAD:
-        raise CxlforkError(f"PID {pid} ({name}) is a kernel thread: it has no user address "
-                           "space or registers to checkpoint (only user processes can be)")
-    if zombie:
-        raise CxlforkError(f"PID {pid} ({name}) is a zombie: it has exited and waits for its "
-                           "parent to reap it; there is nothing left to checkpoint")
-    if nspid and nspid[-1] == "1":
-        where = "this PID namespace" if pid == 1 else "a PID namespace (PID 1 there)"
-        raise CxlforkError(f"PID {pid} ({name}) is the init process of {where}: cxlfork does "
-                           "not checkpoint an init (it is the parent of the namespace's "
-                           "orphans, and its clone would not be PID 1 of a namespace)")
 
 
 def _check_ptrace_allowed(pid: int) -> None:
