@@ -21,6 +21,8 @@ import signal
 import time
 from contextlib import contextmanager
 
+import psutil
+
 from cxlfork import FORMAT, FORMAT_VERSION, image as image_mod, procfs
 from cxlfork.errors import CxlforkError, Refused
 from cxlfork.pages import write_pages
@@ -81,6 +83,36 @@ def collect(tr: Tracee) -> dict:
             "timers": tmrs, "pending": pend, "_objs": objs}
 
 
+PF_KTHREAD = 0x00200000
+
+
+def _refuse_what_is_not_a_user_process(pid: int) -> None:
+    """Say what PID is when it cannot be checkpointed by its nature, before ptrace would
+    answer ESRCH or EPERM: a kernel thread, a zombie, the init of a PID namespace."""
+    try:
+        p = psutil.Process(pid)
+        name, zombie = p.name(), p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        raise CxlforkError(f"no process with PID {pid}") from None
+    try:                                  # psutil has no task flags nor NSpid
+        flags = int(procfs.read_text(pid, "stat").rpartition(")")[2].split()[6])
+        nspid = next((ln.split()[1:] for ln in procfs.read_text(pid, "status").splitlines()
+                      if ln.startswith("NSpid:")), [])
+    except CxlforkError:
+        return                            # gone meanwhile: the next step says so
+    if flags & PF_KTHREAD:
+        raise CxlforkError(f"PID {pid} ({name}) is a kernel thread: it has no user address "
+                           "space or registers to checkpoint (only user processes can be)")
+    if zombie:
+        raise CxlforkError(f"PID {pid} ({name}) is a zombie: it has exited and waits for its "
+                           "parent to reap it; there is nothing left to checkpoint")
+    if nspid and nspid[-1] == "1":
+        where = "this PID namespace" if pid == 1 else "a PID namespace (PID 1 there)"
+        raise CxlforkError(f"PID {pid} ({name}) is the init process of {where}: cxlfork does "
+                           "not checkpoint an init (it is the parent of the namespace's "
+                           "orphans, and its clone would not be PID 1 of a namespace)")
+
+
 def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = False,
                progress=None, warn=None) -> dict:
     """Checkpoint PID into IMAGE (a new directory). Returns the summary with timings."""
@@ -90,6 +122,7 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
         raise CxlforkError("cannot checkpoint cxlfork itself")
     if not os.path.exists(f"/proc/{pid}"):
         raise CxlforkError(f"no process with PID {pid}")
+    _refuse_what_is_not_a_user_process(pid)
     if os.path.lexists(image):
         raise CxlforkError(f"{image} already exists (remove it with 'cxlfork rm')")
     if not os.path.isdir(os.path.dirname(image)):
@@ -188,6 +221,8 @@ def _check_ptrace_allowed(pid: int) -> None:
         os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY))
     except FileNotFoundError as e:
         raise CxlforkError(f"no process with PID {pid}") from e
+    except ProcessLookupError as e:       # /proc/PID is there but no memory: it just exited
+        raise CxlforkError(f"PID {pid} has no memory to read (it exited)") from e
     except PermissionError as e:
         raise CxlforkError(f"cannot ptrace PID {pid}: permission denied (not yours, or yama "
                            "ptrace_scope forbids it; run as root or as its owner)") from e

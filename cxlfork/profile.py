@@ -6,13 +6,52 @@ The union is written to IMAGE/hot.json (a bitmap over the page file, with its SH
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import psutil
 
 from cxlfork import image as image_mod
 from cxlfork.errors import CxlforkError
 from tiermem.native import PM_PRESENT, PM_SWAP, pagemap_read
 
 PAGE = 4096
+
+
+def _check_clone(pid: int, image: str, m: dict) -> None:
+    """Refuse a PID that is not a running clone of the image (its record would be empty or
+    the pages of an unrelated process): it must have started after the checkpoint, run
+    the image's executable and have the image's anonymous mappings at their addresses."""
+    try:
+        p = psutil.Process(pid)
+        started, exe = p.create_time(), p.exe()
+        maps = [tuple(int(x, 16) for x in r.addr.split("-"))
+                for r in p.memory_maps(grouped=False)]
+    except psutil.NoSuchProcess:
+        raise CxlforkError(f"no process with PID {pid} to profile") from None
+    except psutil.AccessDenied:
+        raise CxlforkError(f"cannot read the mappings of PID {pid}: permission denied "
+                           "(profile clones as root or as their owner)") from None
+    why = None
+    ref = m["process"]["exe"]
+    if started + 1.0 < m["created"]:          # create_time is good to the second (btime)
+        why = "it started before the image was checkpointed"
+    else:
+        try:
+            st = os.stat(exe) if exe else None
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != (ref["dev"], ref["ino"]):
+            why = f"it runs {exe or 'no executable'}, the image {ref['path']}"
+        else:
+            runs = [v for v in m["vmas"] if v["kind"] == "anon" and v["runs"]]
+            missing = [v for v in runs
+                       if not any(s <= v["start"] < e for s, e in maps)]
+            if missing:
+                why = (f"{len(missing)} of the image's {len(runs)} memory areas are not "
+                       f"mapped in it (first: {missing[0]['start']:#x}-{missing[0]['end']:#x})")
+    if why:
+        raise CxlforkError(f"PID {pid} is not a clone of {image}: {why}")
 
 
 def record(image: str, pids: list[int]) -> dict:
@@ -24,11 +63,8 @@ def record(image: str, pids: list[int]) -> dict:
         hot |= np.unpackbits(np.frombuffer(old, dtype=np.uint8), bitorder="little")[:n] \
             .astype(bool)
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/exe"):
-                pass
-        except OSError as e:
-            raise CxlforkError(f"no process with PID {pid} to profile") from e
+        _check_clone(pid, image, m)
+    for pid in pids:
         for v in m["vmas"]:
             if v["kind"] != "anon":
                 continue

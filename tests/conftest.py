@@ -14,9 +14,12 @@ of the session (and dies with pytest if pytest is killed).
 """
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -54,18 +57,70 @@ def _fresh_damon_in_guest(request):
     yield
 
 
-def unprivileged_cannot_read_checkout() -> str | None:
-    """Why the unprivileged user (nobody, 65534) cannot import this checkout, or None.
+UNPRIVILEGED = 65534           # nobody
 
-    Tests of 'a non-root caller is refused' run the project's code as nobody; in a checkout
-    under a directory only root may enter (e.g. a 0700 /tmp) they cannot import it at all."""
-    import os
+
+def unprivileged_cannot_read_checkout() -> str | None:
+    """Why the unprivileged user (nobody, 65534) cannot read this checkout, or None (then
+    run_unprivileged runs it through a readable view of the checkout)."""
     import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    probe = os.path.join(root, "tiermem", "__init__.py")
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        "test", "-r", probe], capture_output=True)
+    probe = os.path.join(CHECKOUT, "tiermem", "__init__.py")
+    r = subprocess.run(["setpriv", f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}",
+                        "--clear-groups", "test", "-r", probe], capture_output=True)
     if r.returncode != 0:
-        return (f"the unprivileged user (uid 65534) cannot read this checkout ({probe}): a "
-                f"parent directory is closed to others, so its code cannot run as non-root")
+        return (f"the unprivileged user (uid {UNPRIVILEGED}) cannot read this checkout "
+                f"({probe}): a parent directory is closed to others")
     return None
+
+
+_view_dir: list[str] = []
+
+
+def _view() -> str:
+    """An empty directory, mode 0755, under a place every user can search (/dev/shm or
+    /tmp), removed at exit: the mount point of the checkout's readable view."""
+    import atexit
+    import stat
+    import tempfile
+    if not _view_dir:
+        base = next((b for b in ("/dev/shm", "/tmp", "/run") if os.path.isdir(b)
+                     and os.stat(b).st_mode & stat.S_IXOTH), None)
+        if base is None:
+            raise RuntimeError("no directory searchable by every user for the checkout view")
+        d = tempfile.mkdtemp(prefix="tiermem-view-", dir=base)
+        os.chmod(d, 0o755)
+        atexit.register(os.rmdir, d)
+        _view_dir.append(d)
+    return _view_dir[0]
+
+
+def run_unprivileged(argv, uid: int = UNPRIVILEGED, env: dict | None = None,
+                     cwd: str | None = None, **kw):
+    """subprocess.run(argv) as uid (setpriv: real and effective ids, no groups, no
+    capabilities).
+
+    When uid cannot read this checkout (it sits under a directory closed to others, e.g. a
+    clone in a 0700 /tmp/xyz), the command runs in a private mount namespace (unshare -m) in
+    which the checkout is also bind-mounted at a directory every user can reach, and every
+    path into the checkout in argv, env and cwd points there instead: the same files (the
+    venv's interpreter and packages, the project's code) run as the same user, checked the
+    same way; nothing is copied or loosened, and the mount goes away with the namespace."""
+    import re
+    import subprocess
+    pre = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    if unprivileged_cannot_read_checkout() is None:
+        return subprocess.run(pre + [str(a) for a in argv], env=env, cwd=cwd, **kw)
+    view = _view()
+
+    def m(v):
+        return re.sub(re.escape(CHECKOUT) + r"(?=/|:|$)", view, str(v))
+
+    env = {k: m(v) for k, v in (os.environ if env is None else env).items()}
+    # the venv's editable install maps the packages to the checkout's own paths: put the
+    # view's package roots first (the same directories, as pyproject.toml lays them out)
+    env["PYTHONPATH"] = ":".join(filter(None, [view, os.path.join(view, "daemon"),
+                                               env.get("PYTHONPATH")]))
+    script = 'mount --bind "$1" "$2" && cd "$3" || exit 125; shift 3; exec "$@"'
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                           "view", CHECKOUT, view, m(cwd or os.getcwd()), *pre,
+                           *[m(a) for a in argv]], env=env, **kw)

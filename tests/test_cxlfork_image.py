@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import zlib
 import pytest
 
 from cxlfork_util import (PROGS, build_prog, cxlfork, go, new_store, readline, restore_popen,
-                          rmtree, start)
+                          rmtree, start, wait_file)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, PR_SET_MM_MAP)")
 
@@ -244,15 +245,12 @@ def test_bad_pid_and_existing_output(env):
 
 
 def test_refuses_unprivileged_caller(env):
-    from conftest import unprivileged_cannot_read_checkout
-    if (why := unprivileged_cannot_read_checkout()):
-        pytest.skip(why)
+    from conftest import run_unprivileged
     d, s, img, p = env
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        sys.executable, "-m", "cxlfork", "checkpoint", str(p.pid), "-o",
-                        "/tmp/cxlfork-nobody.img", "--store", "/dev/shm"],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=
-                       os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    r = run_unprivileged([sys.executable, "-m", "cxlfork", "checkpoint", str(p.pid), "-o",
+                          "/tmp/cxlfork-nobody.img", "--store", "/dev/shm"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=
+                         os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert r.returncode != 0
     assert "cannot ptrace PID" in r.stderr or "permission denied" in r.stderr, r.stderr
     assert not os.path.exists("/tmp/cxlfork-nobody.img")
@@ -394,3 +392,77 @@ def test_rm_and_gc(env):
     finally:
         q.kill()
         q.wait()
+
+
+def test_checkpoint_says_what_cannot_be_checkpointed(env):
+    """A kernel thread said 'No such process (/proc/2/mem)' and PID 1 blamed permissions:
+    each says what it is, in one line, and nothing is made."""
+    import psutil
+    d, s, img, p = env
+    out = os.path.join(d, "k.img")
+
+    def refused(pid):
+        r = cxlfork("checkpoint", pid, "-o", out, "--store", s, check=False)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not os.path.exists(out)
+        return r.stderr.strip()
+
+    assert refused(2) == ("cxlfork: error: PID 2 (kthreadd) is a kernel thread: it has no "
+                          "user address space or registers to checkpoint (only user processes "
+                          "can be)")
+    name = psutil.Process(1).name()
+    assert refused(1).startswith(f"cxlfork: error: PID 1 ({name}) is the init process of "
+                                 "this PID namespace: cxlfork does not checkpoint an init")
+    z = subprocess.Popen(["true"])
+    try:
+        while psutil.Process(z.pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.05)
+        assert refused(z.pid) == (f"cxlfork: error: PID {z.pid} (true) is a zombie: it has "
+                                  "exited and waits for its parent to reap it; there is "
+                                  "nothing left to checkpoint")
+    finally:
+        z.wait()
+    u = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sleep", "600"],
+                         stdin=subprocess.DEVNULL, close_fds=True)
+    try:
+        while not psutil.Process(u.pid).children():
+            time.sleep(0.05)
+        child = psutil.Process(u.pid).children()[0].pid
+        assert refused(child).startswith(f"cxlfork: error: PID {child} (sleep) is the init "
+                                         "process of a PID namespace (PID 1 there)")
+    finally:
+        u.kill()
+        u.wait()
+
+
+def test_profile_refuses_what_is_not_a_clone(env):
+    """`cxlfork profile IMAGE PID` of a process that is not a clone of IMAGE exited 0 with
+    an empty record: one line, exit 1, no record; a clone is profiled."""
+    d, s, img, p = env
+    prof = os.path.join(d, "prof.img")
+    cxlfork("checkpoint", p.pid, "-o", prof, "--store", s)
+    hot = os.path.join(prof, "hot.json")
+
+    def refused(pid, why):
+        r = cxlfork("profile", prof, pid, check=False)
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+            f"cxlfork: error: PID {pid} is not a clone of {prof}: {why}"], r.stderr
+        assert not os.path.exists(hot)
+
+    refused(p.pid, "it started before the image was checkpointed")          # the original
+    exe = json.loads(cxlfork("inspect", prof, "--json").stdout)["process"]["exe"]["path"]
+    sl = subprocess.Popen(["sleep", "600"])
+    try:
+        refused(sl.pid, f"it runs {os.path.realpath(shutil.which('sleep'))}, the image {exe}")
+    finally:
+        sl.kill()
+        sl.wait()
+    pf = os.path.join(d, "prof.pids")
+    c = restore_popen(prof, "--pidfile", pf)
+    try:
+        clone = int(wait_file(pf, c).split()[0])
+        r = cxlfork("profile", prof, clone)
+        assert "pages touched" in r.stdout and os.path.exists(hot)
+    finally:
+        _, rc, err = go(c)
+    assert rc == 0, err

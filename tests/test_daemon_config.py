@@ -119,3 +119,88 @@ def test_not_utf8_is_one_line_at_check(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "not UTF-8" in r.stderr, r.stderr
+
+
+def _number_keys():
+    """Every key of the config that takes a number (or a number with a unit), as
+    (key path in messages, GOOD text with {v} where the value goes)."""
+    from tiermem.policies import POLICIES
+    base = GOOD.replace('policy = "m5"\nsampler = "damon"\n[targets.policy_params]\n'
+                        'top_k = 1024\n[targets.sampler_params]\nsample_us = 1000\n', "")
+    keys = [("daemon.interval", GOOD.replace('interval = "500ms"', "interval = {v}")),
+            ("daemon.rescan_every", GOOD.replace("[daemon]", "[daemon]\nrescan_every = {v}")),
+            ("migration.bandwidth", GOOD.replace('bandwidth = "100MiB/s"', "bandwidth = {v}")),
+            ("migration.batch_pages", GOOD.replace("batch_pages = 256", "batch_pages = {v}")),
+            ("watermarks.low", GOOD.replace('low = "5%"', "low = {v}")),
+            ("watermarks.min", GOOD.replace('min = "64MiB"', "min = {v}")),
+            ("targets[0].pids", GOOD.replace("pids = [1]", "pids = [{v}]"))]
+    for name, cls in sorted(POLICIES.items()):
+        if cls.needs_future:
+            continue
+        for k, p in sorted(cls.params.items()):
+            if p.type in (int, float):
+                keys.append((f"targets[0].policy_params: parameter {k!r}",
+                             base + f'policy = "{name}"\n[targets.policy_params]\n{k} = {{v}}\n'))
+    import inspect
+    for smp, cls in sorted(config.sampler_registry().items()):
+        for k, p in sorted(inspect.signature(cls, eval_str=True).parameters.items()):
+            if k not in ("force", "attach") and ({int, float} & set(
+                    getattr(p.annotation, "__args__", (p.annotation,)))):
+                keys.append((f"targets[0].sampler_params.{k}",
+                             base + f'sampler = "{smp}"\n[targets.sampler_params]\n{k} = {{v}}\n'))
+    return keys
+
+
+NUMBER_KEYS = _number_keys()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e308"])
+@pytest.mark.parametrize("key, text", NUMBER_KEYS, ids=[
+    k.replace("targets[0].policy_params: parameter ", "policy:" + t.rsplit('policy = "', 1)[-1]
+              .split('"')[0] + ".") for k, t in NUMBER_KEYS])
+def test_every_number_key_must_be_finite_and_in_range(tmp_path, key, text, value):
+    """nan, inf and 1e308 in any numeric key (loop timing, budgets, rates, watermarks,
+    policy and sampler parameters) are refused at load as file:key: reason, one line."""
+    with pytest.raises(TiermemError) as ei:
+        load(tmp_path, text.replace("{v}", value))
+    msg = str(ei.value)
+    assert msg.startswith(str(tmp_path / "t.toml") + ":" + key), msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("key, old, new", [
+    ("migration.bandwidth", 'bandwidth = "100MiB/s"', 'bandwidth = "' + "9" * 400 + 'B/s"'),
+    ("migration.bandwidth", 'bandwidth = "100MiB/s"', 'bandwidth = "2TiB/s"'),
+    ("watermarks.min", 'min = "64MiB"', 'min = "' + "9" * 400 + 'MiB"'),
+    ("watermarks.min", 'min = "64MiB"', 'min = "1048577GiB"'),
+    ("watermarks.low", 'low = "5%"', 'low = "nan%"'),
+    ("watermarks.low", 'low = "5%"', 'low = "1e308%"'),
+])
+def test_huge_sizes_rates_shares_are_refused(tmp_path, key, old, new):
+    """A size or rate written with 400 digits overflowed to inf and raised OverflowError
+    (a traceback at --check); sizes above 1 PiB and rates above 1 TiB/s are out of range."""
+    with pytest.raises(TiermemError) as ei:
+        load(tmp_path, GOOD.replace(old, new))
+    assert str(ei.value).startswith(str(tmp_path / "t.toml") + ":" + key), ei.value
+
+
+def test_every_number_key_is_covered():
+    """A new numeric policy parameter must declare its upper bound (so 1e308 is refused)."""
+    from tiermem.policies import POLICIES
+    for name, cls in POLICIES.items():
+        for k, p in cls.params.items():
+            if p.type in (int, float):
+                assert p.max is not None, f"policy {name} parameter {k} has no max"
+
+
+def test_overflowing_bandwidth_is_one_line_at_check(tmp_path):
+    import subprocess
+    import sys
+    p = tmp_path / "t.toml"
+    p.write_text(GOOD.replace('bandwidth = "100MiB/s"', 'bandwidth = "' + "9" * 400 + 'B/s"'))
+    r = subprocess.run([sys.executable, "-m", "tiermemd", "--check", "--config", str(p)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"tiermemd: error: {p}:migration.bandwidth: size must be finite"), r.stderr

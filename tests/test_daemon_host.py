@@ -70,11 +70,12 @@ class D:
             time.sleep(0.05)
 
     def ctl(self, *args, user=None):
-        pre = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user \
-            else []
-        return subprocess.run(pre + [PY, "-m", "tiermem.cli", "ctl", "--socket",
-                                     self.sock, *args],
-                              capture_output=True, text=True, timeout=60)
+        from conftest import run_unprivileged
+        argv = [PY, "-m", "tiermem.cli", "ctl", "--socket", self.sock, *args]
+        if user:
+            return run_unprivileged(argv, uid=int(user), capture_output=True, text=True,
+                                    timeout=60)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
     def text(self):
         return self.log.read_text()
@@ -138,6 +139,14 @@ def test_serve_ctl_metrics_reload_stop(tmp_path, worker):
         time.sleep(0.5)
         assert d.p.poll() is None
         assert "reload refused, the running config stays" in d.text()
+        # a file that is not UTF-8: refused in one line, the daemon keeps running
+        open(cfg, "wb").write(good.encode().replace(b'name = "w"', b'name = "caf\xe9"'))
+        d.p.send_signal(signal.SIGHUP)
+        r = d.ctl("reload")
+        assert r.returncode != 0 and "not UTF-8 text" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        time.sleep(0.5)
+        assert d.p.poll() is None and "Traceback" not in d.text()
         # a good reload applies (new target name)
         open(cfg, "w").write(good.replace('name = "w"', 'name = "w2"'))
         r = d.ctl("reload")
@@ -158,9 +167,6 @@ def test_serve_ctl_metrics_reload_stop(tmp_path, worker):
 
 
 def test_non_root_cannot_control(tmp_path, worker):
-    from conftest import unprivileged_cannot_read_checkout
-    if (why := unprivileged_cannot_read_checkout()):
-        pytest.skip(why)
     import tempfile
     sockdir = tempfile.mkdtemp(prefix="tiermemd-test-", dir="/run")
     os.chmod(sockdir, 0o755)                 # nobody can reach the socket file itself
@@ -326,3 +332,33 @@ def test_numa_mover_status_handling(worker):
     wp.stdin.write("verify\n")
     wp.stdin.flush()
     assert wp.stdout.readline().strip() == "ok"
+
+
+@pytest.mark.parametrize("where", ["dir-itself", "below"])
+def test_state_dir_on_read_only_fs_is_one_line(tmp_path, where):
+    """daemon.state_dir on a read-only file system was a traceback at start: one line
+    naming file:key, exit non-zero, nothing left (no socket, no state file), foreground and
+    detached alike."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tiermemd-test-ro", str(ro)],
+                   check=True)
+    try:
+        sd = ro if where == "dir-itself" else ro / "state"
+        cfg, _ = config(tmp_path, TARGET)
+        text = open(cfg).read().replace(f'state_dir = "{tmp_path}/state"',
+                                        f'state_dir = "{sd}"')
+        open(cfg, "w").write(text)
+        for args in (["-f"], []):
+            r = subprocess.run([PY, "-m", "tiermemd", *args, "-c", cfg], capture_output=True,
+                               text=True, timeout=120)
+            lines = [ln for ln in r.stderr.strip().splitlines()
+                     if "no slow memory tier on this host" not in ln]    # a one-node host
+            assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+            want = f"tiermemd: error: {cfg}:daemon.state_dir: cannot "
+            assert len(lines) == 1 and lines[0].startswith(want), r.stderr
+            assert "Read-only file system" in lines[0], r.stderr
+            assert not (tmp_path / "ctl.sock").exists()
+            assert os.listdir(ro) == []
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)

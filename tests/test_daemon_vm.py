@@ -47,6 +47,7 @@ def test_promotes_hot_set_and_stops_clean(cxl_vm):
     assert res["verify"] == "ok" and res["verify_after"] == "ok"
 
 
+@pytest.mark.timeout(1800)      # the scenario's own limit is 1500 s; loaded hosts need it
 def test_reliability_faults_kill9_restart(cxl_vm):
     res = scenario(cxl_vm, "faults")
     log1, log2 = res["log1"], res["log2"]

@@ -124,15 +124,11 @@ def test_pid_exits_during_move():
 
 def test_not_root_refused(worker):
     """Moving another user's pages without CAP_SYS_NICE: one clear line."""
-    from conftest import unprivileged_cannot_read_checkout
-    if (why := unprivileged_cannot_read_checkout()):
-        pytest.skip(why)
+    from conftest import run_unprivileged
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to an unprivileged user for this check")
     p, info = worker
-    code = ("import os,sys; os.setgid(65534); os.setuid(65534); "
-            "from tiermem.cli import main; sys.argv=['tiermem','move',sys.argv[1],'--to','0']; main()")
-    r = subprocess.run([sys.executable, "-c", code, str(info["pid"])], capture_output=True,
-                       text=True, cwd="/")
+    r = run_unprivileged([sys.executable, "-m", "tiermem.cli", "move", str(info["pid"]),
+                          "--to", "0"], capture_output=True, text=True, cwd="/")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "root" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -104,13 +104,8 @@ def test_cgroup_of_a_sigkilled_porter_is_removed_at_the_next_start(porter):
 
 def test_no_writable_cgroup_is_one_line_and_exit_1():
     """As uid 65534 no memory cgroup is writable: the porter says so and starts nothing."""
+    from conftest import run_unprivileged
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            PY, "-c", "import cxlfork.porter.cgroup"], cwd=here,
-                           capture_output=True, text=True)
-    if probe.returncode:
-        pytest.skip(f"uid 65534 cannot import the checkout at {here}: "
-                    f"{probe.stderr.strip().splitlines()[-1:]}")
     d = tempfile.mkdtemp(prefix="porter-nocg-", dir="/dev/shm")
     try:
         os.chmod(d, 0o755)
@@ -119,9 +114,8 @@ def test_no_writable_cgroup_is_one_line_and_exit_1():
             f.write('[porter]\nport = 0\nlocal_memory_limit_mib = 64\n'
                     '[functions.e]\ncommand = ["true"]\n')
         os.chmod(cfg, 0o644)
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            PY, "-m", "cxlfork", "porter", "--config", cfg], cwd=here,
-                           capture_output=True, text=True, timeout=60)
+        r = run_unprivileged([PY, "-m", "cxlfork", "porter", "--config", cfg], cwd=here,
+                             capture_output=True, text=True, timeout=60)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     assert r.returncode == 1 and not r.stdout, (r.stdout, r.stderr)

@@ -11,6 +11,7 @@ daemon/tiermemd.example.toml documents every key.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -94,6 +95,45 @@ def sampler_names() -> list[str]:
     return sorted(set(sampler_registry()) | {NO_SAMPLER})
 
 
+def sampler_params(name: str) -> dict[str, type]:
+    """The config-settable parameters of a sampler and the type each takes (int, float,
+    bool or str), from its constructor's signature."""
+    import inspect
+    sig = inspect.signature(sampler_registry()[name], eval_str=True)
+    out = {}
+    for n, p in sig.parameters.items():
+        if n in ("self", "force", "attach"):
+            continue
+        ann = p.annotation
+        types = set(getattr(ann, "__args__", (ann,))) - {type(None)}
+        out[n] = next((t for t in (bool, int, float, str) if t in types), str)
+    return out
+
+
+# Upper bounds of integer sampler parameters, by the unit their name ends with.
+_SAMPLER_MAX = {"_us": int(units.MAX_DURATION_S * 1e6), "_ms": int(units.MAX_DURATION_S * 1e3),
+                "_mb": 1 << 30}
+_SAMPLER_INT_MAX = 2**32 - 1           # counts (regions, accesses): a kernel unsigned int
+
+
+def _check_sampler_value(key: str, typ: type, v) -> str | None:
+    """Why v is not a valid value of sampler parameter key (None if it is)."""
+    if typ is bool:
+        return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
+    if typ is str:
+        return None if isinstance(v, str) else f"must be a string, got {v!r}"
+    if typ is int:
+        top = next((m for suf, m in _SAMPLER_MAX.items() if key.endswith(suf)),
+                   _SAMPLER_INT_MAX)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= top:
+            return f"must be an integer 0..{top}, got {v!r}"
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or not 0 <= v <= 1e12:
+        return f"must be a finite number 0..1e12, got {v!r}"
+    return None
+
+
 def load(path: str, topology=None, check_files: bool = True) -> Config:
     """Read and validate the config at path. topology (tiermem.topology.Topology) is used to
     check node ids; None reads the running kernel's."""
@@ -133,7 +173,7 @@ def parse(raw: dict, path: str = "<config>", topology=None, check_files: bool = 
         if key in raw.get(sec, {}):
             try:
                 setattr(cfg, attr or key, fn(raw[sec][key]))
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, OverflowError) as e:
                 err(f"{sec}.{key}", str(e))
 
     d = raw.get("daemon", {})
@@ -244,8 +284,9 @@ def _target(t: dict, where: str, err, path: str, check_files: bool) -> TargetCon
             err(f"{where}.pids", f"must be a list of positive integers, got {v!r}")
         tc.pids = list(v)
         if check_files:
+            import psutil
             for pid in tc.pids:
-                if not os.path.exists(f"/proc/{pid}"):
+                if not psutil.pid_exists(pid):
                     err(f"{where}.pids", f"no process with PID {pid}")
     if "cmdline" in t:
         v = t["cmdline"]
@@ -304,17 +345,14 @@ def _target(t: dict, where: str, err, path: str, check_files: bool) -> TargetCon
     if smp == NO_SAMPLER and tc.sampler_params:
         err(f"{where}.sampler_params", "sampler 'none' takes no parameters")
     elif smp != NO_SAMPLER:
-        import inspect
-        sig = inspect.signature(sampler_registry()[smp])
-        known_p = [n for n in sig.parameters if n not in ("self", "force", "attach")]
+        params = sampler_params(smp)
         for k in tc.sampler_params:
-            if k not in known_p:
+            if k not in params:
                 err(f"{where}.sampler_params.{k}",
-                    f"unknown parameter for sampler {smp} {_known('parameters', known_p)}")
-            v, d = tc.sampler_params[k], sig.parameters[k].default
-            if isinstance(d, int) and not isinstance(d, bool) and (
-                    not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                err(f"{where}.sampler_params.{k}", f"must be a non-negative integer, got {v!r}")
+                    f"unknown parameter for sampler {smp} {_known('parameters', params)}")
+            reason = _check_sampler_value(k, params[k], tc.sampler_params[k])
+            if reason:
+                err(f"{where}.sampler_params.{k}", reason)
         try:
             sampler_registry()[smp](**tc.sampler_params)     # constructors check values only
         except (TiermemError, TypeError, ValueError) as e:

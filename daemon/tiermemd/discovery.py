@@ -8,38 +8,45 @@ from __future__ import annotations
 
 import os
 
+import psutil
+
 from tiermem import kfs
+
+PF_KTHREAD = 0x00200000
 
 
 def proc_identity(pid: int) -> tuple[int, str] | None:
-    """(start time in clock ticks, exe path) of a live user process, None if gone, a kernel
-    thread or a zombie. exe changes on execve, start time on PID reuse."""
-    stat = kfs.read(f"/proc/{pid}/stat", "")
-    if not stat:
-        return None
-    rest = stat.rpartition(")")[2].split()
-    # fields after comm: state(0) ppid(1) ... flags(6) ... starttime(19)
-    if len(rest) < 20 or rest[0] in ("Z", "X"):
-        return None
-    if int(rest[6]) & 0x00200000:          # PF_KTHREAD
-        return None
+    """(start time in clock ticks since boot, exe path) of a live user process, None if
+    gone, a kernel thread or a zombie. exe changes on execve, start time on PID reuse.
+
+    psutil gives the status and the exe. Two facts come from /proc/PID/stat, which psutil
+    lacks: the task flags (PF_KTHREAD) and the start time as the kernel keeps it (psutil's
+    create_time adds the boot time of the wall clock, which moves when the clock is set, and
+    would read as a reused PID)."""
     try:
-        exe = os.readlink(kfs.path(f"/proc/{pid}/exe"))
-    except OSError:
+        p = psutil.Process(pid)
+        if p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        exe = p.exe()
+    except psutil.Error:
+        return None
+    rest = kfs.read(f"/proc/{pid}/stat", "").rpartition(")")[2].split()
+    # fields after comm: state(0) ppid(1) ... flags(6) ... starttime(19)
+    if not exe or len(rest) < 20 or int(rest[6]) & PF_KTHREAD:
         return None
     return int(rest[19]), exe
 
 
 def cmdline(pid: int) -> str:
+    """The arguments of pid joined by spaces ("" if gone or unreadable)."""
     try:
-        with open(kfs.path(f"/proc/{pid}/cmdline"), "rb") as f:
-            return f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
 
 
 def all_pids() -> list[int]:
-    return [int(p) for p in kfs.listdir("/proc") if p.isdigit()]
+    return psutil.pids()
 
 
 def cgroup_pids(path: str) -> list[int]:

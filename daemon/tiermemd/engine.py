@@ -108,6 +108,11 @@ class SamplerGroup:
         try:
             s.start(Target(pids=sorted(pids)))
         except Exception as e:  # sampler code: contain it, name it, retry later
+            if self._gone():    # a process exited while it started: next loop, no back-off
+                log.info("sampler %s: a process exited while it started (%s); starting "
+                         "again on the rest", self.name, e)
+                self.pids = frozenset()
+                return False
             self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, TiermemError)
                        else str(e), now)
             return False
@@ -139,12 +144,24 @@ class SamplerGroup:
         try:
             return self.sampler.read()
         except Exception as e:
-            self.error = f"sampler {self.name} failed to read: {e}"
-            log.error("%s; restarting it", self.error)
+            gone = self._gone()
             self.stop()
             self.pids = frozenset()
+            if gone:
+                # a process it followed exited (a kdamond stops when its target does): not
+                # a sampler failure; the next loop starts it again on the processes left,
+                # with no back-off (which left DAMON off for 30 s after each such exit)
+                log.info("sampler %s: process(es) %s exited under it (%s); restarting",
+                         self.name, ", ".join(map(str, gone)), e)
+                return None
+            self.error = f"sampler {self.name} failed to read: {e}"
+            log.error("%s; restarting it", self.error)
             self.retry_at = time.monotonic() + SAMPLER_RETRY_S
             return None
+
+    def _gone(self) -> list[int]:
+        """The processes this group follows that have exited (or are zombies)."""
+        return sorted(p for p in self.pids if discovery.proc_identity(p) is None)
 
 
 # Processes one sampler instance can follow, when the sampler class does not say (max_pids).

@@ -27,7 +27,7 @@ from tiermemd import config as config_mod
 from tiermemd.control import ControlServer
 from tiermemd.engine import Engine
 from tiermemd.metrics import MetricsServer
-from tiermemd.state import StateFile, check_and_clean
+from tiermemd.state import StateFile, StateWriteError, check_and_clean
 
 DEFAULT_CONFIG = "/etc/tiermemd/tiermemd.toml"
 log = logging.getLogger("tiermemd")
@@ -61,6 +61,7 @@ class Daemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload_pending = False
+        self._state_error = ""
         self.stop_reason = ""
 
     # -- life cycle ----------------------------------------------------------------------
@@ -68,10 +69,18 @@ class Daemon:
         if os.geteuid() != 0:
             raise TiermemError("tiermemd must run as root (it moves other processes' pages "
                                "and owns a root-only control socket)")
-        os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise TiermemError(f"{self.cfg.path}:daemon.state_dir: cannot create "
+                               f"{self.cfg.state_dir}: {e.strerror or e}") from None
         check_and_clean(self.state, self.cfg.socket, log)
-        self.state.write(pid=os.getpid(), socket=self.cfg.socket, config=self.cfg.path,
-                         started=time.time(), samplers=[])
+        try:
+            self.state.write(pid=os.getpid(), socket=self.cfg.socket, config=self.cfg.path,
+                             started=time.time(), samplers=[])
+        except StateWriteError as e:
+            raise TiermemError(f"{self.cfg.path}:daemon.state_dir: cannot write "
+                               f"{self.cfg.state_dir}: {e.reason}") from None
         try:
             self.control = ControlServer(self.cfg.socket, self.handle, log)
             self.control.start()
@@ -137,7 +146,12 @@ class Daemon:
         st = self.state.read() or {}
         if st.get("samplers") != names:
             st["samplers"] = names
-            self.state.write(**st)
+            try:
+                self.state.write(**st)
+            except TiermemError as e:     # e.g. remounted read-only: say it, keep tiering
+                if str(e) != self._state_error:
+                    log.error("%s", e)
+                self._state_error = str(e)
 
     def reload(self) -> dict:
         """Load the config again; on any error keep the running one and raise."""

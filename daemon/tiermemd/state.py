@@ -19,17 +19,23 @@ import socket
 import stat
 import time
 
+import psutil
+
 from tiermem import kfs
 from tiermem.errors import TiermemError
-from tiermem.procmaps import pid_alive
 
 
 def _is_tiermemd(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"tiermemd" in f.read()
-    except OSError:
+        return any("tiermemd" in a for a in psutil.Process(pid).cmdline())
+    except psutil.Error:
         return False
+
+
+class StateWriteError(TiermemError):
+    def __init__(self, d: str, reason: str):
+        super().__init__(f"state directory {d} (daemon.state_dir) cannot be written: {reason}")
+        self.reason = reason
 
 
 class StateFile:
@@ -45,11 +51,20 @@ class StateFile:
             return None
 
     def write(self, **d) -> None:
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        """Write the state file atomically; TiermemError (one line) if the directory cannot
+        be made or written (a read-only file system, a file in the way, ...)."""
         tmp = self.path + f".{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(d, f)
-        os.replace(tmp, self.path)
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(d, f)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StateWriteError(self.dir, e.strerror or str(e)) from None
 
     def remove(self) -> None:
         try:
@@ -65,7 +80,7 @@ def check_and_clean(sf: StateFile, socket_path: str, log) -> list[str]:
     done: list[str] = []
     if st is not None:
         pid = int(st.get("pid", -1))
-        if pid != os.getpid() and pid_alive(pid) and _is_tiermemd(pid):
+        if pid != os.getpid() and psutil.pid_exists(pid) and _is_tiermemd(pid):
             raise TiermemError(f"tiermemd is already running as PID {pid} "
                                f"(state file {sf.path})")
         log.warning("previous tiermemd (PID %d) did not stop cleanly: cleaning up", pid)
@@ -115,7 +130,7 @@ def _clean_damon() -> list[str]:
     except (OSError, ValueError):
         return []
     owner = int(rec.get("owner_pid", -1))
-    if pid_alive(owner):
+    if psutil.pid_exists(owner):
         return []
     out = []
     for k in ds.running_kdamonds():

@@ -13,6 +13,8 @@ import math
 import re
 
 MAX_DURATION_S = 7 * 86400.0     # longer loop intervals or windows overflow budgets
+MAX_SIZE = 2**50                 # 1 PiB: no memory tier here is larger
+MAX_RATE = 2**40                 # 1 TiB/s: above any memory bus; budgets stay in range
 
 _DURATION = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 2**20, "mb": 10**6,
@@ -51,9 +53,14 @@ def size(v) -> int:
         if not m or m.group(2) not in _SIZE:
             raise ValueError(f"bad size {v!r}: expected a number with a unit "
                              "(B, KiB, MiB, GiB, TiB, kB, MB, GB), e.g. '64MiB'")
-        b = int(float(m.group(1)) * _SIZE[m.group(2)])
+        f = float(m.group(1)) * _SIZE[m.group(2)]
+        if not math.isfinite(f):
+            raise ValueError(f"size must be finite, got {v!r}")
+        b = int(f)
     if b < 0:
         raise ValueError(f"size must be >= 0, got {v!r}")
+    if b > MAX_SIZE:
+        raise ValueError(f"size must be at most 1 PiB, got {v!r}")
     return b
 
 
@@ -63,6 +70,8 @@ def rate(v) -> float:
         b = size(v.strip()[:-2])
         if b <= 0:
             raise ValueError(f"rate must be positive, got {v!r}")
+        if b > MAX_RATE:
+            raise ValueError(f"rate must be at most 1 TiB/s, got {v!r}")
         return float(b)
     raise ValueError(f"bad rate {v!r}: expected a size per second, e.g. '200MB/s' or '1GiB/s'")
 
@@ -74,7 +83,7 @@ def size_or_share(v) -> tuple[str, float]:
             f = float(v.strip()[:-1]) / 100
         except ValueError:
             raise ValueError(f"bad percentage {v!r}") from None
-        if not 0 <= f <= 1:
+        if not math.isfinite(f) or not 0 <= f <= 1:
             raise ValueError(f"percentage must be within 0%..100%, got {v!r}")
         return "share", f
     return "bytes", float(size(v))

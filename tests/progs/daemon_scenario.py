@@ -23,6 +23,14 @@ from tiermemd.workload import WorkloadProcess as Workload
 
 PY = sys.executable
 DAMON = "/sys/kernel/mm/damon/admin/kdamonds"
+DAMON_STATE = "/run/tiermem/damon.json"     # tiermem.damon_sysfs.STATE_FILE
+
+
+def _read_int(path):
+    try:
+        return int(open(path).read())
+    except (OSError, ValueError):
+        return -1
 
 
 def kdamonds_on():
@@ -96,6 +104,40 @@ class Daemon:
             if st.get("ok") and st["loops"] >= n:
                 return
             time.sleep(1)
+
+    def wait_damon_on(self, target, nprocs, max_loops=90):
+        """Until target has nprocs processes and this daemon's kdamond runs on one of them
+        (DAMON follows one process at a time): on in sysfs, recorded in tiermem's DAMON
+        state file as owned by this daemon, its DAMON target one of the target's PIDs.
+        Counted in loops, not seconds (the DAMON group restarts when its process changes;
+        a failed start waits 30 s before the next try). Returns the loops it took."""
+        first = last = None
+        while self.p.poll() is None:
+            st, status = self.stats(), self.ctl("status")["out"]
+            if not st.get("ok") or status is None:
+                time.sleep(1)
+                continue
+            first = st["loops"] if first is None else first
+            last = st["loops"]
+            pids = next(t["pids"] for t in status["targets"] if t["name"] == target)
+            try:
+                rec = json.load(open(DAMON_STATE))
+            except (OSError, ValueError):
+                rec = {}
+            i = rec.get("index")
+            kd = f"{DAMON}/{i}"
+            if (len(pids) == nprocs and rec.get("owner_pid") == self.p.pid
+                    and i in kdamonds_on() and _read_int(kd + "/pid") == rec["kdamond_pid"]
+                    and {_read_int(t + "/pid_target") for t in
+                         glob.glob(kd + "/contexts/0/targets/[0-9]*")} <= set(pids)
+                    and glob.glob(kd + "/contexts/0/targets/[0-9]*")):
+                return last - first
+            if last - first > max_loops:
+                break
+            time.sleep(1)
+        raise RuntimeError(f"tiermemd's kdamond did not come to run on a process of "
+                           f"target {target} ({nprocs} processes) in {max_loops} loops (or "
+                           f"the daemon died):\n{self.text()}")
 
     def stop(self, sig=signal.SIGTERM):
         self.p.send_signal(sig)
@@ -325,6 +367,9 @@ policy = "first-touch"
         ws["exits"].p.wait()
         res["forked_child"] = int(ws["dmn"].ask("fork"))   # picked up: same cmdline
         d.wait_loops(d.stats()["loops"] + 4)
+        # kill -9 must find the DAMON sampler running on dmn and its child: wait for that
+        # (the group restarts after the exit and the fork; a failed try waits 30 s)
+        res["loops_to_damon_on"] = d.wait_damon_on("dmn", 2)
         res["stats"] = d.stats()
         res["status"] = d.ctl("status")["out"]
         res["alive"] = d.p.poll() is None

@@ -50,22 +50,28 @@ class Damon(Policy):
     params = {
         "samples": Param(int, 20, "sampling intervals per aggregation (per batch)", min=1,
                          max=1000),
-        "min_regions": Param(int, 10, "minimum number of regions", min=1),
-        "max_regions": Param(int, 1000, "maximum number of regions", min=2),
+        "min_regions": Param(int, 10, "minimum number of regions", min=1,
+                             max=1 << 20),
+        "max_regions": Param(int, 1000, "maximum number of regions", min=2,
+                             max=1 << 20),
         "merge_threshold": Param(int, 1, "merge neighbours whose nr_accesses differ by <= this",
-                                 min=0),
+                                 min=0, max=1000),
         "gap_pages": Param(int, 256, "gaps between known pages larger than this are not "
-                                     "monitored", min=1),
+                                     "monitored", min=1, max=1 << 36),
         "hot_min_pct": Param(float, 50.0, "migrate_hot: min nr_accesses, % of samples",
                              min=0.0, max=100.0),
-        "hot_min_age": Param(int, 1, "migrate_hot: min age, aggregations", min=0),
+        "hot_min_age": Param(int, 1, "migrate_hot: min age, aggregations", min=0,
+                             max=1 << 20),
         "cold_max_pct": Param(float, 50.0, "migrate_cold: max nr_accesses, % of samples",
                               min=0.0, max=100.0),
-        "cold_min_age": Param(int, 1, "migrate_cold: min age, aggregations", min=0),
-        "quota_mb": Param(float, 1e9, "per-scheme quota per interval, MB", min=0.0),
+        "cold_min_age": Param(int, 1, "migrate_cold: min age, aggregations", min=0,
+                              max=1 << 20),
+        "quota_mb": Param(float, 1e9, "per-scheme quota per interval, MB (the "
+                          "default, 1e9, is no quota)", min=0.0, max=1e9),
         "wmark_high_pct": Param(float, 2.0, "migrate_cold keeps this % of the fast tier free",
                                 min=0.0, max=100.0),
-        "seed": Param(int, 1, "random seed for sampling and splitting", min=0),
+        "seed": Param(int, 1, "random seed for sampling and splitting", min=0,
+                      max=2**32 - 1),
     }
 
     @classmethod

@@ -192,7 +192,7 @@ class M5(Policy):
         "window_samples": Param(float, 4.0, "samples per fast-tier page the counters' "
                                             "memory should hold: decay is raised to "
                                             "1 - (samples per interval / fast pages) / this "
-                                            "(0 = fixed decay)", min=0.0),
+                                            "(0 = fixed decay)", min=0.0, max=1e6),
         "decay_max": Param(float, 0.9, "highest decay window_samples may set", min=0.0,
                            max=1.0),
         "density_threshold": Param(float, 0.5, "pages with fewer hot words than this share "
@@ -202,13 +202,13 @@ class M5(Policy):
         "word_window": Param(int, 192, "samples per page before its word bitmap restarts",
                              min=8, max=4096),
         "min_word_samples": Param(int, 8, "samples needed before a density is trusted",
-                                  min=1),
+                                  min=1, max=1 << 16),
         "hot_min": Param(float, 2.0, "minimum estimated accesses per interval to nominate",
-                         min=0.0),
+                         min=0.0, max=1e9),
         "min_streak": Param(int, 1, "intervals in a row a page must be seen to be nominated",
                             min=1, max=64),
         "hysteresis": Param(float, 1.25, "a nominee must beat its victim by this factor",
-                            min=1.0),
+                            min=1.0, max=1e6),
         "stream_run": Param(int, 4, "address-consecutive pages swept in order that make a "
                                     "stream (0 = no stream detection)", min=0, max=1 << 16),
         "stream_ahead": Param(float, 1.0, "promote this many run lengths of pages ahead of "
@@ -218,13 +218,15 @@ class M5(Policy):
         "rate_max_growth": Param(float, 16.0, "largest rate growth per interval (the rate "
                                              "grows by the promotions' benefit / break_even, "
                                              "at least x1.5)", min=1.5, max=64.0),
-        "rate_min_pages": Param(int, 16, "lowest adaptive rate, pages per interval", min=0),
+        "rate_min_pages": Param(int, 16, "lowest adaptive rate, pages per interval", min=0,
+                                max=1 << 30),
         "break_even": Param(float, 1.0, "accesses a promoted page must get per interval to "
-                                         "pay for its migration", min=0.0),
+                                         "pay for its migration", min=0.0, max=1e9),
         "max_bw_share": Param(float, 0.2, "migration may use this share of the slow tier's "
                                           "bandwidth", min=0.0, max=1.0),
-        "slow_bw_gbs": Param(float, 25.0, "slow tier bandwidth, GB/s", min=0.001),
-        "seed": Param(int, 1, "hash seed", min=0),
+        "slow_bw_gbs": Param(float, 25.0, "slow tier bandwidth, GB/s", min=0.001,
+                             max=1e4),
+        "seed": Param(int, 1, "hash seed", min=0, max=2**32 - 1),
     }
 
     def __init__(self, config=None, where=None, **kw):

@@ -28,7 +28,8 @@ class TPP(Policy):
     params = {
         "faults_to_promote": Param(int, 2, "consecutive faulting intervals before promotion",
                                    min=1, max=16),
-        "promote_rate_mb_s": Param(float, 2048.0, "promotion rate limit, MB/s", min=0.0),
+        "promote_rate_mb_s": Param(float, 2048.0, "promotion rate limit, MB/s", min=0.0,
+                                   max=1e7),
         "demote_wmark_pct": Param(float, 2.0, "keep this % of the fast tier free", min=0.0,
                                   max=50.0),
     }
