@@ -288,3 +288,39 @@ def test_http_server_cloned_twice(env):
         orig.wait()
         log.close()
         cxlfork("rm", img, check=False)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_unix_sockets(env, policy):
+    """Abstract-named unix listeners and a bound datagram socket come back under their names
+    in the clone's namespace (while the original keeps them in ours), a connection through
+    a listener with both ends inside keeps its queue, shut-down socketpair ends stay shut
+    down, and a connection to a peer outside the process reads as reset in the clone."""
+    d, store = env
+    exe = build_prog("unixsk", d)
+    prefix = f"cxu{os.getpid()}{policy.replace(' ', '')}"
+    mine, theirs = socket.socketpair()
+    orig = subprocess.Popen([exe, prefix, str(theirs.fileno())], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, pass_fds=[theirs.fileno()])
+    theirs.close()
+    img = os.path.join(d, f"unixsk-{policy.replace(' ', '')}.img")
+    clone = None
+    try:
+        assert readline(orig.stdout).strip() == "ready"
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        pidfile = img + ".pids"
+        clone = restore_popen(img, "--policy", *policy.split(), "--pidfile", pidfile)
+        wait_file(pidfile, clone)
+        out, rc, err = go(clone)
+        assert out.strip() == "ok" and rc == 0, f"clone: {out!r} rc={rc} {err}"
+        mine.send(b"O")
+        out, rc, _ = go(orig)
+        assert out.strip() == "ok" and rc == 0, f"original: {out!r}"
+        assert mine.recv(1) == b"o"
+    finally:
+        mine.close()
+        for p in (orig, clone):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        cxlfork("rm", img, check=False)

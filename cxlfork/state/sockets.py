@@ -70,8 +70,9 @@ def _diag(ino: int) -> dict:
     return out
 
 
-def _peek_all(s: socket.socket, fd: int, stream: bool) -> list[bytes]:
-    """Everything queued for reading on s, without consuming it."""
+def _peek_all(s: socket.socket, fd: int, stream: bool, rcv_shut: bool = False) -> list[bytes]:
+    """Everything queued for reading on s, without consuming it (rcv_shut: s is shut down
+    for reading, so an empty read is its end, not an empty datagram)."""
     msgs: list[bytes] = []
     total = 0
     cspace = socket.CMSG_SPACE(4 * 64) + socket.CMSG_SPACE(12)
@@ -98,7 +99,7 @@ def _peek_all(s: socket.socket, fd: int, stream: bool) -> list[bytes]:
                 raise Refused(f"fd {fd}: a datagram of more than {size} bytes queued on a "
                               "socketpair; not supported")
             if not data:
-                if stream:
+                if stream or rcv_shut:
                     break
                 raise Refused(f"fd {fd}: a socketpair with an empty datagram queued; "
                               "not supported")
@@ -162,7 +163,7 @@ def _collect_socket(dfd: int, fd: int, link: str) -> dict:
         if s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED):
             raise Refused(f"fd {fd}: a connected unix socket with SO_PASSCRED ({link}); "
                           "not supported")
-        queue = _peek_all(s, fd, typ == socket.SOCK_STREAM)
+        queue = _peek_all(s, fd, typ == socket.SOCK_STREAM, bool(d["shutdown"] & 1))
         return {"kind": "socket", "sotype": typ, "ino": ino, "peer": d["peer"],
                 "shutdown": d["shutdown"],
                 "sndbuf": s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
