@@ -324,3 +324,42 @@ def test_unix_sockets(env, policy):
                 p.kill()
                 p.wait()
         cxlfork("rm", img, check=False)
+
+
+def test_clone_of_a_clone(env):
+    """A clone, itself in a namespace of its own, checkpointed and restored again: its
+    sockets are read in their namespace (sock_diag there: the listener's backlog), and its
+    connection, reset already and its error not read, is still a connection (reset again
+    in the new clone), not a bound socket."""
+    d, store = env
+    exe = build_prog("inet", d)
+    port = _port()
+    orig = start([exe, str(port), "serve"], cwd=d)
+    img1, img2 = os.path.join(d, "gen1.img"), os.path.join(d, "gen2.img")
+    procs = [orig]
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img1, "--store", store)
+        c1 = restore_popen(img1, "--pidfile", img1 + ".pids")
+        procs.append(c1)
+        pid1 = int(wait_file(img1 + ".pids", c1))
+        cxlfork("checkpoint", pid1, "-o", img2, "--store", store)
+        c2 = restore_popen(img2, "--pidfile", img2 + ".pids")
+        procs.append(c2)
+        pid2 = int(wait_file(img2 + ".pids", c2))
+        for c in (c1, c2):
+            c.stdin.write(b"go\n")
+            c.stdin.flush()
+            assert readline(c.stdout).strip() == "ok"
+        assert _netns(pid1) != _netns(pid2)
+        for p in (pid1, pid2):
+            assert ask(p, "AF_INET", "127.0.0.1", port) == f"pid {p}"
+        for c in (c1, c2):
+            c.stdin.close()
+            assert c.wait(timeout=30) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        cxlfork("rm", img1, check=False)
+        cxlfork("rm", img2, check=False)

@@ -3,7 +3,8 @@ recreated at restore in the clone's network namespace (cxlfork.state.netns).
 
 Checkpoint (`collect`): on a copy of the socket (the same open file description: nothing is
 read from or written to it, the original keeps it untouched) its family, type and protocol
-(SO_DOMAIN/SO_TYPE/SO_PROTOCOL), TCP state (TCP_INFO's tcpi_state), bound address
+(SO_DOMAIN/SO_TYPE/SO_PROTOCOL), TCP state (TCP_INFO's tcpi_state; a closed socket with tcpi_segs_in/out was a connection),
+bound address
 (getsockname), UDP peer (getpeername), the options of `OPTS` that differ from a new socket's
 (SO_REUSEADDR, SO_REUSEPORT, SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT, TCP_NODELAY, SO_RCVBUF,
 SO_SNDBUF, IPV6_V6ONLY, ...) and SO_LINGER; a listener's backlog is its sk_max_ack_backlog,
@@ -127,11 +128,15 @@ def collect(s: socket.socket, fd: int, link: str, family: int, sotype: int) -> d
     if on:
         rec["linger"] = secs
     if pname == "TCP":
-        state = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 8)[0]
+        info = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 144)
+        state = info[0]
+        # a closed socket that sent or received segments was a connection (e.g. reset, its
+        # error not read yet: SO_ERROR is not asked, reading it would clear it)
+        segs = struct.unpack_from("<II", info, 136) if len(info) >= 144 else (0, 0)
         if state == TCP_LISTEN:
             rec["state"] = "listen"
             rec["backlog"] = _backlog(s, family, os.fstat(s.fileno()).st_ino)
-        elif state == TCP_CLOSE:
+        elif state == TCP_CLOSE and not any(segs):
             rec["state"] = "bound" if name[1] else "unbound"
         else:
             rec["state"] = "reset"
