@@ -460,6 +460,9 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
                     pid = lib.cx_spawn(restorer, c_argv, c_src, c_dst, len(src), c_cwd,
                                        proc["umask"], sidmode, set_tid, err_index,
                                        *spawn_args(cg))
+                if ns is not None:      # back home before anything can start a thread here
+                    ns.close()          # (the lazy handler's would keep the namespace alive)
+                    ns = None
                 if pid < 0:
                     os.close(er)
                     os.close(go_w.pop())

@@ -363,3 +363,81 @@ def test_clone_of_a_clone(env):
                 p.wait()
         cxlfork("rm", img1, check=False)
         cxlfork("rm", img2, check=False)
+
+
+def _other_device() -> str | None:
+    with open("/proc/net/dev") as f:
+        names = [x.split(":")[0].strip() for x in f.read().splitlines()[2:]]
+    return next((n for n in names if n != "lo"), None)
+
+
+def test_bound_to_device(env):
+    """SO_BINDTODEVICE: lo is carried into the clone's namespace; a device the clone's
+    namespace does not have makes that restore fail with one line naming it (nothing left),
+    and --netns host restores it."""
+    d, store = env
+    dev = _other_device()
+    if dev is None:
+        pytest.skip("no network device but lo")
+    code = ("import socket,sys\n"
+            "a=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); a.setsockopt(socket.SOL_SOCKET,25,b'lo')\n"
+            "a.bind(('127.0.0.1',0))\n"
+            "b=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            f"b.setsockopt(socket.SOL_SOCKET,25,{dev.encode()!r}) if sys.argv[1]=='dev' else None\n"
+            "print('ready',flush=True); sys.stdin.readline()\n"
+            "assert a.getsockopt(socket.SOL_SOCKET,25,16).rstrip(b'\\0')==b'lo'\n"
+            f"assert b.getsockopt(socket.SOL_SOCKET,25,16).rstrip(b'\\0')=="
+            f"({dev.encode()!r} if sys.argv[1]=='dev' else b'')\n"
+            "print('ok')\n")
+    for mode in ("lo", "dev"):
+        orig = start([sys.executable, "-c", code, mode])
+        img = os.path.join(d, f"dev-{mode}.img")
+        try:
+            cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+            r = cxlfork("restore", img, check=False, input="go\n")
+            if mode == "lo":
+                assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+            else:
+                errors = [x for x in r.stderr.splitlines() if x.startswith("cxlfork: error:")]
+                assert r.returncode == 1 and len(errors) == 1, r.stderr
+                assert f"is bound to device {dev} (SO_BINDTODEVICE)" in errors[0], r.stderr
+                orig.kill()                 # frees its ports for --netns host
+                orig.wait()
+                r = cxlfork("restore", img, "--netns", "host", check=False, input="go\n")
+                assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+        finally:
+            orig.kill()
+            orig.wait()
+            cxlfork("rm", img, check=False)
+
+
+def test_no_namespace_outlives_its_clone(env):
+    """Lazy moa: the handler thread this process starts at the first clone must not be born
+    in (and pin) that clone's namespace; once the clones are gone no thread of ours is in
+    another namespace."""
+    from cxlfork.restore import restore
+    d, store = env
+    exe = build_prog("inet", d)
+    port = _port()
+    orig = start([exe, str(port)], cwd=d)
+    img = os.path.join(d, "lazyns.img")
+    pids = []
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        null = os.open("/dev/null", os.O_RDWR)
+        r, w = os.pipe()                # the clones wait in their read of "go"
+        pids = restore(img, policy="moa", n=2, stdio=(r, null, null))
+        os.close(null)
+        os.close(r)
+        time.sleep(0.2)
+        clone_ns = {_netns(p) for p in pids}
+        ours = {os.readlink(f"/proc/self/task/{t}/ns/net") for t in os.listdir("/proc/self/task")}
+        assert ours == {_netns(os.getpid())} and not ours & clone_ns, (ours, clone_ns)
+        os.close(w)
+    finally:
+        for p in pids:
+            os.kill(p, 9)
+            os.waitpid(p, 0)
+        orig.kill()
+        orig.wait()
+        cxlfork("rm", img, check=False)
