@@ -441,3 +441,107 @@ def test_no_namespace_outlives_its_clone(env):
         orig.kill()
         orig.wait()
         cxlfork("rm", img, check=False)
+
+
+def _host_addrs() -> list[tuple[str, str]]:
+    """(family name, address) of this host that are not loopback: a v4 address (the source
+    a UDP socket would use) and a global v6 one (/proc/net/if_inet6, scope 0)."""
+    out = []
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("192.0.2.255", 9))       # no packet is sent
+        a = s.getsockname()[0]
+        if not a.startswith("127."):
+            out.append(("AF_INET", a))
+    except OSError:
+        pass
+    finally:
+        s.close()
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                hexa, _, _, scope, _, dev = line.split()
+                if scope == "00" and dev != "lo":
+                    out.append(("AF_INET6", socket.inet_ntop(socket.AF_INET6,
+                                                             bytes.fromhex(hexa))))
+                    break
+    except OSError:
+        pass
+    return out
+
+
+def test_specific_addresses(env):
+    """Listeners bound to this host's own (non-loopback) v4 and v6 addresses: the clone's
+    namespace gets those addresses on its lo and the clone listens at them."""
+    addrs = _host_addrs()
+    if not addrs:
+        pytest.skip("no non-loopback address on this host")
+    d, store = env
+    port = _port()
+    code = ("import socket,sys,os,select\n"
+            "ls=[]\n"
+            "for fam,a in zip(sys.argv[2::2],sys.argv[3::2]):\n"
+            "    s=socket.socket(getattr(socket,fam)); s.bind((a,int(sys.argv[1]))); s.listen()\n"
+            "    ls.append(s)\n"
+            "print('ready',flush=True)\n"
+            "while True:\n"
+            "    for s in select.select(ls,[],[])[0]:\n"
+            "        c,_=s.accept(); c.sendall(b'pid %d\\n' % os.getpid()); c.close()\n")
+    orig = start([sys.executable, "-c", code, str(port), *[x for fa in addrs for x in fa]])
+    img = os.path.join(d, "addrs.img")
+    pids = []
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        r = cxlfork("restore", img, "-n", 2, "--detach", "--json", "--stdio", "null")
+        pids = json.loads(r.stdout)["pids"]
+        for p in pids:
+            for fam, a in addrs:
+                assert ask(p, fam, a, port) == f"pid {p}"
+        for fam, a in addrs:
+            assert ask(None, fam, a, port) == f"pid {orig.pid}"
+    finally:
+        for p in pids:
+            try:
+                os.kill(p, 9)
+            except ProcessLookupError:
+                pass
+        orig.kill()
+        orig.wait()
+        cxlfork("rm", img, check=False)
+
+
+def test_connect_helper(env):
+    """cxlfork.state.netns.connect: a socket connected inside a clone's namespace, used from
+    this thread afterwards (what a front end such as the porter needs)."""
+    from cxlfork.restore import restore
+    from cxlfork.state import netns
+    d, store = env
+    exe = build_prog("inet", d)
+    port = _port()
+    orig = start([exe, str(port), "serve"], cwd=d)
+    img = os.path.join(d, "connect.img")
+    pids = []
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        r, w = os.pipe()
+        r1, w1 = os.pipe()
+        pids = restore(img, stdio=(r, w1, 2))
+        os.close(r)
+        os.close(w1)
+        os.write(w, b"go\n")
+        assert readline(os.fdopen(r1, "rb", 0)).strip() == "ok"
+        s = netns.connect(pids[0], ("::1", port), socket.AF_INET6, timeout=10)
+        assert s.recv(100) == f"pid {pids[0]}\n".encode()
+        s.close()
+        assert netns.of(pids[0]) != netns.of(os.getpid())
+        os.close(w)
+        _, st = os.waitpid(pids[0], 0)
+        assert os.waitstatus_to_exitcode(st) == 0
+        pids = []
+    finally:
+        for p in pids:
+            os.kill(p, 9)
+            os.waitpid(p, 0)
+        orig.kill()
+        orig.wait()
+        cxlfork("rm", img, check=False)

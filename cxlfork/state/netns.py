@@ -10,7 +10,8 @@ namespace's fd in its restore message and `setns`es into it before it runs the p
 namespace lives as long as the clone (no bind mount is made: nothing outlives it).
 
 At checkpoint, `socket_ns(fd)` is the namespace a socket was made in (SIOCGSKNS), and
-`inside(fd)` runs sock_diag queries there.
+`inside(fd)` runs sock_diag queries there. For users of clones: `of(pid)` names a clone's
+namespace, `connect(pid, address)` gives a socket connected inside it.
 """
 from __future__ import annotations
 
@@ -68,6 +69,27 @@ def inside(nsfd: int):
             _setns(home, "cxlfork's own network namespace")
     finally:
         os.close(home)
+
+
+def connect(pid: int, address, family: int = socket.AF_INET,
+            timeout: float | None = None) -> socket.socket:
+    """A TCP socket connected to address in PID's network namespace (e.g. a clone's
+    listener: `connect(pid, ("127.0.0.1", 8000))`). It is made and connected there by the
+    calling thread, which then goes back; the socket stays in that namespace and can be used
+    from any thread."""
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with inside(fd):
+            s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                s.settimeout(timeout)
+                s.connect(address)
+            except BaseException:
+                s.close()
+                raise
+        return s
+    finally:
+        os.close(fd)
 
 
 def _lo_up() -> None:
