@@ -62,6 +62,10 @@ def test_server_cloned_twice_into_own_namespaces(env, policy):
     clones = []
     try:
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        shown = cxlfork("inspect", img).stdout
+        assert f"TCP 0.0.0.0:{port} listen backlog 13" in shown and \
+            f"TCP [::]:{port} listen backlog 5" in shown and \
+            f"UDP [::1]:{port} bound" in shown and " reset" in shown, shown
         pids = []
         for k in range(2):              # two restores (each clone its own stdin), both live
             pidfile = f"{img}.pids{k}"
