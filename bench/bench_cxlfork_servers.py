@@ -78,7 +78,10 @@ def run(runs: int = 5) -> str:
     os.mkdir(www)
     with open(os.path.join(www, "hello.txt"), "wb") as f:
         f.write(BODY)
-    port = 18000 + os.getpid() % 20000
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))            # a free port (http.server sets SO_REUSEADDR)
+    port = probe.getsockname()[1]
+    probe.close()
     argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
     null = os.open("/dev/null", os.O_RDWR)
     img = os.path.join(work, "http.img")

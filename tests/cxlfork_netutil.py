@@ -3,17 +3,48 @@ ask a server there, ports that no earlier test of this run used, this host's add
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
+import time
 
-_PORTS = iter(range(41000 + os.getpid() % 1000 * 16, 65000, 4))
+_GIVEN: set[int] = set()
+
+
+def _free(port: int) -> bool:
+    """Can port (and the next two) be bound here, TCP and UDP, v4 and v6, without
+    SO_REUSEADDR (so no TIME_WAIT socket of an earlier run holds it)?"""
+    socks = []
+    try:
+        for p in (port, port + 1, port + 2):
+            for fam, typ, addr in ((socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0"),
+                                   (socket.AF_INET6, socket.SOCK_STREAM, "::"),
+                                   (socket.AF_INET, socket.SOCK_DGRAM, "0.0.0.0"),
+                                   (socket.AF_INET6, socket.SOCK_DGRAM, "::")):
+                s = socket.socket(fam, typ)
+                socks.append(s)
+                if fam == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((addr, p))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
 
 
 def new_port() -> int:
-    """A new base port for one test (the server uses it and the next two): server-side
-    TIME_WAIT sockets of an earlier test keep a port from being bound again in our namespace."""
-    return next(_PORTS)
+    """A base port for one test (the server uses it and the next two), free in our namespace
+    now (earlier tests' server-side TIME_WAIT sockets keep theirs), below the ephemeral range
+    (so no client connection takes it meanwhile), not given out before in this run."""
+    rnd = random.Random(os.getpid() ^ time.monotonic_ns())
+    while True:
+        p = rnd.randrange(20000, 32000)
+        if not _GIVEN & {p, p + 1, p + 2} and _free(p):
+            _GIVEN.update((p, p + 1, p + 2))
+            return p
 
 
 def in_netns(pid: int, code: str, timeout=20) -> str:
