@@ -192,3 +192,35 @@ def test_connect_helper(env):
         orig.kill()
         orig.wait()
         cxlfork("rm", img, check=False)
+
+
+def test_netns_host_reuseport_shares_the_port(env):
+    """--netns host with a listener that set SO_REUSEPORT (same user): the clones join the
+    original's reuseport group and the kernel spreads new connections over all three."""
+    d, store = env
+    port = new_port()
+    code = ("import socket,os,sys\n"
+            "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEPORT,1)\n"
+            f"s.bind(('127.0.0.1',{port})); s.listen(64)\n"
+            "print('ready',flush=True)\n"
+            "while True:\n"
+            "    c,_=s.accept(); c.sendall(b'pid %d\\n' % os.getpid()); c.close()\n")
+    orig = start([sys.executable, "-c", code])
+    img = os.path.join(d, "reuseport.img")
+    pids = []
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        r = cxlfork("restore", img, "-n", 2, "--netns", "host", "--detach", "--stdio", "null")
+        pids = [int(x) for x in r.stdout.split()]
+        assert all(netns_of(p) == netns_of(os.getpid()) for p in pids)
+        seen = {ask(None, "AF_INET", "127.0.0.1", port) for _ in range(40)}
+        assert len(seen) >= 2 and seen <= {f"pid {p}" for p in pids + [orig.pid]}, seen
+    finally:
+        for p in pids:
+            try:
+                os.kill(p, 9)
+            except ProcessLookupError:
+                pass
+        orig.kill()
+        orig.wait()
+        cxlfork("rm", img, check=False)

@@ -113,7 +113,7 @@ def _peek_all(s: socket.socket, fd: int, stream: bool, rcv_shut: bool = False) -
     return [b"".join(msgs)] if stream and msgs else msgs
 
 
-def _unix_kind(s: socket.socket, fd: int, link: str, typ: int, ino: int, d: dict) -> dict:
+def _unix_kind(s: socket.socket, fd: int, link: str, typ: int, d: dict) -> dict:
     """The record of a unix socket that is not a socketpair end: listening or bound to an
     abstract name (kind unix, state listen/bound), or unbound and unconnected (unbound).
     A name in the filesystem is refused."""
@@ -157,7 +157,7 @@ def _collect_socket(dfd: int, fd: int, link: str) -> dict:
         finally:
             os.close(nsfd)
         if s.getsockopt(socket.SOL_SOCKET, SO_ACCEPTCONN) or not d["peer"]:
-            return _unix_kind(s, fd, link, typ, ino, d)
+            return _unix_kind(s, fd, link, typ, d)
         if s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF) != -1:
             raise Refused(f"fd {fd}: a socketpair with SO_PEEK_OFF set ({link}); not supported")
         if s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED):
