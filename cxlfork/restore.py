@@ -417,9 +417,20 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
             warm = g is not None and g.objfds is not None
             ns = None
             try:
-                # the clone's own network namespace: this thread makes it, makes the clone's
-                # sockets in it and spawns the restorer from it (a ghost setns()es into it)
-                ns = netns_mod.NetNs.make(m) if own_netns else None
+                # the clone's own network namespace (made now, or by a warm pool with its
+                # ghost): this thread enters it, makes the clone's sockets in it and spawns
+                # the restorer from it (a ghost setns()es into it)
+                ns, g_ns = None, getattr(g, "netns", None)
+                if g_ns is not None:
+                    g.netns = None
+                    if own_netns:
+                        ns = g_ns
+                    else:
+                        g_ns.close()
+                if own_netns and ns is None:
+                    ns = netns_mod.NetNs.make(m)
+                if ns is not None:
+                    ns.enter()
                 where = "in the clone's network namespace" if ns else \
                     "in this network namespace (--netns host)"
                 src, dst, objfds = _clone_fds(p, stdio, opened, g.objfds if warm else None,

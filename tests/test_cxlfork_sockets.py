@@ -92,6 +92,17 @@ def test_server_cloned_twice_into_own_namespaces(env, policy):
         cxlfork("rm", img, check=False)
 
 
+def _ns_fds() -> int:
+    """How many network namespace fds this process holds."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith("net:[")
+        except OSError:
+            pass
+    return n
+
+
 @pytest.mark.parametrize("warm", [False, True])
 def test_ghost_clones_get_own_namespace(env, warm):
     """A ghost, spawned in our namespace, setns()es into the clone's when it is filled."""
@@ -106,8 +117,12 @@ def test_ghost_clones_get_own_namespace(env, warm):
     pipes = []
     try:
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        held = _ns_fds()
         with prepare_restore(img) as p, \
-                (GhostPool(2, prepared=p) if warm else GhostPool(2)) as pool:
+                (GhostPool(2, prepared=p, refill="manual") if warm else GhostPool(2)) as pool:
+            # a warm pool made each ghost's namespace with the ghost: the clone gets that one
+            premade = {os.fstat(g.netns.fd).st_ino for g in pool._idle} if warm else set()
+            assert len(premade) == (2 if warm else 0)
             for _ in range(2):
                 r0, w0 = os.pipe()
                 r1, w1 = os.pipe()
@@ -116,6 +131,10 @@ def test_ghost_clones_get_own_namespace(env, warm):
                 os.close(w1)
                 pipes.append((os.fdopen(w0, "wb", 0), os.fdopen(r1, "rb", 0)))
             assert pool.stats()["taken"] == 2 and pool.stats()["fallbacks"] == 0
+            if warm:
+                assert {os.stat(f"/proc/{q}/ns/net").st_ino for q in pids} == premade
+            pool.refill()                   # idle ghosts with namespaces, closed with the pool
+        assert _ns_fds() == held            # no namespace fd of ours left open
         for w, r in pipes:
             w.write(b"go\n")
             assert readline(r).strip() == "ok"
