@@ -293,17 +293,19 @@ def test_clone_of_a_clone(env):
 
 
 def test_specific_addresses(env):
-    """Listeners bound to this host's own (non-loopback) v4 and v6 addresses: the clone's
-    namespace gets those addresses on its lo and the clone listens at them."""
+    """Listeners bound to this host's own (non-loopback) v4 and v6 addresses, and a v6
+    socket bound to the v4 one as ::ffff:a.b.c.d: the clone's namespace gets those
+    addresses on its lo and the clone listens at them (each on its own port)."""
     addrs = host_addrs()
     if not addrs:
         pytest.skip("no non-loopback address on this host")
+    addrs += [("AF_INET6", "::ffff:" + a) for fam, a in addrs if fam == "AF_INET"]
     d, store = env
     port = new_port()
     code = ("import socket,sys,os,select\n"
             "ls=[]\n"
-            "for fam,a in zip(sys.argv[2::2],sys.argv[3::2]):\n"
-            "    s=socket.socket(getattr(socket,fam)); s.bind((a,int(sys.argv[1]))); s.listen()\n"
+            "for i,(fam,a) in enumerate(zip(sys.argv[2::2],sys.argv[3::2])):\n"
+            "    s=socket.socket(getattr(socket,fam)); s.bind((a,int(sys.argv[1])+i)); s.listen()\n"
             "    ls.append(s)\n"
             "print('ready',flush=True)\n"
             "while True:\n"
@@ -317,10 +319,10 @@ def test_specific_addresses(env):
         r = cxlfork("restore", img, "-n", 2, "--detach", "--json", "--stdio", "null")
         pids = json.loads(r.stdout)["pids"]
         for p in pids:
-            for fam, a in addrs:
-                assert ask(p, fam, a, port) == f"pid {p}"
-        for fam, a in addrs:
-            assert ask(None, fam, a, port) == f"pid {orig.pid}"
+            for i, (fam, a) in enumerate(addrs):
+                assert ask(p, fam, a, port + i) == f"pid {p}"
+        for i, (fam, a) in enumerate(addrs):
+            assert ask(None, fam, a, port + i) == f"pid {orig.pid}"
     finally:
         for p in pids:
             try:
@@ -330,3 +332,15 @@ def test_specific_addresses(env):
         orig.kill()
         orig.wait()
         cxlfork("rm", img, check=False)
+
+
+def test_clone_namespace_addresses():
+    """The addresses a clone's lo gets: specific ones of listening/bound sockets, the v4
+    address of a v4-mapped v6 one; not wildcards, loopback or a connection's."""
+    from cxlfork.state.netns import local_addrs
+    fds = [dict(kind="inet", state=st, family=fam, addr=a) for st, fam, a in [
+        ("listen", 10, "::ffff:198.51.100.7"), ("listen", 2, "0.0.0.0"), ("bound", 10, "::"),
+        ("listen", 2, "127.0.0.9"), ("bound", 10, "2001:db8::5"), ("reset", 2, "10.1.1.1"),
+        ("listen", 2, "198.51.100.7"), ("listen", 10, "::ffff:127.0.0.1")]]
+    assert local_addrs({"fds": fds}) == [(socket.AF_INET, "198.51.100.7"),
+                                         (socket.AF_INET6, "2001:db8::5")]

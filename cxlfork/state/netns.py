@@ -133,11 +133,13 @@ def local_addrs(m: dict) -> list[tuple[int, str]]:
     for f in m["fds"]:
         if f["kind"] == "inet" and f.get("dup_of") is None and f["state"] != "reset":
             a = ipaddress.ip_address(f["addr"])
-            if a.is_unspecified or a.is_loopback or \
-                    (a.version == 6 and a.ipv4_mapped is not None):
+            if a.version == 6 and a.ipv4_mapped is not None:     # ::ffff:a.b.c.d
+                a = a.ipv4_mapped
+            if a.is_unspecified or a.is_loopback:
                 continue
-            if (f["family"], f["addr"]) not in out:
-                out.append((f["family"], f["addr"]))
+            fam = socket.AF_INET if a.version == 4 else socket.AF_INET6
+            if (fam, str(a)) not in out:
+                out.append((fam, str(a)))
     return out
 
 
