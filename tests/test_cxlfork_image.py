@@ -166,6 +166,10 @@ def test_hostile_manifests(env):
     _hostile(env, "hu1.img", lambda m: m["fds"].append(dict(unix, state="x")), "fds[3].state")
     _hostile(env, "hu2.img", lambda m: m["fds"].append(dict(unix, name="A" * 200)),
              "fds[3].name")
+    _hostile(env, "hu3.img", lambda m: m["fds"].append(dict(unix, path="../etc/x", mode=0o600)),
+             "fds[3].path")
+    _hostile(env, "hu4.img", lambda m: m["fds"].append(dict(unix, path="/run/x", mode=-1)),
+             "fds[3].mode")
 
 
 def test_first_version_content_hash_still_verifies(env):

@@ -344,3 +344,88 @@ def test_clone_namespace_addresses():
         ("listen", 2, "198.51.100.7"), ("listen", 10, "::ffff:127.0.0.1")]]
     assert local_addrs({"fds": fds}) == [(socket.AF_INET, "198.51.100.7"),
                                          (socket.AF_INET6, "2001:db8::5")]
+
+
+def _ask_path(pid: int | None, path: str) -> str:
+    """What the unix listener at path says, seen from PID's mount namespace (None: ours)."""
+    code = (f"import socket; s=socket.socket(socket.AF_UNIX); s.settimeout(10); "
+            f"s.connect({path!r}); print(s.recv(100).decode().strip())")
+    argv = [sys.executable, "-c", code]
+    if pid is not None:
+        argv = ["nsenter", "-t", str(pid), "-m"] + argv
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+@pytest.mark.parametrize("how", POLICIES + ["warm ghost", "cold ghost"])
+def test_unix_path_sockets(env, how):
+    """Unix sockets bound to paths: each clone binds its own at the same path on a tmpfs, mounted over
+    the original path in a mount namespace of its own; the clone reaches its own sockets by
+    path (and getsockname gives it), `nsenter -t CLONE -m` reaches the clone's, everyone else
+    the original's; nothing is mounted in our namespace."""
+    from cxlfork.ghosts import GhostPool
+    from cxlfork.restore import prepare_restore
+    d, store = env
+    exe = build_prog("unixpath", d)
+    sdir = tempfile.mkdtemp(dir=d)
+    orig = start([exe, sdir, "serve"], cwd=d)
+    img = os.path.join(d, f"upath-{how.replace(' ', '')}.img")
+    path = os.path.join(sdir, "stream.sock")
+    with open("/proc/self/mountinfo") as f:
+        mounts = f.read()
+    pids: list[int] = []
+    pipes = []
+    clones = []
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        if how.endswith("ghost"):
+            with prepare_restore(img) as p, \
+                    (GhostPool(2, prepared=p) if how == "warm ghost" else GhostPool(2)) as pool:
+                for _ in range(2):
+                    r0, w0 = os.pipe()
+                    r1, w1 = os.pipe()
+                    pids += p.restore(1, stdio=(r0, w1, 2), ghosts=pool)
+                    os.close(r0)
+                    os.close(w1)
+                    pipes.append((os.fdopen(w0, "wb", 0), os.fdopen(r1, "rb", 0)))
+                assert pool.stats()["fallbacks"] == 0
+        else:
+            for k in range(2):
+                pidfile = f"{img}.pids{k}"
+                clones.append(restore_popen(img, "--policy", *how.split(), "--pidfile", pidfile))
+                pids.append(int(wait_file(pidfile, clones[-1])))
+                pipes.append((clones[-1].stdin, clones[-1].stdout))
+        for w, r in pipes:
+            w.write(b"go\n")
+            w.flush()
+            assert readline(r).strip() == "ok"
+        orig.stdin.write(b"go\n")
+        orig.stdin.flush()
+        assert readline(orig.stdout).strip() == "ok"
+        for q in pids:
+            assert _ask_path(q, path) == f"pid {q}"
+        assert _ask_path(None, path) == f"pid {orig.pid}"
+        with open("/proc/self/mountinfo") as f:
+            assert f.read() == mounts               # nothing mounted in our namespace
+        with open(f"/proc/{pids[0]}/mountinfo") as f:
+            theirs = [x.split()[4] for x in f.read().splitlines() if sdir in x]
+        assert sorted(theirs) == [os.path.join(sdir, "dgram.sock"), path]   # its sockets
+        for w, _ in pipes:
+            w.close()
+    finally:
+        for q in pids:
+            try:
+                os.kill(q, 9)
+            except ProcessLookupError:
+                pass
+        for c in clones + [orig]:
+            if c.poll() is None:
+                c.kill()
+            c.wait()
+        for q in pids if how.endswith("ghost") else []:
+            try:
+                os.waitpid(q, 0)
+            except ChildProcessError:
+                pass
+        cxlfork("rm", img, check=False)
