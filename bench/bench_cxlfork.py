@@ -21,7 +21,10 @@ owned by the caller, O_NOFOLLOW, pin compared after fstat) and with the plain op
 the checks alone; the manifest's HMAC-SHA256 next to the unkeyed SHA-256 it replaced; and the
 full content hash of the page file (what `verify` runs, and what hashing every chunk at restore
 would cost).
-Run as root:  .venv/bin/python bench/bench_cxlfork.py [--full]
+Last, the "servers" table (bench_cxlfork_servers.py; alone with --servers): `python3 -m
+http.server` from restore start to its first answered GET, into a new network namespace and
+into this one, against a cold start, medians of max(--runs, 5).
+Run as root:  .venv/bin/python bench/bench_cxlfork.py [--full] [--servers]
 """
 from __future__ import annotations
 
@@ -371,11 +374,19 @@ def main():
     ap.add_argument("--integrity", type=int, default=0, metavar="N",
                     help="only: N alternating restores with and without the image checks "
                          "per size, and the checks' parts")
+    ap.add_argument("--servers", action="store_true", help="only: the servers table "
+                    "(bench_cxlfork_servers.py: http.server restored into a new network "
+                    "namespace, into this one, cold start; to the first answered GET)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_cxlfork: run as root (ptrace, PR_SET_MM_MAP)")
     sizes = [int(x) for x in (a.sizes or ("64,256,1024" if a.full else "64,256")).split(",")]
     counts = [int(x) for x in a.counts.split(",")]
+    sys.path.insert(0, HERE)
+    from bench_cxlfork_servers import run as servers_table
+    if a.servers:
+        print(servers_table(max(a.runs, 5)))
+        return
     work = tempfile.mkdtemp(prefix="cxlfork-bench-")
     # the page store: a tmpfs mounted like cxlfork's default store (huge=within_size, bound
     # to the CXL node), private to this run
@@ -428,6 +439,7 @@ def main():
     for (mib, pol, n, pss0, priv0, pss, priv, note) in memrows:
         vals = (f"{mib} MiB", pol, str(n), mb(pss0), mb(priv0), mb(pss), mb(priv), note)
         print(" | ".join(f"{v:>13s}" for v in vals))
+    print(servers_table(max(a.runs, 5)))
 
 
 if __name__ == "__main__":

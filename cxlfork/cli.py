@@ -92,8 +92,12 @@ def checkpoint(pid, image, leave_running, store, as_json):
 @click.option("--stdio", default="inherit", show_default=True,
               help="fds 0-2 of the clones: inherit, null, or a FILE (appended to)")
 @click.option("--same-pid", is_flag=True, help="restore one clone under the original PID")
-@click.option("--json", "as_json", is_flag=True, help="print PIDs and timing as JSON")
-def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_json):
+@click.option("--netns", type=click.Choice(["new", "host"]), default="new", show_default=True,
+              help="an image with inet or named unix sockets: each clone in a network "
+              "namespace of its own (new), or in this one (host: its ports must be free)")
+@click.option("--json", "as_json", is_flag=True, help="print PIDs, network namespaces and "
+              "timing as JSON")
+def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns, as_json):
     """Restore clones of IMAGE; waits for them unless --detach (exit status: the first
     failing clone's). With lazy moa this command serves the clones' first touches while it
     waits; with --detach a small process it forks stays behind to do it until they exit."""
@@ -106,7 +110,7 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
         _check_pidfile(pidfile)               # before any clone is made
     t0 = time.perf_counter()
     pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
-              eager=eager)
+              eager=eager, netns=netns)
     dt = time.perf_counter() - t0
     if pidfile:
         _write_pidfile(pidfile, pids)         # kills the clones if it fails
@@ -121,7 +125,10 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
         serve_lazy_forever()
         os._exit(0)
     if as_json:
-        click.echo(json.dumps({"pids": pids, "policy": policy, "seconds": dt}), err=not detach)
+        from cxlfork.state.netns import of
+        clones = [{"pid": p, "netns": f"/proc/{p}/ns/net", "netns_id": of(p)} for p in pids]
+        click.echo(json.dumps({"pids": pids, "clones": clones, "policy": policy,
+                               "seconds": dt}), err=not detach)
     elif detach:
         click.echo(" ".join(map(str, pids)))
     if detach:
@@ -213,6 +220,14 @@ def inspect(image, as_json):
     click.echo(f"fds        {len(m['fds'])}:")
     for f in m["fds"]:
         what = f.get("path") or f.get("link", "")
+        if f["kind"] == "inet" and f.get("dup_of") is None:
+            from cxlfork.state.inet import describe
+            what += f"  {describe(f)} {f['state']}" + \
+                (f" backlog {f['backlog']}" if f["state"] == "listen" else "")
+        elif f["kind"] == "unix" and f.get("dup_of") is None:
+            import base64
+            name = base64.b64decode(f["name"]).decode(errors="backslashreplace")
+            what += f"  {f['state']}" + (f" @{name}" if name else "")
         extra = f"  pos {f['pos']}" if "pos" in f else ""
         click.echo(f"  {f['fd']:4d} {f['kind']:8s} flags {f['flags']:#o}"
                    f"{' cloexec' if f['cloexec'] else ''}  {what}{extra}"

@@ -18,7 +18,7 @@ def _header_decls():
 
 
 SOURCES = ("hash.c", "ptrace.c", "fdpeek.c", "dump.c", "spawn.c", "handover.c", "lazy.c",
-           "evfd.c")
+           "evfd.c", "netns.c")
 
 ffibuilder = FFI()
 ffibuilder.cdef(_header_decls())

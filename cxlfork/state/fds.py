@@ -1,9 +1,9 @@
 """The fd table. Checkpoint (`collect`): every fd of /proc/PID/fd with its fdinfo, FD_CLOEXEC
 and status flags; dups (the same open file description, kcmp) point at the first fd; fds 0-2
 are stdio (they come from `restore --stdio`); every other fd goes to the module of its kind
-(files, pipes, sockets, eventfds, epoll, timerfd, signalfd, inotify; named FIFOs and
-deleted files through files), and kinds without one are refused with the fd named (fanotify,
-pidfd, io_uring, userfaultfd...).
+(files, pipes, sockets and inet, eventfds, epoll, timerfd, signalfd, inotify; named FIFOs
+and deleted files through files), and kinds without one are refused with the fd named
+(fanotify, pidfd, io_uring, userfaultfd...).
 
 Restore (`clone_fds`): per clone, the source fd in this process of every fd of the image, and
 its number in the clone; the spawn (or the ghost) lays them out."""
@@ -14,8 +14,8 @@ import os
 from cxlfork import procfs
 from cxlfork.errors import ImageError, Refused
 from cxlfork.native import lib
-from cxlfork.state import (deleted, epoll, eventfds, fifos, files, inotify, pipes, signalfd,
-                           sockets, timerfd)
+from cxlfork.state import (deleted, epoll, eventfds, fifos, files, inet, inotify, pipes,
+                           signalfd, sockets, timerfd)
 
 O_CLOEXEC = 0o2000000
 O_CREAT_ETC = os.O_CREAT | os.O_TRUNC | os.O_EXCL | os.O_NOCTTY
@@ -69,11 +69,14 @@ def collect(pid: int, objs) -> list[dict]:
     return out
 
 
-def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int]
+def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int],
+              where: str = "in the clone's network namespace", paths=None
               ) -> tuple[list[int], list[int]]:
     """(source fds in this process, their numbers in the clone) for one clone of m; every fd
     made here is appended to opened (the caller closes them once the clone has its own).
-    objfds: the clone's shmem objects (memory.make_objects)."""
+    objfds: the clone's shmem objects (memory.make_objects). Inet and named unix sockets are
+    made in the calling thread's network namespace (where: its name, for messages); unix
+    sockets bound to a path are bound at temporary paths of paths (mountns.TempSockets)."""
     src, dst = [], []
     by_num: dict[int, int] = {}
     io = files.stdio_fds(stdio, opened)
@@ -93,6 +96,10 @@ def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int]
             s = pipes.reopen(f, flags, pipes_made, opened)
         elif kind == "socket":
             s = sockets.reopen(f, flags, socks)
+        elif kind in ("inet", "unix"):
+            s = inet.make(f, where) if kind == "inet" else sockets.make_unix(f, where, paths)
+            opened.append(s)
+            sockets.set_nonblock(s, flags)
         elif kind == "eventfd":
             s = eventfds.reopen(f, flags, opened)
         elif kind in ANON_KINDS:
