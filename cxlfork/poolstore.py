@@ -1,0 +1,542 @@
+"""The page store on a memory pool that several hosts share (remote fork, docs/cxlfork.md).
+
+The pool (`$CXLFORK_POOL`, default /run/cxlpool; `tiermem emulate start --hosts N` makes
+one) holds one region per host, mounted at POOL/hH on every host, DAX (file data is the shared
+memory itself, no page cache), read-write only on its owner H. POOL/host-id names this host.
+Region H has three files of fixed size whose blocks never move:
+
+    hH.pages   the slab: image extents, each its page data then its manifest (JSON)
+    hH.log     the published-image log: 512 slots of 4 KiB, one record per slot
+    hH.leases  the clones of host H that map pool images (two copies, the newer valid wins)
+
+Only host H writes region H, so two hosts checkpointing at once never collide; the
+processes of one host take an flock (local). Publishing: page data and manifest into a free
+extent, fsync, then the record into a free slot, fsync. A record counts only when its magic,
+length and SHA-256 are right, and its manifest only when that matches the record's SHA-256:
+a torn or half-written record or manifest is never used (readers refuse it with one line).
+The owner's free extents are whatever no valid record covers, so a crash mid-publish leaks
+nothing. Removal is two-phase against leases: the owner marks the record `freeing`, then
+reads every host's lease table; a reader writes its lease, then re-reads the record. Either
+the owner sees the lease (and puts the record back) or the reader sees `freeing` (and
+drops its lease), so an extent is never reused while a clone on any host maps it.
+
+A restore from the pool materializes a plain cxlfork image (the manifest, whose runs point
+into the owner's slab) under /run/cxlfork/pool-images/ and restores it with cxlfork.restore:
+the clones map the slab MAP_PRIVATE, so pages are read from the pool and written into local
+memory (mow); lazy moa copies from the slab on first touch.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+from contextlib import contextmanager
+
+from cxlfork import FORMAT, FORMAT_VERSION, image as image_mod
+from cxlfork.errors import CxlforkError, ImageError
+
+PAGE = 4096
+SLOT = 4096
+MAGIC = b"CXLPREC1"
+LEASE_MAGIC = b"CXLPLSE1"
+LOCAL_IMAGES = "/run/cxlfork/pool-images"
+LOCK = "/run/cxlfork/pool.lock"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_MANIFEST = 1 << 20
+
+
+def pool_root() -> str:
+    return os.environ.get("CXLFORK_POOL", "/run/cxlpool")
+
+
+class Pool:
+    def __init__(self, root: str | None = None):
+        self.root = root or pool_root()
+        try:
+            with open(os.path.join(self.root, "host-id")) as f:
+                self.host = int(f.read().strip())
+        except (OSError, ValueError) as e:
+            raise CxlforkError(f"no memory pool at {self.root} (no valid host-id; boot hosts "
+                               f"with 'tiermem emulate start --hosts 2', or set "
+                               f"CXLFORK_POOL)") from e
+        self.hosts = sorted(int(n[1:]) for n in os.listdir(self.root)
+                            if re.fullmatch(r"h\d+", n)
+                            and os.path.exists(self.path(int(n[1:]), "log")))
+        if self.host not in self.hosts:
+            raise CxlforkError(f"pool {self.root}: this host's region h{self.host} is missing")
+
+    def dir(self, h: int) -> str:
+        return os.path.join(self.root, f"h{h}")
+
+    def path(self, h: int, what: str) -> str:
+        return os.path.join(self.dir(h), f"h{h}.{what}")
+
+    def slab_pages(self, h: int) -> int:
+        return os.path.getsize(self.path(h, "pages")) // PAGE
+
+    # -- the log ---------------------------------------------------------------------------
+    def slots(self, h: int) -> list[tuple[int, dict | None, str | None]]:
+        """Every slot of host h's log: (slot, record or None, why-invalid or None); an
+        empty slot (never written) is (slot, None, None)."""
+        with open(self.path(h, "log"), "rb") as f:
+            data = f.read()
+        out = []
+        for i in range(len(data) // SLOT):
+            out.append((i, *_parse_slot(data[i * SLOT:(i + 1) * SLOT])))
+        return out
+
+    def records(self, h: int, states=("published",)) -> list[dict]:
+        return [r for _, r, _ in self.slots(h) if r is not None and r["state"] in states]
+
+    def write_slot(self, slot: int, rec: dict) -> None:
+        body = json.dumps(rec, sort_keys=True).encode()
+        blob = MAGIC + len(body).to_bytes(4, "little") + body + hashlib.sha256(body).digest()
+        if len(blob) > SLOT:
+            raise CxlforkError("pool log record too long")
+        fd = os.open(self.path(self.host, "log"), os.O_WRONLY)
+        try:
+            os.pwrite(fd, blob.ljust(SLOT, b"\0"), slot * SLOT)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def find(self, ref: str) -> dict:
+        """The published record for ref ("NAME" or "hH/NAME"); one-line errors."""
+        hosts, name = self.hosts, ref
+        if "/" in ref:
+            hs, name = ref.split("/", 1)
+            if not re.fullmatch(r"h\d+", hs) or int(hs[1:]) not in self.hosts:
+                raise CxlforkError(f"pool image {ref!r}: no host region {hs!r} in "
+                                   f"{self.root}")
+            hosts = [int(hs[1:])]
+        found, torn = [], []
+        for h in hosts:
+            for slot, rec, why in self.slots(h):
+                if rec is not None and rec["name"] == name and rec["state"] == "published":
+                    found.append(rec)
+                elif why is not None and why.startswith(f"name={name} "):
+                    torn.append(f"h{h}.log slot {slot}: {why.split(' ', 1)[1]}")
+        if not found:
+            if torn:
+                raise ImageError(f"pool image {ref!r} is not published: its record is "
+                                 f"half-written or corrupt ({torn[0]}); refused")
+            raise ImageError(f"no image {ref!r} is published in the pool {self.root}")
+        if len(found) > 1:
+            raise CxlforkError(f"pool image name {name!r} is published by hosts "
+                               f"{', '.join('h%d' % r['host'] for r in found)}: say which, "
+                               f"e.g. h{found[0]['host']}/{name}")
+        return found[0]
+
+    # -- leases ----------------------------------------------------------------------------
+    def leases(self, h: int) -> dict:
+        with open(self.path(h, "leases"), "rb") as f:
+            data = f.read()
+        half = len(data) // 2
+        best = None
+        for k in (0, 1):
+            d = _parse_lease(data[k * half:(k + 1) * half])
+            if d is not None and (best is None or d["gen"] > best["gen"]):
+                best = d
+        return best or {"gen": 0, "boot": None, "leases": []}
+
+    def write_leases(self, table: dict) -> None:
+        p = self.path(self.host, "leases")
+        half = os.path.getsize(p) // 2
+        table = dict(table, gen=table["gen"] + 1, boot=_boot_id())
+        body = json.dumps(table, sort_keys=True).encode()
+        blob = LEASE_MAGIC + len(body).to_bytes(4, "little") + body + \
+            hashlib.sha256(body).digest()
+        if len(blob) > half:
+            raise CxlforkError("too many pool leases on this host")
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            os.pwrite(fd, blob, (table["gen"] % 2) * half)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def own_leases(self) -> dict:
+        """This host's lease table, with leases nobody here maps any more dropped (and all
+        of an earlier boot: its clones died with it)."""
+        t = self.leases(self.host)
+        if t.get("boot") != _boot_id():
+            t = {"gen": t["gen"], "boot": _boot_id(), "leases": []}
+        mapped = _mapped_extents()
+        keep = [le for le in t["leases"]
+                if any(_alive(p) for p in le["pids"]) or
+                _overlaps(mapped.get(self.path(le["host"], "pages"), []), le)]
+        if len(keep) != len(t["leases"]):
+            t["leases"] = keep
+            self.write_leases(t)
+            t = self.leases(self.host)
+        return t
+
+
+# -- slot/lease encoding ------------------------------------------------------------------------
+_REC_KEYS = {"name": str, "host": int, "slot": int, "seq": int, "state": str, "id": str,
+             "base": int, "npages": int, "mpages": int, "manifest_len": int,
+             "manifest_sha256": str, "created": float}
+
+
+def _parse_slot(b: bytes) -> tuple[dict | None, str | None]:
+    if b[:8] != MAGIC:
+        return None, None                                       # empty
+    n = int.from_bytes(b[8:12], "little")
+    body = b[12:12 + n] if 12 + n + 32 <= len(b) else b""
+    name = re.search(rb'"name": "([^"]{1,64})"', b[12:12 + min(n, SLOT)])
+    tag = f"name={name.group(1).decode(errors='replace') if name else '?'} "
+    if not body or hashlib.sha256(body).digest() != b[12 + n:12 + n + 32]:
+        return None, tag + "record checksum mismatch"
+    try:
+        rec = json.loads(body)
+        for k, t in _REC_KEYS.items():
+            if not isinstance(rec.get(k), t) and not (t is float and isinstance(rec.get(k), int)):
+                return None, tag + f"record field {k} missing or wrong"
+    except ValueError:
+        return None, tag + "record is not JSON"
+    return rec, None
+
+
+def _parse_lease(b: bytes) -> dict | None:
+    if b[:8] != LEASE_MAGIC:
+        return None
+    n = int.from_bytes(b[8:12], "little")
+    body = b[12:12 + n]
+    if 12 + n + 32 > len(b) or hashlib.sha256(body).digest() != b[12 + n:12 + n + 32]:
+        return None
+    try:
+        d = json.loads(body)
+    except ValueError:
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("gen"), int) else None
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def _alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _mapped_extents() -> dict[str, list[tuple[int, int]]]:
+    """{file path: [(byte offset, length)]} of every file mapping of every process here."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) == 6 and parts[5].startswith("/"):
+                        s, e = (int(x, 16) for x in parts[0].split("-"))
+                        out.setdefault(parts[5].rstrip("\n"), []).append(
+                            (int(parts[2], 16), e - s))
+        except OSError:
+            continue
+    return out
+
+
+def _overlaps(maps: list[tuple[int, int]], rec: dict) -> bool:
+    lo, hi = rec["base"] * PAGE, (rec["base"] + rec["npages"]) * PAGE
+    return any(off < hi and off + n > lo for off, n in maps)
+
+
+@contextmanager
+def _host_lock():
+    os.makedirs(os.path.dirname(LOCK), mode=0o700, exist_ok=True)
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _allocate(pool: Pool, pages: int) -> int:
+    """First fit in this host's slab, around every extent a valid record holds."""
+    used = sorted((r["base"], r["base"] + r["npages"] + r["mpages"])
+                  for r in pool.records(pool.host, ("published", "freeing")))
+    at = 0
+    for s, e in used:
+        if s - at >= pages:
+            return at
+        at = max(at, e)
+    if pool.slab_pages(pool.host) - at >= pages:
+        return at
+    raise CxlforkError(f"the pool region h{pool.host} has no free extent of "
+                       f"{pages * PAGE / 2**20:.1f} MiB (remove images with 'cxlfork pool rm')")
+
+
+def _free_slot(pool: Pool) -> tuple[int, int]:
+    slots = pool.slots(pool.host)
+    seq = 1 + max([r["seq"] for _, r, _ in slots if r is not None] + [0])
+    for i, r, _ in slots:
+        if r is None or r["state"] == "freed":
+            return i, seq
+    raise CxlforkError(f"the pool log h{pool.host}.log is full ({len(slots)} images)")
+
+
+def _rebase(m: dict, base: int) -> None:
+    for v in m["vmas"]:
+        for r in v["runs"]:
+            r[2] += base
+    for o in m["objects"]:
+        for r in o["runs"]:
+            r[2] += base
+
+
+# -- checkpoint ---------------------------------------------------------------------------------
+def checkpoint(pid: int, name: str, kill: bool = False, progress=None) -> dict:
+    """Checkpoint PID into this host's pool region as NAME; returns a summary."""
+    from cxlfork.checkpoint import _check_ptrace_allowed, collect
+    from cxlfork.pages import layout, write_pages
+    from cxlfork.ptrace import Tracee
+    import secrets
+    t0 = time.perf_counter()
+    if not NAME_RE.match(name):
+        raise CxlforkError(f"pool image name {name!r}: letters, digits and ._- only "
+                           f"(at most 64)")
+    if pid == os.getpid() or not os.path.exists(f"/proc/{pid}"):
+        raise CxlforkError(f"no process with PID {pid}")
+    pool = Pool()
+    _check_ptrace_allowed(pid)
+    with _host_lock():
+        if any(r["name"] == name for r in pool.records(pool.host, ("published", "freeing"))):
+            raise CxlforkError(f"pool image h{pool.host}/{name} already exists (remove it "
+                               f"with 'cxlfork pool rm {name}')")
+        tr = Tracee(pid)
+        state = None
+        try:
+            t_frozen = time.perf_counter()
+            state = collect(tr)
+            t_collected = time.perf_counter()
+            npages = layout(state)
+            # the manifest's size is known only roughly here: leave it 1 MiB at most
+            mpages_max = MAX_MANIFEST // PAGE
+            slab = pool.slab_pages(pool.host)
+            base = _allocate(pool, npages + mpages_max if npages + mpages_max <= slab
+                             else npages + 16)
+            fd = os.open(pool.path(pool.host, "pages"), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                phash = write_pages(state, "", 0, progress, out=(fd, base * PAGE))
+                t_dumped = time.perf_counter()
+                if not kill:
+                    tr.detach()
+                objs = state.pop("_objs")
+                manifest = {
+                    "format": FORMAT, "version": FORMAT_VERSION,
+                    "id": secrets.token_hex(8), "created": time.time(),
+                    "kernel": os.uname().release, "machine": os.uname().machine, **state,
+                    "objects": sorted(objs.by_ino.values(), key=lambda o: o["id"]),
+                    "store": {"dir": pool.dir(pool.host),
+                              "file": os.path.basename(pool.path(pool.host, "pages")),
+                              "pages": slab, "hash": phash, "hash_alg": image_mod.HASH_ALG,
+                              "node": 0},
+                    "pool": {"host": pool.host, "name": name, "base": base, "npages": npages},
+                }
+                objs.close()
+                _rebase(manifest, base)
+                manifest["stats"] = {"collect_ms": (t_collected - t_frozen) * 1e3,
+                                     "pages_ms": (t_dumped - t_collected) * 1e3}
+                manifest["checksum"] = image_mod.checksum(manifest)
+                image_mod.validate(manifest, f"h{pool.host}/{name}")
+                mbytes = json.dumps(manifest, sort_keys=True).encode()
+                mpages = -(-len(mbytes) // PAGE)
+                if len(mbytes) > MAX_MANIFEST or base + npages + mpages > slab:
+                    raise CxlforkError(f"manifest of {len(mbytes)} bytes does not fit")
+                os.pwrite(fd, mbytes.ljust(mpages * PAGE, b"\0"), (base + npages) * PAGE)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            slot, seq = _free_slot(pool)
+            rec = {"name": name, "host": pool.host, "slot": slot, "seq": seq,
+                   "state": "published", "id": manifest["id"], "base": base,
+                   "npages": npages, "mpages": mpages, "manifest_len": len(mbytes),
+                   "manifest_sha256": hashlib.sha256(mbytes).hexdigest(),
+                   "created": manifest["created"]}
+            pool.write_slot(slot, rec)                  # the publication
+            if kill:
+                tr.kill()
+        finally:
+            if state and "_objs" in state:
+                state["_objs"].close()
+            if tr.attached:
+                tr.detach()
+    total = time.perf_counter() - t0
+    return {"name": f"h{pool.host}/{name}", "pid": pid, "pages": npages,
+            "bytes": npages * PAGE, "base": base, "slot": slot, "seq": seq,
+            "store": pool.path(pool.host, "pages"), "total_s": total,
+            "pages_ms": manifest["stats"]["pages_ms"], "killed": kill}
+
+
+# -- restore ------------------------------------------------------------------------------------
+def read_manifest(pool: Pool, rec: dict) -> dict:
+    """The record's manifest, from the owner's slab, checked against the record."""
+    where = f"pool image h{rec['host']}/{rec['name']}"
+    if not 0 < rec["manifest_len"] <= MAX_MANIFEST or \
+            rec["base"] + rec["npages"] + rec["mpages"] > pool.slab_pages(rec["host"]):
+        raise ImageError(f"{where}: its record points outside the slab; refused")
+    with open(pool.path(rec["host"], "pages"), "rb") as f:
+        f.seek((rec["base"] + rec["npages"]) * PAGE)
+        data = f.read(rec["manifest_len"])
+    if hashlib.sha256(data).hexdigest() != rec["manifest_sha256"]:
+        raise ImageError(f"{where}: the manifest on the pool does not match its log record "
+                         f"(corrupt or half-written); refused")
+    try:
+        m = json.loads(data)
+    except ValueError as e:
+        raise ImageError(f"{where}: manifest is not JSON; refused") from e
+    image_mod.validate(m, where)
+    p = m.get("pool") or {}
+    if (p.get("host"), p.get("base"), p.get("npages"), m["id"]) != \
+            (rec["host"], rec["base"], rec["npages"], rec["id"]) or \
+            m["store"]["dir"] != pool.dir(rec["host"]):
+        raise ImageError(f"{where}: manifest and log record disagree; refused")
+    return m
+
+
+def materialize(pool: Pool, rec: dict) -> str:
+    """A local cxlfork image for the record (its manifest), reused while unchanged."""
+    m = read_manifest(pool, rec)
+    d = os.path.join(LOCAL_IMAGES, f"h{rec['host']}-{rec['slot']}-{rec['seq']}-{rec['id']}")
+    if not os.path.exists(os.path.join(d, image_mod.MANIFEST)):
+        os.makedirs(LOCAL_IMAGES, mode=0o700, exist_ok=True)
+        tmp = image_mod.write_tmp(d, {k: v for k, v in m.items() if k != "checksum"})
+        try:
+            os.rename(tmp, d)
+        except OSError:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isdir(d):
+                raise
+    return d
+
+
+def lease(pool: Pool, rec: dict, pids: list[int]) -> None:
+    """Record (or refresh) that pids here map the record's extent."""
+    with _host_lock():
+        t = pool.own_leases()
+        key = (rec["host"], rec["slot"], rec["seq"])
+        t["leases"] = [le for le in t["leases"] if (le["host"], le["slot"], le["seq"]) != key] \
+            + [{"host": rec["host"], "slot": rec["slot"], "seq": rec["seq"],
+                "name": rec["name"], "base": rec["base"], "npages": rec["npages"],
+                "pids": sorted(set(pids))}]
+        pool.write_leases(t)
+
+
+def acquire(ref: str, pool: Pool | None = None) -> tuple[Pool, dict, str]:
+    """Find ref, lease it for this process, check it is still published (the reader's
+    half of the removal handshake) and materialize it: (pool, record, local image)."""
+    pool = pool or Pool()
+    rec = pool.find(ref)
+    image = materialize(pool, rec)
+    lease(pool, rec, [os.getpid()])
+    now = [r for r in pool.records(rec["host"], ("published", "freeing", "freed"))
+           if r["slot"] == rec["slot"] and r["seq"] == rec["seq"]]
+    if not now or now[0]["state"] != "published":
+        release(pool, rec)
+        raise CxlforkError(f"pool image h{rec['host']}/{rec['name']} is being removed; "
+                           f"refused")
+    return pool, rec, image
+
+
+def release(pool: Pool, rec: dict) -> None:
+    with _host_lock():
+        t = pool.own_leases()
+        t["leases"] = [le for le in t["leases"] if (le["host"], le["slot"], le["seq"]) !=
+                       (rec["host"], rec["slot"], rec["seq"])]
+        pool.write_leases(t)
+
+
+def restore(ref: str, policy: str = "mow", n: int = 1, stdio="inherit", eager: bool = False,
+            warn=None) -> tuple[list[int], dict]:
+    """Restore n clones of a pool image (any host's); returns (pids, record)."""
+    from cxlfork.restore import restore as do
+    pool, rec, image = acquire(ref)
+    try:
+        pids = do(image, policy=policy, n=n, stdio=stdio, warn=warn, eager=eager)
+    except BaseException:
+        release(pool, rec)
+        raise
+    lease(pool, rec, pids)
+    return pids, rec
+
+
+# -- listing, removal, verification -------------------------------------------------------------
+def listing(pool: Pool | None = None) -> dict:
+    pool = pool or Pool()
+    images, torn = [], []
+    leased: dict[tuple, int] = {}
+    for h in pool.hosts:
+        t = pool.own_leases() if h == pool.host else pool.leases(h)
+        for le in t["leases"]:
+            k = (le["host"], le["slot"], le["seq"])
+            leased[k] = leased.get(k, 0) + 1
+    for h in pool.hosts:
+        for slot, rec, why in pool.slots(h):
+            if why:
+                torn.append({"host": h, "slot": slot, "why": why.split(" ", 1)[1]})
+            if rec is not None and rec["state"] != "freed":
+                images.append(dict(rec, mib=rec["npages"] * PAGE / 2**20,
+                                   leased_by_hosts=leased.get((h, slot, rec["seq"]), 0)))
+    return {"pool": pool.root, "host": pool.host, "hosts": pool.hosts, "images": images,
+            "torn": torn}
+
+
+def remove(ref: str, ignore_hosts: tuple[int, ...] = ()) -> dict:
+    """Free a pool image of this host, unless a clone on any host maps it."""
+    pool = Pool()
+    rec = pool.find(ref)
+    name = f"h{rec['host']}/{rec['name']}"
+    if rec["host"] != pool.host:
+        raise CxlforkError(f"pool image {name} belongs to host {rec['host']}: remove it there "
+                           f"(only a region's owner writes it)")
+    with _host_lock():
+        pool.write_slot(rec["slot"], dict(rec, state="freeing"))
+        holders = []
+        for h in pool.hosts:
+            if h in ignore_hosts and h != pool.host:
+                continue
+            t = pool.own_leases() if h == pool.host else pool.leases(h)
+            if any((le["host"], le["slot"], le["seq"]) ==
+                   (rec["host"], rec["slot"], rec["seq"]) for le in t["leases"]):
+                holders.append(h)
+        if pool.host not in holders and _overlaps(
+                _mapped_extents().get(pool.path(pool.host, "pages"), []), rec):
+            holders.append(pool.host)
+        if holders:
+            pool.write_slot(rec["slot"], rec)           # back to published
+            raise CxlforkError(f"pool image {name} is mapped by clones on host(s) "
+                               f"{', '.join(map(str, holders))}; not removed (a host that "
+                               f"is gone: --ignore-host N)")
+        pool.write_slot(rec["slot"], dict(rec, state="freed"))
+    return {"removed": name, "mib": rec["npages"] * PAGE / 2**20}
+
+
+def verify(ref: str) -> dict:
+    """Record, manifest and the content hash of the image's extent of the slab."""
+    from cxlfork.native import lib
+    pool = Pool()
+    rec = pool.find(ref)
+    m = read_manifest(pool, rec)
+    size = rec["npages"] * PAGE
+    base = rec["base"] * PAGE
+    fd = os.open(pool.path(rec["host"], "pages"), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        hs = [lib.cx_hash_file(fd, base + o, min(image_mod.SEGMENT, size - o))
+              for o in range(0, size, image_mod.SEGMENT)]
+    finally:
+        os.close(fd)
+    h = image_mod.combine_segment_hashes(hs)
+    name = f"h{rec['host']}/{rec['name']}"
+    if h != m["store"]["hash"]:
+        raise ImageError(f"pool image {name}: page data content hash mismatch ({h} != "
+                         f"{m['store']['hash']}): corrupt; refused")
+    image_mod.check_file(m["process"]["exe"], "executable")
+    return {"name": name, "pages": rec["npages"], "hash": h, "ok": True}
