@@ -35,7 +35,8 @@ def checkpoint(pid, name, leave_running, as_json):
 @command.command()
 @click.argument("name")
 @click.option("--policy", type=click.Choice(["mow", "moa"]), default="mow", show_default=True)
-@click.option("--eager", is_flag=True, help="with --policy moa: copy everything at restore")
+@click.option("--eager", is_flag=True, help="with --policy moa: copy everything at restore "
+              "(required on the pool: lazy moa needs userfaultfd minor faults, not on DAX)")
 @click.option("-n", "count", type=int, default=1, show_default=True, help="number of clones")
 @click.option("--detach", is_flag=True, help="do not wait for the clones")
 @click.option("--pidfile", type=click.Path(), default=None)
@@ -47,22 +48,12 @@ def restore(name, policy, eager, count, detach, pidfile, stdio, as_json):
     import time
     from cxlfork import poolstore
     from cxlfork.errors import CxlforkError
-    from cxlfork.restore import serve_lazy_forever, sync_lazy
     if eager and policy != "moa":
         raise CxlforkError("--eager goes with --policy moa")
     t0 = time.perf_counter()
     pids, rec = poolstore.restore(name, policy=policy, n=count, stdio=stdio, eager=eager,
                                   warn=lambda m: click.echo(f"cxlfork: warning: {m}", err=True))
     dt = time.perf_counter() - t0
-    if detach and policy == "moa" and not eager:
-        sync_lazy()
-        if os.fork() == 0:
-            null = os.open("/dev/null", os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.setsid()
-            serve_lazy_forever()
-            os._exit(0)
     if pidfile:
         tmp = f"{pidfile}.tmp.{os.getpid()}"
         with open(tmp, "w") as f:

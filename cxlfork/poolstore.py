@@ -458,6 +458,10 @@ def restore(ref: str, policy: str = "mow", n: int = 1, stdio="inherit", eager: b
             warn=None) -> tuple[list[int], dict]:
     """Restore n clones of a pool image (any host's); returns (pids, record)."""
     from cxlfork.restore import restore as do
+    if policy == "moa" and not eager:
+        raise CxlforkError("lazy moa is not available on the pool: it needs userfaultfd "
+                           "minor faults, which the kernel has for shmem and hugetlbfs only, "
+                           "not for the pool's DAX files; use --policy moa --eager, or mow")
     pool, rec, image = acquire(ref)
     try:
         pids = do(image, policy=policy, n=n, stdio=stdio, warn=warn, eager=eager)

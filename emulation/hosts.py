@@ -34,7 +34,11 @@ from emulation.machine import DEFAULT_RUNDIR, GuestTimeout, Machine, read_state,
 from tiermem.errors import TiermemError
 
 POOL_GUEST = "/run/cxlpool"            # where the regions are mounted in every guest
-POOL_HOST = os.environ.get("TIERMEM_POOL_DIR", "/dev/shm/tiermem-emulate-pool")
+def pool_dir(rundir: str) -> str:
+    """The host folder of the pool's region files: memory (/dev/shm), one per run directory
+    ($TIERMEM_POOL_DIR overrides)."""
+    return os.environ.get("TIERMEM_POOL_DIR") or \
+        "/dev/shm/tiermem-pool" + os.path.abspath(rundir).replace("/", "-")
 LOG_MIB = 2
 LEASES_MIB = 1
 FS_OVERHEAD_MIB = 12                   # ext4 metadata of a region (no journal, 64 inodes)
@@ -135,8 +139,9 @@ def start(hosts: int, pool_mib: int, config: MachineConfig, workdir: str,
     """Format the pool, boot every host (in parallel), mount the regions; writes the state."""
     check(hosts, pool_mib)
     config.validate()
-    regions = format_pool(POOL_HOST, hosts, pool_mib)
-    log(f"pool: {hosts} regions of {region_mib(pool_mib, hosts)} MiB in {POOL_HOST}")
+    pdir = pool_dir(rundir)
+    regions = format_pool(pdir, hosts, pool_mib)
+    log(f"pool: {hosts} regions of {region_mib(pool_mib, hosts)} MiB in {pdir}")
     machines = [PoolMachine(config, workdir=workdir, rundir=host_rundir(rundir, h),
                             detach=True, regions=regions) for h in range(hosts)]
     errors: list[BaseException | None] = [None] * hosts
@@ -163,12 +168,12 @@ def start(hosts: int, pool_mib: int, config: MachineConfig, workdir: str,
     if any(errors):
         for m in machines:
             m.stop()
-        shutil.rmtree(POOL_HOST, ignore_errors=True)
+        shutil.rmtree(pdir, ignore_errors=True)
         e = next(x for x in errors if x)
         raise e if isinstance(e, TiermemError) else TiermemError(str(e))
     state = {"mode": "hosts", "hosts": hosts, "rundir": rundir, "workdir": workdir,
              "config": config.as_dict(),
-             "pool": {"path": POOL_GUEST, "host_dir": POOL_HOST, "pool_mib": pool_mib,
+             "pool": {"path": POOL_GUEST, "host_dir": pdir, "pool_mib": pool_mib,
                       "region_mib": region_mib(pool_mib, hosts), "regions": regions,
                       "device": "virtio-pmem", "fs": "ext4 -o dax (owner rw, others ro)"},
              "machines": [{"host": h, "rundir": m.rundir, "qemu_pid": m.pid,
@@ -208,7 +213,7 @@ def stop(state: dict, rundir: str = DEFAULT_RUNDIR) -> list[int]:
             continue
         m.stop()
         stopped.append(rec["qemu_pid"])
-    shutil.rmtree(state.get("pool", {}).get("host_dir") or POOL_HOST, ignore_errors=True)
+    shutil.rmtree(state.get("pool", {}).get("host_dir") or pool_dir(rundir), ignore_errors=True)
     remove_state(rundir)
     return stopped
 

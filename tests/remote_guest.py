@@ -74,7 +74,8 @@ def clones(name: str, n: int, policy: str = "mow") -> dict:
     before = node_used_kib()
     pidfile = f"/tmp/pids.{os.getpid()}"
     t = time.perf_counter()
-    r = subprocess.Popen(CXLFORK + ["pool", "restore", name, "-n", str(n), "--policy", policy,
+    pol = ["--policy", "moa", "--eager"] if policy == "moa-eager" else ["--policy", policy]
+    r = subprocess.Popen(CXLFORK + ["pool", "restore", name, "-n", str(n), *pol,
                                     "--pidfile", pidfile], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True)
     while not os.path.exists(pidfile):
