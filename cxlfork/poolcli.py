@@ -71,6 +71,7 @@ def restore(name, policy, eager, count, detach, pidfile, stdio, as_json):
         _, st = os.waitpid(p, 0)
         code = os.waitstatus_to_exitcode(st)
         rc = rc or (128 - code if code < 0 else code)
+    poolstore.prune()          # the clones are gone: their lease too (unless forks live on)
     sys.exit(rc)
 
 
@@ -111,3 +112,14 @@ def verify(name, as_json):
     r = poolstore.verify(name)
     click.echo(json.dumps(r) if as_json else
                f"ok: {r['name']}: record, manifest, {r['pages']} pages (hash {r['hash']})")
+
+
+@command.command()
+@click.option("--json", "as_json", is_flag=True)
+def gc(as_json):
+    """Drop this host's stale leases; put back records an interrupted rm left half-removed."""
+    from cxlfork import poolstore
+    r = poolstore.gc()
+    click.echo(json.dumps(r) if as_json else
+               f"{r['leases_dropped']} stale lease(s) dropped; "
+               f"{len(r['republished'])} record(s) put back: {' '.join(r['republished']) or '-'}")

@@ -164,10 +164,14 @@ class Pool:
         t = self.leases(self.host)
         if t.get("boot") != _boot_id():
             t = {"gen": t["gen"], "boot": _boot_id(), "leases": []}
-        mapped = _mapped_extents()
-        keep = [le for le in t["leases"]
-                if any(_alive(p) for p in le["pids"]) or
-                _overlaps(mapped.get(self.path(le["host"], "pages"), []), le)]
+        mapped = None                   # /proc/*/maps, read only when a lease needs it
+        keep = []
+        for le in t["leases"]:
+            if not any(_alive(p) for p in le["pids"]):
+                mapped = _mapped_extents() if mapped is None else mapped
+                if not _overlaps(mapped.get(self.path(le["host"], "pages"), []), le):
+                    continue
+            keep.append(le)
         if len(keep) != len(t["leases"]):
             t["leases"] = keep
             self.write_leases(t)
@@ -446,6 +450,13 @@ def acquire(ref: str, pool: Pool | None = None) -> tuple[Pool, dict, str]:
     return pool, rec, image
 
 
+def prune(pool: Pool | None = None) -> None:
+    """Drop this host's leases that nothing here maps any more (e.g. once its clones exit)."""
+    pool = pool or Pool()
+    with _host_lock():
+        pool.own_leases()
+
+
 def release(pool: Pool, rec: dict) -> None:
     with _host_lock():
         t = pool.own_leases()
@@ -521,6 +532,21 @@ def remove(ref: str, ignore_hosts: tuple[int, ...] = ()) -> dict:
                                f"is gone: --ignore-host N)")
         pool.write_slot(rec["slot"], dict(rec, state="freed"))
     return {"removed": name, "mib": rec["npages"] * PAGE / 2**20}
+
+
+def gc() -> dict:
+    """This host's housekeeping: drop leases nothing here maps any more, and put back to
+    published the records a `pool rm` that died between its two phases left `freeing` (under
+    the host lock no rm is running, so any `freeing` record is such a leftover)."""
+    pool = Pool()
+    with _host_lock():
+        before = len(pool.leases(pool.host)["leases"])
+        after = len(pool.own_leases()["leases"])
+        back = []
+        for rec in pool.records(pool.host, ("freeing",)):
+            pool.write_slot(rec["slot"], dict(rec, state="published"))
+            back.append(rec["name"])
+    return {"leases_dropped": max(0, before - after), "republished": back}
 
 
 def verify(ref: str) -> dict:

@@ -171,6 +171,53 @@ os.close(fd)
 
 
 @pytest.mark.vm
+def test_both_hosts_checkpoint_at_once_and_clone_each_other(two_hosts):
+    import threading
+    _, (a, b), _ = two_hosts
+    out = {}
+    ts = [threading.Thread(target=lambda m=m, h=h: out.__setitem__(h, _step(m, "ckpt", "same",
+                                                                            8, "--kill")))
+          for h, m in enumerate((a, b))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert out[0]["rc"] == 0 and out[1]["rc"] == 0, out
+    assert (out[0]["name"], out[1]["name"]) == ("h0/same", "h1/same")
+    # a bare name published by both hosts is ambiguous: one line
+    r = _cxlfork(a, "pool", "restore", "same")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "cxlfork: error: pool image name 'same' is published by hosts h0, h1: say which, "
+        "e.g. h0/same"], r.stderr
+    for m, ref in ((a, "h1/same"), (b, "h0/same")):
+        r = _step(m, "clones", ref, 1)
+        assert r["rc"] == 0 and r["answers"] == ["done", "ok"], r
+    # a host removes only its own images; then both are gone, nothing leased
+    r = _cxlfork(a, "pool", "rm", "h1/same")
+    assert r.returncode == 1 and "belongs to host 1: remove it there" in r.stderr
+    assert _cxlfork(a, "pool", "rm", "h0/same").returncode == 0
+    assert _cxlfork(b, "pool", "rm", "h1/same").returncode == 0
+    ls = json.loads(_cxlfork(b, "pool", "ls", "--json").stdout)
+    assert not [i for i in ls["images"] if i["name"] == "same"]
+
+
+@pytest.mark.vm
+def test_rm_interrupted_between_its_phases_is_put_back_by_gc(two_hosts):
+    _, (a, b), _ = two_hosts
+    assert _step(a, "ckpt", "half", 4, "--kill")["rc"] == 0
+    # what a `pool rm` SIGKILLed after its first phase leaves: the record `freeing`
+    a.run([a.python, "-c", "from cxlfork import poolstore as p; P = p.Pool(); "
+           "r = P.find('half'); P.write_slot(r['slot'], dict(r, state='freeing'))"], check=True)
+    r = _cxlfork(b, "pool", "restore", "half")
+    assert r.returncode == 1 and "no image 'half' is published" in r.stderr, r.stderr
+    r = _cxlfork(a, "pool", "gc")
+    assert r.returncode == 0 and "1 record(s) put back: half" in r.stdout, r.stdout + r.stderr
+    r = _step(b, "clones", "half", 1)
+    assert r["rc"] == 0 and r["answers"] == ["done", "ok"], r
+    assert _cxlfork(a, "pool", "rm", "half").returncode == 0
+
+
+@pytest.mark.vm
 def test_kill_host0_leaves_clones_on_host1_running(two_hosts):
     st, (a, b), work = two_hosts
     c = _step(a, "ckpt", "keep", 16, "--kill")
