@@ -52,6 +52,54 @@ def test_pool_cli_without_pool(tmp_path):
         f"'tiermem emulate start --hosts 2', or set CXLFORK_POOL)"]
 
 
+@pytest.mark.vm
+def test_cli_cycle_start_status_run_stop(tmp_path, cxl_vm_available):
+    """Before the module's fixture boots its hosts (at most two guests at a time)."""
+    rundir, work = str(tmp_path / "run"), str(tmp_path / "work")
+    p = subprocess.run(TIERMEM + ["emulate", "start", "--hosts", "2", "--pool-mib", "256",
+                                  "--workdir", work], capture_output=True, text=True,
+                       env=dict(os.environ, TIERMEM_EMULATE_RUNDIR=rundir), timeout=600)
+    assert p.returncode == 0, p.stderr
+    try:
+        st = json.loads(_tiermem("status", "--json", rundir=rundir).stdout)
+        assert st["mode"] == "hosts" and st["hosts"] == 2
+        assert [m["running"] for m in st["machines"]] == [True, True]
+        assert st["pool"]["path"] == "/run/cxlpool" and st["pool"]["region_mib"] == 128
+        assert all(os.path.exists(r) for r in st["pool"]["regions"])
+        for h in (0, 1):
+            r = _tiermem("run", "--host", str(h), "cat /run/cxlpool/host-id", rundir=rundir)
+            assert (r.returncode, r.stdout) == (0, f"{h}\n"), r.stderr
+        r = _tiermem("run", "true", rundir=rundir)
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+            "tiermem: error: 2 emulated hosts are running: say which with --host 0..1"]
+        r = _tiermem("run", "--host", "2", "true", rundir=rundir)
+        assert r.returncode == 1 and "--host must be 0..1" in r.stderr
+        r = _tiermem("start", "--hosts", "2", rundir=rundir)
+        assert r.returncode == 1 and "2 emulated hosts are already running" in r.stderr
+    finally:
+        p = _tiermem("stop", rundir=rundir)
+    assert p.returncode == 0 and "2 emulated hosts stopped" in p.stdout, p.stderr
+    assert not os.path.exists(os.path.join(rundir, "state.json"))
+    assert not os.path.exists(st["pool"]["host_dir"])
+    for m in st["machines"]:
+        pid = m["qemu_pid"]
+        assert not os.path.exists(f"/proc/{pid}/cmdline") or \
+            open(f"/proc/{pid}/cmdline", "rb").read() == b""
+
+
+@pytest.fixture
+def cxl_vm_available():
+    import shutil
+    from emulation.machine import QEMU, prepare
+    from tiermem.errors import TiermemError
+    if shutil.which(QEMU) is None:
+        pytest.skip(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
+    try:
+        prepare(log=lambda m: None)
+    except TiermemError as e:
+        pytest.skip(f"the emulated CXL machine's guest kernel is not available: {e}")
+
+
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory):
     from emulation import hosts
