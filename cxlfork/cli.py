@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from cxlfork.poolcli import command as pool_command
 from cxlfork.porter.cli import command as porter_command
 from tiermem.errors import TiermemError
 
@@ -292,3 +293,4 @@ def profile(image, pids, as_json):
 
 
 main.add_command(porter_command)
+main.add_command(pool_command)

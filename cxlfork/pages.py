@@ -63,7 +63,8 @@ def segment_tasks(state: dict, memfd: int) -> list[list[tuple[int, list, list, i
     return segs
 
 
-def write_pages(state: dict, tmp_path: str, node: int, progress=None) -> str:
+def write_pages(state: dict, tmp_path: str, node: int, progress=None,
+                out: tuple[int, int] | None = None) -> str:
     """Fill the page file; returns the content hash (hex, image.HASH_ALG).
 
     The file's shared memory policy is bound to the store node first (mbind on a mapping that
@@ -71,24 +72,31 @@ def write_pages(state: dict, tmp_path: str, node: int, progress=None) -> str:
     released): batches of runs are read into a cache-sized buffer (process_vm_readv, or pread
     of /proc/PID/mem or of a shmem object), hashed, and pwritten: full-page writes into tmpfs
     allocate pages on the node without zeroing them first, and no page faults on a mapping.
+
+    out=(fd, base): write into the open file fd at byte offset base instead (the pool's slab,
+    cxlfork.poolstore; no new file, no mbind); tmp_path and node are then unused.
     """
     pid = state["process"]["pid"]
     npages = layout(state)
     size = npages * PAGE
-    fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    base = out[1] if out else 0
+    fd = out[0] if out else os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                    0o600)
     try:
-        os.ftruncate(fd, size)
         if size == 0:
             return image_mod.combine_segment_hashes([])
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
-            buf = ffi.from_buffer(mm)
-            e = lib.cx_mbind_shared(ffi.cast("char *", buf), size, node)
-            del buf
-            if e < 0 and e != -errno.ENOSYS:
-                raise CxlforkError(f"mbind of the page file to node {node}: {os.strerror(-e)}")
-        finally:
-            mm.close()
+        if out is None:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                buf = ffi.from_buffer(mm)
+                e = lib.cx_mbind_shared(ffi.cast("char *", buf), size, node)
+                del buf
+                if e < 0 and e != -errno.ENOSYS:
+                    raise CxlforkError(f"mbind of the page file to node {node}: "
+                                       f"{os.strerror(-e)}")
+            finally:
+                mm.close()
         memfd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         lock = threading.Lock()
         done = [0]
@@ -99,7 +107,7 @@ def write_pages(state: dict, tmp_path: str, node: int, progress=None) -> str:
             bounce = ffi.new("char[]", lib.CX_DUMP_BATCH)
             for src, addrs, lens, off in groups:
                 r = lib.cx_dump_runs(pid, src, len(addrs), ffi.new("uint64_t[]", addrs),
-                                     ffi.new("uint64_t[]", lens), bounce, h, fd, off)
+                                     ffi.new("uint64_t[]", lens), bounce, h, fd, base + off)
                 if r < 0:
                     raise CxlforkError(f"reading the memory of PID {pid} into the page "
                                        f"file: {os.strerror(-r)}")
@@ -117,4 +125,5 @@ def write_pages(state: dict, tmp_path: str, node: int, progress=None) -> str:
             os.close(memfd)
         return image_mod.combine_segment_hashes(hashes)
     finally:
-        os.close(fd)
+        if out is None:
+            os.close(fd)

@@ -38,10 +38,13 @@ def prepare():
 
 
 @command.command()
-@click.option("--cpus", default=2, show_default=True, help="vCPUs (all on node 0)")
-@click.option("--fast-mem", default=2048, show_default=True, help="node 0 memory, MiB")
+@click.option("--cpus", type=int, default=None, help="vCPUs (all on node 0) [2; 1 per host "
+              "with --hosts]")
+@click.option("--fast-mem", type=int, default=None, help="node 0 memory, MiB [2048; 1024 per "
+              "host with --hosts]")
 @click.option("--slow-nodes", default=1, show_default=True, help="CPU-less slow nodes")
-@click.option("--slow-mem", default=2048, show_default=True, help="memory per slow node, MiB")
+@click.option("--slow-mem", type=int, default=None, help="memory per slow node, MiB [2048; 256 "
+              "with --hosts]")
 @click.option("--fast-latency", default=100, show_default=True, help="node 0 HMAT latency, ns")
 @click.option("--slow-latency", default=280, show_default=True, help="slow node HMAT latency, ns")
 @click.option("--fast-bandwidth", default=40.0, show_default=True,
@@ -56,8 +59,12 @@ def prepare():
 @click.option("--node", type=int, default=None,
               help="multi-node host: designate this real node as the CXL tier (no QEMU)")
 @click.option("--offline-cpus", is_flag=True, help="with --node: take that node's CPUs offline")
+@click.option("--hosts", type=int, default=1, show_default=True,
+              help="emulated hosts; 2..4 share one memory pool (docs/emulation.md)")
+@click.option("--pool-mib", type=int, default=1024, show_default=True,
+              help="with --hosts: size of the shared pool, MiB (split into one region per host)")
 def start(cpus, fast_mem, slow_nodes, slow_mem, fast_latency, slow_latency, fast_bandwidth,
-          slow_bandwidth, distance, workdir, timeout, node, offline_cpus):
+          slow_bandwidth, distance, workdir, timeout, node, offline_cpus, hosts, pool_mib):
     """Boot the emulated CXL machine (or designate a real node with --node)."""
     from emulation import host_node
     from emulation.config import MachineConfig
@@ -69,19 +76,41 @@ def start(cpus, fast_mem, slow_nodes, slow_mem, fast_latency, slow_latency, fast
         if state.get("mode") == "host":
             raise TiermemError(f"node {state['node']} is already designated as the CXL tier; "
                                f"run 'tiermem emulate stop' first")
+        if state.get("mode") == "hosts":
+            from emulation import hosts as hosts_mod
+            if hosts_mod.status(state)["running"]:
+                raise TiermemError(f"{state['hosts']} emulated hosts are already running; "
+                                   f"run 'tiermem emulate stop' first")
+            hosts_mod.stop(state, DEFAULT_RUNDIR)      # stale: every host is gone
         if _pid_is_qemu(state.get("qemu_pid", 0)):
             raise TiermemError(f"an emulated CXL machine is already running (QEMU pid "
                                f"{state['qemu_pid']}); run 'tiermem emulate stop' first")
         remove_state(DEFAULT_RUNDIR)   # stale state of a machine that is gone
     if offline_cpus and node is None:
         raise TiermemError("--offline-cpus needs --node")
+    if hosts != 1 and node is not None:
+        raise TiermemError("--hosts and --node exclude each other")
     if node is not None:
         write_state(DEFAULT_RUNDIR, host_node.designate(node, offline_cpus, log=_log))
         return
-    cfg = MachineConfig(cpus=cpus, fast_mem_mib=fast_mem, slow_nodes=slow_nodes,
-                        slow_mem_mib=slow_mem, fast_latency_ns=fast_latency,
+    multi = hosts != 1
+    cfg = MachineConfig(cpus=cpus or (1 if multi else 2),
+                        fast_mem_mib=fast_mem or (1024 if multi else 2048),
+                        slow_nodes=slow_nodes,
+                        slow_mem_mib=slow_mem or (256 if multi else 2048),
+                        fast_latency_ns=fast_latency,
                         slow_latency_ns=slow_latency, fast_bandwidth_gbs=fast_bandwidth,
                         slow_bandwidth_gbs=slow_bandwidth, slow_distance=distance)
+    if multi:
+        from emulation import hosts as hosts_mod
+        hosts_mod.check(hosts, pool_mib)
+        st = hosts_mod.start(hosts, pool_mib, cfg, workdir, DEFAULT_RUNDIR, timeout, log=_log)
+        for rec in st["machines"]:
+            click.echo(f"host {rec['host']}: QEMU pid {rec['qemu_pid']}, booted in "
+                       f"{rec['boot_s']:.1f} s")
+        click.echo(f"pool: {pool_mib} MiB shared, mounted at {st['pool']['path']} in every "
+                   f"host; work folder {workdir}")
+        return
     m = Machine(cfg, workdir=workdir, rundir=DEFAULT_RUNDIR, detach=True)
     m.start(timeout=timeout, log=_log)
     m.close_connection()
@@ -92,9 +121,10 @@ def start(cpus, fast_mem, slow_nodes, slow_mem, fast_latency, slow_latency, fast
 @command.command(context_settings={"ignore_unknown_options": True})
 @click.option("--timeout", default=600.0, show_default=True, help="command timeout, s")
 @click.option("--json", "as_json", is_flag=True, help="print returncode/stdout/stderr as JSON")
+@click.option("--host", type=int, default=None, help="with --hosts: which host runs CMD")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx, timeout, as_json, cmd):
+def run(ctx, timeout, as_json, host, cmd):
     """Run CMD in the emulated CXL machine; exit with its exit status.
 
     Several arguments run as an argv; a single argument runs through /bin/sh -c.
@@ -103,7 +133,21 @@ def run(ctx, timeout, as_json, cmd):
 
     state = read_state(DEFAULT_RUNDIR)
     target = list(cmd) if len(cmd) > 1 else cmd[0]
-    if state is not None and state.get("mode") == "host":
+    multi = state is not None and state.get("mode") == "hosts"
+    if multi and host is None:
+        raise TiermemError(f"{state['hosts']} emulated hosts are running: say which with "
+                           f"--host 0..{state['hosts'] - 1}")
+    if not multi and host not in (None, 0):
+        raise TiermemError("--host N needs several emulated hosts "
+                           "('tiermem emulate start --hosts 2')")
+    if multi:
+        from emulation import hosts as hosts_mod
+        m = hosts_mod.attach(state, host)
+        try:
+            r = m.run(target, timeout=timeout)
+        finally:
+            m.close_connection()
+    elif state is not None and state.get("mode") == "host":
         t0 = time.monotonic()
         env = dict(os.environ, TIERMEM_CXL_NODE=str(state["node"]))
         try:
@@ -136,6 +180,20 @@ def status(as_json):
     from emulation.machine import DEFAULT_RUNDIR, _pid_is_qemu, read_state
 
     state = read_state(DEFAULT_RUNDIR)
+    if state is not None and state.get("mode") == "hosts":
+        from emulation import hosts as hosts_mod
+        st = hosts_mod.status(state)
+        if as_json:
+            click.echo(json.dumps(st, indent=1))
+            return
+        for rec in st["machines"]:
+            click.echo(f"host {rec['host']}: QEMU pid {rec['qemu_pid']} "
+                       f"({'running' if rec['running'] else 'gone'}), booted in "
+                       f"{rec['boot_s']:.1f} s, console log {rec['console']}")
+        p = st["pool"]
+        click.echo(f"pool: {p['pool_mib']} MiB ({st['hosts']} regions of {p['region_mib']} "
+                   f"MiB, {p['device']}, {p['fs']}) at {p['path']} in every host")
+        return
     if state is not None and state.get("mode") == "qemu":
         state["running"] = _pid_is_qemu(state["qemu_pid"])
         state["uptime_s"] = round(time.time() - state["started_at"], 1)
@@ -169,6 +227,12 @@ def stop():
     state = read_state(DEFAULT_RUNDIR)
     if state is None:
         raise TiermemError("no emulated CXL machine is running")
+    if state.get("mode") == "hosts":
+        from emulation import hosts as hosts_mod
+        pids = hosts_mod.stop(state, DEFAULT_RUNDIR)
+        click.echo(f"{state['hosts']} emulated hosts stopped (QEMU pids "
+                   f"{', '.join(map(str, pids)) or 'none left'}); pool removed")
+        return
     if state.get("mode") == "host":
         host_node.restore(state, log=_log)
         remove_state(DEFAULT_RUNDIR)
