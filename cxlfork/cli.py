@@ -95,18 +95,19 @@ def checkpoint(pid, image, leave_running, store, as_json):
 @click.option("--json", "as_json", is_flag=True, help="print PIDs and timing as JSON")
 def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_json):
     """Restore clones of IMAGE; waits for them unless --detach (exit status: the first
-    failing clone's). With lazy moa this command serves the clones' first touches while it
-    waits; with --detach a small process it forks stays behind to do it until they exit."""
+    failing clone's). This command serves the clones' userfaultfd (first touches of store pages:
+    lazy moa copies them; zeros after MADV_DONTNEED, mremap) while it waits; with --detach a
+    small process it forks stays behind to do it until they exit."""
     import time
     from cxlfork.errors import CxlforkError
-    from cxlfork.restore import restore as do, serve_lazy_forever, sync_lazy
+    from cxlfork.restore import restore as do, serve_lazy_forever, serving, sync_lazy
     if eager and policy != "moa":
         raise CxlforkError("--eager goes with --policy moa")
     t0 = time.perf_counter()
     pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
               eager=eager)
     dt = time.perf_counter() - t0
-    lazy_detach = detach and policy == "moa" and not eager
+    lazy_detach = detach and serving()     # store-mapped anonymous runs: the handler stays
     if lazy_detach:
         sync_lazy()
     if lazy_detach and os.fork() == 0:

@@ -116,3 +116,13 @@ def test_refused_with_a_line(env, prog, mode, want):
         if orig.poll() is None:
             orig.kill()
             orig.wait()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_anonymous_semantics(env, policy):
+    """Issue 13 part 4: restored anonymous pages behave as anonymous memory (anonsem.c, whose
+    original, run on after the checkpoint, is the reference on plain anonymous memory):
+    MADV_DONTNEED gives zeros (also over pages written since the restore, and at a range's
+    new place after mremap), MADV_FREE succeeds and writes after it stick, MADV_REMOVE fails
+    with EINVAL, mremap keeps contents and grows with zeros."""
+    _roundtrip(env, "anonsem", policy.split()[0], extra=policy.split()[1:])

@@ -1,6 +1,7 @@
 /* cxlfork C helpers (the cffi interface): hashing (hash.c), ptrace freeze/inject (ptrace.c),
  * fds seen from outside (fdpeek.c), page dump into the store (dump.c), spawn of the restorer
- * (spawn.c), the ptrace hand-over of a restore (handover.c), lazy moa (lazy.c). */
+ * (spawn.c), the ptrace hand-over of a restore (handover.c), the userfaultfd handler of clones
+ * (lazy.c). */
 #include <stdint.h>
 
 typedef struct { uint64_t h[4]; uint64_t n; } cx_hash_t;
@@ -46,10 +47,10 @@ int cx_finish(int pid, const void *regs, int rsize, const void *xs, int xsize, u
               int pending);
 int cx_kill(int pid, int sig);
 
-/* lazy moa: userfaultfd handler (lazy.c) */
-enum { CX_LAZY_BLOCK = 262144 };   /* bytes copied around a faulting page */
-int cx_lazy_add(int sock, int pidfd, int store_fd, uint64_t store_len, int n,
+/* userfaultfd handler of clones (lazy.c): lazy moa copies, anonymous semantics of store pages */
+enum { CX_LAZY_BLOCK = 262144 };   /* bytes mapped or copied around a faulting page */
+int cx_lazy_add(int sock, int pidfd, int copy, int store_fd, uint64_t store_len, int n,
                 const uint64_t *addr, const uint64_t *len, const uint64_t *off);
 int cx_lazy_serve(void);
 int cx_lazy_sync(int timeout_ms);
-void cx_lazy_stats(uint64_t *out3);
+void cx_lazy_stats(uint64_t *out8);
