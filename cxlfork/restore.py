@@ -90,7 +90,8 @@ def _sealed_memfd(data: bytes, fds: list[int]) -> int:
 class Prepared:
     """Everything shared by the clones of one restore: manifest, plan bytes, open files."""
 
-    def __init__(self, image: str, policy: str = "mow", warn=None, eager: bool = False):
+    def __init__(self, image: str, policy: str = "mow", warn=None, eager: bool = False,
+                 anon: bool = True):
         self.image = os.path.abspath(image)
         self.lazy = policy == "moa" and not eager
         self.m, plans = _load_cached(self.image)
@@ -126,7 +127,7 @@ class Prepared:
         self.num: dict = {}
         # the anonymous runs mapped from the store: registered with a userfaultfd served by
         # native/lazy.c (lazy moa copies; every policy gets anonymous MADV_DONTNEED/mremap)
-        runs = plan_mod.uffd_runs(m, policy, self.lazy, self.hot)
+        runs = plan_mod.uffd_runs(m, policy, self.lazy, self.hot) if self.lazy or anon else []
         self.uffd = bool(runs)
         for key in ["err", "store", "exe", "plan", "go"] + (["uffd_sock"] if self.uffd else []) + \
                 [("file", i) for i in self.file_fds] + \
@@ -135,7 +136,7 @@ class Prepared:
             nxt += 1
         self.num["cloexec"] = [f["fd"] for f in m["fds"] if f["cloexec"]]
         nums = dict(self.num)
-        pkey = (policy, self.lazy, self.hot)      # the plan depends on these and on m
+        pkey = (policy, self.lazy, self.hot, self.uffd)   # the plan depends on these and m
         self.plan = plans.get(pkey)
         if self.plan is None:
             self.plan = plans[pkey] = plan_mod.build(m, policy, nums, self.hot, lazy=self.lazy)
@@ -254,15 +255,20 @@ def _status_text(st: int) -> str:
     return f"status {st:#x}"
 
 
-def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = False) -> Prepared:
+def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = False,
+                    anon: bool = True) -> Prepared:
     """Check IMAGE, build its restore plan and open the files its clones need, once.
+
+    anon=False (mow, hybrid; for measurements): no userfaultfd for the store-mapped anonymous
+    runs, which then behave as a plain private file mapping (MADV_DONTNEED brings back the
+    checkpoint's bytes, docs/cxlfork.md). Lazy moa always has it.
 
     The returned object restores clones with `.restore(n, stdio)` as often as wanted (the
     per-clone cost is then only the spawn of the restorer and its plan) and must be closed
     (`.close()`, or use it as a context manager). Files are checked when it is made: a file
     that changes afterwards is not noticed by later restores.
     """
-    return Prepared(image, policy, warn, eager)
+    return Prepared(image, policy, warn, eager, anon)
 
 
 def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",

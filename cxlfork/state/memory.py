@@ -32,7 +32,10 @@ SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]")
 MADVISE = {"hg": 14, "nh": 15, "dc": 10, "dd": 16, "wf": 18, "sr": 2, "rr": 1, "mg": 12}
 REFUSED_VMFLAGS = {"lo": "mlock()ed memory", "io": "device memory (VM_IO)",
                    "pf": "device memory (VM_PFNMAP)", "um": "userfaultfd-registered memory",
-                   "uw": "userfaultfd-registered memory", "ss": "a shadow stack",
+                   "uw": "userfaultfd-registered memory",
+                   "ui": "userfaultfd-registered memory (in a cxlfork clone: the store pages "
+                         "its handler serves; checkpoint the original, or a moa --eager "
+                         "clone)", "ss": "a shadow stack",
                    "sl": "sealed (mseal) memory"}
 F_GET_SEALS, F_ADD_SEALS = 1034, 1033
 MFD_ALLOW_SEALING = 2
