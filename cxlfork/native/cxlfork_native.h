@@ -48,7 +48,8 @@ int cx_finish(int pid, const void *regs, int rsize, const void *xs, int xsize, u
 int cx_kill(int pid, int sig);
 
 /* userfaultfd handler of clones (lazy.c): lazy moa copies, anonymous semantics of store pages */
-enum { CX_LAZY_BLOCK = 262144 };   /* bytes mapped or copied around a faulting page */
+enum { CX_LAZY_BLOCK = 262144 };   /* bytes copied around a faulting page (lazy moa) */
+enum { CX_MAP_BLOCK = 1048576 };   /* bytes of store pages mapped around one (mow, hybrid) */
 int cx_lazy_add(int sock, int pidfd, int copy, int store_fd, uint64_t store_len, int n,
                 const uint64_t *addr, const uint64_t *len, const uint64_t *off);
 int cx_lazy_serve(void);

@@ -9,9 +9,10 @@
  * over a unix socket (SCM_RIGHTS). Per clone the handler keeps a table of what each address
  * holds: STORE (page file offset) or ZERO. Then:
  *   - a page fault (a page whose PTE is empty though its page is in the store's page cache)
- *     in a STORE entry maps the block of LZ_BLOCK bytes around it from the page cache with
+ *     in a STORE entry maps the block of LZ_MAP_BLOCK bytes around it from the page cache with
  *     UFFDIO_CONTINUE (MAP mode: mow, hybrid; the pages stay shared, a write copies) or copies
- *     it into private anonymous memory with UFFDIO_COPY (COPY mode: lazy moa);
+ *     the LZ_BLOCK bytes around it into private anonymous memory with UFFDIO_COPY (COPY mode:
+ *     lazy moa); blocks are clipped to the entry;
  *   - UFFD_EVENT_REMOVE (MADV_DONTNEED, MADV_REMOVE; delivered before the kernel zaps the range)
  *     turns the range into a ZERO entry; a fault there, or at an address the table does not
  *     know (the new part of a range grown in place by mremap), gets the zero page
@@ -48,6 +49,7 @@
 
 #define PAGE 4096UL
 #define LZ_BLOCK ((uint64_t)CX_LAZY_BLOCK)
+#define LZ_MAP_BLOCK ((uint64_t)CX_MAP_BLOCK)
 #define ZERO_OFF UINT64_MAX            /* an entry whose pages read as zeros */
 
 struct lz_ent {
@@ -241,7 +243,8 @@ static void count(struct lz_clone *c, int zero, int64_t bytes)
 static int serve_fault(struct lz_clone *c, uint64_t addr)
 {
     uint64_t page = addr & ~(PAGE - 1);
-    uint64_t start = page & ~(LZ_BLOCK - 1), end = start + LZ_BLOCK;
+    uint64_t block = c->copy ? LZ_BLOCK : LZ_MAP_BLOCK;
+    uint64_t start = page & ~(block - 1), end = start + block;
     int i = ent_lower(c, page);
     int zero = 1;
     const char *src = NULL;
