@@ -100,7 +100,8 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
     small process it forks stays behind to do it until they exit."""
     import time
     from cxlfork.errors import CxlforkError
-    from cxlfork.restore import restore as do, serve_lazy_forever, serving, sync_lazy
+    from cxlfork.restore import (pause_lazy, restore as do, serve_lazy_forever, serving,
+                                 sync_lazy)
     if eager and policy != "moa":
         raise CxlforkError("--eager goes with --policy moa")
     t0 = time.perf_counter()
@@ -110,6 +111,7 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
     lazy_detach = detach and serving()     # store-mapped anonymous runs: the handler stays
     if lazy_detach:
         sync_lazy()
+        pause_lazy()                       # from here on only the child below serves
     if lazy_detach and os.fork() == 0:
         null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):

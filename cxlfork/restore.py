@@ -328,6 +328,13 @@ def serving() -> bool:
     return lazy_stats()["clones"] > 0
 
 
+def pause_lazy() -> None:
+    """Stop this process's handler thread for good, between two rounds (its state stays as it
+    is): right before an os.fork() whose child takes over with serve_lazy_forever(), so that
+    the parent reads no event after the child's copy of the tables was made."""
+    lib.cx_lazy_pause()
+
+
 def serve_lazy_forever() -> None:
     """Serve the clones of this process's userfaultfd handler in the calling thread until all
     have exited (for a process forked to stay behind a detached restore)."""

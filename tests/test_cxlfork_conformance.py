@@ -38,6 +38,9 @@ def _roundtrip(env, prog, policy="mow", args=(), extra=()):
         out, rc, _ = go(orig)
         assert out.strip() == "ok" and rc == 0, f"original after checkpoint: {out!r} rc={rc}"
         out, rc, err = go(clone)
+        if "--detach" in extra:        # the command printed the PIDs and exited 0
+            pids, _, out = out.partition("\n")
+            assert pids.strip() == wait_file(pidfile, clone).strip()
         assert out.strip() == "ok" and rc == 0, f"clone: {out!r} rc={rc} {err}"
     finally:
         if orig.poll() is None:
@@ -126,6 +129,12 @@ def test_anonymous_semantics(env, policy):
     new place after mremap), MADV_FREE succeeds and writes after it stick, MADV_REMOVE fails
     with EINVAL, mremap keeps contents and grows with zeros."""
     _roundtrip(env, "anonsem", policy.split()[0], extra=policy.split()[1:])
+
+
+def test_anonymous_semantics_detached(env):
+    """restore --detach of a mow clone: the command exits at once and the process it leaves
+    behind serves the clone's userfaultfd, so the clone's checks still pass."""
+    _roundtrip(env, "anonsem", "mow", extra=["--detach"])
 
 
 def test_checkpoint_of_a_clone_refused(env):

@@ -53,5 +53,6 @@ enum { CX_MAP_BLOCK = 1048576 };   /* bytes of store pages mapped around one (mo
 int cx_lazy_add(int sock, int pidfd, int copy, int store_fd, uint64_t store_len, int n,
                 const uint64_t *addr, const uint64_t *len, const uint64_t *off);
 int cx_lazy_serve(void);
+void cx_lazy_pause(void);
 int cx_lazy_sync(int timeout_ms);
 void cx_lazy_stats(uint64_t *out8);

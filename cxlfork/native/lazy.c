@@ -468,12 +468,42 @@ static int serve_once(int timeout_ms)
     return r < 0 && errno != EINTR ? -errno : left;
 }
 
+static int paused, thread_idle;              /* cx_lazy_pause */
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+
 static void *thread_main(void *arg)
 {
     (void)arg;
-    for (;;)
+    for (;;) {
+        pthread_mutex_lock(&mu);
+        while (paused) {
+            thread_idle = 1;
+            pthread_cond_broadcast(&cv);
+            pthread_cond_wait(&cv, &mu);          /* for good: the process is about to exit */
+        }
+        pthread_mutex_unlock(&mu);
         serve_once(-1);
+    }
     return NULL;
+}
+
+/* Stop this process's handler thread between two rounds, for good: before a fork whose child
+ * takes over (cx_lazy_serve), so that no event is read by the parent after the child's copy
+ * of the tables was made (the clones' faults and events wait meanwhile). */
+void cx_lazy_pause(void)
+{
+    pthread_mutex_lock(&mu);
+    paused = 1;
+    int running = thread_started;
+    pthread_mutex_unlock(&mu);
+    if (!running)
+        return;
+    uint64_t one = 1;
+    (void)!write(evfd, &one, sizeof one);
+    pthread_mutex_lock(&mu);
+    while (!thread_idle)
+        pthread_cond_wait(&cv, &mu);
+    pthread_mutex_unlock(&mu);
 }
 
 int cx_lazy_add(int sock, int pidfd, int copy, int store_fd, uint64_t store_len, int n,
@@ -532,7 +562,9 @@ int cx_lazy_add(int sock, int pidfd, int copy, int store_fd, uint64_t store_len,
 int cx_lazy_serve(void)
 {
     pthread_mutex_init(&mu, NULL);
+    pthread_cond_init(&cv, NULL);
     thread_started = 0;
+    paused = 0;
     for (;;) {
         int left = serve_once(-1);
         if (left <= 0)
