@@ -8,7 +8,8 @@ first reference, the original worker reading its own resident anonymous memory.
 
 "restore" = from the start of Prepared.restore() to the clone answering "pong";
 "first read" = the clone's first "read" request (numpy reduces the whole array: every page
-touched once) to its answer. The handler's counters (faults, pages mapped) are per clone.
+touched once) to its answer. "faults" = the handler's round trips per clone (restore, ping
+and read); "PSS ping" = the clone's PSS after its first ping (store pages it maps count).
 Run as root:  .venv/bin/python bench/bench_anon.py [--mib 256] [--runs 5]
 """
 from __future__ import annotations
@@ -24,24 +25,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from bench_cxlfork import Pipes, ask, kill_all, start_worker  # noqa: E402
+from bench_cxlfork import Pipes, ask, kill_all, mem_of, start_worker  # noqa: E402
 from cxlfork.checkpoint import checkpoint  # noqa: E402
 from cxlfork.ghosts import GhostPool  # noqa: E402
 from cxlfork.restore import lazy_stats, prepare_restore  # noqa: E402
 
 
 def one(p, pool, pipes: Pipes) -> tuple[float, float, dict]:
-    """(restore s, first full read s, handler counters) of one clone."""
+    """(restore s, first full read s, handler counters, PSS after the ping) of one clone."""
     before = lazy_stats()
     t0 = time.perf_counter()
     pid, = p.restore(1, stdio=pipes.fds(), ghosts=pool)
     assert pipes.ask("ping") == "pong"
     t1 = time.perf_counter()
+    pss = mem_of([pid])[0]
     assert pipes.ask("read") == "done"
     t2 = time.perf_counter()
     after = lazy_stats()
     kill_all([pid])
-    return t1 - t0, t2 - t1, {k: after[k] - before[k] for k in ("faults", "pages_mapped")}
+    return t1 - t0, t2 - t1, {k: after[k] - before[k] for k in ("faults", "pages_mapped")}, pss
 
 
 def main():
@@ -99,7 +101,7 @@ def main():
           f"(load average {os.getloadavg()[0]:.1f}); the original reading its own resident "
           f"anonymous memory: {med(ref):.1f} ms")
     hdr = ("restore into", "restore with", "without", "ratio", "1st read with", "without",
-           "ratio", "faults with", "faults w/o")
+           "ratio", "faults with", "PSS ping with", "without")
     print(" | ".join(f"{h:>16}" for h in hdr))
     for name, _ in (("spawned", 0), ("warm ghost", 0), ("prefaulted ghost", 0)):
         on, off = res[name, "with"], res[name, "without"]
@@ -108,7 +110,8 @@ def main():
         n_on = statistics.median([x[2]["faults"] for x in on])
         row = (name, f"{r_on:.2f} ms", f"{r_off:.2f} ms", f"{r_on / r_off:.2f}x",
                f"{f_on:.1f} ms", f"{f_off:.1f} ms", f"{f_on / f_off:.2f}x", f"{n_on:.0f}",
-               "0 (kernel)")
+               f"{statistics.median([x[3] for x in on]) / 2**20:.1f} MiB",
+               f"{statistics.median([x[3] for x in off]) / 2**20:.1f} MiB")
         print(" | ".join(f"{x:>16}" for x in row))
 
 
