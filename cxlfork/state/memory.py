@@ -4,8 +4,9 @@ Checkpoint (`collect`): /proc/PID/smaps (maps + VmFlags) turned into VMA records
 file, shmem/memfd, vvar/vdso), each with the runs of pages the store must keep (pagemap
 presence; for file/shmem private mappings only the copied-on-write pages); shared anonymous
 memory and memfds become objects (`Objects`, by inode) whose data ranges (SEEK_DATA/HOLE) are
-stored too. Refused, naming the mapping: mlocked, VM_IO/PFNMAP, userfaultfd-registered,
-shadow-stack and sealed memory, SysV shm, deleted mapped files, the restorer's region.
+stored too. Refused, naming the mapping: mlocked, VM_IO/PFNMAP, userfaultfd-registered
+(also a cxlfork clone's store-mapped runs, whose dropped pages are zeros only through its
+handler), shadow-stack and sealed memory, SysV shm, deleted mapped files, the restorer's region.
 The pages themselves are written by cxlfork.pages.
 
 Restore: the kernel's vvar/vdso layout is checked (`check_specials`), the mapped files are
