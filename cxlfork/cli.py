@@ -100,11 +100,13 @@ def checkpoint(pid, image, leave_running, store, as_json):
               "timing as JSON")
 def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns, as_json):
     """Restore clones of IMAGE; waits for them unless --detach (exit status: the first
-    failing clone's). With lazy moa this command serves the clones' first touches while it
-    waits; with --detach a small process it forks stays behind to do it until they exit."""
+    failing clone's). This command serves the clones' userfaultfd (first touches of store pages:
+    lazy moa copies them; zeros after MADV_DONTNEED, mremap) while it waits; with --detach a
+    small process it forks stays behind to do it until they exit."""
     import time
     from cxlfork.errors import CxlforkError
-    from cxlfork.restore import restore as do, serve_lazy_forever, sync_lazy
+    from cxlfork.restore import (pause_lazy, restore as do, serve_lazy_forever, serving,
+                                 sync_lazy)
     if eager and policy != "moa":
         raise CxlforkError("--eager goes with --policy moa")
     if pidfile:
@@ -115,9 +117,10 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns
     dt = time.perf_counter() - t0
     if pidfile:
         _write_pidfile(pidfile, pids)         # kills the clones if it fails
-    lazy_detach = detach and policy == "moa" and not eager
+    lazy_detach = detach and serving()     # store-mapped anonymous runs: the handler stays
     if lazy_detach:
         sync_lazy()
+        pause_lazy()                       # from here on only the child below serves
     if lazy_detach and os.fork() == 0:
         null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):

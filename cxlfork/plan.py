@@ -15,7 +15,9 @@ How a policy turns into ops, per mapping of the image:
     shmem   mmap the clone's own memfd holding the object (MAP_SHARED, or MAP_PRIVATE + its
             copied-on-write pages as for files)
 Then signals, rseq, tid address, robust list, PR_SET_MM_MAP, name (a warm ghost stops here),
-the lazy moa userfaultfd, timers, epoll interest entries, pending signals, rlimits, FD_CLOEXEC, the go byte, threads, closing fds.
+the userfaultfd of the store-mapped anonymous runs (lazy moa copies; anonymous semantics of
+MADV_DONTNEED/mremap under every policy but moa --eager), timers, epoll interest entries,
+pending signals, rlimits, FD_CLOEXEC, the go byte, threads, closing fds.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import struct
 from cxlfork.state import pending
 
 PLAN_MAGIC = 0x314E414C50584643
-PLAN_VERSION = 4
+PLAN_VERSION = 5
 REGION_LO, REGION_HI = 0x100000000000, 0x100040000000
 PLAN_ADDR = REGION_LO + 0x20000000
 THREAD_PARK = REGION_LO + 0x3ffff000        # never mapped; see restorer.c
@@ -39,6 +41,9 @@ MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PROT_R = 1
 MADV_POPULATE_READ = 22      # Linux 5.14+: fill page tables read-only, no copy
+# userfaultfd features of the clones' store-mapped anonymous runs (native/lazy.c): minor faults
+# on shmem, and the REMAP, REMOVE, UNMAP and FORK events
+UFFD_FEATURES = (1 << 10) | (1 << 2) | (1 << 3) | (1 << 6) | (1 << 1)
 PAGE = 4096
 POLICIES = ("mow", "moa", "hybrid")
 
@@ -72,12 +77,19 @@ def _split_hot(run, hot: bytes | None):
         i = j
 
 
-def lazy_runs(m: dict) -> list[tuple[int, int, int]]:
-    """Lazy moa: the (address, bytes, page-file offset) of each stored run the clone maps from
-    the store and registers with its userfaultfd (anonymous memory, stacks excepted: they are
-    copied at restore). Sorted by address."""
+def uffd_runs(m: dict, policy: str, lazy: bool = False, hot: bytes | None = None
+              ) -> list[tuple[int, int, int]]:
+    """The (address, bytes, page-file offset) of each anonymous run a clone maps from the
+    store, which its restorer registers with a userfaultfd (native/lazy.c: lazy moa copies
+    them on first touch; under every policy MADV_DONTNEED, mremap and munmap of them get
+    anonymous semantics). Stacks are copied at restore, hybrid's hot pages too, moa --eager
+    copies everything: none of those is registered. Sorted by address."""
+    if policy == "moa" and not lazy:
+        return []
+    hot = hot if policy == "hybrid" else None
     return [(a, n * PAGE, sp * PAGE) for v in m["vmas"]
-            if v["kind"] == "anon" and not v["growsdown"] for a, n, sp in v["runs"]]
+            if v["kind"] == "anon" and not v["growsdown"]
+            for r in v["runs"] for a, n, sp, eager in _split_hot(r, hot) if not eager]
 
 
 def _store_runs(p, v: dict, runs, hot, copy_all: bool, store: int, populate: list) -> bool:
@@ -143,10 +155,11 @@ def _epoll_ops(p: Plan, m: dict) -> None:
 
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
           lazy: bool = False, warm_sock: int | None = None, prefault: bool = False) -> bytes:
-    """lazy (policy moa): map stored runs from the store as mow does and register them with a
-    userfaultfd in MINOR mode, sent to cxlfork over fdnums['uffd_sock'] (native/lazy.c
-    copies each block on first touch)."""
-    """fdnums: 'store', 'err', 'exe', 'go', ('file', vma index), ('obj', object id),
+    """lazy (policy moa): map stored runs from the store as mow does (and copy each block on
+    first touch, native/lazy.c). With fdnums['uffd_sock'] (any policy but moa --eager) the
+    anonymous runs mapped from the store (uffd_runs) are registered with a userfaultfd in
+    MINOR mode with UFFD_FEATURES, sent to cxlfork over that socket.
+    fdnums: 'store', 'err', 'exe', 'go', ('file', vma index), ('obj', object id),
     'cloexec' (list); the process's own fds must be below 'err' and the restorer's above it.
     warm_sock: the plan of a warm ghost, which waits on that fd for the clone's fds after the
     memory, signal and mm parts. prefault (warm, not lazy): before it waits, the ghost fills
@@ -212,9 +225,9 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
         for addr, nbytes in populate if prefault else ():
             p.op(OP_MADVISE, addr, nbytes, MADV_POPULATE_READ)
         p.op(OP_GHOSTWAIT, warm_sock)
-    if lazy:
-        p.op(OP_UFFD_OPEN)
-        for addr, nbytes, _ in lazy_runs(m):
+    if "uffd_sock" in fdnums:
+        p.op(OP_UFFD_OPEN, UFFD_FEATURES)
+        for addr, nbytes, _ in uffd_runs(m, policy, lazy, hot):
             p.op(OP_UFFD_REG, addr, nbytes)
         p.op(OP_UFFD_SEND, fdnums["uffd_sock"])
     # timers: created and armed per clone (after a warm ghost's wait), with the times left

@@ -90,7 +90,8 @@ def _sealed_memfd(data: bytes, fds: list[int]) -> int:
 class Prepared:
     """Everything shared by the clones of one restore: manifest, plan bytes, open files."""
 
-    def __init__(self, image: str, policy: str = "mow", warn=None, eager: bool = False):
+    def __init__(self, image: str, policy: str = "mow", warn=None, eager: bool = False,
+                 anon: bool = True):
         self.image = os.path.abspath(image)
         self.lazy = policy == "moa" and not eager
         self.m, plans = _load_cached(self.image)
@@ -125,21 +126,24 @@ class Prepared:
         own = [f["fd"] for f in m["fds"]]
         nxt = max(own + [2]) + 1
         self.num: dict = {}
-        for key in ["err", "store", "exe", "plan", "go"] + (["uffd_sock"] if self.lazy else []) + \
+        # the anonymous runs mapped from the store: registered with a userfaultfd served by
+        # native/lazy.c (lazy moa copies; every policy gets anonymous MADV_DONTNEED/mremap)
+        runs = plan_mod.uffd_runs(m, policy, self.lazy, self.hot) if self.lazy or anon else []
+        self.uffd = bool(runs)
+        for key in ["err", "store", "exe", "plan", "go"] + (["uffd_sock"] if self.uffd else []) + \
                 [("file", i) for i in self.file_fds] + \
                 [("obj", o["id"]) for o in m["objects"]]:
             self.num[key] = nxt
             nxt += 1
         self.num["cloexec"] = [f["fd"] for f in m["fds"] if f["cloexec"]]
         nums = dict(self.num)
-        pkey = (policy, self.lazy, self.hot)      # the plan depends on these and on m
+        pkey = (policy, self.lazy, self.hot, self.uffd)   # the plan depends on these and m
         self.plan = plans.get(pkey)
         if self.plan is None:
             self.plan = plans[pkey] = plan_mod.build(m, policy, nums, self.hot, lazy=self.lazy)
-        if self.lazy:
-            runs = plan_mod.lazy_runs(m)
-            self.lazy_runs = [ffi.new("uint64_t[]", [r[k] for r in runs]) for k in range(3)]
-            self.lazy_n = len(runs)
+        if self.uffd:
+            self.uffd_runs = [ffi.new("uint64_t[]", [r[k] for r in runs]) for k in range(3)]
+            self.uffd_n = len(runs)
         # one sealed memfd holds the plan for every clone (the restorer maps it read-only)
         try:
             self.plan_fd = _sealed_memfd(self.plan, self.fds_open)
@@ -256,15 +260,20 @@ def _status_text(st: int) -> str:
     return f"status {st:#x}"
 
 
-def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = False) -> Prepared:
+def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = False,
+                    anon: bool = True) -> Prepared:
     """Check IMAGE, build its restore plan and open the files its clones need, once.
+
+    anon=False (mow, hybrid; for measurements): no userfaultfd for the store-mapped anonymous
+    runs, which then behave as a plain private file mapping (MADV_DONTNEED brings back the
+    checkpoint's bytes, docs/cxlfork.md). Lazy moa always has it.
 
     The returned object restores clones with `.restore(n, stdio)` as often as wanted (the
     per-clone cost is then only the spawn of the restorer and its plan) and must be closed
     (`.close()`, or use it as a context manager). Files are checked when it is made: a file
     that changes afterwards is not noticed by later restores.
     """
-    return Prepared(image, policy, warn, eager)
+    return Prepared(image, policy, warn, eager, anon)
 
 
 def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
@@ -273,8 +282,10 @@ def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
     """Restore n clones of image; returns their PIDs (children of this process).
 
     policy "moa" is lazy unless eager=True: the clones map the store as in mow and a
-    userfaultfd handler thread of this process (native/lazy.c) copies each block on first touch;
-    when this process exits, untouched pages simply stay shared from the store (mow).
+    userfaultfd handler thread of this process (native/lazy.c) copies each block on first touch.
+    Under mow and hybrid the same handler maps store pages on first touch and gives the
+    store-mapped anonymous runs anonymous semantics (zeros after MADV_DONTNEED, mremap): this
+    process must outlive the clones (or fork a server: serving(), serve_lazy_forever()).
     cgroup: a cgroup directory the clones are born in (cxlfork.cgtarget). netns: "new" (each
     clone of an image with inet or named unix sockets in a network namespace of its own) or
     "host" (this process's)."""
@@ -299,24 +310,41 @@ def _lazy_add(p: Prepared, pid: int, sock: int) -> None:
     except OSError as e:
         os.close(sock)
         raise CxlforkError(f"pidfd_open of clone {pid}: {e.strerror}") from e
-    e = lib.cx_lazy_add(sock, pidfd, p.store_fd, p.m["store"]["pages"] * PAGE, p.lazy_n,
-                        *p.lazy_runs)
+    e = lib.cx_lazy_add(sock, pidfd, 1 if p.lazy else 0, p.store_fd,
+                        p.m["store"]["pages"] * PAGE, p.uffd_n, *p.uffd_runs)
     if e < 0:
         os.close(sock)
         os.close(pidfd)
-        raise CxlforkError(f"starting the lazy moa handler: {os.strerror(-e)}")
+        raise CxlforkError(f"starting the userfaultfd handler of the clones: {os.strerror(-e)}")
 
 
 def lazy_stats() -> dict:
-    """The lazy moa handler of this process: clones served, faults, pages copied."""
-    out = ffi.new("uint64_t[3]")
+    """The userfaultfd handler of this process (native/lazy.c): clones served (forked children
+    of clones included), faults, pages copied (lazy moa), mapped from the store (mow, hybrid)
+    and zero-filled (after MADV_DONTNEED or in a range grown by mremap), REMOVE (MADV_DONTNEED)
+    and REMAP (mremap) events, forks."""
+    out = ffi.new("uint64_t[8]")
     lib.cx_lazy_stats(out)
-    return {"clones": out[0], "faults": out[1], "pages_copied": out[2]}
+    return dict(zip(("clones", "faults", "pages_copied", "pages_mapped", "pages_zeroed",
+                     "removes", "remaps", "forks"), (int(x) for x in out)))
+
+
+def serving() -> bool:
+    """Whether this process's userfaultfd handler serves clones (restore --detach must then
+    leave a process behind to go on serving them)."""
+    return lazy_stats()["clones"] > 0
+
+
+def pause_lazy() -> None:
+    """Stop this process's handler thread for good, between two rounds (its state stays as it
+    is): right before an os.fork() whose child takes over with serve_lazy_forever(), so that
+    the parent reads no event after the child's copy of the tables was made."""
+    lib.cx_lazy_pause()
 
 
 def serve_lazy_forever() -> None:
-    """Serve the lazy moa clones of this process in the calling thread until all have exited
-    (for a process forked to stay behind a detached restore)."""
+    """Serve the clones of this process's userfaultfd handler in the calling thread until all
+    have exited (for a process forked to stay behind a detached restore)."""
     lib.cx_lazy_serve()
 
 
@@ -324,7 +352,7 @@ def sync_lazy(timeout_s: float = 5.0) -> None:
     """Make sure the handler holds every clone's userfaultfd (call before os.fork(), so that
     the child takes them along)."""
     if lib.cx_lazy_sync(int(timeout_s * 1000)):
-        raise CxlforkError("the lazy moa handler did not receive every clone's userfaultfd "
+        raise CxlforkError("the userfaultfd handler did not receive every clone's userfaultfd "
                            f"within {timeout_s:g} s")
 
 
@@ -453,7 +481,7 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
                     extra.update({"store": p.store_fd, "exe": p.exe_fd, "plan": p.plan_fd})
                     extra.update({("file", i): fd for i, fd in p.file_fds.items()})
                     extra.update({("obj", oid): fd for oid, fd in objfds.items()})
-                if p.lazy:
+                if p.uffd:
                     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                     opened.append(theirs.detach())
                     lazy_sock = mine.detach()
@@ -495,13 +523,13 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
                 if pid < 0:
                     os.close(er)
                     os.close(go_w.pop())
-                    if p.lazy:
+                    if p.uffd:
                         os.close(lazy_sock)
                     if same_pid and -pid == 17:
                         raise CxlforkError(f"PID {set_tid} is in use; --same-pid needs it free")
                     raise CxlforkError(f"spawning the restorer: {os.strerror(-pid)}")
                 clones.append(Clone(pid, er))
-                if p.lazy:
+                if p.uffd:
                     _lazy_add(p, pid, lazy_sock)
             except BaseException:
                 if g is not None and g.sock >= 0:   # taken, not handed the restore

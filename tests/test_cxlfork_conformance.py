@@ -38,6 +38,9 @@ def _roundtrip(env, prog, policy="mow", args=(), extra=()):
         out, rc, _ = go(orig)
         assert out.strip() == "ok" and rc == 0, f"original after checkpoint: {out!r} rc={rc}"
         out, rc, err = go(clone)
+        if "--detach" in extra:        # the command printed the PIDs and exited 0
+            pids, _, out = out.partition("\n")
+            assert pids.strip() == wait_file(pidfile, clone).strip()
         assert out.strip() == "ok" and rc == 0, f"clone: {out!r} rc={rc} {err}"
     finally:
         if orig.poll() is None:
@@ -214,6 +217,49 @@ def test_event_fds_restore_refuses_changed_paths(env, prog, change, want):
         assert "Traceback" not in r.stderr
         left = [p.pid for p in psutil.process_iter(["exe"]) if p.info["exe"] == exe]
         assert left == [orig.pid], left
+    finally:
+        if orig.poll() is None:
+            orig.kill()
+            orig.wait()
+        cxlfork("rm", img, check=False)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_anonymous_semantics(env, policy):
+    """Issue 13 part 4: restored anonymous pages behave as anonymous memory (anonsem.c, whose
+    original, run on after the checkpoint, is the reference on plain anonymous memory):
+    MADV_DONTNEED gives zeros (also over pages written since the restore, and at a range's
+    new place after mremap), MADV_FREE succeeds and writes after it stick, MADV_REMOVE fails
+    with EINVAL, mremap keeps contents and grows with zeros."""
+    _roundtrip(env, "anonsem", policy.split()[0], extra=policy.split()[1:])
+
+
+def test_anonymous_semantics_detached(env):
+    """restore --detach of a mow clone: the command exits at once and the process it leaves
+    behind serves the clone's userfaultfd, so the clone's checks still pass."""
+    _roundtrip(env, "anonsem", "mow", extra=["--detach"])
+
+
+def test_checkpoint_of_a_clone_refused(env):
+    """A mow clone's store-mapped anonymous runs are registered with cxlfork's userfaultfd
+    (dropped pages are zeros only through its handler): checkpointing the clone is refused
+    with one line naming that memory (before, the image silently took the store's bytes for
+    dropped pages), and the clone goes on."""
+    d, store = env
+    exe = build_prog("anonsem", d)
+    orig = start([exe], cwd=d)
+    img = os.path.join(d, "anonsem-cc.img")
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        clone = restore_popen(img, "--pidfile", img + ".pids")
+        pid = int(wait_file(img + ".pids", clone))
+        r = cxlfork("checkpoint", pid, "-o", img + "2", "--store", store, check=False)
+        errors = [x for x in r.stderr.splitlines() if x.startswith("cxlfork: error:")]
+        assert r.returncode == 1 and len(errors) == 1, r.stderr
+        assert "userfaultfd-registered memory (in a cxlfork clone" in errors[0], r.stderr
+        assert not os.path.exists(img + "2")
+        out, rc, err = go(clone)
+        assert out.strip() == "ok" and rc == 0, f"clone: {out!r} rc={rc} {err}"
     finally:
         if orig.poll() is None:
             orig.kill()

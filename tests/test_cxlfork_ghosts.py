@@ -132,6 +132,45 @@ def test_restore_into_ghost(env, prog, policy, warm):
         cxlfork("rm", img, check=False)
 
 
+@pytest.mark.parametrize("policy,kind", [("mow", "cold"), ("mow", "warm"),
+                                         ("mow", "prefault"), ("moa", "cold"),
+                                         ("moa", "warm"), ("hybrid", "warm")])
+def test_anonymous_semantics_in_ghosts(env, policy, kind):
+    """Issue 13.4 in clones restored into ghosts: anonsem.c's checks (zeros after
+    MADV_DONTNEED, mremap, a forked child's drop) pass in a cold ghost, a warm one (its
+    userfaultfd is made after the wait, per clone) and a prefaulted warm one (store pages
+    mapped read-only before the registration)."""
+    from cxlfork.ghosts import GhostPool
+    from cxlfork.restore import lazy_stats, prepare_restore
+    d, s = env
+    exe = build_prog("anonsem", d)
+    orig = start([exe], cwd=d)
+    img = os.path.join(d, f"anonsem-{policy}-{kind}.img")
+    c = _Clone()
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        with prepare_restore(img, policy) as p, \
+                GhostPool(1, refill="manual", prepared=None if kind == "cold" else p,
+                          prefault=kind == "prefault") as pool:
+            before = lazy_stats()
+            pid, = p.restore(1, stdio=c.stdio(), ghosts=pool)
+            assert pool.stats()["taken"] == 1 and pool.stats()["fallbacks"] == 0
+            assert c.send(b"go\n") == "ok"
+            _, st = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(st) == 0
+            after = lazy_stats()
+            assert after["removes"] > before["removes"] and after["forks"] > before["forks"]
+        orig.stdin.write(b"go\n")
+        orig.stdin.flush()
+        assert readline(orig.stdout).strip() == "ok"       # the reference: plain anonymous
+    finally:
+        c.close()
+        if orig.poll() is None:
+            orig.kill()
+        orig.wait()
+        cxlfork("rm", img, check=False)
+
+
 def test_pool_fallback_dead_ghost_close(env):
     """n=3 from a pool of 2 where one ghost was killed: one clone in the live ghost, one dead
     ghost skipped, two spawned; every clone answers. Closing the pool kills and reaps its idle

@@ -1,7 +1,7 @@
 /* cxlfork C helpers (the cffi interface): hashing (hash.c), ptrace freeze/inject (ptrace.c),
  * fds seen from outside (fdpeek.c), page dump into the store (dump.c), spawn of the restorer
- * (spawn.c), the ptrace hand-over of a restore (handover.c), lazy moa (lazy.c), event and
- * timer fds (evfd.c). */
+ * (spawn.c), the ptrace hand-over of a restore (handover.c), the userfaultfd handler of clones
+ * (lazy.c), event and timer fds (evfd.c), namespaces (netns.c). */
 #include <stdint.h>
 
 typedef struct { uint64_t h[4]; uint64_t n; } cx_hash_t;
@@ -51,13 +51,15 @@ int cx_finish(int pid, const void *regs, int rsize, const void *xs, int xsize, u
               int pending);
 int cx_kill(int pid, int sig);
 
-/* lazy moa: userfaultfd handler (lazy.c) */
-enum { CX_LAZY_BLOCK = 262144 };   /* bytes copied around a faulting page */
-int cx_lazy_add(int sock, int pidfd, int store_fd, uint64_t store_len, int n,
+/* userfaultfd handler of clones (lazy.c): lazy moa copies, anonymous semantics of store pages */
+enum { CX_LAZY_BLOCK = 262144 };   /* bytes copied around a faulting page (lazy moa) */
+enum { CX_MAP_BLOCK = 1048576 };   /* bytes of store pages mapped around one (mow, hybrid) */
+int cx_lazy_add(int sock, int pidfd, int copy, int store_fd, uint64_t store_len, int n,
                 const uint64_t *addr, const uint64_t *len, const uint64_t *off);
 int cx_lazy_serve(void);
+void cx_lazy_pause(void);
 int cx_lazy_sync(int timeout_ms);
-void cx_lazy_stats(uint64_t *out3);
+void cx_lazy_stats(uint64_t *out8);
 
 int cx_kcmp_epoll_tfd(int pid, int fd, int epfd, int tfd, int toff);
 int cx_timerfd_make(int clock, int flags, int settime_flags, int64_t isec, int64_t insec,

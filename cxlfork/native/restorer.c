@@ -7,10 +7,11 @@
  *   2. parks vvar/vdso in its region, unmaps everything outside the region, moves vvar/vdso to
  *      their checkpointed addresses;
  *   3. runs the plan's operations in order: mmap (store file MAP_PRIVATE, files, anonymous),
- *      pread (eager copies), mprotect, madvise, sigactions, sigaltstack, signal mask, rseq,
- *      tid address, robust list, prctl(PR_SET_MM_MAP), POSIX and interval timers, epoll
- *      interest entries, the signals pending at the checkpoint (queued to itself while every
- *      signal is blocked), closing its own fds, FD_CLOEXEC;
+ *      pread (eager copies), mprotect, madvise, the userfaultfd of the anonymous runs mapped
+ *      from the store (lazy moa, and the anonymous semantics of mow/hybrid), sigactions,
+ *      sigaltstack, signal mask, rseq, tid address, robust list, prctl(PR_SET_MM_MAP), POSIX
+ *      and interval timers, epoll interest entries, the signals pending at the checkpoint
+ *      (queued to itself while every signal is blocked), closing its own fds, FD_CLOEXEC;
  *   4. creates the other threads (OP_THREAD: clone with CLONE_THREAD onto a stack in the
  *      region; each sets its own sigaltstack, rseq, tid address and robust list, then calls
  *      THREAD_PARK, which is never mapped: cxlfork, attached with PTRACE_O_TRACECLONE, keeps
@@ -142,7 +143,8 @@ static const char *const op_names[] = {
     "?", "mmap", "pread", "mprotect", "madvise", "rt_sigaction", "sigaltstack",
     "rt_sigprocmask", "rseq", "set_tid_address", "set_robust_list", "prctl(PR_SET_MM_MAP)",
     "close", "fcntl(FD_CLOEXEC)", "prctl", "prlimit64", "read of cxlfork's go byte",
-    "userfaultfd (lazy moa)", "UFFDIO_REGISTER (lazy moa)", "sendmsg of the userfaultfd",
+    "userfaultfd (store-mapped anonymous memory)",
+    "UFFDIO_REGISTER (store-mapped anonymous memory)", "sendmsg of the userfaultfd",
     "clone of a thread", "close_range", "wait of a warm ghost",
     "timer_create under the checkpointed ID (PR_TIMER_CREATE_RESTORE_IDS needs Linux 6.17+)",
     "timer_settime", "setitimer", "epoll_ctl(EPOLL_CTL_ADD) of a checkpointed interest entry "
@@ -311,7 +313,9 @@ static long run_op(const uint64_t *o)
         if (r < 0)
             return r;
         uffd = r;
-        struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_MINOR_SHMEM };
+        /* o[1]: the features (plan.UFFD_FEATURES: minor faults on shmem, REMOVE, UNMAP,
+         * REMAP and FORK events) */
+        struct uffdio_api api = { .api = UFFD_API, .features = o[1] };
         return sc(NR_ioctl, uffd, UFFDIO_API, &api);
     }
     case OP_UFFD_REG: {

@@ -4,9 +4,10 @@ Checkpoint (`collect`): /proc/PID/smaps (maps + VmFlags) turned into VMA records
 file, shmem/memfd, vvar/vdso), each with the runs of pages the store must keep (pagemap
 presence; for file/shmem private mappings only the copied-on-write pages); shared anonymous
 memory and memfds become objects (`Objects`, by inode) whose data ranges (SEEK_DATA/HOLE) are
-stored too. Refused, naming the mapping: mlocked, VM_IO/PFNMAP, userfaultfd-registered,
-shadow-stack and sealed memory, SysV shm, the restorer's region. Mappings of deleted files
-become objects too (cxlfork.state.deleted).
+stored too. Refused, naming the mapping: mlocked, VM_IO/PFNMAP, userfaultfd-registered
+(also a cxlfork clone's store-mapped runs, whose dropped pages are zeros only through its
+handler), shadow-stack and sealed memory, SysV shm, the restorer's region. Mappings of
+deleted files become objects too (cxlfork.state.deleted).
 The pages themselves are written by cxlfork.pages.
 
 Restore: the kernel's vvar/vdso layout is checked (`check_specials`), the mapped files are
@@ -34,7 +35,10 @@ SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]")
 MADVISE = {"hg": 14, "nh": 15, "dc": 10, "dd": 16, "wf": 18, "sr": 2, "rr": 1, "mg": 12}
 REFUSED_VMFLAGS = {"lo": "mlock()ed memory", "io": "device memory (VM_IO)",
                    "pf": "device memory (VM_PFNMAP)", "um": "userfaultfd-registered memory",
-                   "uw": "userfaultfd-registered memory", "ss": "a shadow stack",
+                   "uw": "userfaultfd-registered memory",
+                   "ui": "userfaultfd-registered memory (in a cxlfork clone: the store pages "
+                         "its handler serves; checkpoint the original, or a moa --eager "
+                         "clone)", "ss": "a shadow stack",
                    "sl": "sealed (mseal) memory"}
 F_GET_SEALS, F_ADD_SEALS = 1034, 1033
 MFD_ALLOW_SEALING = 2
