@@ -40,10 +40,11 @@ class Porter:
         self.seen: set[int] = set()
 
     def request(self, method: str, path: str, body=None, raw: bytes | None = None,
-                timeout=90.0):
+                timeout=90.0, headers: dict | None = None):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        c.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        c.request(method, path, body=data,
+                  headers=headers or {"Content-Type": "application/json"})
         r = c.getresponse()
         text = r.read()
         c.close()

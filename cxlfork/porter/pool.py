@@ -13,6 +13,7 @@ import numpy as np
 
 from cxlfork.errors import CxlforkError
 from cxlfork.porter.config import FunctionConfig
+from cxlfork.porter.http_instance import HttpInstance
 from cxlfork.porter.instance import (Instance, WorkerBadAnswer, WorkerDied, WorkerFailed,
                                      WorkerTimeout, cxlfork_policy)
 
@@ -196,8 +197,12 @@ class FunctionPool:
                     self.start_ms["restored"].append(inst.start_ms)
                 return inst
         try:
-            inst = Instance.spawn(self.cfg.command, self.env, self.log_fd,
-                                  self.cgroup.procs_fd(self.name) if self.cgroup else -1)
+            cg = self.cgroup.procs_fd(self.name) if self.cgroup else -1
+            if self.cfg.protocol == "stdio":
+                inst = Instance.spawn(self.cfg.command, self.env, self.log_fd, cg)
+            else:
+                inst = HttpInstance.spawn(self.cfg.protocol, self.name, self.cfg.command,
+                                          self.env, self.log_fd, cg)
         except WorkerDied as e:
             self._error("cold_start_failed")
             raise Unavailable(f"function {self.name}: cold start failed: {e}", 502) from e

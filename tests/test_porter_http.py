@@ -1,0 +1,214 @@
+"""HTTP functions in the porter, live: an OpenWhisk-style action runtime written from the public
+contract (tests/progs/ow_action.py, stdlib only) cold-started in a network namespace of its own
+and served /init + /run through the porter; two instances side by side on port 8080; a
+Knative-style server (protocol = "http") with the request forwarded as is; bad servers (never
+listens, answers garbage, hangs mid-answer, /init fails) answered 502/504 with one line, the
+instance killed, its namespace gone, the porter serving its other functions; nothing left
+behind (processes, namespaces)."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from test_porter_service import PY, Porter, _alive, _gone, porter  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, cxlfork ptrace)")
+HERE = os.path.dirname(os.path.abspath(__file__))
+OW = os.path.join(HERE, "progs", "ow_action.py")
+BAD = os.path.join(HERE, "progs", "bad_http.py")
+
+ACTION_CODE = '''
+import os, time
+def main(args):
+    if "sleep" in args:
+        time.sleep(args["sleep"])
+    if "fail" in args:
+        raise ValueError(args["fail"])
+    return {"greeting": "hello " + args.get("name", "stranger"), "pid": os.getpid(),
+            "activation_id": os.environ["__OW_ACTIVATION_ID"],
+            "deadline": os.environ["__OW_DEADLINE"],
+            "action_name": os.environ["__OW_ACTION_NAME"], "flavour": os.environ["FLAVOUR"]}
+'''
+
+
+def ow_function(name="ow", policy="cold", extra=""):
+    code = json.dumps(ACTION_CODE)
+    return f"""
+[functions.{name}]
+command = ["python", "{OW}"]
+protocol = "openwhisk"
+init = {{ name = "{name}", main = "main", code = {code}, env = {{ FLAVOUR = "vanilla" }} }}
+policy = "{policy}"
+timeout_s = 3
+init_timeout_s = 10
+queue_timeout_s = 30
+env = {{ PORTER_TEST_TAG = "@TAG@" }}
+{extra}
+"""
+
+
+def ns_of(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def ns_in_use(ino: int) -> list[str]:
+    """Who still holds network namespace `ino`: processes in it, and fds of nsfs or sockets
+    naming it are not visible per socket, so: processes in it and open /proc/*/ns fds."""
+    holders = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{d}/ns/net").st_ino == ino:
+                holders.append(f"PID {d} is in it")
+            for fd in os.listdir(f"/proc/{d}/fd"):
+                if os.readlink(f"/proc/{d}/fd/{fd}") == f"net:[{ino}]":
+                    holders.append(f"PID {d} fd {fd}")
+        except OSError:
+            pass
+    return holders
+
+
+def sockets_of(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return n
+
+
+def test_openwhisk_action_cold_start_init_run_and_two_side_by_side(porter):
+    p = porter(ow_function())
+    code, out, r = p.invoke("ow", {"name": "porter"})
+    assert code == 200, out
+    assert r.getheader("X-Porter-Start") == "cold"
+    assert out["greeting"] == "hello porter" and out["flavour"] == "vanilla"   # /init's env
+    assert out["action_name"] == "/_/ow" and len(out["activation_id"]) == 32
+    first = out["pid"]
+    assert ns_of(first) != ns_of(os.getpid())
+    # a warm request on the same instance: a new activation id
+    code, out2, r = p.invoke("ow", {"name": "again"})
+    assert code == 200 and r.getheader("X-Porter-Start") == "warm" and out2["pid"] == first
+    assert out2["activation_id"] != out["activation_id"]
+    # the action's own error: 500 with its message, the instance kept
+    code, out3, _ = p.invoke("ow", {"fail": "no such thing"})
+    assert code == 500 and "ValueError: no such thing" in out3["error"], out3
+    # two at once: a second instance, also on port 8080, in another namespace
+    res = []
+    t = threading.Thread(target=lambda: res.append(p.invoke("ow", {"sleep": 1.0})))
+    t.start()
+    st = p.wait_for(lambda s: s["functions"]["ow"]["busy"] == 1, 10, "the first one busy")
+    code, out4, r = p.invoke("ow", {"name": "second"})
+    t.join()
+    assert code == 200 and r.getheader("X-Porter-Start") == "cold", out4
+    assert res[0][0] == 200
+    pids = {res[0][1]["pid"], out4["pid"]}
+    assert len(pids) == 2 and first in pids
+    a, b = sorted(pids)
+    assert ns_of(a) != ns_of(b) and os.getpid() not in (a, b)
+    st = p.stats()["functions"]["ow"]
+    assert st["starts"] == {"cold": 2, "warm": 2, "restored": 0}, st["starts"]
+    assert st["errors"] == {"function_error": 1}
+    nss = [ns_of(a), ns_of(b)]
+    rc, err = p.stop()
+    assert rc == 0, err
+    for pid in (a, b):
+        assert _gone(pid)
+    for ino in nss:
+        assert not ns_in_use(ino)
+    assert not p.tagged_pids()
+
+
+def test_knative_style_http_function_gets_the_request_as_is(porter):
+    p = porter(f"""
+[functions.kn]
+command = ["python", "{BAD}", "echo"]
+protocol = "http"
+policy = "cold"
+env = {{ PORTER_TEST_TAG = "@TAG@" }}
+""" + ow_function())
+    code, out, r = p.request("PUT", "/functions/kn/invoke/some/path?x=1&y=2", raw=b"raw \x00 bytes",
+                             headers={"X-Custom": "yes", "Content-Type": "application/x-stuff"})
+    assert code == 201, out
+    assert r.getheader("X-Echo-Server") == "bad_http" and r.getheader("X-Porter-Start") == "cold"
+    assert out["method"] == "PUT" and out["path"] == "/some/path?x=1&y=2"
+    assert out["body"] == "raw \x00 bytes" and out["headers"]["X-Custom"] == "yes"
+    assert out["headers"]["Content-Type"] == "application/x-stuff"
+    assert out["port_env"] == "8080"
+    code, out, r = p.request("GET", "/functions/kn/invoke")
+    assert code == 201 and out["method"] == "GET" and out["path"] == "/" and out["body"] == ""
+    assert r.getheader("X-Porter-Start") == "warm"
+    # an openwhisk function is still JSON-in JSON-out on POST only
+    code, out, _ = p.request("GET", "/functions/ow/invoke")
+    assert code == 405
+
+
+BAD_FUNCS = """
+[functions.{name}]
+command = ["python", "{bad}", "{mode}"]
+protocol = "{protocol}"
+policy = "cold"
+timeout_s = 2
+init_timeout_s = 2
+queue_timeout_s = 10
+env = {{ PORTER_TEST_TAG = "@TAG@" }}
+"""
+
+
+def bad(name, mode, protocol="openwhisk"):
+    return BAD_FUNCS.format(name=name, bad=BAD, mode=mode, protocol=protocol)
+
+
+def test_bad_http_workers_502_504_killed_namespace_gone_others_served(porter):
+    p = porter(bad("deaf", "never-listen") + bad("garbage", "garbage-run")
+               + bad("hang", "hang-run") + bad("dies", "die-run")
+               + ow_function("badinit").replace('main = "main"', 'main = "nope"')
+               + ow_function())
+    base_sockets = sockets_of(p.p.pid)
+    # never listens: 502 naming the port and the timeout, the instance killed
+    code, out, _ = p.invoke("deaf", {})
+    assert code == 502 and "did not listen on 127.0.0.1:8080" in out["error"] \
+        and "within 2 s" in out["error"], out
+    assert "\n" not in out["error"]
+    # /init fails: 502 with the action's message
+    code, out, _ = p.invoke("badinit", {})
+    assert code == 502 and "/init answered 502: the action has no function 'nope'" \
+        in out["error"], out
+    # the porter keeps serving the good one meanwhile
+    code, out, _ = p.invoke("ow", {"name": "x"})
+    assert code == 200 and out["greeting"] == "hello x"
+    for fn, status, text in (("garbage", 502, "not HTTP"), ("hang", 504, "within 2 s"),
+                             ("dies", 502, "exited with status 7")):
+        code, out, r = p.invoke(fn, {"n": 1})
+        assert code == status and text in out["error"], (fn, out)
+        assert "\n" not in out["error"]
+        pid = int(out["error"].split("instance PID ")[1].split()[0])
+        assert _gone(pid), fn
+    st = p.stats()["functions"]
+    assert st["deaf"]["errors"] == {"cold_start_failed": 1}
+    assert st["badinit"]["errors"] == {"cold_start_failed": 1}
+    assert st["hang"]["errors"]["timeout"] == 1
+    assert st["garbage"]["errors"]["crash"] == 1
+    # the replacements (garbage, hang, dies start new instances); then everything stops
+    code, out, _ = p.invoke("ow", {"name": "y"})
+    assert code == 200
+    nss = set()
+    for pid in p.tagged_pids():
+        try:
+            nss.add(ns_of(pid))
+        except OSError:
+            pass
+    # no sockets into dead instances' namespaces linger in the porter: what it holds now is
+    # its listener and a connection per live instance at most
+    live = sum(f["instances"] for f in p.stats()["functions"].values())
+    assert sockets_of(p.p.pid) <= base_sockets + live + 1
+    rc, err = p.stop()
+    assert rc == 0, err
+    assert not p.tagged_pids()
+    for ino in nss:
+        assert not ns_in_use(ino), ino
