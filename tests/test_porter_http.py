@@ -212,3 +212,69 @@ def test_bad_http_workers_502_504_killed_namespace_gone_others_served(porter):
     assert not p.tagged_pids()
     for ino in nss:
         assert not ns_in_use(ino), ino
+
+
+EXAMPLES = os.path.join(os.path.dirname(HERE), "cxlfork", "porter", "examples")
+
+
+def _example_functions(name: str, extra: str = "") -> str:
+    """The [functions.*] part of an example config, tagged for the leftover check."""
+    text = open(os.path.join(EXAMPLES, name)).read()
+    return text[text.index("[functions."):] + f'env = {{ PORTER_TEST_TAG = "@TAG@" }}\n{extra}'
+
+
+def _models_missing():
+    try:
+        from cxlfork.workers.models import minilm_files, smollm2_gguf
+        import llama_cpp  # noqa: F401
+        smollm2_gguf()
+        minilm_files()
+    except Exception as e:                 # noqa: BLE001 - the reason is the skip message
+        return f"{type(e).__name__}: {e} (run `make .stamps/porter-workers`)"
+    return None
+
+
+def test_example_configs_are_valid():
+    from cxlfork.porter import config
+    for name in ("llm-openwhisk.toml", "embed-openwhisk.toml"):
+        c = config.load(os.path.join(EXAMPLES, name))
+        assert [f.protocol for f in c.functions.values()] == ["openwhisk"], name
+
+
+@pytest.mark.skipif(_models_missing() is not None, reason=str(_models_missing()))
+def test_llm_and_embedder_as_openwhisk_actions(porter):
+    p = porter(_example_functions("llm-openwhisk.toml")
+               + _example_functions("embed-openwhisk.toml")
+               + """
+[functions.nomodel]
+command = ["python", "-m", "cxlfork.workers.http_action", "cxlfork.workers.llm"]
+protocol = "openwhisk"
+init = { model = "/nonexistent/x.gguf" }
+policy = "cold"
+env = { PORTER_TEST_TAG = "@TAG@" }
+""")
+    code, out, r = p.invoke("llm", {"prompt": "What is the capital of France?",
+                                    "max_new_tokens": 16})
+    assert code == 200, out
+    assert "Paris" in out["text"] and r.getheader("X-Porter-Start") == "cold"
+    code, out2, r = p.invoke("llm", {"prompt": "What is the capital of France?",
+                                     "max_new_tokens": 16})
+    assert code == 200 and out2["tokens"] == out["tokens"]
+    assert r.getheader("X-Porter-Start") == "warm"
+    code, out, _ = p.invoke("llm", {"prompt": 3})
+    assert code == 500 and "input must be" in out["error"]
+    texts = ["How do I bake bread at home?", "What is the recipe for homemade bread?",
+             "The stock market fell sharply today.", "Cats sleep most of the day."]
+    code, out, _ = p.invoke("embed", {"texts": texts})
+    assert code == 200, out
+    e = out["embeddings"]
+    sims = [sum(a * b for a, b in zip(e[0], x)) for x in e[1:]]
+    assert sims[0] > 0.6 and max(sims[1:]) < 0.2, sims
+    # a missing model: 502 with the line naming it, and the others keep being served
+    code, out, _ = p.invoke("nomodel", {"prompt": "x"})
+    assert code == 502 and "/init answered 502: init: ModelError: model file " \
+        "/nonexistent/x.gguf" in out["error"], out
+    assert p.invoke("embed", {"texts": ["still here"]})[0] == 200
+    rc, err = p.stop()
+    assert rc == 0, err
+    assert not p.tagged_pids()
