@@ -136,6 +136,61 @@ class HttpInstance:
             raise WorkerDied(f"{command[0]} did not get a network namespace of its own")
         return inst
 
+    @classmethod
+    def restore(cls, protocol: str, function: str, image: str, policy: str, log_fd: int,
+                prepared=None, ghosts=None, cgroup: str | None = None) -> "HttpInstance":
+        """One cxlfork clone of an HTTP instance's checkpoint: cxlfork gives it a network
+        namespace of its own with its listening socket made again there (netns="new"); its
+        stdin is /dev/null, stdout and stderr the function's log. Connections the original
+        had are reset in the clone (cxlfork.state.inet), so it serves fresh ones only."""
+        from cxlfork.porter.instance import cxlfork_policy
+        from cxlfork.restore import restore
+        t0 = time.perf_counter()
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            stdio = (null, log_fd, log_fd)
+            if prepared is not None:
+                pids = prepared.restore(1, stdio=stdio, ghosts=ghosts, cgroup=cgroup)
+            else:
+                cx_policy, eager = cxlfork_policy(policy)
+                pids = restore(image, policy=cx_policy, n=1, stdio=stdio, eager=eager,
+                               ghosts=ghosts, cgroup=cgroup)
+        finally:
+            os.close(null)
+        try:
+            inst = cls(pids[0], "restored", policy, protocol, function)
+        except OSError as e:
+            try:
+                os.kill(pids[0], signal.SIGKILL)
+                os.waitpid(pids[0], 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            raise WorkerDied(f"restored clone PID {pids[0]} ended at once: {e}") from e
+        inst.start_ms = (time.perf_counter() - t0) * 1e3
+        inst.phases["restore"] = inst.start_ms
+        return inst
+
+    def quiesce(self, timeout: float = 1.0) -> None:
+        """Before a checkpoint: close the porter's connection and wait (up to timeout) until
+        the server has closed its end, so that it waits in accept() holding its listener only
+        and the clones start clean."""
+        self._drop()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._connections():
+            time.sleep(0.005)
+
+    def _connections(self) -> int:
+        """TCP connections (established or half-closed by the peer) in its namespace."""
+        n = 0
+        for name in ("tcp", "tcp6"):
+            try:
+                with open(f"/proc/{self.pid}/net/{name}") as f:
+                    next(f, None)
+                    n += sum(line.split()[3] in ("01", "08") for line in f)
+            except OSError:
+                pass
+        return n
+
     def wait_listening(self, timeout: float) -> None:
         """Connect until the server accepts on 127.0.0.1:8080 in its namespace."""
         deadline = time.monotonic() + timeout

@@ -226,6 +226,8 @@ class Porter:
         from cxlfork.checkpoint import checkpoint
         self._images += 1
         image = os.path.join(self.run_dir, "images", f"{pool.name}.{self._images}.img")
+        if hasattr(inst, "quiesce"):                 # an HTTP instance: only its listener
+            inst.quiesce()
         try:
             r = checkpoint(inst.pid, image, self.cfg.store or None, kill=False,
                            warn=lambda m: self.log(f"checkpoint of {pool.name}: {m}"))
