@@ -278,3 +278,47 @@ env = { PORTER_TEST_TAG = "@TAG@" }
     rc, err = p.stop()
     assert rc == 0, err
     assert not p.tagged_pids()
+
+
+def test_openwhisk_action_checkpointed_and_served_by_restored_clones(porter):
+    """After K invocations the cold instance is checkpointed (listener and all); later
+    instances are cxlfork clones, each in a network namespace of its own with the listener
+    made again there, serving /run without a new /init (the action's state comes with the
+    checkpoint)."""
+    p = porter(ow_function(policy="mow", extra="checkpoint_after = 3\nmax_instances = 3"))
+    for i in range(3):
+        code, out, r = p.invoke("ow", {"name": str(i)})
+        assert code == 200, out
+    original = out["pid"]
+    st = p.wait_for(lambda s: s["functions"]["ow"]["checkpoint"]["image"]
+                    or s["functions"]["ow"]["checkpoint"]["error"], 60, "the checkpoint")
+    assert st["functions"]["ow"]["checkpoint"]["error"] is None, st["functions"]["ow"]
+    # two requests at once: the original serves one, a restored clone the other
+    res = []
+    ts = [threading.Thread(target=lambda: res.append(p.invoke("ow", {"sleep": 1.0})))
+          for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    kinds = sorted(r.getheader("X-Porter-Start") for _, _, r in res)
+    assert [c for c, _, _ in res] == [200, 200], res
+    assert "restored" in kinds, kinds
+    clones = [o["pid"] for _, o, r in res if r.getheader("X-Porter-Start") == "restored"]
+    for c in clones:
+        assert c != original and ns_of(c) not in (ns_of(original), ns_of(os.getpid()))
+    # the clone answers warm requests with its own activation ids, the init state carried over
+    f = p.stats()["functions"]["ow"]
+    assert f["starts"]["restored"] >= 1 and f["starts"]["cold"] == 1, f["starts"]
+    assert not f["restore_failures"], f["restore_failures"]
+    seen = {o["pid"] for _, o, _ in res}
+    for _ in range(4):
+        code, out, _ = p.invoke("ow", {"name": "later"})
+        assert code == 200 and out["greeting"] == "hello later" and out["flavour"] == "vanilla"
+        seen.add(out["pid"])
+    nss = {ns_of(pid) for pid in seen if _alive(pid)}
+    rc, err = p.stop()
+    assert rc == 0, err
+    assert not p.tagged_pids()
+    for ino in nss:
+        assert not ns_in_use(ino), ino
