@@ -288,12 +288,14 @@ def _no_inet_checkpoint():
 
 
 @pytest.mark.skipif(_no_inet_checkpoint() is not None, reason=str(_no_inet_checkpoint()))
-def test_openwhisk_action_checkpointed_and_served_by_restored_clones(porter):
+@pytest.mark.parametrize("ghosts", [0, 2])
+def test_openwhisk_action_checkpointed_and_served_by_restored_clones(porter, ghosts):
     """After K invocations the cold instance is checkpointed (listener and all); later
-    instances are cxlfork clones, each in a network namespace of its own with the listener
-    made again there, serving /run without a new /init (the action's state comes with the
-    checkpoint)."""
-    p = porter(ow_function(policy="mow", extra="checkpoint_after = 3\nmax_instances = 3"))
+    instances are cxlfork clones (spawned restorers, or warm ghosts of the pool), each in a
+    network namespace of its own with the listener made again there, serving /run without a
+    new /init (the action's state comes with the checkpoint)."""
+    p = porter(ow_function(policy="mow", extra="checkpoint_after = 3\nmax_instances = 3"),
+               f"ghost_pool = {ghosts}")
     for i in range(3):
         code, out, r = p.invoke("ow", {"name": str(i)})
         assert code == 200, out
@@ -301,6 +303,11 @@ def test_openwhisk_action_checkpointed_and_served_by_restored_clones(porter):
     st = p.wait_for(lambda s: s["functions"]["ow"]["checkpoint"]["image"]
                     or s["functions"]["ow"]["checkpoint"]["error"], 60, "the checkpoint")
     assert st["functions"]["ow"]["checkpoint"]["error"] is None, st["functions"]["ow"]
+    ghost_pids = set()
+    if ghosts:
+        st = p.wait_for(lambda s: (s["functions"]["ow"]["ghosts"] or {}).get("idle") == ghosts,
+                        30, "the warm ghosts")
+        ghost_pids = set(st["functions"]["ow"]["ghosts"]["idle_pids"])
     # two requests at once: the original serves one, a restored clone the other
     res = []
     ts = [threading.Thread(target=lambda: res.append(p.invoke("ow", {"sleep": 1.0})))
@@ -315,6 +322,8 @@ def test_openwhisk_action_checkpointed_and_served_by_restored_clones(porter):
     clones = [o["pid"] for _, o, r in res if r.getheader("X-Porter-Start") == "restored"]
     for c in clones:
         assert c != original and ns_of(c) not in (ns_of(original), ns_of(os.getpid()))
+        if ghosts:
+            assert c in ghost_pids, (c, ghost_pids)
     # the clone answers warm requests with its own activation ids, the init state carried over
     f = p.stats()["functions"]["ow"]
     assert f["starts"]["restored"] >= 1 and f["starts"]["cold"] == 1, f["starts"]
@@ -330,3 +339,31 @@ def test_openwhisk_action_checkpointed_and_served_by_restored_clones(porter):
     assert not p.tagged_pids()
     for ino in nss:
         assert not ns_in_use(ino), ino
+
+
+@pytest.mark.skipif(_no_inet_checkpoint() is not None or _models_missing() is not None,
+                    reason=str(_no_inet_checkpoint() or _models_missing()))
+def test_llm_action_restored_clone_answers_like_the_original(porter):
+    """The LLM as an OpenWhisk action (http_action), checkpointed after K = 2: a restored clone
+    in its own namespace generates the warm original's tokens for the same request."""
+    p = porter(_example_functions("llm-openwhisk.toml").replace(
+        'policy = "cold"', 'policy = "mow"\ncheckpoint_after = 2'))
+    req = {"prompt": "What is the capital of France?", "max_new_tokens": 16}
+    outs = [p.invoke("llm", req) for _ in range(2)]
+    assert all(c == 200 for c, _, _ in outs), outs
+    p.wait_for(lambda s: s["functions"]["llm"]["checkpoint"]["image"]
+               or s["functions"]["llm"]["checkpoint"]["error"], 120, "the checkpoint")
+    res = []
+    ts = [threading.Thread(target=lambda: res.append(p.invoke("llm", req))) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    kinds = sorted(r.getheader("X-Porter-Start") for _, _, r in res)
+    assert kinds == ["restored", "warm"], (kinds, [o for _, o, _ in res])
+    for code, out, _ in res:
+        assert code == 200 and out["tokens"] == outs[0][1]["tokens"], out
+    assert "Paris" in res[0][1]["text"]
+    rc, err = p.stop()
+    assert rc == 0, err
+    assert not p.tagged_pids()
