@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -131,6 +132,12 @@ command = ["python", "{BAD}", "echo"]
 protocol = "http"
 policy = "cold"
 env = {{ PORTER_TEST_TAG = "@TAG@" }}
+
+[functions.kn2]
+command = ["python", "{BAD}", "echo-idle-close"]
+protocol = "http"
+policy = "cold"
+env = {{ PORTER_TEST_TAG = "@TAG@" }}
 """ + ow_function())
     code, out, r = p.request("PUT", "/functions/kn/invoke/some/path?x=1&y=2", raw=b"raw \x00 bytes",
                              headers={"X-Custom": "yes", "Content-Type": "application/x-stuff"})
@@ -143,6 +150,14 @@ env = {{ PORTER_TEST_TAG = "@TAG@" }}
     code, out, r = p.request("GET", "/functions/kn/invoke")
     assert code == 201 and out["method"] == "GET" and out["path"] == "/" and out["body"] == ""
     assert r.getheader("X-Porter-Start") == "warm"
+    # a server that closes idle kept-alive connections: the porter reconnects, still warm
+    code, out, r = p.request("POST", "/functions/kn2/invoke/a", raw=b"1")
+    assert code == 201 and r.getheader("X-Porter-Start") == "cold"
+    pid = r.getheader("X-Porter-Instance")
+    time.sleep(0.8)
+    code, out, r = p.request("POST", "/functions/kn2/invoke/b", raw=b"2")
+    assert code == 201 and out["path"] == "/b" and out["body"] == "2", out
+    assert r.getheader("X-Porter-Start") == "warm" and r.getheader("X-Porter-Instance") == pid
     # an openwhisk function is still JSON-in JSON-out on POST only
     code, out, _ = p.request("GET", "/functions/ow/invoke")
     assert code == 405

@@ -7,6 +7,8 @@
     bad_http.py die-run        a proper 200 to /init, exits with status 7 on /run
     bad_http.py echo           a Knative-style server on $PORT: answers 201 with the request
                                it got (method, path with query, headers, body, $PORT)
+    bad_http.py echo-idle-close   the same, closing a kept-alive connection idle for 0.3 s
+                               (as servers with a keep-alive timeout do)
 """
 import json
 import os
@@ -48,17 +50,23 @@ def reply(conn, status, body: bytes, extra=""):
 
 while True:
     conn, _ = srv.accept()
+    if mode == "echo-idle-close":
+        conn.settimeout(0.3)
     f = conn.makefile("rb")
     while True:
-        req = read_request(conn, f)
+        try:
+            req = read_request(conn, f)
+        except (TimeoutError, OSError):
+            req = None
         if req is None:
             break
         method, path, headers, body = req
-        if mode == "echo":
+        if mode.startswith("echo"):
             reply(conn, 201, json.dumps({"method": method, "path": path, "headers": headers,
                                          "body": body.decode("latin-1"),
                                          "port_env": os.environ.get("PORT")}).encode(),
                   "X-Echo-Server: bad_http\r\n")
+            conn.settimeout(0.3 if mode == "echo-idle-close" else None)
         elif path == "/init":
             reply(conn, 200, b'{"ok": true}')
         elif mode == "garbage-run":
@@ -68,4 +76,5 @@ while True:
             time.sleep(3600)
         elif mode == "die-run":
             os._exit(7)
+    f.close()
     conn.close()
