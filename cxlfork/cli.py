@@ -92,8 +92,12 @@ def checkpoint(pid, image, leave_running, store, as_json):
 @click.option("--stdio", default="inherit", show_default=True,
               help="fds 0-2 of the clones: inherit, null, or a FILE (appended to)")
 @click.option("--same-pid", is_flag=True, help="restore one clone under the original PID")
-@click.option("--json", "as_json", is_flag=True, help="print PIDs and timing as JSON")
-def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_json):
+@click.option("--netns", type=click.Choice(["new", "host"]), default="new", show_default=True,
+              help="an image with inet or named unix sockets: each clone in a network "
+              "namespace of its own (new), or in this one (host: its ports must be free)")
+@click.option("--json", "as_json", is_flag=True, help="print PIDs, network namespaces and "
+              "timing as JSON")
+def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns, as_json):
     """Restore clones of IMAGE; waits for them unless --detach (exit status: the first
     failing clone's). With lazy moa this command serves the clones' first touches while it
     waits; with --detach a small process it forks stays behind to do it until they exit."""
@@ -104,7 +108,7 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
         raise CxlforkError("--eager goes with --policy moa")
     t0 = time.perf_counter()
     pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
-              eager=eager)
+              eager=eager, netns=netns)
     dt = time.perf_counter() - t0
     lazy_detach = detach and policy == "moa" and not eager
     if lazy_detach:
@@ -122,7 +126,10 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
             f.write("".join(f"{p}\n" for p in pids))
         os.rename(tmp, pidfile)
     if as_json:
-        click.echo(json.dumps({"pids": pids, "policy": policy, "seconds": dt}), err=not detach)
+        from cxlfork.state.netns import of
+        clones = [{"pid": p, "netns": f"/proc/{p}/ns/net", "netns_id": of(p)} for p in pids]
+        click.echo(json.dumps({"pids": pids, "clones": clones, "policy": policy,
+                               "seconds": dt}), err=not detach)
     elif detach:
         click.echo(" ".join(map(str, pids)))
     if detach:

@@ -27,7 +27,7 @@ PAGE = 4096
 USER_TOP = 1 << 47
 REGION = (0x100000000000, 0x100040000000)    # the restorer's; see native/restorer.ld
 VMA_KINDS = {"anon", "file", "shmem", "special"}
-FD_KINDS = {"file", "dir", "chr", "pipe", "eventfd", "memfd", "stdio", "socket"}
+FD_KINDS = {"file", "dir", "chr", "pipe", "eventfd", "memfd", "stdio", "socket", "inet", "unix"}
 REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
              "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base",
              "gs_base", "ds", "es", "fs", "gs")
@@ -354,6 +354,22 @@ def validate(m: dict, image: str = "?") -> dict:
                     v.fail(f"{w}.queue[{j}]", "expected a base64 string")
                 unb64(q, f"{w}.queue[{j}]")
             socks.setdefault(f["pair"], []).append((f["end"], f["sotype"], w))
+            if "shutdown" in f:
+                v.int_in(f, "shutdown", 0, 4, w)
+        if k == "unix":
+            if v.int_in(f, "sotype", 1, 6, w) not in (1, 2, 5):
+                v.fail(f"{w}.sotype", "expected 1, 2 or 5 (stream, dgram, seqpacket)")
+            if v.get(f, "state", str, w) not in ("listen", "bound", "unbound", "reset"):
+                v.fail(f"{w}.state", "expected listen, bound, unbound or reset")
+            if len(unb64(v.get(f, "name", str, w), f"{w}.name")) > 107:
+                v.fail(f"{w}.name", "longer than an abstract unix name can be")
+            v.int_in(f, "backlog", 0, 1 << 31, w)
+            v.get(f, "passcred", bool, w)
+            for key in ("sndbuf", "rcvbuf"):
+                v.int_in(f, key, 0, 1 << 31, w)
+        if k == "inet":
+            from cxlfork.state import inet
+            inet.validate(v, f, w)
         if k == "eventfd":
             v.int_in(f, "count", 0, 2**64, w)
         if k == "memfd":

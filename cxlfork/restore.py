@@ -35,8 +35,8 @@ from cxlfork.cgtarget import CgroupTarget, spawn_args
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
 from cxlfork.ptrace import REGS_SIZE
-from cxlfork.state import (fds as fds_mod, memory, process, registers, signals, threads,
-                           timers)
+from cxlfork.state import (fds as fds_mod, memory, netns as netns_mod, process, registers,
+                           signals, threads, timers)
 
 PAGE = 4096
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
@@ -170,14 +170,17 @@ class Prepared:
         self.close()
 
     def restore(self, n: int = 1, stdio="inherit", same_pid: bool = False,
-                progress=None, ghosts=None, cgroup: str | None = None) -> list[int]:
+                progress=None, ghosts=None, cgroup: str | None = None,
+                netns: str = "new") -> list[int]:
         """Restore n clones; returns their PIDs (children of this process). ghosts: a
         cxlfork.ghosts.GhostPool whose idle ghosts become the clones (spawned as usual when it
         is empty). cgroup: a cgroup directory the spawned restorers are born in (a pool
-        passed with it must have been made with the same cgroup)."""
+        passed with it must have been made with the same cgroup). netns: for an image with
+        inet or named unix sockets, "new" gives each clone a network namespace of its own
+        (`/proc/PID/ns/net`), "host" restores them into this process's."""
         if not self.fds_open:
             raise CxlforkError(f"restore of {self.image}: this prepared restore was closed")
-        return _restore_prepared(self, n, stdio, same_pid, progress, ghosts, cgroup)
+        return _restore_prepared(self, n, stdio, same_pid, progress, ghosts, cgroup, netns)
 
     def close(self):
         for fd in self.fds_open:
@@ -193,13 +196,14 @@ def make_objects(p: Prepared, opened: list[int]) -> dict[int, int]:
     return memory.make_objects(p.m, p.store_fd, opened)
 
 
-def _clone_fds(p: Prepared, stdio, opened: list[int], objfds: dict[int, int] | None = None
+def _clone_fds(p: Prepared, stdio, opened: list[int], objfds: dict[int, int] | None = None,
+               where: str = "in the clone's network namespace"
                ) -> tuple[list[int], list[int], dict[int, int]]:
     """(source fds in this process, destination numbers in the clone, its objects' fds);
     objfds: objects made already (a warm ghost's)."""
     if objfds is None:
         objfds = make_objects(p, opened)
-    src, dst = fds_mod.clone_fds(p.m, stdio, opened, objfds)
+    src, dst = fds_mod.clone_fds(p.m, stdio, opened, objfds, where)
     return src, dst, objfds
 
 
@@ -264,13 +268,15 @@ def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = Fa
 
 def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
             same_pid: bool = False, warn=None, progress=None, eager: bool = False,
-            ghosts=None, cgroup: str | None = None) -> list[int]:
+            ghosts=None, cgroup: str | None = None, netns: str = "new") -> list[int]:
     """Restore n clones of image; returns their PIDs (children of this process).
 
     policy "moa" is lazy unless eager=True: the clones map the store as in mow and a
     userfaultfd handler thread of this process (native/lazy.c) copies each block on first touch;
     when this process exits, untouched pages simply stay shared from the store (mow).
-    cgroup: a cgroup directory the clones are born in (cxlfork.cgtarget)."""
+    cgroup: a cgroup directory the clones are born in (cxlfork.cgtarget). netns: "new" (each
+    clone of an image with inet or named unix sockets in a network namespace of its own) or
+    "host" (this process's)."""
     t0 = time.perf_counter()
     if n < 1:
         raise CxlforkError("-n must be at least 1")
@@ -280,7 +286,7 @@ def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
         raise CxlforkError("--same-pid cannot restore into a ghost: a ghost's PID is fixed "
                            "when it is spawned (restore without ghosts)")
     with Prepared(image, policy, warn, eager) as p:
-        pids = _restore_prepared(p, n, stdio, same_pid, progress, ghosts, cgroup)
+        pids = _restore_prepared(p, n, stdio, same_pid, progress, ghosts, cgroup, netns)
     restore.last_seconds = time.perf_counter() - t0
     return pids
 
@@ -333,7 +339,7 @@ def _take_ghost(p: Prepared, pool, same_pid: bool):
         raise CxlforkError(f"this ghost pool is warm for {pool.prepared.image} "
                            f"({pool.prepared.policy}), not for this prepared restore of "
                            f"{p.image} ({p.policy})")
-    if len(p.m["fds"]) + len(p.num) + 1 > ghosts_mod.MAX_FDS or \
+    if len(p.m["fds"]) + len(p.num) + 2 > ghosts_mod.MAX_FDS or \
             64 + 4 * ghosts_mod.MAX_FDS + len(p.m["process"]["cwd"].encode()) >= \
             lib.CX_GHOST_MSG:
         return None
@@ -341,10 +347,11 @@ def _take_ghost(p: Prepared, pool, same_pid: bool):
 
 
 def _send_to_ghost(p: Prepared, g, c_src, c_dst, nfd: int, c_cwd, sidmode: int,
-                   err_index: int) -> int:
-    """Hand the clone's fd table (and, to a cold ghost, its plan) to ghost g; its PID."""
+                   err_index: int, ns_index: int = -1) -> int:
+    """Hand the clone's fd table (and, to a cold ghost, its plan) to ghost g; its PID.
+    ns_index: where the fd of the clone's network namespace is in the table (-1: none)."""
     e = lib.cx_ghost_send(g.sock, c_src, c_dst, nfd, c_cwd, p.m["process"]["umask"],
-                          sidmode, err_index, p.num["plan"])
+                          sidmode, err_index, p.num["plan"], ns_index + 1)
     os.close(g.sock)                # the ghost has its message (or is gone)
     g.sock = -1
     if e < 0:
@@ -367,19 +374,22 @@ def _open_cgroup(cgroup: str | None, ghosts) -> CgroupTarget | None:
 
 
 def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress,
-                      ghosts=None, cgroup: str | None = None) -> list[int]:
+                      ghosts=None, cgroup: str | None = None, netns: str = "new") -> list[int]:
     if n < 1:
         raise CxlforkError("-n must be at least 1")
+    if netns not in ("new", "host"):
+        raise CxlforkError(f"netns must be new or host, not {netns!r}")
     cg = _open_cgroup(cgroup, ghosts)
     try:
-        return _restore_into(p, n, stdio, same_pid, progress, ghosts, cg)
+        return _restore_into(p, n, stdio, same_pid, progress, ghosts, cg,
+                             netns == "new" and netns_mod.needed(p.m))
     finally:
         if cg is not None:
             cg.close()
 
 
 def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
-                  cg: CgroupTarget | None) -> list[int]:
+                  cg: CgroupTarget | None, own_netns: bool = False) -> list[int]:
     if same_pid and n != 1:
         raise CxlforkError("--same-pid restores a single clone (-n 1)")
     if same_pid and ghosts is not None:
@@ -405,8 +415,15 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
             opened: list[int] = []
             g = _take_ghost(p, ghosts, same_pid)
             warm = g is not None and g.objfds is not None
+            ns = None
             try:
-                src, dst, objfds = _clone_fds(p, stdio, opened, g.objfds if warm else None)
+                # the clone's own network namespace: this thread makes it, makes the clone's
+                # sockets in it and spawns the restorer from it (a ghost setns()es into it)
+                ns = netns_mod.NetNs.make(m) if own_netns else None
+                where = "in the clone's network namespace" if ns else \
+                    "in this network namespace (--netns host)"
+                src, dst, objfds = _clone_fds(p, stdio, opened, g.objfds if warm else None,
+                                              where)
                 if warm:
                     opened += g.objfds.values()     # the ghost has its own references
                     g.objfds = {}
@@ -429,10 +446,16 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
                 for key, fd in extra.items():
                     src.append(fd)
                     dst.append(p.num[key])
+                ns_index = -1
+                if ns is not None and g is not None:
+                    ns_index = len(src)
+                    src.append(ns.fd)
+                    dst.append(max(dst) + 2)        # above the ghost's socket; it closes it
                 c_src = ffi.new("int[]", src)
                 c_dst = ffi.new("int[]", dst)
                 if g is not None:
-                    pid = _send_to_ghost(p, g, c_src, c_dst, len(src), c_cwd, sidmode, err_index)
+                    pid = _send_to_ghost(p, g, c_src, c_dst, len(src), c_cwd, sidmode, err_index,
+                                         ns_index)
                 else:
                     pid = lib.cx_spawn(restorer, c_argv, c_src, c_dst, len(src), c_cwd,
                                        proc["umask"], sidmode, set_tid, err_index,
@@ -453,6 +476,8 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
                     g.discard()
                 raise
             finally:
+                if ns is not None:
+                    ns.close()          # back home; the clone (if any) holds its namespace
                 for fd in opened:
                     os.close(fd)
             e = lib.cx_start(pid, go_w[-1], 1 if p.threads else 0)

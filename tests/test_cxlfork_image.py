@@ -224,29 +224,28 @@ def test_refuses_unprivileged_caller(env):
 
 
 def test_refuses_sockets_not_threads(env):
-    """Sockets other than socketpairs inside the process are refused with the fd named
-    (nothing published, the process goes on): an AF_INET socket, a socketpair whose other end
-    is outside the process, one with an fd in flight (SCM_RIGHTS). A Python thread sleeping
+    """Sockets cxlfork cannot carry are refused with the fd named (nothing published, the
+    process goes on): an AF_NETLINK socket, a unix socket bound to a path, a socketpair with
+    an fd in flight (SCM_RIGHTS). A Python thread sleeping
     in time.sleep is checkpointed and the clone runs (the sleep gets EINTR and goes on)."""
     d, s, img, p = env
     code = ("import socket,threading,sys,time,os\n"
             "mode=sys.argv[1]\n"
             "if mode=='thread': threading.Thread(target=time.sleep,args=(60,),daemon=True).start()\n"
-            "elif mode=='inet': s=socket.socket(); s.bind(('127.0.0.1',0))\n"
-            "elif mode=='outside': s=socket.socket(fileno=int(sys.argv[2]))\n"
+            "elif mode=='netlink': s=socket.socket(socket.AF_NETLINK,socket.SOCK_RAW,0)\n"
+            "elif mode=='path':\n"
+            "    s=socket.socket(socket.AF_UNIX); p=sys.argv[2]\n"
+            "    s.bind(p); s.listen(); os.unlink(p)\n"
             "else:\n"
             "    a,b=socket.socketpair(); f=open('/dev/null')\n"
             "    a.sendmsg([b'x'],[(socket.SOL_SOCKET,socket.SCM_RIGHTS,"
             "f.fileno().to_bytes(4,'little'))])\n"
             "print('ready',flush=True); sys.stdin.readline()\n")
-    want = {"inet": "is an AF_INET socket", "outside": "whose other end is outside the process",
+    want = {"netlink": "is an AF_NETLINK socket", "path": "is a unix socket bound to the path",
             "inflight": "file descriptors or credentials in flight"}
-    for mode in ("thread", "inet", "outside", "inflight"):
-        mine, theirs = socket.socketpair()
-        q = subprocess.Popen([sys.executable, "-c", code, mode, str(theirs.fileno())],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             pass_fds=[theirs.fileno()] if mode == "outside" else [])
-        theirs.close()
+    for mode in ("thread", "netlink", "path", "inflight"):
+        q = subprocess.Popen([sys.executable, "-c", code, mode, os.path.join(d, "ref.sock")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert readline(q.stdout).strip() == "ready"
         try:
             out = os.path.join(d, f"ref-{mode}.img")
@@ -264,7 +263,6 @@ def test_refuses_sockets_not_threads(env):
             out_, rc, _ = go(q)              # still alive and well
             assert rc == 0
         finally:
-            mine.close()
             q.kill()
             q.wait()
 

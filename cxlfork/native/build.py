@@ -17,7 +17,8 @@ def _header_decls():
         return "".join(line for line in f if not line.startswith("#"))
 
 
-SOURCES = ("hash.c", "ptrace.c", "fdpeek.c", "dump.c", "spawn.c", "handover.c", "lazy.c")
+SOURCES = ("hash.c", "ptrace.c", "fdpeek.c", "dump.c", "spawn.c", "handover.c", "lazy.c",
+           "netns.c")
 
 ffibuilder = FFI()
 ffibuilder.cdef(_header_decls())

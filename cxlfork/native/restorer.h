@@ -55,6 +55,7 @@ enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTST
 #define NR_setsid 112
 #define NR_setpgid 109
 #define NR_close_range 436
+#define NR_setns 308
 #define NR_timer_create 222
 #define NR_timer_settime 223
 #define NR_setitimer 38

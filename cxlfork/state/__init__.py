@@ -10,7 +10,10 @@ restore side (recreate it for a clone, or give the restore plan what it needs) s
     fds        the fd table (dups, FD_CLOEXEC, stdio), handing each fd to its kind:
     files      regular files, directories, character devices, memfd fds
     pipes      pipes with both ends inside the process, their buffered bytes
-    sockets    AF_UNIX socketpairs with both ends inside the process, their queues
+    sockets    AF_UNIX socketpairs with both ends inside the process, their queues; other
+               unix sockets (abstract names, listening), connections to outside (reset)
+    inet       TCP listeners, UDP sockets, their options; TCP connections (reset in a clone)
+    netns      the clone's own network namespace (made at restore), a socket's at checkpoint
     eventfds   eventfd counters and flags
     timers     POSIX timers and interval timers
 

@@ -1,7 +1,7 @@
 """The fd table. Checkpoint (`collect`): every fd of /proc/PID/fd with its fdinfo, FD_CLOEXEC
 and status flags; dups (the same open file description, kcmp) point at the first fd; fds 0-2
 are stdio (they come from `restore --stdio`); every other fd goes to the module of its kind
-(files, pipes, sockets, eventfds), and kinds without one are refused with the fd named
+(files, pipes, sockets and inet, eventfds), and kinds without one are refused with the fd named
 (epoll, signalfd, timerfd, inotify, pidfd, io_uring, userfaultfd...).
 
 Restore (`clone_fds`): per clone, the source fd in this process of every fd of the image, and
@@ -13,7 +13,7 @@ import os
 from cxlfork import procfs
 from cxlfork.errors import ImageError, Refused
 from cxlfork.native import lib
-from cxlfork.state import eventfds, files, pipes, sockets
+from cxlfork.state import eventfds, files, inet, pipes, sockets
 
 O_CLOEXEC = 0o2000000
 O_CREAT_ETC = os.O_CREAT | os.O_TRUNC | os.O_EXCL | os.O_NOCTTY
@@ -59,11 +59,12 @@ def collect(pid: int, objs) -> list[dict]:
     return out
 
 
-def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int]
-              ) -> tuple[list[int], list[int]]:
+def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int],
+              where: str = "in the clone's network namespace") -> tuple[list[int], list[int]]:
     """(source fds in this process, their numbers in the clone) for one clone of m; every fd
     made here is appended to opened (the caller closes them once the clone has its own).
-    objfds: the clone's shmem objects (memory.make_objects)."""
+    objfds: the clone's shmem objects (memory.make_objects). Inet and named unix sockets are
+    made in the calling thread's network namespace (where: its name, for messages)."""
     src, dst = [], []
     by_num: dict[int, int] = {}
     io = files.stdio_fds(stdio, opened)
@@ -82,6 +83,10 @@ def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int]
             s = pipes.reopen(f, flags, pipes_made, opened)
         elif kind == "socket":
             s = sockets.reopen(f, flags, socks)
+        elif kind in ("inet", "unix"):
+            s = (inet.make if kind == "inet" else sockets.make_unix)(f, where)
+            opened.append(s)
+            sockets.set_nonblock(s, flags)
         elif kind == "eventfd":
             s = eventfds.reopen(f, flags, opened)
         else:  # validate() admits no other kind

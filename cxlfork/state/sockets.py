@@ -1,14 +1,21 @@
-"""Sockets: AF_UNIX socketpairs with both ends inside the process, checkpointed and recreated.
+"""Sockets: AF_UNIX socketpairs with both ends inside the process, checkpointed and recreated;
+other unix sockets (listening or bound to an abstract name, unbound, connections to outside);
+inet sockets are handed to cxlfork.state.inet.
 
 Checkpoint (`collect`, then `finish` over all of them): a copy of the socket is taken with pidfd_getfd; its domain, type and
 name (getsockopt/getsockname) and its peer, shutdown state and queue (NETLINK_SOCK_DIAG,
 UNIX_DIAG_PEER/SHUTDOWN) are read; the bytes or datagrams queued for reading are peeked
 without being consumed (SO_PEEK_OFF from 0, MSG_PEEK until EAGAIN; SO_PEEK_OFF is put back
-to -1). Refused, with the fd named: other domains, named or listening unix sockets, a pair
-whose other end is outside the process or closed, a shut-down end, SO_PEEK_OFF or
-SO_PASSCRED in use, fds or credentials in flight (SCM_RIGHTS/SCM_CREDENTIALS), empty
-datagrams. Restore (`recreate_all`, `reopen`): socketpair(2) of the same type, buffer sizes, then each end's
-queue is sent from the other end (stream: the bytes; datagram/seqpacket: message by message).
+to -1); shut-down bits (UNIX_DIAG_SHUTDOWN) are kept. A listening or bound unix socket with
+an abstract name (kind unix) keeps its name, backlog (UNIX_DIAG_RQLEN) and SO_PASSCRED: the
+clone's own network namespace (abstract names are per namespace) lets it bind the same name.
+A connected end whose peer is outside the process (or closed) is a connection the clone
+cannot own: kind unix, state reset. Refused, with the fd named: other domains, sockets bound
+to a path (a clone cannot have its own copy of a path), SO_PEEK_OFF, SO_PASSCRED on a
+connected socket, fds or credentials in flight (SCM_RIGHTS/SCM_CREDENTIALS), empty
+datagrams. Restore (`recreate_all`, `reopen`, `make_unix`): socketpair(2) of the same type,
+buffer sizes, then each end's queue is sent from the other end (stream: the bytes;
+datagram/seqpacket: message by message), then the shutdowns.
 """
 from __future__ import annotations
 
@@ -22,10 +29,11 @@ import struct
 from cxlfork import image as image_mod
 from cxlfork.errors import CxlforkError, Refused
 from cxlfork.native import lib
+from cxlfork.state import inet, netns
 
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
 UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 0x4, 0x10
-UNIX_DIAG_PEER, UNIX_DIAG_SHUTDOWN = 2, 6
+UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 2, 4, 6
 SO_PEEK_OFF, SO_PASSCRED, SO_DOMAIN, SO_ACCEPTCONN = 42, 16, 39, 30
 TYPES = {socket.SOCK_STREAM: "SOCK_STREAM", socket.SOCK_DGRAM: "SOCK_DGRAM",
          socket.SOCK_SEQPACKET: "SOCK_SEQPACKET"}
@@ -46,7 +54,7 @@ def _diag(ino: int) -> dict:
     ln, typ = struct.unpack_from("<IH", d)
     if typ != SOCK_DIAG_BY_FAMILY or ln < 32:
         raise CxlforkError(f"sock_diag of unix socket {ino}: no answer (type {typ})")
-    out = {"peer": 0, "shutdown": 0}
+    out = {"peer": 0, "shutdown": 0, "backlog": 0}
     off = 16 + 16                           # nlmsghdr + unix_diag_msg
     while off + 4 <= ln:
         alen, atyp = struct.unpack_from("<HH", d, off)
@@ -54,14 +62,17 @@ def _diag(ino: int) -> dict:
             break
         if atyp == UNIX_DIAG_PEER:
             out["peer"] = struct.unpack_from("<I", d, off + 4)[0]
+        elif atyp == UNIX_DIAG_RQLEN and alen >= 12:   # listening: wqueue is the backlog
+            out["backlog"] = struct.unpack_from("<I", d, off + 8)[0]
         elif atyp == UNIX_DIAG_SHUTDOWN:
             out["shutdown"] = d[off + 4]
         off += (alen + 3) & ~3
     return out
 
 
-def _peek_all(s: socket.socket, fd: int, stream: bool) -> list[bytes]:
-    """Everything queued for reading on s, without consuming it."""
+def _peek_all(s: socket.socket, fd: int, stream: bool, rcv_shut: bool = False) -> list[bytes]:
+    """Everything queued for reading on s, without consuming it (rcv_shut: s is shut down
+    for reading, so an empty read is its end, not an empty datagram)."""
     msgs: list[bytes] = []
     total = 0
     cspace = socket.CMSG_SPACE(4 * 64) + socket.CMSG_SPACE(12)
@@ -88,7 +99,7 @@ def _peek_all(s: socket.socket, fd: int, stream: bool) -> list[bytes]:
                 raise Refused(f"fd {fd}: a datagram of more than {size} bytes queued on a "
                               "socketpair; not supported")
             if not data:
-                if stream:
+                if stream or rcv_shut:
                     break
                 raise Refused(f"fd {fd}: a socketpair with an empty datagram queued; "
                               "not supported")
@@ -102,41 +113,59 @@ def _peek_all(s: socket.socket, fd: int, stream: bool) -> list[bytes]:
     return [b"".join(msgs)] if stream and msgs else msgs
 
 
+def _unix_kind(s: socket.socket, fd: int, link: str, typ: int, ino: int, d: dict) -> dict:
+    """The record of a unix socket that is not a socketpair end: listening or bound to an
+    abstract name (kind unix, state listen/bound), or unbound and unconnected (unbound).
+    A name in the filesystem is refused."""
+    name = s.getsockname()
+    if isinstance(name, str) and name:
+        raise Refused(f"fd {fd} is a unix socket bound to the path {name} ({link}): a clone "
+                      "cannot have its own copy of a path (abstract unix names are per network "
+                      "namespace and are carried over); not supported")
+    listening = bool(s.getsockopt(socket.SOL_SOCKET, SO_ACCEPTCONN))
+    rec = {"kind": "unix", "sotype": typ, "name": image_mod.b64(name[1:] if name else b""),
+           "state": "listen" if listening else ("bound" if name else "unbound"),
+           "backlog": d["backlog"] if listening else 0,
+           "passcred": bool(s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED)),
+           "sndbuf": s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+           "rcvbuf": s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
+    return rec
+
+
 def _collect_socket(dfd: int, fd: int, link: str) -> dict:
-    """The socketpair end at fd of the target (dfd: our copy, closed here): the fields of
-    its fd record (kind socket). Its peer must be found among the process's fds by the
-    caller (`peer` inode)."""
+    """The socket at fd of the target (dfd: our copy, closed here): the fields of its fd
+    record: a socketpair end (kind socket; its peer must be found among the process's fds
+    by the caller, `peer` inode), another unix socket (kind unix) or an inet one (kind inet)."""
     s = socket.socket(fileno=dfd)
     try:
         dom = s.getsockopt(socket.SOL_SOCKET, SO_DOMAIN)
         typ = s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        if dom in (socket.AF_INET, socket.AF_INET6):
+            return inet.collect(s, fd, link, dom, typ)
         if dom != socket.AF_UNIX:
-            name = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6",
-                    socket.AF_NETLINK: "AF_NETLINK"}.get(dom, f"domain {dom}")
-            raise Refused(f"fd {fd} is an {name} socket ({link}); only AF_UNIX socketpairs "
-                          "are supported")
+            name = {socket.AF_NETLINK: "AF_NETLINK", socket.AF_PACKET: "AF_PACKET"
+                    }.get(dom, f"domain {dom}")
+            raise Refused(f"fd {fd} is an {name} socket ({link}); only unix and inet (TCP, "
+                          "UDP) sockets are supported")
         if typ not in TYPES:
             raise Refused(f"fd {fd} is a unix socket of type {typ} ({link}); not supported")
-        if s.getsockopt(socket.SOL_SOCKET, SO_ACCEPTCONN):
-            raise Refused(f"fd {fd} is a listening unix socket ({link}); only socketpairs "
-                          "are supported")
-        if s.getsockname() or s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED):
-            what = "a named (bound) unix socket" if s.getsockname() else \
-                "a unix socket with SO_PASSCRED"
-            raise Refused(f"fd {fd} is {what} ({link}); only unnamed socketpairs are "
-                          "supported")
+        ino = os.fstat(s.fileno()).st_ino
+        nsfd = netns.socket_ns(s.fileno())
+        try:
+            with netns.inside(nsfd):
+                d = _diag(ino)
+        finally:
+            os.close(nsfd)
+        if s.getsockopt(socket.SOL_SOCKET, SO_ACCEPTCONN) or not d["peer"]:
+            return _unix_kind(s, fd, link, typ, ino, d)
         if s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF) != -1:
             raise Refused(f"fd {fd}: a socketpair with SO_PEEK_OFF set ({link}); not supported")
-        ino = os.fstat(s.fileno()).st_ino
-        d = _diag(ino)
-        if not d["peer"]:
-            raise Refused(f"fd {fd} is a unix socket ({link}) with no peer (not connected, or "
-                          "its other end was closed); only socketpairs are supported")
-        if d["shutdown"]:
-            raise Refused(f"fd {fd}: a socketpair end that was shut down ({link}); "
+        if s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED):
+            raise Refused(f"fd {fd}: a connected unix socket with SO_PASSCRED ({link}); "
                           "not supported")
-        queue = _peek_all(s, fd, typ == socket.SOCK_STREAM)
+        queue = _peek_all(s, fd, typ == socket.SOCK_STREAM, bool(d["shutdown"] & 1))
         return {"kind": "socket", "sotype": typ, "ino": ino, "peer": d["peer"],
+                "shutdown": d["shutdown"],
                 "sndbuf": s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
                 "rcvbuf": s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), "queue": queue}
     finally:
@@ -144,14 +173,19 @@ def _collect_socket(dfd: int, fd: int, link: str) -> dict:
 
 
 def pair_up(recs: list[dict]) -> None:
-    """Give the socket records of one process their pair id (the lower inode) and end (0 for
-    the lower inode); refuse ends whose peer is not among them."""
-    by_ino = {r["ino"]: r for r in recs}
-    for r in recs:
+    """Give the socketpair records of one process their pair id (the lower inode) and end (0
+    for the lower inode). An end whose peer is outside the process is a connection the clone
+    cannot own: it becomes kind unix, state reset (its queue is left to the original)."""
+    by_ino = {r["ino"]: r for r in recs if r["kind"] == "socket"}
+    for r in list(by_ino.values()):
         if r["peer"] not in by_ino:
-            raise Refused(f"fd {r['fd']} is a unix socket (socket:[{r['ino']}]) whose other "
-                          "end is outside the process; only socketpairs with both ends inside "
-                          "are supported")
+            typ = r["sotype"]
+            for k in list(r):
+                if k not in ("fd", "flags", "cloexec", "link"):
+                    del r[k]
+            r.update(kind="unix", sotype=typ, state="reset", name="", backlog=0,
+                     passcred=False, sndbuf=0, rcvbuf=0)
+            continue
         r["pair"] = min(r["ino"], r["peer"])
         r["end"] = 0 if r["ino"] < r["peer"] else 1
 
@@ -179,6 +213,11 @@ def recreate(sotype: int, ends: tuple[dict, dict]) -> tuple[int, int]:
                                        f"({sum(map(len, rec['queue']))} bytes) does not fit "
                                        "into a new socketpair")
             src.setblocking(True)
+        # shut-down ends: after the queues are in (a stream pair propagates each shutdown
+        # to the peer, so the union of both ends' calls gives the checkpointed bits back)
+        for s, rec in zip(socks, ends):
+            if rec.get("shutdown", 0) & 3:
+                s.shutdown((rec["shutdown"] & 3) - 1)   # RCV 1 -> SHUT_RD 0, SEND 2 -> WR 1
         return a.detach(), b.detach()
     except OSError as e:
         raise CxlforkError(f"recreating a socketpair: {os.strerror(e.errno or errno.EIO)}") from e
@@ -200,6 +239,8 @@ def finish(recs: list[dict]) -> None:
     """Pair up the socket records of one process; their queues into base64."""
     pair_up(recs)
     for r in recs:
+        if r["kind"] != "socket":
+            continue
         r["queue"] = [image_mod.b64(q) for q in r["queue"]]
         del r["ino"], r["peer"]
 
@@ -218,9 +259,48 @@ def recreate_all(m: dict, opened: list[int]) -> dict[int, tuple[int, int]]:
     return out
 
 
-def reopen(f: dict, flags: int, socks: dict[int, tuple[int, int]]) -> int:
-    """The clone's fd for socket record f, with its O_NONBLOCK."""
-    s = socks[f["pair"]][f["end"]]
+def make_unix(f: dict, where: str) -> int:
+    """A new socket for unix record f (listen/bound: same abstract name, in the calling
+    thread's network namespace; unbound; reset: a socketpair end whose peer has gone with
+    data unread, so a stream end reads ECONNRESET, then EOF); close-on-exec, blocking."""
+    typ = f["sotype"]
+    if f["state"] == "reset":
+        a, b = socket.socketpair(socket.AF_UNIX, typ | socket.SOCK_CLOEXEC)
+        try:
+            if typ != socket.SOCK_DGRAM:
+                b.send(b"x")        # unread by a when it closes: b gets ECONNRESET
+        finally:
+            a.close()
+        return b.detach()
+    s = socket.socket(socket.AF_UNIX, typ | socket.SOCK_CLOEXEC)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, f["sndbuf"] // 2)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, f["rcvbuf"] // 2)
+        if f["passcred"]:
+            s.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, 1)
+        if f["state"] in ("listen", "bound"):
+            name = b"\0" + base64.b64decode(f["name"])
+            try:
+                s.bind(name)
+            except OSError as e:
+                shown = name[1:].decode(errors="backslashreplace")
+                raise CxlforkError(f"fd {f['fd']}: cannot bind the abstract unix socket "
+                                   f"@{shown} {where}: {e.strerror}") from e
+        if f["state"] == "listen":
+            s.listen(f["backlog"])
+        return s.detach()
+    except OSError as e:
+        raise CxlforkError(f"fd {f['fd']}: recreating a unix socket: {e.strerror}") from e
+    finally:
+        s.close()
+
+
+def set_nonblock(s: int, flags: int) -> int:
     fl = fcntl.fcntl(s, fcntl.F_GETFL)
     fcntl.fcntl(s, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (flags & os.O_NONBLOCK))
     return s
+
+
+def reopen(f: dict, flags: int, socks: dict[int, tuple[int, int]]) -> int:
+    """The clone's fd for socket record f, with its O_NONBLOCK."""
+    return set_nonblock(socks[f["pair"]][f["end"]], flags)
