@@ -150,6 +150,13 @@ env = {{ PORTER_TEST_TAG = "@TAG@" }}
     code, out, r = p.request("GET", "/functions/kn/invoke")
     assert code == 201 and out["method"] == "GET" and out["path"] == "/" and out["body"] == ""
     assert r.getheader("X-Porter-Start") == "warm"
+    code, out, r = p.request("DELETE", "/functions/kn/invoke?q=/a/b&r")
+    assert code == 201 and out["method"] == "DELETE" and out["path"] == "/?q=/a/b&r", out
+    code, out, r = p.request("GET", "/functions/kn/invoke/x/?")
+    assert code == 201 and out["path"] == "/x/?", out
+    code, _, _ = p.request("GET", "/functions/kn/invoked")
+    assert code == 404
+    assert p.request("GET", "/functions")[1]["kn"]["protocol"] == "http"
     # a server that closes idle kept-alive connections: the porter reconnects, still warm
     code, out, r = p.request("POST", "/functions/kn2/invoke/a", raw=b"1")
     assert code == 201 and r.getheader("X-Porter-Start") == "cold"

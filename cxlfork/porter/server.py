@@ -135,7 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics":
             self._send(200, p.metrics.text(), "text/plain; version=0.0.4")
         elif path == "/functions":
-            self._json(200, {n: {"policy": p.pool(n).policy, "command": p.pool(n).cfg.command}
+            self._json(200, {n: {"policy": p.pool(n).policy, "command": p.pool(n).cfg.command,
+                                 "protocol": p.pool(n).cfg.protocol}
                              for n in p.names()})
         elif path == "/healthz":
             self._send(200, b"ok\n", "text/plain")
@@ -147,20 +148,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _http_function(self):
         """(pool, the path below /functions/NAME/invoke with its query) when the request is
         for a protocol = "http" function, else None."""
-        parts = self.path.split("/", 4)           # "", "functions", NAME, "invoke..."
-        if len(parts) < 4 or parts[0] or parts[1] != "functions":
-            return None
-        inv = parts[3]
-        if not (inv == "invoke" or inv.startswith(("invoke?", "invoke/"))) or \
-                (len(parts) > 4 and inv != "invoke"):
+        path, sep, query = self.path.partition("?")
+        parts = path.split("/", 4)                # "", "functions", NAME, "invoke", REST
+        if len(parts) < 4 or parts[0] or parts[1] != "functions" or parts[3] != "invoke":
             return None
         pool = self.porter.pool(parts[2])
         if pool is None or pool.cfg.protocol != "http":
             return None
-        rest = inv[len("invoke"):] + ("/" + parts[4] if len(parts) > 4 else "")
-        if not rest.startswith("/"):
-            rest = "/" + rest
-        return pool, rest
+        return pool, "/" + (parts[4] if len(parts) > 4 else "") + sep + query
 
     def _raw_body(self):
         """The request body as bytes (none without Content-Length), or None after an error."""
