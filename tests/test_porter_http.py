@@ -26,6 +26,8 @@ import os, time
 def main(args):
     if "sleep" in args:
         time.sleep(args["sleep"])
+    while "until" in args and not os.path.exists(args["until"]):   # a barrier for the tests
+        time.sleep(0.01)
     if "fail" in args:
         raise ValueError(args["fail"])
     return {"greeting": "hello " + args.get("name", "stranger"), "pid": os.getpid(),
@@ -43,8 +45,8 @@ command = ["python", "{OW}"]
 protocol = "openwhisk"
 init = {{ name = "{name}", main = "main", code = {code}, env = {{ FLAVOUR = "vanilla" }} }}
 policy = "{policy}"
-timeout_s = 3
-init_timeout_s = 10
+timeout_s = 20
+init_timeout_s = 30
 queue_timeout_s = 30
 env = {{ PORTER_TEST_TAG = "@TAG@" }}
 {extra}
@@ -101,10 +103,12 @@ def test_openwhisk_action_cold_start_init_run_and_two_side_by_side(porter):
     assert code == 500 and "ValueError: no such thing" in out3["error"], out3
     # two at once: a second instance, also on port 8080, in another namespace
     res = []
-    t = threading.Thread(target=lambda: res.append(p.invoke("ow", {"sleep": 1.0})))
+    gate = os.path.join(p.store, "gate")          # the busy request returns once it exists
+    t = threading.Thread(target=lambda: res.append(p.invoke("ow", {"until": gate})))
     t.start()
-    st = p.wait_for(lambda s: s["functions"]["ow"]["busy"] == 1, 10, "the first one busy")
+    st = p.wait_for(lambda s: s["functions"]["ow"]["busy"] == 1, 30, "the first one busy")
     code, out4, r = p.invoke("ow", {"name": "second"})
+    open(gate, "w").close()
     t.join()
     assert code == 200 and r.getheader("X-Porter-Start") == "cold", out4
     assert res[0][0] == 200
@@ -175,20 +179,22 @@ BAD_FUNCS = """
 command = ["python", "{bad}", "{mode}"]
 protocol = "{protocol}"
 policy = "cold"
-timeout_s = 2
-init_timeout_s = 2
-queue_timeout_s = 10
+timeout_s = {timeout}
+init_timeout_s = {init_timeout}
+queue_timeout_s = 30
 env = {{ PORTER_TEST_TAG = "@TAG@" }}
 """
 
 
-def bad(name, mode, protocol="openwhisk"):
-    return BAD_FUNCS.format(name=name, bad=BAD, mode=mode, protocol=protocol)
+def bad(name, mode, protocol="openwhisk", init_timeout=30, timeout=30):
+    """(timeouts generous but where the test is about them: the machine is shared)"""
+    return BAD_FUNCS.format(name=name, bad=BAD, mode=mode, protocol=protocol,
+                            init_timeout=init_timeout, timeout=timeout)
 
 
 def test_bad_http_workers_502_504_killed_namespace_gone_others_served(porter):
-    p = porter(bad("deaf", "never-listen") + bad("garbage", "garbage-run")
-               + bad("hang", "hang-run") + bad("dies", "die-run")
+    p = porter(bad("deaf", "never-listen", init_timeout=2) + bad("garbage", "garbage-run")
+               + bad("hang", "hang-run", timeout=2) + bad("dies", "die-run")
                + ow_function("badinit").replace('main = "main"', 'main = "nope"')
                + ow_function())
     base_sockets = sockets_of(p.p.pid)
@@ -219,6 +225,8 @@ def test_bad_http_workers_502_504_killed_namespace_gone_others_served(porter):
     # the replacements (garbage, hang, dies start new instances); then everything stops
     code, out, _ = p.invoke("ow", {"name": "y"})
     assert code == 200
+    p.wait_for(lambda s: all(s["functions"][f]["idle"] == 1 and not s["functions"][f]["starting"]
+                             for f in ("garbage", "hang", "dies")), 60, "the replacements")
     nss = set()
     for pid in p.tagged_pids():
         try:
@@ -332,10 +340,13 @@ def test_openwhisk_action_checkpointed_and_served_by_restored_clones(porter, gho
         ghost_pids = set(st["functions"]["ow"]["ghosts"]["idle_pids"])
     # two requests at once: the original serves one, a restored clone the other
     res = []
-    ts = [threading.Thread(target=lambda: res.append(p.invoke("ow", {"sleep": 1.0})))
+    gate = os.path.join(p.store, "gate")          # both return once both are in flight
+    ts = [threading.Thread(target=lambda: res.append(p.invoke("ow", {"until": gate})))
           for _ in range(2)]
     for t in ts:
         t.start()
+    p.wait_for(lambda s: s["functions"]["ow"]["busy"] == 2, 30, "two requests in flight")
+    open(gate, "w").close()
     for t in ts:
         t.join()
     kinds = sorted(r.getheader("X-Porter-Start") for _, _, r in res)
@@ -389,3 +400,30 @@ def test_llm_action_restored_clone_answers_like_the_original(porter):
     rc, err = p.stop()
     assert rc == 0, err
     assert not p.tagged_pids()
+
+
+def test_cold_http_instances_die_with_a_sigkilled_porter(porter):
+    """An HTTP server has no stdin pipe to see EOF on, so a cold instance carries
+    PR_SET_PDEATHSIG = SIGKILL from the porter's spawner thread: SIGKILL the porter and its
+    instances and their namespaces go too."""
+    import signal
+    p = porter(ow_function(extra="max_instances = 2"))
+    res = []
+    gate = os.path.join(p.store, "gate")
+    t = threading.Thread(target=lambda: res.append(p.invoke("ow", {"until": gate})))
+    t.start()
+    p.wait_for(lambda s: s["functions"]["ow"]["busy"] == 1, 30, "the first one busy")
+    assert p.invoke("ow", {"name": "a"})[0] == 200
+    open(gate, "w").close()
+    t.join()
+    pids = p.tagged_pids()
+    assert len(pids) == 2, pids
+    nss = [ns_of(pid) for pid in pids]
+    p.p.send_signal(signal.SIGKILL)
+    p.p.wait()
+    deadline = time.monotonic() + 10
+    while p.tagged_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not p.tagged_pids()
+    for ino in nss:
+        assert not ns_in_use(ino), ino

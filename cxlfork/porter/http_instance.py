@@ -17,6 +17,8 @@ the pool treats both alike. Liveness is a pidfd (readable once the process exite
 """
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import dataclasses
 import errno
 import http.client
@@ -39,6 +41,40 @@ MAX_BODY = 64 << 20
 # hop-by-hop headers (RFC 9110 7.6.1) are the porter's own on each leg, never forwarded
 HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
        "upgrade", "content-length", "host"}
+
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Spawner:
+    """Starts cold HTTP instances from one long-lived thread, each with PR_SET_PDEATHSIG =
+    SIGKILL: the kernel kills them when that thread ends, i.e. with the porter even when the
+    porter is SIGKILLed (a stdio worker ends on its stdin's EOF; an HTTP server has no such
+    pipe). The signal fires when the *thread* that forked the child exits, hence one thread
+    for the porter's life rather than the request threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.jobs = None
+
+    def run(self, fn):
+        with self.lock:
+            if self.jobs is None:
+                self.jobs = concurrent.futures.ThreadPoolExecutor(1, "http-spawner")
+        return self.jobs.submit(fn).result()
+
+
+_spawner = _Spawner()
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child: SIGKILL when the spawner thread ends; gone already if the porter died
+    between the fork and here."""
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 @dataclasses.dataclass
@@ -110,14 +146,18 @@ class HttpInstance:
               cgroup_procs_fd: int = -1) -> "HttpInstance":
         """Start the server in a new session and a network namespace of its own (loopback
         up), stdin /dev/null, stdout and stderr to the function's log; $PORT = 8080."""
+        parent = os.getpid()
+
         def child():
+            _die_with_parent(parent)
             if cgroup_procs_fd >= 0:
                 os.write(cgroup_procs_fd, b"0")
             netns.new_netns_in_child()
         try:
-            p = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_fd,
-                                 stderr=log_fd, env=dict(env, PORT=str(PORT)), close_fds=True,
-                                 start_new_session=True, preexec_fn=child)
+            p = _spawner.run(lambda: subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                env=dict(env, PORT=str(PORT)), close_fds=True, start_new_session=True,
+                preexec_fn=child))
         except OSError as e:
             raise WorkerDied(f"cannot start {command[0]}: {e.strerror}") from e
         except subprocess.SubprocessError as e:
