@@ -631,7 +631,9 @@ def real_model_starts(rounds: int = 8, fleet: int = 8, funcs=None, kinds=REAL_KI
                     time.sleep(0.1)
                 with cf.ThreadPoolExecutor(fleet) as ex:
                     list(ex.map(lambda _: invoke(), range(fleet)))
-                insts = run.stats()["functions"][fn]["instance_list"]
+                fst = run.stats()["functions"][fn]
+                r["phases"] = fst["start_phases_ms"]     # porter side, all starts of the run
+                insts = fst["instance_list"]
                 mem = [process_memory(i["pid"], store) for i in insts]
                 r["fleet"] = (len(insts), sum(m[0] for m in mem), max((m[1] for m in mem),
                                                                        default=0))
@@ -700,6 +702,22 @@ def http_starts(repeat: int = 3) -> None:
                   f"{rs[1]:7.1f}   ratio p50 {c[0] / rs[0]:.1f}x  p99 {c[1] / rs[1]:.1f}x")
         else:
             print(f"  {fn:7s} cold {c}  restored {rs} (a kind did not run)")
+    print("\ninside the porter (/stats start_phases_ms), medians over the runs of p50 / p99 ms: "
+          "cold spawn_init (spawn, listen, /init); restored restore + connect (to the clone's "
+          "listener); first_request")
+    for fn in HTTP_FUNCS:
+        cells = []
+        for kind, kk, phs in (("cold", "cold", ("spawn_init", "first_request")),
+                              ("restored mow", "restored", ("restore", "connect",
+                                                            "first_request"))):
+            for ph in phs:
+                xs = [r[(fn, kind)]["phases"][kk].get(ph) for r in runs
+                      if r.get((fn, kind), {}).get("phases")]
+                xs = [x for x in xs if x and x["n"]]
+                cells.append(f"{kk} {ph} " + (f"{np.median([x['p50'] for x in xs]):.1f} / "
+                                              f"{np.median([x['p99'] for x in xs]):.1f}"
+                                              if xs else "-"))
+        print(f"  {fn:7s} " + "; ".join(cells))
 
 
 # -- tables ------------------------------------------------------------------------------
