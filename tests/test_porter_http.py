@@ -196,6 +196,8 @@ def test_bad_http_workers_502_504_killed_namespace_gone_others_served(porter):
     p = porter(bad("deaf", "never-listen", init_timeout=2) + bad("garbage", "garbage-run")
                + bad("hang", "hang-run", timeout=2) + bad("dies", "die-run")
                + ow_function("badinit").replace('main = "main"', 'main = "nope"')
+               + ow_function("quits").replace(f'command = ["python", "{OW}"]',
+                                              'command = ["true"]')
                + ow_function())
     base_sockets = sockets_of(p.p.pid)
     # never listens: 502 naming the port and the timeout, the instance killed
@@ -207,6 +209,9 @@ def test_bad_http_workers_502_504_killed_namespace_gone_others_served(porter):
     code, out, _ = p.invoke("badinit", {})
     assert code == 502 and "/init answered 502: the action has no function 'nope'" \
         in out["error"], out
+    # a command that exits at once: 502, cold start failed
+    code, out, _ = p.invoke("quits", {})
+    assert code == 502 and "cold start failed" in out["error"], out
     # the porter keeps serving the good one meanwhile
     code, out, _ = p.invoke("ow", {"name": "x"})
     assert code == 200 and out["greeting"] == "hello x"

@@ -170,7 +170,7 @@ class HttpInstance:
             p.wait()
             raise WorkerDied(f"{command[0]} (PID {p.pid}) ended before the porter could open "
                              f"its network namespace: {e}") from e
-        if netns.ns_inode(p.pid) == netns.ns_inode():
+        if os.fstat(inst.ns_fd).st_ino == netns.ns_inode():
             inst.kill()
             inst.close()
             raise WorkerDied(f"{command[0]} did not get a network namespace of its own")
@@ -306,13 +306,13 @@ class HttpInstance:
                 self._drop()
                 if reused and attempt == 0 and not self.gone():
                     continue                    # a kept-alive connection the server closed
-                if self.gone():
+                if self.gone(wait=0.5):
                     raise WorkerDied(self._ended()) from e
                 raise WorkerBadAnswer(f"closed the connection during the {what} "
                                       f"({type(e).__name__})") from e
             except ConnectionRefusedError as e:
                 self._drop()
-                if self.gone():
+                if self.gone(wait=0.5):
                     raise WorkerDied(self._ended()) from e
                 raise WorkerBadAnswer(f"stopped listening on 127.0.0.1:{PORT}") from e
             except (http.client.HTTPException, ValueError) as e:
@@ -353,10 +353,12 @@ class HttpInstance:
         return out
 
     # -- liveness and ending -------------------------------------------------------------
-    def gone(self) -> bool:
-        """True once the process exited (its pidfd is readable)."""
+    def gone(self, wait: float = 0.0) -> bool:
+        """True once the process exited (its pidfd is readable). wait: how long to wait for
+        that, after its connection broke (a dying process closes its sockets before its
+        exit is reported)."""
         try:
-            r, _, _ = select.select([self.pidfd], [], [], 0)
+            r, _, _ = select.select([self.pidfd], [], [], wait)
         except (OSError, ValueError):
             return True
         return bool(r)
