@@ -407,12 +407,19 @@ def test_llm_action_restored_clone_answers_like_the_original(porter):
     assert not p.tagged_pids()
 
 
-def test_cold_http_instances_die_with_a_sigkilled_porter(porter):
-    """An HTTP server has no stdin pipe to see EOF on, so a cold instance carries
-    PR_SET_PDEATHSIG = SIGKILL from the porter's spawner thread: SIGKILL the porter and its
-    instances and their namespaces go too."""
+@pytest.mark.parametrize("policy", ["cold", "mow"])
+def test_http_instances_die_with_a_sigkilled_porter(porter, policy):
+    """An HTTP server has no stdin pipe to see EOF on: a cold instance carries
+    PR_SET_PDEATHSIG = SIGKILL from the porter's spawner thread, a restored clone is held by
+    the porter's lifeline watcher: SIGKILL the porter and its instances and their namespaces
+    go too."""
     import signal
-    p = porter(ow_function(extra="max_instances = 2"))
+    if policy != "cold" and _no_inet_checkpoint():
+        pytest.skip(_no_inet_checkpoint())
+    p = porter(ow_function(policy=policy, extra="max_instances = 2\ncheckpoint_after = 1"))
+    if policy != "cold":
+        assert p.invoke("ow", {"name": "first"})[0] == 200
+        p.wait_for(lambda s: s["functions"]["ow"]["checkpoint"]["image"], 60, "the checkpoint")
     res = []
     gate = os.path.join(p.store, "gate")
     t = threading.Thread(target=lambda: res.append(p.invoke("ow", {"until": gate})))
@@ -423,6 +430,8 @@ def test_cold_http_instances_die_with_a_sigkilled_porter(porter):
     t.join()
     pids = p.tagged_pids()
     assert len(pids) == 2, pids
+    kinds = sorted(i["kind"] for i in p.stats()["functions"]["ow"]["instance_list"])
+    assert kinds == (["cold", "cold"] if policy == "cold" else ["cold", "restored"]), kinds
     nss = [ns_of(pid) for pid in pids]
     p.p.send_signal(signal.SIGKILL)
     p.p.wait()

@@ -128,6 +128,7 @@ class HttpInstance:
             os.close(self.pidfd)
             raise
         self.conn: _Conn | None = None
+        self.lifeline = None                    # a restored clone's (see restore)
         self.state = "starting"
         self.started = time.monotonic()
         self.last_used = self.started
@@ -178,11 +179,13 @@ class HttpInstance:
 
     @classmethod
     def restore(cls, protocol: str, function: str, image: str, policy: str, log_fd: int,
-                prepared=None, ghosts=None, cgroup: str | None = None) -> "HttpInstance":
+                prepared=None, ghosts=None, cgroup: str | None = None,
+                lifeline=None) -> "HttpInstance":
         """One cxlfork clone of an HTTP instance's checkpoint: cxlfork gives it a network
         namespace of its own with its listening socket made again there (netns="new"); its
         stdin is /dev/null, stdout and stderr the function's log. Connections the original
-        had are reset in the clone (cxlfork.state.inet), so it serves fresh ones only."""
+        had are reset in the clone (cxlfork.state.inet), so it serves fresh ones only.
+        lifeline (cxlfork.porter.lifeline.Lifeline): kills the clone if the porter dies."""
         from cxlfork.porter.instance import cxlfork_policy
         from cxlfork.restore import restore
         t0 = time.perf_counter()
@@ -197,11 +200,16 @@ class HttpInstance:
                                ghosts=ghosts, cgroup=cgroup)
         finally:
             os.close(null)
+        if lifeline is not None:
+            lifeline.watch(pids[0])
         try:
             inst = cls(pids[0], "restored", policy, protocol, function)
+            inst.lifeline = lifeline
         except OSError as e:
             try:
                 os.kill(pids[0], signal.SIGKILL)
+                if lifeline is not None:
+                    lifeline.forget(pids[0])
                 os.waitpid(pids[0], 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
@@ -394,6 +402,8 @@ class HttpInstance:
                     self.exit_text = (f"exited with status {st}" if st >= 0 else
                                       f"was killed by signal {signal.Signals(-st).name}")
                 else:
+                    if self.lifeline is not None:     # before the PID can be reused
+                        self.lifeline.forget(self.pid)
                     _, st = os.waitpid(self.pid, 0)
                     self.exit_text = _status_text(st)
             except ChildProcessError:

@@ -188,7 +188,7 @@ class FunctionPool:
                 else:
                     inst = HttpInstance.restore(self.cfg.protocol, self.name, self.image,
                                                 policy, self.log_fd, prepared, source,
-                                                self.cgroup_dir())
+                                                self.cgroup_dir(), self.porter.lifeline)
                     self._await_listener(inst)
                 inst.phases["prepare"] = prep_ms
             except Exception as e:             # noqa: BLE001 - served by a cold start instead
