@@ -15,7 +15,10 @@ which ran the memory part of the plan when spawned); "CLI" = `python -m cxlfork
 restore --detach`, interpreter start included. The checkpoint rate is next to the rate this
 machine fills fresh memory (numpy.ones of the same size in this process), the bound for
 anything that writes a new copy. Medians of --runs runs.
-Run as root:  .venv/bin/python bench/bench_cxlfork.py [--full]
+Last, the "servers" table (bench_cxlfork_servers.py; alone with --servers): `python3 -m
+http.server` from restore start to its first answered GET, into a new network namespace and
+into this one, against a cold start, medians of max(--runs, 5).
+Run as root:  .venv/bin/python bench/bench_cxlfork.py [--full] [--servers]
 """
 from __future__ import annotations
 
@@ -292,11 +295,19 @@ def main():
     ap.add_argument("--alternate", type=int, default=0, metavar="N",
                     help="only: N alternating runs of os.fork(), prepared (spawned, into a "
                          "ghost, into a warm ghost) and one-shot mow restore per size")
+    ap.add_argument("--servers", action="store_true", help="only: the servers table "
+                    "(bench_cxlfork_servers.py: http.server restored into a new network "
+                    "namespace, into this one, cold start; to the first answered GET)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_cxlfork: run as root (ptrace, PR_SET_MM_MAP)")
     sizes = [int(x) for x in (a.sizes or ("64,256,1024" if a.full else "64,256")).split(",")]
     counts = [int(x) for x in a.counts.split(",")]
+    sys.path.insert(0, HERE)
+    from bench_cxlfork_servers import run as servers_table
+    if a.servers:
+        print(servers_table(max(a.runs, 5)))
+        return
     work = tempfile.mkdtemp(prefix="cxlfork-bench-")
     # the page store: a tmpfs mounted like cxlfork's default store (huge=within_size, bound
     # to the CXL node), private to this run
@@ -345,6 +356,7 @@ def main():
     for (mib, pol, n, pss0, priv0, pss, priv, note) in memrows:
         vals = (f"{mib} MiB", pol, str(n), mb(pss0), mb(priv0), mb(pss), mb(priv), note)
         print(" | ".join(f"{v:>13s}" for v in vals))
+    print(servers_table(max(a.runs, 5)))
 
 
 if __name__ == "__main__":

@@ -182,6 +182,14 @@ def inspect(image, as_json):
     click.echo(f"fds        {len(m['fds'])}:")
     for f in m["fds"]:
         what = f.get("path") or f.get("link", "")
+        if f["kind"] == "inet" and f.get("dup_of") is None:
+            from cxlfork.state.inet import describe
+            what += f"  {describe(f)} {f['state']}" + \
+                (f" backlog {f['backlog']}" if f["state"] == "listen" else "")
+        elif f["kind"] == "unix" and f.get("dup_of") is None:
+            import base64
+            name = base64.b64decode(f["name"]).decode(errors="backslashreplace")
+            what += f"  {f['state']}" + (f" @{name}" if name else "")
         extra = f"  pos {f['pos']}" if "pos" in f else ""
         click.echo(f"  {f['fd']:4d} {f['kind']:8s} flags {f['flags']:#o}"
                    f"{' cloexec' if f['cloexec'] else ''}  {what}{extra}"

@@ -13,6 +13,10 @@ the ghost's wake-up.
         pids = p.restore(1, stdio=(0, 1, 2), ghosts=pool)
     pool.close()                             # kills and reaps the idle ghosts
 
+A clone of an image with inet or named unix sockets gets a network namespace of its own
+(cxlfork.state.netns): a ghost, spawned in ours, setns()es into it when it is filled; a warm
+pool makes each ghost's namespace when it spawns the ghost, so it is off the restore path.
+
 A ghost's PID is fixed when it is spawned, so `same_pid` restores cannot use one. When the pool
 is empty (or a ghost has died) a restore spawns its restorer as usual (counted in
 `stats()["fallbacks"]`). A ghost whose owner closes the pool or dies reads EOF and exits.
@@ -27,6 +31,7 @@ import threading
 from cxlfork.cgtarget import CgroupTarget, spawn_args
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
+from cxlfork.state import netns
 from cxlfork.state.memory import make_objects
 
 GHOST_FD = 3                 # the socket's number in the ghost
@@ -41,6 +46,7 @@ class Ghost:
         self.pid = pid
         self.sock = sock
         self.objfds = objfds
+        self.netns = None          # a warm ghost's clone's network namespace, made ahead
 
     def alive(self) -> bool:
         """Still waiting: no hang-up and nothing (an error line) on its socket."""
@@ -54,6 +60,9 @@ class Ghost:
         for fd in (self.objfds or {}).values():
             os.close(fd)
         self.objfds = None
+        if self.netns is not None:
+            self.netns.close()
+            self.netns = None
         try:
             os.kill(self.pid, 9)
         except ProcessLookupError:
@@ -116,6 +125,13 @@ def spawn_ghost(prepared=None, timeout_s: float = 30.0, cgroup: CgroupTarget | N
             why = got.decode(errors="replace").strip() if got else \
                 "it exited" if ready else f"not ready within {timeout_s:g} s"
             raise CxlforkError(f"a warm ghost for {prepared.image} failed: {why}")
+        if netns.needed(prepared.m):
+            # the clone's network namespace, made here (off the restore path); if it cannot
+            # be made, the restore makes it (or says why not, or uses --netns host)
+            try:
+                g.netns = netns.NetNs.make(prepared.m)
+            except CxlforkError:
+                g.netns = None
     return g
 
 

@@ -365,6 +365,11 @@ def validate(m: dict, image: str = "?") -> dict:
                 v.fail(f"{w}.name", "longer than an abstract unix name can be")
             v.int_in(f, "backlog", 0, 1 << 31, w)
             v.get(f, "passcred", bool, w)
+            if "path" in f:
+                sp = v.get(f, "path", str, w)
+                if not sp.startswith("/") or len(sp.encode()) > 107 or "\0" in sp:
+                    v.fail(f"{w}.path", "expected an absolute path of at most 107 bytes")
+                v.int_in(f, "mode", 0, 0o10000, w)
             for key in ("sndbuf", "rcvbuf"):
                 v.int_in(f, key, 0, 1 << 31, w)
         if k == "inet":

@@ -35,8 +35,8 @@ from cxlfork.cgtarget import CgroupTarget, spawn_args
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
 from cxlfork.ptrace import REGS_SIZE
-from cxlfork.state import (fds as fds_mod, memory, netns as netns_mod, process, registers,
-                           signals, threads, timers)
+from cxlfork.state import (fds as fds_mod, memory, mountns as mountns_mod, netns as netns_mod,
+                           process, registers, signals, threads, timers)
 
 PAGE = 4096
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
@@ -197,13 +197,13 @@ def make_objects(p: Prepared, opened: list[int]) -> dict[int, int]:
 
 
 def _clone_fds(p: Prepared, stdio, opened: list[int], objfds: dict[int, int] | None = None,
-               where: str = "in the clone's network namespace"
+               where: str = "in the clone's network namespace", paths=None
                ) -> tuple[list[int], list[int], dict[int, int]]:
     """(source fds in this process, destination numbers in the clone, its objects' fds);
-    objfds: objects made already (a warm ghost's)."""
+    objfds: objects made already (a warm ghost's); paths: mountns.TempSockets."""
     if objfds is None:
         objfds = make_objects(p, opened)
-    src, dst = fds_mod.clone_fds(p.m, stdio, opened, objfds, where)
+    src, dst = fds_mod.clone_fds(p.m, stdio, opened, objfds, where, paths)
     return src, dst, objfds
 
 
@@ -347,11 +347,13 @@ def _take_ghost(p: Prepared, pool, same_pid: bool):
 
 
 def _send_to_ghost(p: Prepared, g, c_src, c_dst, nfd: int, c_cwd, sidmode: int,
-                   err_index: int, ns_index: int = -1) -> int:
+                   err_index: int, ns_index: int = -1, mnt_index: int = -1) -> int:
     """Hand the clone's fd table (and, to a cold ghost, its plan) to ghost g; its PID.
-    ns_index: where the fd of the clone's network namespace is in the table (-1: none)."""
+    ns_index, mnt_index: where the fds of the clone's network and mount namespaces are in
+    the table (-1: none)."""
     e = lib.cx_ghost_send(g.sock, c_src, c_dst, nfd, c_cwd, p.m["process"]["umask"],
-                          sidmode, err_index, p.num["plan"], ns_index + 1)
+                          sidmode, err_index, p.num["plan"],
+                          (ns_index + 1) | (mnt_index + 1) << 32)
     os.close(g.sock)                # the ghost has its message (or is gone)
     g.sock = -1
     if e < 0:
@@ -417,13 +419,26 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
             warm = g is not None and g.objfds is not None
             ns = None
             try:
-                # the clone's own network namespace: this thread makes it, makes the clone's
-                # sockets in it and spawns the restorer from it (a ghost setns()es into it)
-                ns = netns_mod.NetNs.make(m) if own_netns else None
+                # the clone's own network namespace (made now, or by a warm pool with its
+                # ghost): this thread enters it, makes the clone's sockets in it and spawns
+                # the restorer from it (a ghost setns()es into it)
+                ns, g_ns = None, getattr(g, "netns", None)
+                if g_ns is not None:
+                    g.netns = None
+                    if own_netns:
+                        ns = g_ns
+                    else:
+                        g_ns.close()
+                if own_netns and ns is None:
+                    ns = netns_mod.NetNs.make(m)
+                if ns is not None:
+                    ns.enter()
                 where = "in the clone's network namespace" if ns else \
                     "in this network namespace (--netns host)"
+                paths = mountns_mod.PathSockets(m)
+                paths.make(ns.fd if ns is not None else -1, opened)
                 src, dst, objfds = _clone_fds(p, stdio, opened, g.objfds if warm else None,
-                                              where)
+                                              where, paths)
                 if warm:
                     opened += g.objfds.values()     # the ghost has its own references
                     g.objfds = {}
@@ -446,20 +461,36 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
                 for key, fd in extra.items():
                     src.append(fd)
                     dst.append(p.num[key])
-                ns_index = -1
+                ns_index = mnt_index = -1
                 if ns is not None and g is not None:
                     ns_index = len(src)
                     src.append(ns.fd)
                     dst.append(max(dst) + 2)        # above the ghost's socket; it closes it
                 c_src = ffi.new("int[]", src)
                 c_dst = ffi.new("int[]", dst)
+
+                def spawn():
+                    return lib.cx_spawn(restorer, c_argv, c_src, c_dst, len(src), c_cwd,
+                                        proc["umask"], sidmode, set_tid, err_index,
+                                        *spawn_args(cg))
+                if paths.mnt_fd >= 0 and g is not None:
+                    mnt_index = len(src)            # the ghost setns()es into it
+                    src.append(paths.mnt_fd)
+                    dst.append(max(dst) + 2)
+                    c_src = ffi.new("int[]", src)
+                    c_dst = ffi.new("int[]", dst)
                 if g is not None:
                     pid = _send_to_ghost(p, g, c_src, c_dst, len(src), c_cwd, sidmode, err_index,
-                                         ns_index)
+                                         ns_index, mnt_index)
+                elif paths.mnt_fd >= 0:
+                    # path-bound unix sockets: spawned from a thread in the clone's own mount
+                    # namespace (cxlfork.state.mountns)
+                    pid = paths.spawn(spawn, ns.fd if ns is not None else -1)
                 else:
-                    pid = lib.cx_spawn(restorer, c_argv, c_src, c_dst, len(src), c_cwd,
-                                       proc["umask"], sidmode, set_tid, err_index,
-                                       *spawn_args(cg))
+                    pid = spawn()
+                if ns is not None:      # back home before anything can start a thread here
+                    ns.close()          # (the lazy handler's would keep the namespace alive)
+                    ns = None
                 if pid < 0:
                     os.close(er)
                     os.close(go_w.pop())

@@ -150,6 +150,26 @@ def test_hostile_manifests(env):
     _hostile(env, "h9.img", lambda m: m["fds"].append(
         {"fd": 9, "kind": "socket", "flags": 2, "cloexec": False, "sotype": 1, "pair": 5,
          "end": 0, "sndbuf": 4096, "rcvbuf": 4096, "queue": []}), "its two ends")
+    inet = {"fd": 9, "kind": "inet", "flags": 2, "cloexec": False, "family": 2, "sotype": 1,
+            "state": "listen", "addr": "0.0.0.0", "port": 80, "scope_id": 0, "backlog": 5,
+            "opts": {}}
+    for k, (key, val, needle) in enumerate([
+            ("addr", "not-an-ip", "fds[3].addr"), ("addr", "::1", "not an address of the"),
+            ("family", 99, "fds[3].family"), ("state", "stolen", "fds[3].state"),
+            ("port", 70000, "fds[3].port"), ("opts", {"SO_EVIL": 1}, "fds[3].opts.SO_EVIL"),
+            ("opts", {"TCP_NODELAY": 2**40}, "fds[3].opts.TCP_NODELAY"),
+            ("device", "x" * 40, "fds[3].device")]):
+        _hostile(env, f"hi{k}.img", lambda m: m["fds"].append(dict(inet, **{key: val})), needle)
+    unix = {"fd": 9, "kind": "unix", "flags": 2, "cloexec": False, "sotype": 1,
+            "state": "listen", "name": "", "backlog": 5, "passcred": False, "sndbuf": 4096,
+            "rcvbuf": 4096}
+    _hostile(env, "hu1.img", lambda m: m["fds"].append(dict(unix, state="x")), "fds[3].state")
+    _hostile(env, "hu2.img", lambda m: m["fds"].append(dict(unix, name="A" * 200)),
+             "fds[3].name")
+    _hostile(env, "hu3.img", lambda m: m["fds"].append(dict(unix, path="../etc/x", mode=0o600)),
+             "fds[3].path")
+    _hostile(env, "hu4.img", lambda m: m["fds"].append(dict(unix, path="/run/x", mode=-1)),
+             "fds[3].mode")
 
 
 def test_first_version_content_hash_still_verifies(env):

@@ -27,6 +27,8 @@ int cx_tee(int in_fd, int out_fd, uint64_t len);
 int cx_memfd(const char *name, int flags);
 int cx_unshare(int flags);                    /* netns.c */
 int cx_setns(int fd, int nstype);
+int cx_mount(const char *src, const char *dst, const char *fstype, unsigned long flags);
+int cx_umount2(const char *dst, int flags);
 
 int64_t cx_dump_runs(int pid, int memfd, int n, const uint64_t *addr, const uint64_t *len,
                      void *dst, cx_hash_t *h, int outfd, uint64_t out_off);
@@ -40,7 +42,7 @@ int cx_spawn(const char *path, char *const argv[], const int *src, const int *ds
 int cx_start(int pid, int gofd, int traceclone);
 enum { CX_GHOST_MAXFD = 253, CX_GHOST_MSG = 8192 };
 int cx_ghost_send(int sock, const int *src, const int *dst, int nfd, const char *cwd, int umask_,
-                  int sidmode, int errindex, int planfd, int netns);
+                  int sidmode, int errindex, int planfd, uint64_t nsidx);
 int cx_wait_threads(int pid, int nthreads, int *tids, uint64_t park, int gofd, int timeout_ms);
 int cx_wait_handover(int pid, int errfd, int timeout_ms, int *status_out, int *pending);
 int cx_wait_fd(int fd, int timeout_ms);

@@ -4,9 +4,10 @@
 
 /* Ghost mode: wait for one restore on socket sock, lay out the fd table it carries; returns
  * the plan fd. Message: u64 magic, nfd, umask, session mode (1 setsid, 2 setpgid), plan fd,
- * error-pipe index, cwd length, network namespace (1 + the index of an fd of the clone's own
- * network namespace among the nfd fds, which the ghost setns()es into and closes; 0: stay
- * in the namespace it was spawned in); then nfd int32 destination numbers, then the cwd; the
+ * error-pipe index, cwd length, namespaces (low 32 bits: 1 + the index of an fd of the
+ * clone's own network namespace among the nfd fds, high 32 bits: the same for its mount
+ * namespace; the ghost setns()es into each and closes it; 0: stay in the one it was spawned
+ * in); then nfd int32 destination numbers, then the cwd; the
  * nfd fds in SCM_RIGHTS, in the same order. Fails with exit statuses 126/127 before the
  * error pipe is in place. */
 static char ghost_buf[8192] __attribute__((aligned(8)));
@@ -59,10 +60,16 @@ long cx_ghost_wait(long sock)
     sc6(NR_close_range, base, ~0U, 0, 0, 0, 0);
     if (h[5] < nfd)
         errfd = dst[h[5]];
-    if (h[7] && h[7] <= nfd) {
-        if ((r = sc(NR_setns, dst[h[7] - 1], 0x40000000 /* CLONE_NEWNET */, 0)) < 0)
+    uint64_t net = h[7] & 0xffffffffu, mnt = h[7] >> 32;
+    if (net && net <= nfd) {
+        if ((r = sc(NR_setns, dst[net - 1], 0x40000000 /* CLONE_NEWNET */, 0)) < 0)
             fail("setns into the clone's network namespace", -1, 0, r);
-        sc(NR_close, dst[h[7] - 1], 0, 0);
+        sc(NR_close, dst[net - 1], 0, 0);
+    }
+    if (mnt && mnt <= nfd) {                   /* before the chdir: setns moves to its root */
+        if ((r = sc(NR_setns, dst[mnt - 1], 0x20000 /* CLONE_NEWNS */, 0)) < 0)
+            fail("setns into the clone's mount namespace", -1, 0, r);
+        sc(NR_close, dst[mnt - 1], 0, 0);
     }
     if (h[6]) {
         cwd[h[6]] = 0;

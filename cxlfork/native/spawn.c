@@ -195,11 +195,11 @@ int cx_spawn(const char *path, char *const argv[], const int *src, const int *ds
 
 /* Hand one restore to a ghost (a restorer waiting in ghost mode on the unix socket sock):
  * the fds src[] to install at dst[] (SCM_RIGHTS), cwd, umask, session mode, the index of the
- * error pipe in src[], the plan's fd number and 1 + the index in src[] of an fd of the clone's
- * network namespace (0: none). Message layout: see ghost_wait in restorer.c.
+ * error pipe in src[], the plan's fd number and nsidx: 1 + the index in src[] of an fd of the
+ * clone's network namespace (0: none), plus 1 + that of its mount namespace << 32. Message layout: see ghost_wait in restorer.c.
  * -EPIPE/-ECONNRESET: the ghost is gone. */
 int cx_ghost_send(int sock, const int *src, const int *dst, int nfd, const char *cwd, int umask_,
-                  int sidmode, int errindex, int planfd, int netns)
+                  int sidmode, int errindex, int planfd, uint64_t nsidx)
 {
     static __thread char buf[CX_GHOST_MSG];
     size_t clen = cwd ? strlen(cwd) : 0;
@@ -208,7 +208,7 @@ int cx_ghost_send(int sock, const int *src, const int *dst, int nfd, const char 
         return -E2BIG;
     uint64_t h[8] = { 0x3154534f48475843ULL, (uint64_t)nfd, (uint64_t)umask_,
                       (uint64_t)sidmode, (uint64_t)planfd, (uint64_t)errindex, clen,
-                      (uint64_t)netns };
+                      nsidx };
     memcpy(buf, h, 64);
     for (int i = 0; i < nfd; i++)
         memcpy(buf + 64 + 4 * i, &dst[i], 4);

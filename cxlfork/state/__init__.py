@@ -14,6 +14,7 @@ restore side (recreate it for a clone, or give the restore plan what it needs) s
                unix sockets (abstract names, listening), connections to outside (reset)
     inet       TCP listeners, UDP sockets, their options; TCP connections (reset in a clone)
     netns      the clone's own network namespace (made at restore), a socket's at checkpoint
+    mountns    the clone's own mount namespace, for unix sockets bound to paths
     eventfds   eventfd counters and flags
     timers     POSIX timers and interval timers
 

@@ -60,11 +60,13 @@ def collect(pid: int, objs) -> list[dict]:
 
 
 def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int],
-              where: str = "in the clone's network namespace") -> tuple[list[int], list[int]]:
+              where: str = "in the clone's network namespace", paths=None
+              ) -> tuple[list[int], list[int]]:
     """(source fds in this process, their numbers in the clone) for one clone of m; every fd
     made here is appended to opened (the caller closes them once the clone has its own).
     objfds: the clone's shmem objects (memory.make_objects). Inet and named unix sockets are
-    made in the calling thread's network namespace (where: its name, for messages)."""
+    made in the calling thread's network namespace (where: its name, for messages); unix
+    sockets bound to a path are bound at temporary paths of paths (mountns.TempSockets)."""
     src, dst = [], []
     by_num: dict[int, int] = {}
     io = files.stdio_fds(stdio, opened)
@@ -84,7 +86,7 @@ def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int],
         elif kind == "socket":
             s = sockets.reopen(f, flags, socks)
         elif kind in ("inet", "unix"):
-            s = (inet.make if kind == "inet" else sockets.make_unix)(f, where)
+            s = inet.make(f, where) if kind == "inet" else sockets.make_unix(f, where, paths)
             opened.append(s)
             sockets.set_nonblock(s, flags)
         elif kind == "eventfd":

@@ -3,10 +3,12 @@ recreated at restore in the clone's network namespace (cxlfork.state.netns).
 
 Checkpoint (`collect`): on a copy of the socket (the same open file description: nothing is
 read from or written to it, the original keeps it untouched) its family, type and protocol
-(SO_DOMAIN/SO_TYPE/SO_PROTOCOL), TCP state (TCP_INFO's tcpi_state), bound address
+(SO_DOMAIN/SO_TYPE/SO_PROTOCOL), TCP state (TCP_INFO's tcpi_state; a closed socket with tcpi_segs_in/out was a connection),
+bound address
 (getsockname), UDP peer (getpeername), the options of `OPTS` that differ from a new socket's
 (SO_REUSEADDR, SO_REUSEPORT, SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT, TCP_NODELAY, SO_RCVBUF,
-SO_SNDBUF, IPV6_V6ONLY, ...) and SO_LINGER; a listener's backlog is its sk_max_ack_backlog,
+SO_SNDBUF, IPV6_V6ONLY, ...), SO_LINGER and SO_BINDTODEVICE (a device other than lo
+is not in a clone's own namespace: that restore fails naming it); a listener's backlog is its sk_max_ack_backlog,
 which NETLINK_SOCK_DIAG reports as idiag_wqueue (dumped in the socket's own namespace and
 matched by inode). States: "listen" (TCP LISTEN), "bound" (a bound UDP socket, or a bound
 TCP socket not listening), "unbound", "reset" (a TCP connection: established, connecting or
@@ -46,7 +48,7 @@ OPTS = [("SO_REUSEADDR", socket.SOL_SOCKET, 2), ("SO_REUSEPORT", socket.SOL_SOCK
         ("TCP_DEFER_ACCEPT", socket.IPPROTO_TCP, 9), ("TCP_USER_TIMEOUT", socket.IPPROTO_TCP, 18),
         ("TCP_FASTOPEN", socket.IPPROTO_TCP, 23)]
 OPT = {name: (level, opt) for name, level, opt in OPTS}
-SO_LINGER = 13
+SO_LINGER, SO_BINDTODEVICE = 13, 25
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, NLMSG_DONE = 4, 20, 0x300, 3
 FAMILIES = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6"}
 PROTOS = {(socket.SOCK_STREAM, socket.IPPROTO_TCP): "TCP",
@@ -120,18 +122,25 @@ def collect(s: socket.socket, fd: int, link: str, family: int, sotype: int) -> d
         raise Refused(f"fd {fd} is an {FAMILIES[family]} socket of type {sotype}, protocol "
                       f"{proto} ({link}); only TCP and UDP sockets are supported")
     name = s.getsockname()
-    rec = {"kind": "inet", "family": family, "sotype": sotype, "addr": name[0],
+    rec = {"kind": "inet", "family": int(family), "sotype": int(sotype), "addr": name[0],
            "port": name[1], "scope_id": name[3] if family == socket.AF_INET6 else 0,
            "opts": _opts(s, family, sotype), "backlog": 0}
+    dev = s.getsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, 16).rstrip(b"\0")
+    if dev:
+        rec["device"] = dev.decode(errors="replace")
     on, secs = struct.unpack("ii", s.getsockopt(socket.SOL_SOCKET, SO_LINGER, 8))
     if on:
         rec["linger"] = secs
     if pname == "TCP":
-        state = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 8)[0]
+        info = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 144)
+        state = info[0]
+        # a closed socket that sent or received segments was a connection (e.g. reset, its
+        # error not read yet: SO_ERROR is not asked, reading it would clear it)
+        segs = struct.unpack_from("<II", info, 136) if len(info) >= 144 else (0, 0)
         if state == TCP_LISTEN:
             rec["state"] = "listen"
             rec["backlog"] = _backlog(s, family, os.fstat(s.fileno()).st_ino)
-        elif state == TCP_CLOSE:
+        elif state == TCP_CLOSE and not any(segs):
             rec["state"] = "bound" if name[1] else "unbound"
         else:
             rec["state"] = "reset"
@@ -168,6 +177,8 @@ def validate(v, f: dict, w: str) -> None:
     v.int_in(f, "backlog", 0, 1 << 31, w)
     if "linger" in f:
         v.int_in(f, "linger", 0, 1 << 31, w)
+    if "device" in f and not (0 < len(v.get(f, "device", str, w).encode()) < 16):
+        v.fail(f"{w}.device", "not a device name")
     if "peer" in f:
         p = f["peer"]
         if not (isinstance(p, list) and len(p) == 2 and isinstance(p[1], int)
@@ -228,6 +239,15 @@ def make(f: dict, where: str) -> int:
             s.setsockopt(level, opt, val)
         if "linger" in f:
             s.setsockopt(socket.SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, f["linger"]))
+        if "device" in f:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, f["device"].encode())
+            except OSError as e:
+                raise CxlforkError(
+                    f"fd {f['fd']}: {describe(f)} is bound to device {f['device']} "
+                    f"(SO_BINDTODEVICE), which is not there {where}: {e.strerror}" +
+                    ("" if "host" in where else " (a clone's own namespace has only lo; "
+                     "--netns host restores into this one)")) from e
         if f["state"] != "unbound":
             addr = (f["addr"], f["port"]) if fam == socket.AF_INET else \
                 (f["addr"], f["port"], 0, f["scope_id"])

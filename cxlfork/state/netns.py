@@ -1,16 +1,19 @@
 """Network namespaces: the clone's own, made at restore, and the socket's, read at checkpoint.
 
 A network namespace belongs to a thread, so cxlfork makes one per clone by `unshare
-(CLONE_NEWNET)` in the restoring thread (`NetNs.make`), brings its loopback up and gives it the
-addresses the image's sockets were bound to (RTM_NEWADDR on `lo`), creates the clone's sockets
-in it (a socket belongs to the namespace of the thread that makes it), spawns the restorer
-from there (the child inherits the thread's namespace) and goes back to its own namespace
-(`NetNs.leave`). A ghost (cxlfork.ghosts), spawned earlier in cxlfork's namespace, gets the
-namespace's fd in its restore message and `setns`es into it before it runs the plan. The
+(CLONE_NEWNET)` in a thread (`NetNs.make`), brings its loopback up and gives it the addresses
+the image's sockets were bound to (RTM_NEWADDR on `lo`); the restoring thread enters it
+(`enter`, setns), creates the clone's sockets there (a socket belongs to the namespace of the
+thread that makes it), spawns the restorer from there (the child inherits the thread's
+namespace) and goes back (`leave`). A ghost (cxlfork.ghosts), spawned earlier in cxlfork's
+namespace, gets the namespace's fd in its restore message and `setns`es into it before it
+runs the plan; a warm pool makes each ghost's namespace when it spawns the ghost, off the
+restore path. The
 namespace lives as long as the clone (no bind mount is made: nothing outlives it).
 
 At checkpoint, `socket_ns(fd)` is the namespace a socket was made in (SIOCGSKNS), and
-`inside(fd)` runs sock_diag queries there.
+`inside(fd)` runs sock_diag queries there. For users of clones: `of(pid)` names a clone's
+namespace, `connect(pid, address)` gives a socket connected inside it.
 """
 from __future__ import annotations
 
@@ -70,6 +73,27 @@ def inside(nsfd: int):
         os.close(home)
 
 
+def connect(pid: int, address, family: int = socket.AF_INET,
+            timeout: float | None = None) -> socket.socket:
+    """A TCP socket connected to address in PID's network namespace (e.g. a clone's
+    listener: `connect(pid, ("127.0.0.1", 8000))`). It is made and connected there by the
+    calling thread, which then goes back; the socket stays in that namespace and can be used
+    from any thread."""
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with inside(fd):
+            s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                s.settimeout(timeout)
+                s.connect(address)
+            except BaseException:
+                s.close()
+                raise
+        return s
+    finally:
+        os.close(fd)
+
+
 def _lo_up() -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
@@ -109,11 +133,13 @@ def local_addrs(m: dict) -> list[tuple[int, str]]:
     for f in m["fds"]:
         if f["kind"] == "inet" and f.get("dup_of") is None and f["state"] != "reset":
             a = ipaddress.ip_address(f["addr"])
-            if a.is_unspecified or a.is_loopback or \
-                    (a.version == 6 and a.ipv4_mapped is not None):
+            if a.version == 6 and a.ipv4_mapped is not None:     # ::ffff:a.b.c.d
+                a = a.ipv4_mapped
+            if a.is_unspecified or a.is_loopback:
                 continue
-            if (f["family"], f["addr"]) not in out:
-                out.append((f["family"], f["addr"]))
+            fam = socket.AF_INET if a.version == 4 else socket.AF_INET6
+            if (fam, str(a)) not in out:
+                out.append((fam, str(a)))
     return out
 
 
@@ -123,23 +149,28 @@ def needed(m: dict) -> bool:
 
 
 class NetNs:
-    """A new network namespace for one clone, with the calling thread inside it until
-    `leave()`; `fd` holds it (close() drops our reference; the clone keeps its own)."""
+    """A new network namespace for one clone (`make`): `fd` holds it. `enter()` puts the
+    calling thread in it until `leave()`; `close()` leaves and drops our reference (the
+    clone keeps its own)."""
 
-    def __init__(self, fd: int, home: int):
-        self.fd, self.home = fd, home
+    def __init__(self, fd: int):
+        self.fd, self.home = fd, -1
 
     @classmethod
     def make(cls, m: dict) -> "NetNs":
+        """A namespace with lo up and m's bound addresses on it; the calling thread is back
+        in its own namespace when this returns."""
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         e = lib.cx_unshare(CLONE_NEWNET)
         if e < 0:
             os.close(home)
-            raise CxlforkError(
-                f"cannot make a network namespace for the clone: unshare(CLONE_NEWNET): "
-                f"{os.strerror(-e)}" + (" (needs CAP_SYS_ADMIN; --netns host restores into "
-                                        "this namespace instead)" if -e == 1 else ""))
-        self = cls(-1, home)
+            hint = {1: " (needs CAP_SYS_ADMIN; --netns host restores into this namespace "
+                       "instead)",
+                    28: " (too many network namespaces: user.max_net_namespaces)"}
+            raise CxlforkError(f"cannot make a network namespace for the clone: "
+                               f"unshare(CLONE_NEWNET): {os.strerror(-e)}{hint.get(-e, '')}")
+        self = cls(-1)
+        self.home = home
         try:
             self.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             _lo_up()
@@ -151,7 +182,18 @@ class NetNs:
         except BaseException:
             self.close()
             raise
+        self.leave()
         return self
+
+    def enter(self) -> None:
+        if self.home < 0:
+            home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(self.fd, "the clone's network namespace")
+            except BaseException:
+                os.close(home)
+                raise
+            self.home = home
 
     def leave(self) -> None:
         if self.home >= 0:

@@ -10,8 +10,9 @@ to -1); shut-down bits (UNIX_DIAG_SHUTDOWN) are kept. A listening or bound unix 
 an abstract name (kind unix) keeps its name, backlog (UNIX_DIAG_RQLEN) and SO_PASSCRED: the
 clone's own network namespace (abstract names are per namespace) lets it bind the same name.
 A connected end whose peer is outside the process (or closed) is a connection the clone
-cannot own: kind unix, state reset. Refused, with the fd named: other domains, sockets bound
-to a path (a clone cannot have its own copy of a path), SO_PEEK_OFF, SO_PASSCRED on a
+cannot own: kind unix, state reset. One bound to a path keeps its path and the socket file's
+mode (the clone gets it in a mount namespace of its own, cxlfork.state.mountns). Refused,
+with the fd named: other domains, a path whose socket file is gone, SO_PEEK_OFF, SO_PASSCRED on a
 connected socket, fds or credentials in flight (SCM_RIGHTS/SCM_CREDENTIALS), empty
 datagrams. Restore (`recreate_all`, `reopen`, `make_unix`): socketpair(2) of the same type,
 buffer sizes, then each end's queue is sent from the other end (stream: the bytes;
@@ -24,6 +25,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import struct
 
 from cxlfork import image as image_mod
@@ -113,26 +115,37 @@ def _peek_all(s: socket.socket, fd: int, stream: bool, rcv_shut: bool = False) -
     return [b"".join(msgs)] if stream and msgs else msgs
 
 
-def _unix_kind(s: socket.socket, fd: int, link: str, typ: int, ino: int, d: dict) -> dict:
+def _unix_kind(s: socket.socket, pid: int, fd: int, link: str, typ: int, d: dict) -> dict:
     """The record of a unix socket that is not a socketpair end: listening or bound to an
     abstract name (kind unix, state listen/bound), or unbound and unconnected (unbound).
     A name in the filesystem is refused."""
     name = s.getsockname()
-    if isinstance(name, str) and name:
-        raise Refused(f"fd {fd} is a unix socket bound to the path {name} ({link}): a clone "
-                      "cannot have its own copy of a path (abstract unix names are per network "
-                      "namespace and are carried over); not supported")
+    path = name if isinstance(name, str) and name else None
+    mode = None
+    if path is not None:
+        try:
+            st = os.stat(f"/proc/{pid}/root{path}" if path.startswith("/") else path)
+        except OSError:
+            st = None
+        if not path.startswith("/") or st is None or not stat.S_ISSOCK(st.st_mode):
+            raise Refused(f"fd {fd} is a unix socket bound to the path {path} ({link}), which "
+                          "is not an absolute path to a socket file any more (a clone's socket "
+                          "is mounted over that file); not supported")
+        mode = stat.S_IMODE(st.st_mode)
+        name = b""
     listening = bool(s.getsockopt(socket.SOL_SOCKET, SO_ACCEPTCONN))
     rec = {"kind": "unix", "sotype": typ, "name": image_mod.b64(name[1:] if name else b""),
-           "state": "listen" if listening else ("bound" if name else "unbound"),
+           "state": "listen" if listening else ("bound" if name or path else "unbound"),
            "backlog": d["backlog"] if listening else 0,
            "passcred": bool(s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED)),
            "sndbuf": s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
            "rcvbuf": s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
+    if path is not None:
+        rec.update(path=path, mode=mode)
     return rec
 
 
-def _collect_socket(dfd: int, fd: int, link: str) -> dict:
+def _collect_socket(pid: int, dfd: int, fd: int, link: str) -> dict:
     """The socket at fd of the target (dfd: our copy, closed here): the fields of its fd
     record: a socketpair end (kind socket; its peer must be found among the process's fds
     by the caller, `peer` inode), another unix socket (kind unix) or an inet one (kind inet)."""
@@ -157,7 +170,7 @@ def _collect_socket(dfd: int, fd: int, link: str) -> dict:
         finally:
             os.close(nsfd)
         if s.getsockopt(socket.SOL_SOCKET, SO_ACCEPTCONN) or not d["peer"]:
-            return _unix_kind(s, fd, link, typ, ino, d)
+            return _unix_kind(s, pid, fd, link, typ, d)
         if s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF) != -1:
             raise Refused(f"fd {fd}: a socketpair with SO_PEEK_OFF set ({link}); not supported")
         if s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED):
@@ -232,7 +245,7 @@ def collect(pid: int, f: dict, rec: dict) -> None:
     dfd = lib.cx_pidfd_getfd(pid, n)
     if dfd < 0:
         raise CxlforkError(f"pidfd_getfd(fd {n}) of PID {pid}: {os.strerror(-dfd)}")
-    rec.update(_collect_socket(dfd, n, f["link"]))
+    rec.update(_collect_socket(pid, dfd, n, f["link"]))
 
 
 def finish(recs: list[dict]) -> None:
@@ -259,11 +272,14 @@ def recreate_all(m: dict, opened: list[int]) -> dict[int, tuple[int, int]]:
     return out
 
 
-def make_unix(f: dict, where: str) -> int:
+def make_unix(f: dict, where: str, paths=None) -> int:
     """A new socket for unix record f (listen/bound: same abstract name, in the calling
-    thread's network namespace; unbound; reset: a socketpair end whose peer has gone with
-    data unread, so a stream end reads ECONNRESET, then EOF); close-on-exec, blocking."""
+    thread's network namespace; a path: the one paths (mountns.PathSockets) made; unbound;
+    reset: a socketpair end whose peer has gone with data unread, so a stream end reads
+    ECONNRESET, then EOF); close-on-exec, blocking."""
     typ = f["sotype"]
+    if "path" in f:             # made in the clone's mount namespace (cxlfork.state.mountns)
+        return os.dup(paths.fds[f["fd"]])
     if f["state"] == "reset":
         a, b = socket.socketpair(socket.AF_UNIX, typ | socket.SOCK_CLOEXEC)
         try:
