@@ -556,7 +556,7 @@ HTTP_FUNCS = {
     "ow": (f'["python", "{OW_ACTION}"]', {"name": "bench"},
            'protocol = "openwhisk"\ninit = { name = "ow", main = "main", code = '
            '"def main(a):\\n    return {\'hello\': a.get(\'name\')}\\n" }\n')}
-HTTP_KINDS = (("cold", "cold", 0), ("restored mow", "mow", 0))
+HTTP_KINDS = (("cold", "cold", 0), ("restored mow", "mow", 0), ("warm ghost", "mow", 2))
 
 
 def real_model_starts(rounds: int = 8, fleet: int = 8, funcs=None, kinds=REAL_KINDS,
@@ -692,16 +692,17 @@ def http_starts(repeat: int = 3) -> None:
           "request that started the instance (ms), and cold / restored")
     for fn in HTTP_FUNCS:
         med = {}
-        for kind in ("cold", "restored mow"):
+        for kind, _, _ in HTTP_KINDS:
             xs = [r[(fn, kind)]["ms"] for r in runs if r.get((fn, kind), {}).get("ms")]
             med[kind] = (float(np.median([pct(x, 50) for x in xs])),
                          float(np.median([pct(x, 99) for x in xs]))) if xs else None
-        c, rs = med["cold"], med["restored mow"]
-        if c and rs:
-            print(f"  {fn:7s} cold {c[0]:7.1f} / {c[1]:7.1f}   restored {rs[0]:7.1f} / "
-                  f"{rs[1]:7.1f}   ratio p50 {c[0] / rs[0]:.1f}x  p99 {c[1] / rs[1]:.1f}x")
-        else:
-            print(f"  {fn:7s} cold {c}  restored {rs} (a kind did not run)")
+        c = med["cold"]
+        cells = [f"cold {c[0]:7.1f} / {c[1]:7.1f}" if c else "cold -"]
+        for kind, _, _ in HTTP_KINDS[1:]:
+            m = med[kind]
+            cells.append(f"{kind} {m[0]:7.1f} / {m[1]:7.1f} (cold / it: p50 {c[0] / m[0]:.1f}x,"
+                         f" p99 {c[1] / m[1]:.1f}x)" if m and c else f"{kind} -")
+        print(f"  {fn:7s} " + "   ".join(cells))
     print("\ninside the porter (/stats start_phases_ms), medians over the runs of p50 / p99 ms: "
           "cold spawn_init (spawn, listen, /init); restored restore + connect (to the clone's "
           "listener); first_request")
@@ -709,12 +710,14 @@ def http_starts(repeat: int = 3) -> None:
         cells = []
         for kind, kk, phs in (("cold", "cold", ("spawn_init", "first_request")),
                               ("restored mow", "restored", ("restore", "connect",
-                                                            "first_request"))):
+                                                            "first_request")),
+                              ("warm ghost", "restored", ("restore", "connect",
+                                                          "first_request"))):
             for ph in phs:
                 xs = [r[(fn, kind)]["phases"][kk].get(ph) for r in runs
                       if r.get((fn, kind), {}).get("phases")]
                 xs = [x for x in xs if x and x["n"]]
-                cells.append(f"{kk} {ph} " + (f"{np.median([x['p50'] for x in xs]):.1f} / "
+                cells.append(f"{kind} {ph} " + (f"{np.median([x['p50'] for x in xs]):.1f} / "
                                               f"{np.median([x['p99'] for x in xs]):.1f}"
                                               if xs else "-"))
         print(f"  {fn:7s} " + "; ".join(cells))
