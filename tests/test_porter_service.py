@@ -35,7 +35,9 @@ class Porter:
         self.p = subprocess.Popen([PY, "-m", "cxlfork", "porter", "--config", self.cfg],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.p.stdout.readline()
-        assert "listening on http://127.0.0.1:" in line, (line, self.p.stderr.read())
+        if "listening on http://127.0.0.1:" not in line:      # the fixture never sees it
+            shutil.rmtree(self.store, ignore_errors=True)
+            raise AssertionError((line, self.p.stderr.read()))
         self.port = int(line.rsplit(":", 1)[1])
         self.seen: set[int] = set()
 
