@@ -352,8 +352,8 @@ def test_local_memory_limit_blocks_scale_out(porter):
 
 
 def test_refused_checkpoint_and_failed_cold_starts_are_reported(porter):
-    # a worker holding a socket cxlfork does not checkpoint (netlink): the function keeps
-    # cold starts, and /stats names the reason
+    # a worker holding a socket cxlfork cannot carry (netlink) cannot be checkpointed: the
+    # function keeps cold starts, and /stats names the reason
     holds_socket = ('import socket; s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW); '
                     'from cxlfork.workers.echo import init, handle, serve; serve(init, handle)')
     fns = f"""
