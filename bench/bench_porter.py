@@ -545,7 +545,22 @@ REAL_FUNCS = {"llm": ('["python", "-m", "cxlfork.workers.llm"]',
                                    "What is the way to make a loaf of bread?"]})}
 
 
-def real_model_starts(rounds: int = 8, fleet: int = 8) -> None:
+OW_ACTION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "tests", "progs", "ow_action.py")
+# HTTP functions (protocol = "openwhisk", each instance in its own network namespace) beside
+# the same LLM as a stdio worker, the baseline of the same run
+HTTP_FUNCS = {
+    "llm": REAL_FUNCS["llm"],
+    "llm-ow": ('["python", "-m", "cxlfork.workers.http_action", "cxlfork.workers.llm"]',
+               REAL_FUNCS["llm"][1], 'protocol = "openwhisk"\n'),
+    "ow": (f'["python", "{OW_ACTION}"]', {"name": "bench"},
+           'protocol = "openwhisk"\ninit = { name = "ow", main = "main", code = '
+           '"def main(a):\\n    return {\'hello\': a.get(\'name\')}\\n" }\n')}
+HTTP_KINDS = (("cold", "cold", 0), ("restored mow", "mow", 0), ("warm ghost", "mow", 2))
+
+
+def real_model_starts(rounds: int = 8, fleet: int = 8, funcs=None, kinds=REAL_KINDS,
+                      what: str = "real models") -> None:
     """The real LLM and embedder through the porter, per start kind: the end-to-end latency
     of the request that started the instance (cold: spawn + init; restored: mow, lazy moa,
     mow from a warm ghost; warm: an instance already up), the LLM's time to first token as
@@ -554,8 +569,8 @@ def real_model_starts(rounds: int = 8, fleet: int = 8) -> None:
     bytes, plus the store pages they share)."""
     from cxlfork.porter.memory import process_memory
     res = {}
-    for fn, (cmd, req) in REAL_FUNCS.items():
-        for kind, policy, ghosts in REAL_KINDS:
+    for fn, (cmd, req, *extra) in (funcs or REAL_FUNCS).items():
+        for kind, policy, ghosts in kinds:
             d = tempfile.mkdtemp(prefix="bench-real-")
             store = tempfile.mkdtemp(prefix="bench-real-store-", dir="/dev/shm")
             cfg = os.path.join(d, "porter.toml")
@@ -565,7 +580,8 @@ def real_model_starts(rounds: int = 8, fleet: int = 8) -> None:
                         f'ghost_prefault = {"true" if kind == "ghost+prefault" else "false"}\n'
                         f'\n[functions.{fn}]\ncommand = {cmd}\npolicy = "{policy}"\n'
                         f'checkpoint_after = 2\nkeepalive_s = {60 if warm else 0.5}\n'
-                        f'max_instances = {fleet}\nqueue_timeout_s = 60\ntimeout_s = 60\n')
+                        f'max_instances = {fleet}\nqueue_timeout_s = 60\ntimeout_s = 60\n'
+                        + "".join(extra))
             with open(os.path.join(d, "porter.log"), "w") as err:
                 p = subprocess.Popen([PY, "-m", "cxlfork", "porter", "--config", cfg],
                                      stdout=subprocess.PIPE, stderr=err, text=True)
@@ -603,7 +619,7 @@ def real_model_starts(rounds: int = 8, fleet: int = 8) -> None:
                         r["bad"] += 1
                         continue
                     r["ms"].append(ms)
-                    if fn == "llm":
+                    if fn.startswith("llm"):
                         n, rate = len(out["tokens"]), out["tokens_per_s"]
                         r["ttft"].append(ms - ((n - 1) / rate * 1e3 if rate and n > 1 else 0))
                         r["rate"].append(rate)
@@ -615,7 +631,9 @@ def real_model_starts(rounds: int = 8, fleet: int = 8) -> None:
                     time.sleep(0.1)
                 with cf.ThreadPoolExecutor(fleet) as ex:
                     list(ex.map(lambda _: invoke(), range(fleet)))
-                insts = run.stats()["functions"][fn]["instance_list"]
+                fst = run.stats()["functions"][fn]
+                r["phases"] = fst["start_phases_ms"]     # porter side, all starts of the run
+                insts = fst["instance_list"]
                 mem = [process_memory(i["pid"], store) for i in insts]
                 r["fleet"] = (len(insts), sum(m[0] for m in mem), max((m[1] for m in mem),
                                                                        default=0))
@@ -629,7 +647,7 @@ def real_model_starts(rounds: int = 8, fleet: int = 8) -> None:
                 shutil.rmtree(d, ignore_errors=True)
                 shutil.rmtree(store, ignore_errors=True)
             print(f"  ran {fn} {kind}", file=sys.stderr, flush=True)
-    print(f"\nreal models through the porter, per start kind ({rounds} starts each; K = 2; "
+    print(f"\n{what} through the porter, per start kind ({rounds} starts each; K = 2; "
           f"llm 16 greedy tokens, embed 2 texts): latency of the request that started the "
           f"instance, p50 / p99 ms; LLM time to first token seen by the client and decode "
           f"rate against warm; local MiB of one instance; {fleet} instances started at once: "
@@ -652,6 +670,57 @@ def real_model_starts(rounds: int = 8, fleet: int = 8) -> None:
                    f"{fl[0]} / {fl[1] / 2**20:.1f} / {fl[2] / 2**20:.1f}" if fl else "-"], wd))
         if r["bad"]:
             print(f"    ({r['bad']} starts were not of this kind or failed)")
+    for fn in dict.fromkeys(f for f, _ in res):
+        c, rs = res.get((fn, "cold")), res.get((fn, "restored mow"))
+        if c and rs and c["ms"] and rs["ms"]:
+            print(f"{fn}: starting request cold vs restored (mow): p50 {pct(c['ms'], 50):.1f} "
+                  f"vs {pct(rs['ms'], 50):.1f} ms ({pct(c['ms'], 50) / pct(rs['ms'], 50):.1f}x), "
+                  f"p99 {pct(c['ms'], 99):.1f} vs {pct(rs['ms'], 99):.1f} ms "
+                  f"({pct(c['ms'], 99) / pct(rs['ms'], 99):.1f}x)")
+    return res
+
+
+def http_starts(repeat: int = 3) -> None:
+    """HTTP functions: the request that started a cold or a restored (mow) instance of an
+    OpenWhisk action (the LLM through http_action, the stdlib test action) and of the stdio
+    LLM, `repeat` runs of 6 starts each (a run's table each; the medians over runs are the
+    figures)."""
+    runs = [real_model_starts(rounds=6, fleet=2, funcs=HTTP_FUNCS, kinds=HTTP_KINDS,
+                              what=f"HTTP functions (run {i + 1} of {repeat})")
+            for i in range(repeat)]
+    print(f"\nHTTP functions, medians over {repeat} runs of the per-run p50 / p99 of the "
+          "request that started the instance (ms), and cold / restored")
+    for fn in HTTP_FUNCS:
+        med = {}
+        for kind, _, _ in HTTP_KINDS:
+            xs = [r[(fn, kind)]["ms"] for r in runs if r.get((fn, kind), {}).get("ms")]
+            med[kind] = (float(np.median([pct(x, 50) for x in xs])),
+                         float(np.median([pct(x, 99) for x in xs]))) if xs else None
+        c = med["cold"]
+        cells = [f"cold {c[0]:7.1f} / {c[1]:7.1f}" if c else "cold -"]
+        for kind, _, _ in HTTP_KINDS[1:]:
+            m = med[kind]
+            cells.append(f"{kind} {m[0]:7.1f} / {m[1]:7.1f} (cold / it: p50 {c[0] / m[0]:.1f}x,"
+                         f" p99 {c[1] / m[1]:.1f}x)" if m and c else f"{kind} -")
+        print(f"  {fn:7s} " + "   ".join(cells))
+    print("\ninside the porter (/stats start_phases_ms), medians over the runs of p50 / p99 ms: "
+          "cold spawn_init (spawn, listen, /init); restored restore + connect (to the clone's "
+          "listener); first_request")
+    for fn in HTTP_FUNCS:
+        cells = []
+        for kind, kk, phs in (("cold", "cold", ("spawn_init", "first_request")),
+                              ("restored mow", "restored", ("restore", "connect",
+                                                            "first_request")),
+                              ("warm ghost", "restored", ("restore", "connect",
+                                                          "first_request"))):
+            for ph in phs:
+                xs = [r[(fn, kind)]["phases"][kk].get(ph) for r in runs
+                      if r.get((fn, kind), {}).get("phases")]
+                xs = [x for x in xs if x and x["n"]]
+                cells.append(f"{kind} {ph} " + (f"{np.median([x['p50'] for x in xs]):.1f} / "
+                                              f"{np.median([x['p99'] for x in xs]):.1f}"
+                                              if xs else "-"))
+        print(f"  {fn:7s} " + "; ".join(cells))
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -822,6 +891,8 @@ def main():
                     "weights table: anonymous memory vs mmapped GGUF")
     ap.add_argument("--real-models-only", action="store_true", help="only the real LLM and "
                     "embedder per start kind")
+    ap.add_argument("--http-only", action="store_true", help="only the HTTP-function table "
+                    "(OpenWhisk actions cold vs restored, beside the stdio LLM); --repeat runs")
     ap.add_argument("--burst-only", action="store_true", help="only the connection-burst "
                     "table (answered / sent)")
     a = ap.parse_args()
@@ -836,6 +907,9 @@ def main():
         return
     if a.real_models_only:
         real_model_starts()
+        return
+    if a.http_only:
+        http_starts(a.repeat)
         return
     if a.llm_placement_only:
         llm_weight_placement()
@@ -889,6 +963,7 @@ def main():
     sampling_cost()
     ghost_cost()
     real_model_starts()
+    http_starts(1)
     print(f"\nload average after the runs {os.getloadavg()[0]:.1f}; total "
           f"{time.monotonic() - t0:.0f} s")
     unl = {r["mode"]: r for r in rows if not r["limit"]}

@@ -22,7 +22,7 @@ def test_good_config_defaults(tmp_path):
     assert c.host == "127.0.0.1" and c.checkpoint_after == 16
     fc = c.functions["llm"]
     assert fc.command[0] == sys.executable and fc.policy == "auto"
-    assert fc.checkpoint_after == 16 and fc.max_instances == 4
+    assert fc.checkpoint_after == 16 and fc.max_instances == 4 and fc.protocol == "stdio"
 
 
 @pytest.mark.parametrize("text, where, why", [
@@ -39,6 +39,10 @@ def test_good_config_defaults(tmp_path):
      "not an executable"),
     ("[functions.\"a b\"]\ncommand = [\"true\"]\n", ":functions.a b:", "function name"),
     ("[porter\n", ": not valid TOML", ""),
+    ("[functions.f]\ncommand = [\"true\"]\nprotocol = \"grpc\"\n", ":functions.f.protocol:",
+     "must be one of stdio, openwhisk, http, got 'grpc'"),
+    ("[functions.f]\ncommand = [\"true\"]\nprotocol = \"http\"\ninit = {a = 1}\n",
+     ":functions.f.init:", 'protocol "http" has no init request'),
 ])
 def test_bad_config_names_file_key_reason(tmp_path, text, where, why):
     f = _write(tmp_path, text)

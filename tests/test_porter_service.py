@@ -35,15 +35,18 @@ class Porter:
         self.p = subprocess.Popen([PY, "-m", "cxlfork", "porter", "--config", self.cfg],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.p.stdout.readline()
-        assert "listening on http://127.0.0.1:" in line, (line, self.p.stderr.read())
+        if "listening on http://127.0.0.1:" not in line:      # the fixture never sees it
+            shutil.rmtree(self.store, ignore_errors=True)
+            raise AssertionError((line, self.p.stderr.read()))
         self.port = int(line.rsplit(":", 1)[1])
         self.seen: set[int] = set()
 
     def request(self, method: str, path: str, body=None, raw: bytes | None = None,
-                timeout=90.0):
+                timeout=90.0, headers: dict | None = None):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        c.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        c.request(method, path, body=data,
+                  headers=headers or {"Content-Type": "application/json"})
         r = c.getresponse()
         text = r.read()
         c.close()

@@ -7,6 +7,9 @@ with cxlfork after K invocations, and scales out later instances by restoring th
 
     config    TOML config, validated (file:key: reason)
     instance  one worker process: cold start or restore, one request at a time over pipes
+    http_instance  one HTTP instance (protocol openwhisk / http) in its own network namespace
+    netns     network namespaces: a child's own (lo up), sockets made inside an instance's
+    lifeline  a watcher that SIGKILLs restored HTTP clones when the porter dies
     memory    local (anonymous) and shared (page-store) memory of a process, from smaps
     cgroup    the porter's memory cgroup (v2 or v1): the kernel enforces the local limit
     ghosts    per-function pools of pre-spawned restorers (cxlfork ghosts) in that cgroup

@@ -17,7 +17,11 @@
 
     [functions.NAME]
     command = ["python", "-m", "cxlfork.workers.llm"]   # "python" = the porter's interpreter
-    init = {}                     # sent once as {"init": ...}
+    protocol = "stdio"            # stdio (the porter's worker protocol) | openwhisk (an
+                                  # action server on 8080: /init, /run) | http (any HTTP
+                                  # server on $PORT = 8080, requests forwarded as is); HTTP
+                                  # instances each run in a network namespace of their own
+    init = {}                     # sent once as {"init": ...} (openwhisk: POST /init {"value": ...})
     policy = "auto"               # auto | mow | moa | moa-eager | hybrid | cold (never checkpoint)
     slo_ms = 1000                 # target p99 for auto
     timeout_s = 30                # per request; past it the instance is killed (504)
@@ -40,6 +44,7 @@ import tomllib
 from tiermem.errors import TiermemError
 
 POLICIES = ("auto", "mow", "moa", "moa-eager", "hybrid", "cold")
+PROTOCOLS = ("stdio", "openwhisk", "http")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -52,6 +57,7 @@ class FunctionConfig:
     name: str
     command: list[str]
     init: dict
+    protocol: str = "stdio"
     policy: str = "auto"
     slo_ms: float = 1000.0
     timeout_s: float = 30.0
@@ -121,9 +127,16 @@ def function_from_dict(name: str, d: dict, porter: PorterConfig, source: str) ->
     cmd = [sys.executable if i == 0 and x == "python" else x for i, x in enumerate(cmd)]
     if "/" in cmd[0] and not os.access(cmd[0], os.X_OK):
         c.fail(p + "command", f"{cmd[0]} is not an executable file")
+    protocol = d.get("protocol", "stdio")
+    if protocol not in PROTOCOLS:
+        c.fail(p + "protocol", f"must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     init = d.get("init", {})
     if not isinstance(init, dict):
-        c.fail(p + "init", "must be a table (sent to the worker as {\"init\": ...})")
+        c.fail(p + "init", "must be a table (sent to the worker as {\"init\": ...}, to an "
+                           "OpenWhisk action as POST /init {\"value\": ...})")
+    if protocol == "http" and "init" in d:
+        c.fail(p + "init", 'protocol "http" has no init request (a Knative-style server '
+                           'configures itself; use env); use protocol = "openwhisk" for /init')
     policy = d.get("policy", "auto")
     if policy not in POLICIES:
         c.fail(p + "policy", f"must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -131,7 +144,7 @@ def function_from_dict(name: str, d: dict, porter: PorterConfig, source: str) ->
     if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
         c.fail(p + "env", "must be a table of strings")
     return FunctionConfig(
-        name=name, command=cmd, init=init, policy=policy, env=env,
+        name=name, command=cmd, init=init, policy=policy, env=env, protocol=protocol,
         slo_ms=c.number(d, "slo_ms", p + "slo_ms", 1000.0, lo=0.001),
         timeout_s=c.number(d, "timeout_s", p + "timeout_s", 30.0, lo=0.001),
         init_timeout_s=c.number(d, "init_timeout_s", p + "init_timeout_s", 60.0, lo=0.001),

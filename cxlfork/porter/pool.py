@@ -13,6 +13,7 @@ import numpy as np
 
 from cxlfork.errors import CxlforkError
 from cxlfork.porter.config import FunctionConfig
+from cxlfork.porter.http_instance import HttpInstance
 from cxlfork.porter.instance import (Instance, WorkerBadAnswer, WorkerDied, WorkerFailed,
                                      WorkerTimeout, cxlfork_policy)
 
@@ -180,9 +181,15 @@ class FunctionPool:
                 prepared = self.prepared_restore(policy)
                 prep_ms = (time.perf_counter() - t0) * 1e3
                 ghosts = self.ghosts
-                inst = Instance.restore(self.image, policy, self.log_fd, prepared,
-                                        ghosts.source(prepared) if ghosts else None,
-                                        self.cgroup_dir())
+                source = ghosts.source(prepared) if ghosts else None
+                if self.cfg.protocol == "stdio":
+                    inst = Instance.restore(self.image, policy, self.log_fd, prepared, source,
+                                            self.cgroup_dir())
+                else:
+                    inst = HttpInstance.restore(self.cfg.protocol, self.name, self.image,
+                                                policy, self.log_fd, prepared, source,
+                                                self.cgroup_dir(), self.porter.lifeline)
+                    self._await_listener(inst)
                 inst.phases["prepare"] = prep_ms
             except Exception as e:             # noqa: BLE001 - served by a cold start instead
                 msg = str(e) if isinstance(e, CxlforkError) else f"{type(e).__name__}: {e}"
@@ -196,8 +203,12 @@ class FunctionPool:
                     self.start_ms["restored"].append(inst.start_ms)
                 return inst
         try:
-            inst = Instance.spawn(self.cfg.command, self.env, self.log_fd,
-                                  self.cgroup.procs_fd(self.name) if self.cgroup else -1)
+            cg = self.cgroup.procs_fd(self.name) if self.cgroup else -1
+            if self.cfg.protocol == "stdio":
+                inst = Instance.spawn(self.cfg.command, self.env, self.log_fd, cg)
+            else:
+                inst = HttpInstance.spawn(self.cfg.protocol, self.name, self.cfg.command,
+                                          self.env, self.log_fd, cg)
         except WorkerDied as e:
             self._error("cold_start_failed")
             raise Unavailable(f"function {self.name}: cold start failed: {e}", 502) from e
@@ -221,6 +232,19 @@ class FunctionPool:
             self.instances.append(inst)
             self.start_ms["cold"].append(inst.start_ms)
         return inst
+
+    def _await_listener(self, inst: HttpInstance) -> None:
+        """A restored HTTP clone: its listener was made again by cxlfork, so it accepts at
+        once; a clone that does not is killed and the start fails over to a cold start."""
+        t0 = time.perf_counter()
+        try:
+            inst.wait_listening(min(self.cfg.init_timeout_s, 10.0))
+        except (WorkerDied, WorkerTimeout) as e:
+            inst.kill()
+            inst.close()
+            raise CxlforkError(f"restored clone PID {inst.pid} does not accept on "
+                               f"127.0.0.1:8080 in its namespace: {e}") from e
+        inst.phases["connect"] = (time.perf_counter() - t0) * 1e3
 
     def prepared_restore(self, policy: str):
         """The image checked and planned once per (policy, hot-page record)."""

@@ -9,6 +9,9 @@
     GET    /stats                   JSON: per function latency, starts, instances, memory
     GET    /metrics                 Prometheus text format
     GET    /healthz                 "ok"
+    ANY    /functions/NAME/invoke[/PATH][?Q]   a protocol = "http" function: the request as
+                                    is (method, /PATH?Q, headers, body) to an instance, its
+                                    answer as is (plus the X-Porter-* headers)
 
 Every error is JSON with one line: {"error": "..."}: 400 malformed JSON or config, 404
 unknown function or path, 403 caller not allowed ([porter] invoke_uids, allow_register), 405 wrong method,
@@ -121,6 +124,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         p = self.porter
         path = self.path.split("?", 1)[0]
+        fwd = self._http_function()
+        if fwd is not None:
+            self._forward(*fwd)
+            return
         if path not in ("/healthz", "/metrics") and not self._may_invoke():
             return
         if path == "/stats":
@@ -128,7 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics":
             self._send(200, p.metrics.text(), "text/plain; version=0.0.4")
         elif path == "/functions":
-            self._json(200, {n: {"policy": p.pool(n).policy, "command": p.pool(n).cfg.command}
+            self._json(200, {n: {"policy": p.pool(n).policy, "command": p.pool(n).cfg.command,
+                                 "protocol": p.pool(n).cfg.protocol}
                              for n in p.names()})
         elif path == "/healthz":
             self._send(200, b"ok\n", "text/plain")
@@ -137,10 +145,76 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, f"no such path {path}")
 
+    def _http_function(self):
+        """(pool, the path below /functions/NAME/invoke with its query) when the request is
+        for a protocol = "http" function, else None."""
+        path, sep, query = self.path.partition("?")
+        parts = path.split("/", 4)                # "", "functions", NAME, "invoke", REST
+        if len(parts) < 4 or parts[0] or parts[1] != "functions" or parts[3] != "invoke":
+            return None
+        pool = self.porter.pool(parts[2])
+        if pool is None or pool.cfg.protocol != "http":
+            return None
+        return pool, "/" + (parts[4] if len(parts) > 4 else "") + sep + query
+
+    def _raw_body(self):
+        """The request body as bytes (none without Content-Length), or None after an error."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            self._error(411, "chunked request bodies are not supported: send a Content-Length")
+            return None
+        n = self.headers.get("Content-Length", "0")
+        try:
+            n = int(n)
+        except ValueError:
+            n = -1
+        if n < 0 or n > MAX_BODY:
+            self.close_connection = True
+            self._error(413 if n > MAX_BODY else 400, f"bad Content-Length {n}")
+            return None
+        raw = self.rfile.read(n)
+        if len(raw) < n:
+            self.close_connection = True
+            return None
+        return raw
+
+    def _forward(self, pool, rest: str) -> None:
+        """A protocol = "http" function: the request as is to an instance, its answer back."""
+        from cxlfork.porter.http_instance import HttpRequest
+        if not self._may_invoke():
+            return
+        body = self._raw_body()
+        if body is None:
+            return
+        req = HttpRequest(self.command, rest, list(self.headers.items()), body)
+        try:
+            resp, start, inst, ms = pool.invoke(req)
+        except (InvokeError, Unavailable) as e:
+            self._error(e.status, str(e))
+            return
+        except Exception as e:             # noqa: BLE001 - a porter bug: answer, log it
+            self.porter.log(f"internal error invoking {pool.name}: {type(e).__name__}: {e}")
+            self._error(500, f"internal error: {type(e).__name__}: {e}")
+            return
+        self.send_response(resp.status, resp.reason)
+        for k, v in resp.headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(resp.body)))
+        self.send_header("X-Porter-Start", start)
+        self.send_header("X-Porter-Instance", str(inst.pid))
+        self.send_header("X-Porter-Latency-Ms", f"{ms:.3f}")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(resp.body)
+
     def do_POST(self):
         p = self.porter
         path = self.path.split("?", 1)[0]
         parts = path.strip("/").split("/")
+        fwd = self._http_function()
+        if fwd is not None:
+            self._forward(*fwd)
+            return
         if not self._may_invoke():
             return
         if len(parts) == 3 and parts[0] == "functions" and parts[2] == "invoke":
@@ -199,9 +273,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no such path {path}")
 
     def do_PUT(self):
-        self._error(405, f"method PUT not allowed on {self.path}")
+        fwd = self._http_function()
+        if fwd is not None:
+            self._forward(*fwd)
+            return
+        if self.command == "HEAD":              # an error body would be taken as the next answer
+            self.close_connection = True
+        self._error(405, f"method {self.command} not allowed on {self.path}")
 
-    do_DELETE = do_PATCH = do_PUT
+    do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_PUT
 
 
 class _Server(ThreadingHTTPServer):

@@ -21,6 +21,7 @@ from cxlfork.errors import CxlforkError
 from cxlfork.porter import policy as policy_mod
 from cxlfork.porter.cgroup import MemoryCgroup
 from cxlfork.porter.config import ConfigError, FunctionConfig, PorterConfig
+from cxlfork.porter.lifeline import Lifeline
 from cxlfork.porter.metrics import Metrics
 from cxlfork.porter.pool import FunctionPool
 
@@ -52,6 +53,7 @@ class Porter:
         self._images = 0
         self.cgroup = None
         self.cgroup_stats: dict = {}
+        self.lifeline = Lifeline()                 # restored HTTP clones die with the porter
         try:
             if self.limit:
                 self.cgroup = MemoryCgroup.create(self.limit, self.log)
@@ -210,6 +212,7 @@ class Porter:
                     image_mod.remove(p.image)
                 except (CxlforkError, OSError) as e:
                     self.log(f"removing {p.image}: {e}")
+        self.lifeline.close()
         if self.cgroup is not None:
             self.cgroup.remove()
         if self.own_run_dir:
@@ -232,6 +235,8 @@ class Porter:
         from cxlfork.checkpoint import checkpoint
         self._images += 1
         image = os.path.join(self.run_dir, "images", f"{pool.name}.{self._images}.img")
+        if hasattr(inst, "quiesce"):                 # an HTTP instance: only its listener
+            inst.quiesce()
         try:
             r = checkpoint(inst.pid, image, self.cfg.store or None, kill=False,
                            warn=lambda m: self.log(f"checkpoint of {pool.name}: {m}"))
