@@ -107,7 +107,7 @@ def checkpoint(pid: int, name: str, kill: bool = False, progress=None) -> dict:
                 _rebase(manifest, base)
                 manifest["stats"] = {"collect_ms": (t_collected - t_frozen) * 1e3,
                                      "pages_ms": (t_dumped - t_collected) * 1e3}
-                manifest["checksum"] = image_mod.checksum(manifest)
+                manifest["checksum"] = image_mod.checksum(manifest, create_key=True)
                 image_mod.validate(manifest, f"h{pool.host}/{name}")
                 mbytes = json.dumps(manifest, sort_keys=True).encode()
                 mpages = -(-len(mbytes) // PAGE)
@@ -167,7 +167,15 @@ def read_manifest(pool: Pool, rec: dict) -> dict:
 def materialize(pool: Pool, rec: dict) -> str:
     """A local cxlfork image for the record (its manifest), reused while unchanged."""
     m = read_manifest(pool, rec)
-    d = os.path.join(LOCAL_IMAGES, f"h{rec['host']}-{rec['slot']}-{rec['seq']}-{rec['id']}")
+    # The local image pins the slab as this host sees it now (cxlfork.image: store.pin): the
+    # pool's own checksums (log records, manifests; `pool verify` for pages) vouch for the
+    # contents, the pin for "the file this host materialized against". The slab's times change
+    # when its owner host checkpoints again, so the pin is part of the local image's name.
+    st = os.stat(image_mod.store_file(m), follow_symlinks=False)
+    m["store"]["pin"] = image_mod.pin_of(st)
+    tag = "%x-%x-%x" % (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    d = os.path.join(LOCAL_IMAGES,
+                     f"h{rec['host']}-{rec['slot']}-{rec['seq']}-{rec['id']}-{tag}")
     if not os.path.exists(os.path.join(d, image_mod.MANIFEST)):
         os.makedirs(LOCAL_IMAGES, mode=0o700, exist_ok=True)
         tmp = image_mod.write_tmp(d, {k: v for k, v in m.items() if k != "checksum"})

@@ -74,6 +74,7 @@ AGENT=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^tiermem.agent=//p' | tail -n 1)
 PY=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^tiermem.python=//p' | tail -n 1)
 exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
   LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 XDG_CACHE_HOME=/tmp/.cache MPLCONFIGDIR=/tmp/.mpl \
+  CXLFORK_KEY=/run/tiermem/cxlfork.key \
   chroot /newroot ${PY:-/usr/bin/python3} -u -S $AGENT
 """
 
