@@ -69,6 +69,7 @@ min_nr_regions = 200
 top_k = 65536
 hot_min = 0.25
 rate_init_pct = 100.0
+break_even = 0.05
 """
 
 
