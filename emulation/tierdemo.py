@@ -9,10 +9,10 @@ For each workload (emulation/workloads/tierload.py: dense, sparse, shifting) and
   kernel       NUMA balancing in tiering mode (numa_balancing=2, demotion on, promotion
                rate limit = tiermemd's budget), settings restored afterwards;
 
-then, where the workload's fast-tier room is limited (sparse, shifting), a hog takes the
-fast node's free memory down to that room (mbind to node 0, populated and mlock'ed, so the
-kernel cannot demote it either), then the workload starts with all its memory on the slow
-node and runs --seconds. Every figure is the workload's own (one JSON line a second):
+then the workload starts and fills its memory on the slow node; where its fast-tier room is
+limited (sparse, shifting), a hog then takes the fast node's free memory down to that room (mbind to node 0, populated and mlock'ed, so the
+kernel cannot demote it either; the room is counted above the kernel's promo watermark,
+which both keep free), and the workload runs --seconds from there. Every figure is the workload's own (one JSON line a second):
 time_to_90_s = first second its hot-access fast share was >= 0.9 (null: never),
 hot_fast_share = mean of that share over the second half of the run, work_rate = its
 accesses per second over the second half (see tierload.py for how slow accesses are
@@ -32,7 +32,7 @@ import tempfile
 import time
 
 from tiermem.errors import TiermemError
-from tiermem.topology import _meminfo_kb, read_topology
+from tiermem.topology import _meminfo_kb, read_topology, zone_watermarks
 from tiermemd.kernel_tiering import kernel_tiering, kernel_tiering_off
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,12 +95,15 @@ def hog(mb: int) -> None:
 
 @contextlib.contextmanager
 def fast_room(room_mb):
-    """Leaves about room_mb MiB (+ a 32 MiB margin for watermarks) free on node 0."""
+    """Leaves about room_mb MiB free on node 0 above the kernel's promo watermark."""
     if room_mb is None:
         yield None
         return
     free_mb = _meminfo_kb(0)[1] // 1024
-    mb = free_mb - room_mb - 32
+    # tiermemd and the kernel both keep the kernel's promo watermark free (tiermemd raises
+    # its own watermarks to it): the room is what lies above it
+    keep = zone_watermarks(0).get("promo", zone_watermarks(0).get("high", 0)) >> 20
+    mb = free_mb - room_mb - keep - 8
     if mb <= 0:
         raise TiermemError(f"node 0 has only {free_mb} MiB free: cannot leave {room_mb} MiB")
     p = subprocess.Popen([sys.executable, "-m", "emulation.tierdemo", "--hog", str(mb)],
@@ -118,34 +121,45 @@ def fast_room(room_mb):
 
 
 def run_workload(kind: str, seconds: float, wd: str) -> dict:
+    """Starts the workload (its memory filled on the slow node), then the hog that leaves
+    the fast-tier room (sized after the workload's own runtime took its share of node 0),
+    then lets the workload run `seconds`."""
     stats = os.path.join(wd, f"{kind}.stats")
-    args, _ = WORKLOADS[kind]
+    args, room = WORKLOADS[kind]
     w = subprocess.Popen([sys.executable, TIERLOAD, kind, *args, "--node", str(slow_node()),
-                          "--stats", stats], stdout=subprocess.PIPE, text=True,
-                         stdin=subprocess.DEVNULL)
-    try:
-        line = w.stdout.readline()
-        if not line:
-            raise TiermemError(f"workload {kind} exited at start (status {w.wait()})")
-        t_end = time.monotonic() + seconds
-        while time.monotonic() < t_end and w.poll() is None:
-            time.sleep(0.5)
-        if w.poll() is not None:
-            raise TiermemError(f"workload {kind} exited mid-run (status {w.returncode})")
-        os.kill(w.pid, signal.SIGUSR1)
-        for _ in range(600):
-            if os.path.exists(stats + ".verify"):
-                break
-            time.sleep(0.2)
-        verify = json.load(open(stats + ".verify")) if os.path.exists(stats + ".verify") \
-            else {"ok": False, "bad_words": -1}
-    finally:
-        if w.poll() is None:
-            w.terminate()
-            try:
-                w.wait(30)
-            except subprocess.TimeoutExpired:
-                w.kill()
+                          "--stats", stats, "--wait-go"], stdout=subprocess.PIPE, text=True,
+                         stdin=subprocess.PIPE)
+    with contextlib.ExitStack() as stack:
+        try:
+            line = w.stdout.readline()
+            if not line:
+                raise TiermemError(f"workload {kind} exited at start (status {w.wait()})")
+            stack.enter_context(fast_room(room))
+            w.stdin.write("go\n")
+            w.stdin.flush()
+            return _measure(w, kind, seconds, stats)
+        finally:
+            if w.poll() is None:
+                w.terminate()
+                try:
+                    w.wait(30)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+
+
+def _measure(w, kind: str, seconds: float, stats: str) -> dict:
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end and w.poll() is None:
+        time.sleep(0.5)
+    if w.poll() is not None:
+        raise TiermemError(f"workload {kind} exited mid-run (status {w.returncode})")
+    os.kill(w.pid, signal.SIGUSR1)
+    for _ in range(600):
+        if os.path.exists(stats + ".verify"):
+            break
+        time.sleep(0.2)
+    verify = json.load(open(stats + ".verify")) if os.path.exists(stats + ".verify") \
+        else {"ok": False, "bad_words": -1}
     rows = [json.loads(x) for x in open(stats) if x.strip()]
     return summarize(rows, verify)
 
@@ -186,8 +200,7 @@ def run_tiermemd(kind: str, seconds: float, wd: str) -> dict:
             log.seek(0)
             raise TiermemError("tiermemd did not start: "
                                + (log.read().strip().splitlines() or ["no output"])[-1])
-        with fast_room(WORKLOADS[kind][1]):
-            res = run_workload(kind, seconds, wd)
+        res = run_workload(kind, seconds, wd)
         from tiermem.control import request
         st = request(sock, {"cmd": "stats"}, timeout=60)
         tg = st.get("out", st).get("targets", {}).get("w", {}) if isinstance(st, dict) else {}
@@ -205,8 +218,7 @@ def run_tiermemd(kind: str, seconds: float, wd: str) -> dict:
 
 def run_kernel(kind: str, seconds: float, wd: str) -> dict:
     with kernel_tiering(rate_mbps=BUDGET_MBPS):
-        with fast_room(WORKLOADS[kind][1]):
-            return run_workload(kind, seconds, wd)
+        return run_workload(kind, seconds, wd)
 
 
 def slow_node() -> int:

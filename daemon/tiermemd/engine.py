@@ -371,8 +371,7 @@ class Engine:
                         ts.last_error = g.error
         # policies and moves
         tot_kb, free_kb = node_mem_kb(self.fast)
-        low_b = self._wm(self.cfg.low, tot_kb)
-        min_b = self._wm(self.cfg.min, tot_kb)
+        low_b, min_b = self._watermarks(tot_kb)
         state = {"budget": self.cfg.budget_pages(PAGE),
                  "room": int((free_kb * 1024 - min_b) // PAGE),
                  "deficit": max(0, int((low_b - free_kb * 1024) // PAGE)),
@@ -409,6 +408,25 @@ class Engine:
                 ts.fast_pages = sum(p.placement.count(FAST) for p in mine)
                 ts.slow_pages = sum(p.placement.count(SLOW) for p in mine)
         return state["moved_bytes"]
+
+    def _watermarks(self, tot_kb: int) -> tuple[float, float]:
+        """(low, min) in bytes: the config's, raised to the kernel's own levels of the fast
+        nodes (min to the promo watermark, low as far above it as the config's is above its
+        min). Promoting below the kernel's promo watermark (what its NUMA-balancing
+        promotion keeps free) or its high one wakes kswapd, and with nothing it may demote
+        it drops the page cache over and over: a 2 GiB node of the emulated machine has
+        min 44, high 66, promo 77 MiB, above the default 1 % / 2 % (20 / 41 MiB)."""
+        from tiermem.topology import zone_watermarks
+        k = {"high": 0, "promo": 0}
+        for n in self.fast:
+            w = zone_watermarks(n)
+            k["high"] += w.get("high", 0)
+            k["promo"] += w.get("promo", w.get("high", 0))
+        lo, mn = self._wm(self.cfg.low, tot_kb), self._wm(self.cfg.min, tot_kb)
+        floor = max(k["promo"], k["high"])
+        if floor <= mn:
+            return lo, mn
+        return max(lo, floor + max(lo - mn, 0)), floor     # low stays above min
 
     @staticmethod
     def _wm(w: tuple[str, float], tot_kb: int) -> float:
@@ -466,9 +484,11 @@ class Engine:
         if not self.slow or st["budget"] <= 0:
             return
         # 3. plan within capacity and budget
+        # the deficit under the low watermark is the daemon's to demote (below): a capacity
+        # shrunk by it made every plan of a policy that only swaps break the contract, so
+        # nothing was demoted and nothing promoted, ever
         n_fast = pl.count(FAST)
-        share = st["deficit"] if st["deficit"] else 0
-        cap = Capacity(max(0, n_fast + max(st["room"], 0) - share))
+        cap = Capacity(max(0, n_fast + max(st["room"], 0)))
         budget = Budget(st["budget"])
         try:
             plan = p.policy.plan(pl, cap, budget)
@@ -534,14 +554,16 @@ class Engine:
 
     def _extra_demotions(self, p: Proc, pl: Placement, demote, promote, n: int) -> np.ndarray:
         """Under the low watermark the daemon demotes beyond the policy's plan: fast pages
-        not accessed in the last batch first."""
+        not accessed in the last batch (all fast pages only when there was no batch)."""
         want = n - demote.size
         if want <= 0:
             return demote
         fast = pl.on(FAST)
         fast = fast[~np.isin(fast, demote)]
         cold = ~np.isin(fast, p.recent)
-        cand = np.concatenate([fast[cold], fast[~cold]])[:want]
+        # only pages the last batch did not see: demoting the hot set because something
+        # else filled the node would fight the promotions (the kernel reclaims its caches)
+        cand = fast[cold][:want] if p.recent.size else fast[:want]
         return np.union1d(demote, cand)
 
     def _roomiest(self, nodes) -> int:

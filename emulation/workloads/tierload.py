@@ -4,11 +4,12 @@ Memory (--total-mb of anonymous memory) is filled on the slow node (--node, mbin
 left free to move. Every pass gathers one 8-byte word per accessed 64 B line (numpy take +
 sum); an access is one such word. Kinds:
 
-  dense     --hot-mb read in full (every line of every page) each pass; the rest cold.
-  sparse    --hot-mb dense set read in full each pass, plus --sparse-mb of pages with
-            --words hot 64 B words each, of which a random 1/8 are read each pass (so a
-            sparse page is touched in ~1 pass out of 4 and gives 1/256 of a dense page's
-            accesses); the rest cold. The fast tier (what the runner leaves free) holds
+  dense     --hot-mb read each pass (--lines 64 B lines of every page, spread over it);
+            the rest cold.
+  sparse    that dense set, plus --sparse-mb of pages with --words hot 64 B words each,
+            of which a random 1/8 are read each pass (so a sparse page is touched in ~1
+            pass out of 4 and gets 1/64 of a dense page's accesses at the defaults); the
+            rest cold. The fast tier (what the runner leaves free) holds
             the dense set, not the sparse pages as well: the dense set deserves the space.
   shifting  a dense window of --hot-mb moves to the next part of the memory every
             --shift-s seconds.
@@ -23,7 +24,8 @@ machine's HMAT 280 ns / 100 ns). ops/s = accesses / wall-clock seconds including
 
 Reports one JSON line per second to --stats: {"t": seconds since ready, "ops": accesses so
 far, "fast_share": share of the last pass's accesses on fast-node pages}. It prints
-{"pid", "start", "end"} on stdout once ready and runs until SIGTERM; SIGUSR1 makes it check
+{"pid", "start", "end"} on stdout once ready (with --wait-go it then waits for a line on
+stdin before its first pass) and runs until SIGTERM; SIGUSR1 makes it check
 every word against its pattern and write {"ok", "bad_words"} to --stats + ".verify".
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import mmap
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -52,7 +55,7 @@ def plan(kind: str, a, n_pages: int, rng) -> tuple[list[np.ndarray], np.ndarray]
     """(phases: per phase the word indices read in full each pass, sparse word indices (a
     random 1/8 read each pass; empty for dense/shifting))."""
     hot_pages = (a.hot_mb << 20) // native.PAGE_SIZE
-    lines = np.arange(0, PAGE_WORDS, LINE_WORDS, dtype=np.int64)
+    lines = np.arange(0, PAGE_WORDS, PAGE_WORDS // a.lines, dtype=np.int64)
 
     def dense(first_page: int) -> np.ndarray:
         p = np.arange(first_page, first_page + hot_pages, dtype=np.int64)
@@ -82,12 +85,16 @@ def main() -> None:
     ap.add_argument("--hot-mb", type=int, default=16)
     ap.add_argument("--sparse-mb", type=int, default=64)
     ap.add_argument("--words", type=int, default=2, help="hot 64 B words per sparse page")
+    ap.add_argument("--lines", type=int, default=16, choices=(1, 2, 4, 8, 16, 32, 64),
+                    help="64 B lines read per dense page per pass")
     ap.add_argument("--shift-s", type=float, default=8.0)
     ap.add_argument("--node", type=int, default=1)
     ap.add_argument("--latency-ratio", type=float, default=2.8)
     ap.add_argument("--refresh-s", type=float, default=0.5)
     ap.add_argument("--stats", required=True)
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--wait-go", action="store_true",
+                    help="after printing the ready line, start the passes at a line on stdin")
     a = ap.parse_args()
     if a.hot_mb <= 0 or a.hot_mb > a.total_mb or not 1 <= a.words <= 64:
         raise SystemExit("tierload: need 0 < --hot-mb <= --total-mb and 1 <= --words <= 64")
@@ -109,6 +116,8 @@ def main() -> None:
     signal.signal(signal.SIGUSR1, lambda *_: flags.__setitem__("verify", True))
     out = open(a.stats, "w", buffering=1)
     print(json.dumps({"pid": os.getpid(), "start": addr, "end": addr + size}), flush=True)
+    if a.wait_go:
+        sys.stdin.readline()
     t0 = last_report = time.monotonic()
     refresh_at, ops, debt, share = 0.0, 0, 0.0, 0.0
     slow_page = np.zeros(n_pages, bool)

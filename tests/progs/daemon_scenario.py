@@ -30,7 +30,7 @@ DAMON = "/sys/kernel/mm/damon/admin/kdamonds"
 # many aggregations), m5 promotes anything sampled hot at all while there is room, at the
 # full budget from the first interval.
 DAMON_PARAMS = "sample_us = 5000\naggr_us = 100000\nmin_nr_regions = 200"
-M5_PARAMS = "top_k = 16384\nhot_min = 0.25\nrate_init_pct = 100.0"
+M5_PARAMS = "top_k = 16384\nhot_min = 0.25\nrate_init_pct = 100.0\nbreak_even = 0.05"
 
 
 def kdamonds_on():
