@@ -53,9 +53,6 @@ state_dir = "{state}"
 metrics = ""
 [migration]
 bandwidth = "{bw}MB/s"
-[watermarks]
-low = "16MiB"
-min = "8MiB"
 [[targets]]
 name = "w"
 cmdline = "tierload.py"

@@ -410,19 +410,21 @@ class Engine:
         return state["moved_bytes"]
 
     def _watermarks(self, tot_kb: int) -> tuple[float, float]:
-        """(low, min) in bytes: the config's, raised to the kernel's own levels of the fast
-        nodes (min to the promo watermark, low as far above it as the config's is above its
+        """(low, min) in bytes: the defaults raised to the kernel's own levels of the fast
+        nodes (a [watermarks] table in the config is taken as given) (min to the promo watermark, low as far above it as the config's is above its
         min). Promoting below the kernel's promo watermark (what its NUMA-balancing
         promotion keeps free) or its high one wakes kswapd, and with nothing it may demote
         it drops the page cache over and over: a 2 GiB node of the emulated machine has
         min 44, high 66, promo 77 MiB, above the default 1 % / 2 % (20 / 41 MiB)."""
         from tiermem.topology import zone_watermarks
+        lo, mn = self._wm(self.cfg.low, tot_kb), self._wm(self.cfg.min, tot_kb)
+        if not self.cfg.kernel_floor:          # [watermarks] set in the config: as given
+            return lo, mn
         k = {"high": 0, "promo": 0}
         for n in self.fast:
             w = zone_watermarks(n)
             k["high"] += w.get("high", 0)
             k["promo"] += w.get("promo", w.get("high", 0))
-        lo, mn = self._wm(self.cfg.low, tot_kb), self._wm(self.cfg.min, tot_kb)
         floor = max(k["promo"], k["high"])
         if floor <= mn:
             return lo, mn
