@@ -14,6 +14,13 @@
 
     .venv/bin/python bench/bench_daemon.py [--runs 3] [--limit 150] [--total-mb 192]
         [--hot-mb 48] [--rate 64] [--cpu-mb 1024] [--skip-vm] [--skip-host]
+        [--skip-policies] [--live-seconds 60] [--live-workloads dense,sparse,shifting]
+
+0. First, the live workloads of emulation/tierdemo.py (dense, sparse: a dense hot set plus
+   many pages with 2 hot 64 B words each and a fast tier that holds only the dense set;
+   shifting: the hot set moves every 10 s) under tiermemd-m5 and under the kernel's
+   tiering, side by side: time to 90 %, hot-access fast share and the workload's own work
+   rate, medians of --runs.
 
 Every mode gets the same time budget (--limit) and runs to its end, so the steady state
 after 90 % is measured too. The kernel's promotion rate limit is set to tiermemd's migration
@@ -104,6 +111,59 @@ def vm_runs(runs: int, limit: int, total: int, hot: int, rate: int, cpu_mb: int)
     return res, cpu
 
 
+def live_runs(runs: int, seconds: int, workloads: str):
+    """The live workloads (emulation/tierdemo.py: dense, sparse, shifting) under
+    tiermemd-m5 and the kernel, in one guest, `runs` times each, modes interleaved."""
+    from emulation.machine import Machine
+    work = tempfile.mkdtemp(prefix="bench-daemon-live-", dir="/var/tmp")
+    out = []
+    with Machine(workdir=work) as m:
+        m.start(timeout=240)
+        for i in range(runs):
+            path = os.path.join(work, f"live{i}.json")
+            r = m.run([PY, "-m", "emulation.tierdemo", "--workloads", workloads, "--seconds",
+                       str(seconds), "--out", path], timeout=12 * seconds + 1800)
+            if r.returncode != 0:
+                raise SystemExit(f"live run {i + 1}: {(r.stderr.strip().splitlines() or [''])[-1]}")
+            with open(path) as f:
+                got = json.load(f)["runs"]
+            for x in got:
+                print(f"  live run {i + 1}/{runs} {x['workload']} {x['mode']}: t90 "
+                      f"{x['time_to_90_s']}, hot fast share {x['hot_fast_share']:.3f}, "
+                      f"{x['work_rate']:.0f} accesses/s, daemon {x.get('daemon')}",
+                      file=sys.stderr, flush=True)
+            out.extend(got)
+    return out
+
+
+def live_table(rows, runs: int, seconds: int) -> None:
+    print(f"\nLive workloads in the emulated CXL machine (emulation/workloads/tierload.py), "
+          f"median of {runs} run(s), {seconds} s each; tiermemd budget = kernel promotion rate "
+          f"limit = 64 MB/s; figures are the workload's own (hot fast share and work rate: "
+          f"second half of the run)")
+    print(f"{'workload':10} {'tiering':14} {'time to 90 %':>14} {'hot fast share':>15} "
+          f"{'work rate':>14} {'vs kernel':>22}")
+    kinds = list(dict.fromkeys(r["workload"] for r in rows))
+    for k in kinds:
+        med_of = {}
+        for mode in ("tiermemd-m5", "kernel"):
+            rs = [r for r in rows if r["workload"] == k and r["mode"] == mode]
+            if not rs:
+                continue
+            reached = [r["time_to_90_s"] for r in rs if r["time_to_90_s"] is not None]
+            med_of[mode] = (med(reached) if len(reached) * 2 > len(rs) else None,
+                            len(reached), len(rs), med([r["hot_fast_share"] for r in rs]),
+                            med([r["work_rate"] for r in rs]))
+        kern = med_of.get("kernel")
+        for mode, (t90, nr, n, share, rate) in med_of.items():
+            vs = "-" if mode == "kernel" or not kern else \
+                f"rate {rate / kern[4]:.2f}x share {share / max(kern[3], 1e-9):.2f}x"
+            print(f"{k:10} {mode:14} {fmt(t90, ' s'):>8} ({nr}/{n}) {share:>15.3f} "
+                  f"{rate / 1e6:>8.3f} M/s {vs:>22}")
+    print("(work rate = the workload's 8-byte reads per second, each slow-node access charged "
+          "2.8x a fast one because TCG gives both nodes the same speed: see tierload.py)")
+
+
 def plot(res, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -136,10 +196,18 @@ def main():
                     help="kernel promotion rate limit, MB/s (tiermemd's budget is 64MB/s)")
     ap.add_argument("--cpu-mb", type=int, default=1024, help="target size of the CPU runs")
     ap.add_argument("--skip-vm", action="store_true")
+    ap.add_argument("--skip-policies", action="store_true",
+                    help="skip the per-policy promotion runs (the live workloads only)")
+    ap.add_argument("--live-seconds", type=int, default=60,
+                    help="seconds per live-workload run")
+    ap.add_argument("--live-workloads", default="dense,sparse,shifting")
     ap.add_argument("--skip-host", action="store_true")
     ap.add_argument("--plot", default=os.path.join(ROOT, "bench", "out", "bench_daemon.png"))
     a = ap.parse_args()
     if not a.skip_vm:
+        rows = live_runs(a.runs, a.live_seconds, a.live_workloads)
+        live_table(rows, a.runs, a.live_seconds)
+    if not a.skip_vm and not a.skip_policies:
         res, cpu = vm_runs(a.runs, a.limit, a.total_mb, a.hot_mb, a.rate, a.cpu_mb)
         print(f"\nHot set ({a.hot_mb} MiB of {a.total_mb} MiB, starting on the slow node) in "
               f"the emulated CXL machine, median of {a.runs} run(s), {a.limit} s each; "

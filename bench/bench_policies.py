@@ -61,7 +61,8 @@ def real_trace(name: str):
 
 
 def workloads(quick: bool):
-    n = 2_000_000 if quick else 6_000_000
+    from tiermem.cli.sim import DEFAULT_ACCESSES         # the CLI's default too
+    n = 2_000_000 if quick else DEFAULT_ACCESSES
     yield "zipf", lambda: synth.zipf(pages=16384, accesses=n)
     yield "hotset", lambda: synth.hotset(pages=16384, accesses=n, period=n // 3)
     yield "sparse", lambda: synth.sparse(pages=16384, accesses=n)

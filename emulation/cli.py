@@ -248,7 +248,15 @@ def stop():
 
 
 @command.command()
-def demo():
-    """Boot the machine and show tiering on it: topology, a workload on the slow node, a move."""
+@click.option("--seconds", type=click.IntRange(8, 3600), default=40, show_default=True,
+              help="per tiering run (4 runs: dense and sparse, tiermemd-m5 and kernel)")
+@click.option("--quick", is_flag=True, help="skip topo --measure and the tiermem move "
+              "walk-through: the tiering runs and demo.json only")
+@click.option("--out", "out_dir", default=None,
+              help="folder for demo.json and the plot (default $TIERMEM_DEMO_OUT or demo-out)")
+def demo(seconds, quick, out_dir):
+    """Boot the machine and show tiering on it: topology, a workload on the slow node, a move,
+    then tiermemd-m5 against the kernel's tiering on a dense and a sparse workload
+    (demo-out/demo.json, a plot and a side-by-side table)."""
     from emulation.demo import main as run_demo
-    run_demo()
+    run_demo(out_dir=out_dir, tiering_seconds=seconds, quick=quick)

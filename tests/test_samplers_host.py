@@ -288,3 +288,36 @@ def test_ebpf_maps_sized_to_the_target():
         assert map_size([os.getpid()], 1 << 23, 1 << 24) == 1 << 23   # floored
     finally:
         m.close()
+
+
+@root
+@needs_bcc
+def test_damon_prewarmed_program_is_reused_and_released():
+    """tiermemd prewarms DAMON's aggregation program (a clang compile: tens of seconds
+    under TCG, the whole start-up delay of a new target before): a sampler takes the loaded
+    program, gives it back with zeroed maps on stop, the next takes the same one; release()
+    unloads it."""
+    from tiermem.samplers import damon as dm
+    running = [k for k in ds.running_kdamonds() if k["operations"] == "paddr"]
+    if not running:
+        pytest.skip("no running paddr kdamond to attach to")
+    try:
+        assert DamonSampler.prewarm() is True
+        assert dm.pooled() == 1
+        assert DamonSampler.prewarm() is False          # one is pooled already
+        ids = []
+        for _ in range(2):
+            s = DamonSampler(attach=running[0]["index"])
+            with s:
+                s.start(Target())
+                assert dm.pooled() == 0
+                ids.append(s.prog_ids())
+                assert ids[-1] and all(prog_loaded(i) for i in ids[-1])
+            assert dm.pooled() == 1 and all(prog_loaded(i) for i in ids[-1])
+            b = dm._POOL[0]
+            import ctypes as ct
+            assert b[b"kdpid"][ct.c_int(0)].value == 0 and len(b[b"regions"].items()) == 0
+        assert ids[0] == ids[1]                         # the same program, not a new compile
+    finally:
+        DamonSampler.release()
+    assert dm.pooled() == 0 and not any(prog_loaded(i) for i in ids[0])

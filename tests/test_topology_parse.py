@@ -62,3 +62,39 @@ def test_cpulist_parse():
     from tiermem.kfs import parse_cpulist
     assert parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
     assert parse_cpulist("") == []
+
+
+ZONEINFO = """Node 0, zone      DMA
+  pages free     3840
+        min      86
+        low      107
+        high     128
+        promo    149
+Node 0, zone    DMA32
+  pages free     400000
+        min      11241
+        low      14051
+        high     16861
+        promo    19671
+Node 1, zone   Normal
+        min      5697
+        low      7121
+        high     8545
+        promo    9969
+"""
+
+
+def test_zone_watermarks_sum_the_zones_of_one_node():
+    from tiermem.topology import zone_watermarks
+    assert zone_watermarks(0, ZONEINFO) == {"min": (86 + 11241) * 4096,
+                                            "low": (107 + 14051) * 4096,
+                                            "high": (128 + 16861) * 4096,
+                                            "promo": (149 + 19671) * 4096}
+    assert zone_watermarks(1, ZONEINFO)["high"] == 8545 * 4096
+    assert zone_watermarks(7, ZONEINFO) == {}
+
+
+def test_zone_watermarks_of_this_kernel():
+    from tiermem.topology import zone_watermarks
+    w = zone_watermarks(0)
+    assert 0 < w["min"] <= w["low"] <= w["high"]

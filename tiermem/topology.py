@@ -93,6 +93,24 @@ def _meminfo_kb(nid: int) -> tuple[int, int]:
     return int(vals.get("MemTotal", 0)), int(vals.get("MemFree", 0))
 
 
+def zone_watermarks(nid: int, zoneinfo: str | None = None) -> dict[str, int]:
+    """The kernel's free-memory watermarks of node nid, in bytes, summed over its zones
+    (/proc/zoneinfo): min, low, high and promo (the level NUMA-balancing promotion keeps
+    free, Linux 6.1+; absent before). Empty where /proc/zoneinfo has no such node."""
+    text = kfs.read("/proc/zoneinfo", "") if zoneinfo is None else zoneinfo
+    out: dict[str, int] = {}
+    node = None
+    for line in text.splitlines():
+        m = re.match(r"Node (\d+), zone", line)
+        if m:
+            node = int(m.group(1))
+            continue
+        m = re.match(r"\s+(min|low|high|promo)\s+(\d+)$", line)
+        if m and node == nid:
+            out[m.group(1)] = out.get(m.group(1), 0) + int(m.group(2)) * 4096
+    return out
+
+
 def _hmat(nid: int) -> dict[str, dict[str, int]]:
     out = {}
     for acc in ("access0", "access1"):

@@ -59,6 +59,7 @@ class Config:
     mover: str = "numa"
     low: tuple[str, float] = ("share", 0.02)
     min: tuple[str, float] = ("share", 0.01)
+    kernel_floor: bool = True      # default watermarks: raised to the kernel's (engine)
     targets: list[TargetConfig] = field(default_factory=list)
 
     def budget_pages(self, page_size: int) -> int:
@@ -206,6 +207,8 @@ def parse(raw: dict, path: str = "<config>", topology=None, check_files: bool = 
 
     conv("watermarks", "low", units.size_or_share)
     conv("watermarks", "min", units.size_or_share)
+    if raw.get("watermarks"):     # set by the user: taken as given, not raised
+        cfg.kernel_floor = False
     if cfg.low[0] == cfg.min[0] and cfg.min[1] > cfg.low[1]:
         err("watermarks.min", "must not be above watermarks.low")
 

@@ -73,7 +73,10 @@ def checked(w, what):
 
 
 def run_tiermemd(seconds, fast, wd, total, hot):
-    w = WorkloadProcess(total, hot, slow_node(), "demo")
+    """tiermemd starts first (as a service runs before the programs it tiers; its DAMON
+    program prewarmed), then the workload; the clock starts when the workload is ready, as
+    in the kernel run."""
+    w = None
     sock = os.path.join("/run", f"tiermemd-demo-{os.getpid()}.sock")
     cfg = os.path.join(wd, "demo.toml")
     with open(cfg, "w") as f:
@@ -92,9 +95,11 @@ policy = "m5"
 [targets.sampler_params]
 sample_us = 5000
 aggr_us = 100000
+min_nr_regions = 200
 [targets.policy_params]
 top_k = 16384
-hot_min = 1.0
+hot_min = 0.25
+rate_init_pct = 100.0
 """)
     log = open(os.path.join(wd, "tiermemd.log"), "w+")
     d = subprocess.Popen([sys.executable, "-m", "tiermemd", "-f", "-c", cfg], stderr=log)
@@ -107,6 +112,12 @@ hot_min = 1.0
             log.seek(0)
             last = (log.read().strip().splitlines() or ["no output"])[-1]
             raise TiermemError(f"tiermemd did not start: {last}")
+        for _ in range(1200):          # its sampler's BPF program is compiled ahead
+            log.seek(0)
+            if " prewarmed in " in log.read() or d.poll() is not None:
+                break
+            time.sleep(0.1)
+        w = WorkloadProcess(total, hot, slow_node(), "demo")
         series = watch(w, fast, seconds, lambda: request(sock, {"cmd": "stats"}, timeout=60))
         checked(w, "tiermemd run")
         return series
@@ -116,7 +127,8 @@ hot_min = 1.0
             d.wait(60)
         except subprocess.TimeoutExpired:
             d.kill()
-        w.close()
+        if w is not None:
+            w.close()
 
 
 def run_kernel(seconds, fast, total, hot):

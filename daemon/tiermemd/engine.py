@@ -59,6 +59,17 @@ class Proc:
     since_scan: int = 10**9
     recent: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
     last_error: str = ""
+    looked_up: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    found_at: float = field(default_factory=time.monotonic)
+    firsts: set = field(default_factory=set)
+
+    def first(self, what: str, detail: str) -> None:
+        """Logs once per process when it first gets a batch / a non-empty plan / moves, with
+        the seconds since it was discovered: where a slow start goes."""
+        if what not in self.firsts:
+            self.firsts.add(what)
+            log.info("target %s: process %d: first %s at +%.2f s (%s)", self.target, self.pid,
+                     what, time.monotonic() - self.found_at, detail)
 
 
 class SamplerGroup:
@@ -105,6 +116,7 @@ class SamplerGroup:
         except Exception as e:
             self._fail(f"bad sampler_params: {e}", now, retry=False)
             return False
+        t_start = time.monotonic()
         try:
             s.start(Target(pids=sorted(pids)))
         except Exception as e:  # sampler code: contain it, name it, retry later
@@ -125,7 +137,8 @@ class SamplerGroup:
         if self.error:
             log.info("sampler %s recovered", self.name)
         self.sampler, self.error = s, ""
-        log.info("sampler %s started on %d process(es)", self.name, len(pids))
+        log.info("sampler %s started on %d process(es) in %.2f s", self.name, len(pids),
+                 time.monotonic() - t_start)
         return True
 
     def _fail(self, why: str, now: float, retry: bool = True) -> None:
@@ -196,6 +209,7 @@ class Engine:
         self._logged: set[str] = set()
         self._cmdlines = discovery.CmdlineCache()
         self._loop = 0
+        self._prewarmed: set[str] = set()
         self.configure(cfg, topology)
 
     # -- configuration -------------------------------------------------------------------
@@ -224,6 +238,28 @@ class Engine:
                 self.stats.targets.default_factory,
                 {k: v for k, v in self.stats.targets.items() if k in keep})
         self.targets = {t.name: t for t in cfg.targets}
+        self._prewarm()
+
+    def _prewarm(self) -> None:
+        """Samplers with a costly start (DAMON's BPF program: a clang compile, tens of
+        seconds under TCG) get it done now, in the background, so a process that appears
+        later is sampled at once."""
+        for tc in self.targets.values():
+            if tc.sampler == NO_SAMPLER or tc.sampler in self._prewarmed:
+                continue
+            cls = sampler_registry()[tc.sampler]
+            if not hasattr(cls, "prewarm"):
+                continue
+            self._prewarmed.add(tc.sampler)
+
+            def run(cls=cls, name=tc.sampler, params=dict(tc.sampler_params)):
+                t0 = time.monotonic()
+                try:
+                    if cls.prewarm(**params):
+                        log.info("sampler %s prewarmed in %.2f s", name, time.monotonic() - t0)
+                except Exception as e:       # the real start will say why, in its own line
+                    log.debug("sampler %s: prewarm failed: %s", name, e)
+            threading.Thread(target=run, name=f"prewarm-{tc.sampler}", daemon=True).start()
 
     def set_policy(self, target: str, name: str) -> None:
         with self.lock:
@@ -352,8 +388,7 @@ class Engine:
                         ts.last_error = g.error
         # policies and moves
         tot_kb, free_kb = node_mem_kb(self.fast)
-        low_b = self._wm(self.cfg.low, tot_kb)
-        min_b = self._wm(self.cfg.min, tot_kb)
+        low_b, min_b = self._watermarks(tot_kb)
         state = {"budget": self.cfg.budget_pages(PAGE),
                  "room": int((free_kb * 1024 - min_b) // PAGE),
                  "deficit": max(0, int((low_b - free_kb * 1024) // PAGE)),
@@ -391,6 +426,27 @@ class Engine:
                 ts.slow_pages = sum(p.placement.count(SLOW) for p in mine)
         return state["moved_bytes"]
 
+    def _watermarks(self, tot_kb: int) -> tuple[float, float]:
+        """(low, min) in bytes: the defaults raised to the kernel's own levels of the fast
+        nodes (a [watermarks] table in the config is taken as given) (min to the promo watermark, low as far above it as the config's is above its
+        min). Promoting below the kernel's promo watermark (what its NUMA-balancing
+        promotion keeps free) or its high one wakes kswapd, and with nothing it may demote
+        it drops the page cache over and over: a 2 GiB node of the emulated machine has
+        min 44, high 66, promo 77 MiB, above the default 1 % / 2 % (20 / 41 MiB)."""
+        from tiermem.topology import zone_watermarks
+        lo, mn = self._wm(self.cfg.low, tot_kb), self._wm(self.cfg.min, tot_kb)
+        if not self.cfg.kernel_floor:          # [watermarks] set in the config: as given
+            return lo, mn
+        k = {"high": 0, "promo": 0}
+        for n in self.fast:
+            w = zone_watermarks(n)
+            k["high"] += w.get("high", 0)
+            k["promo"] += w.get("promo", w.get("high", 0))
+        floor = max(k["promo"], k["high"])
+        if floor <= mn:
+            return lo, mn
+        return max(lo, floor + max(lo - mn, 0)), floor     # low stays above min
+
     @staticmethod
     def _wm(w: tuple[str, float], tot_kb: int) -> float:
         return w[1] * tot_kb * 1024 if w[0] == "share" else w[1]
@@ -413,6 +469,8 @@ class Engine:
         ts = self.stats.targets[p.target]
         # 1. observe
         if batch is not None:
+            if len(batch):
+                p.first("sampler batch", f"{len(batch)} samples")
             try:
                 p.policy.observe(batch)
             except Exception as e:
@@ -425,6 +483,15 @@ class Engine:
         if p.since_scan >= self.cfg.rescan_every:
             p.placement, p.other_pages = tracking.scan(p.pid, self.fast, self.slow)
             p.since_scan = 0
+            p.looked_up = np.empty(0, np.uint64)
+        elif batch is not None and len(batch):
+            # sampled pages the placement does not know (memory filled since the last scan)
+            unknown = p.recent[p.placement.tier_of(p.recent) == 255]
+            unknown = unknown[~np.isin(unknown, p.looked_up, assume_unique=True)]
+            if unknown.size:
+                p.placement, missed = tracking.add_sampled(p.pid, p.placement, unknown,
+                                                           self.fast, self.slow)
+                p.looked_up = np.union1d(p.looked_up, missed)
         pl = p.placement
         if batch is not None and len(batch):
             tiers = pl.tier_of(batch.addr >> np.uint64(PAGE_SHIFT))
@@ -436,9 +503,11 @@ class Engine:
         if not self.slow or st["budget"] <= 0:
             return
         # 3. plan within capacity and budget
+        # the deficit under the low watermark is the daemon's to demote (below): a capacity
+        # shrunk by it made every plan of a policy that only swaps break the contract, so
+        # nothing was demoted and nothing promoted, ever
         n_fast = pl.count(FAST)
-        share = st["deficit"] if st["deficit"] else 0
-        cap = Capacity(max(0, n_fast + max(st["room"], 0) - share))
+        cap = Capacity(max(0, n_fast + max(st["room"], 0)))
         budget = Budget(st["budget"])
         try:
             plan = p.policy.plan(pl, cap, budget)
@@ -451,6 +520,8 @@ class Engine:
                              else f"{e}")
             return
         promote, demote = plan.promote, plan.demote
+        if promote.size or demote.size:
+            p.first("plan", f"promote {promote.size}, demote {demote.size} pages")
         if not st["promote_ok"] and promote.size:
             log.debug("fast tier under the min watermark: %d promotions held back",
                       promote.size)
@@ -476,6 +547,8 @@ class Engine:
             st["budget"] -= out.requested
             moved = out.moved >> np.uint64(PAGE_SHIFT)
             gone = out.gone >> np.uint64(PAGE_SHIFT)
+            if moved.size:
+                p.first("moves", f"{moved.size} pages {counter} in {out.seconds:.2f} s")
             if not out.dry_run:
                 p.placement = pl = tracking.update(pl, moved, tier, gone)
                 st["moved_bytes"] += moved.size * PAGE
@@ -500,14 +573,16 @@ class Engine:
 
     def _extra_demotions(self, p: Proc, pl: Placement, demote, promote, n: int) -> np.ndarray:
         """Under the low watermark the daemon demotes beyond the policy's plan: fast pages
-        not accessed in the last batch first."""
+        not accessed in the last batch (all fast pages only when there was no batch)."""
         want = n - demote.size
         if want <= 0:
             return demote
         fast = pl.on(FAST)
         fast = fast[~np.isin(fast, demote)]
         cold = ~np.isin(fast, p.recent)
-        cand = np.concatenate([fast[cold], fast[~cold]])[:want]
+        # only pages the last batch did not see: demoting the hot set because something
+        # else filled the node would fight the promotions (the kernel reclaims its caches)
+        cand = fast[cold][:want] if p.recent.size else fast[:want]
         return np.union1d(demote, cand)
 
     def _roomiest(self, nodes) -> int:
@@ -550,4 +625,11 @@ class Engine:
                     errs.append(f"sampler {g.name} failed to stop: {e}")
             self.groups.clear()
             self.procs.clear()
+            for name in self._prewarmed:
+                cls = sampler_registry().get(name)
+                try:
+                    if cls is not None and hasattr(cls, "release"):
+                        cls.release()
+                except Exception as e:
+                    errs.append(f"sampler {name} failed to release: {e}")
         return errs

@@ -33,6 +33,14 @@ def _read_int(path):
         return -1
 
 
+# The settings tiermemd's demo and bench use (daemon/tiermemd/demo.py has the same): DAMON
+# starts from 200 regions (its default 10 leaves the hot set inside ~100 MiB regions for
+# many aggregations), m5 promotes anything sampled hot at all while there is room, at the
+# full budget from the first interval.
+DAMON_PARAMS = "sample_us = 5000\naggr_us = 100000\nmin_nr_regions = 200"
+M5_PARAMS = "top_k = 16384\nhot_min = 0.25\nrate_init_pct = 100.0\nbreak_even = 0.05"
+
+
 def kdamonds_on():
     out = []
     for d in glob.glob(DAMON + "/[0-9]*"):
@@ -176,23 +184,28 @@ def watch_hot(w, limit_s, to_limit, alive=lambda: True):
 
 
 def promote(wd, policy, limit_s=120, total=192, hot=48, to_limit=0):
-    w = Workload(total, hot, 1)
-    params = {"m5": "top_k = 16384\nhot_min = 1.0", "damon": "", "tpp": ""}.get(policy, "")
+    """tiermemd runs first, as a service does (its sampler prewarmed), then the workload
+    starts; the clock runs from the workload's ready, as in the kernel scenario."""
+    params = {"m5": M5_PARAMS, "damon": "", "tpp": ""}.get(policy, "")
     cfg = write_config(wd, f"""[[targets]]
 name = "w"
 cmdline = "tiermemd.workload {total} {hot} 1"
 sampler = "damon"
 policy = "{policy}"
 [targets.sampler_params]
-sample_us = 5000
-aggr_us = 100000
+{DAMON_PARAMS}
 [targets.policy_params]
 {params}
 """)
-    share_before = w.hot_share()            # before the daemon starts
     d = Daemon(wd, cfg)
-    res = {"info": w.info, "share_before": share_before}
+    w = None
     try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120 and d.p.poll() is None and \
+                " prewarmed in " not in d.text():
+            time.sleep(0.2)
+        w = Workload(total, hot, 1)
+        res = {"info": w.info, "share_before": w.hot_share()}
         res["series"], res["t90"] = watch_hot(w, limit_s, to_limit,
                                               lambda: d.p.poll() is None)
         res["where"] = w.where()
@@ -224,8 +237,11 @@ aggr_us = 100000
     finally:
         if d.p.poll() is None:
             d.stop(signal.SIGKILL)
+        if w is None:
+            res = {"exception": "the workload did not start", "log": d.text()}
         res["log"] = d.text()
-        w.close()
+        if w is not None:
+            w.close()
     return res
 
 

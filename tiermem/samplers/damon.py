@@ -20,7 +20,9 @@ interval) in which an access to it was seen; every page of the region gets that 
 """
 from __future__ import annotations
 
+import ctypes as ct
 import os
+import threading
 import time
 
 import numpy as np
@@ -104,6 +106,51 @@ def mean_over_aggregations(start: np.ndarray, end: np.ndarray, acc: np.ndarray,
 
 RESULTS = ("auto", "tracepoint", "snapshot")
 
+# Loaded aggregation programs not in use (listening to no kdamond). bcc compiles a program
+# with clang at load time: about 1 s natively, 15-35 s under QEMU TCG, and that was the
+# daemon's whole start-up delay for a new process. A stopped sampler gives its program back
+# here (maps zeroed) and the next one takes it; prewarm() loads one ahead of time. Pooling is
+# on from the first prewarm() to release() (tiermemd's lifetime); otherwise stop() unloads.
+_POOL: list = []
+_POOLING = [False]
+_POOL_LOCK = threading.Lock()      # guards _POOL
+_LOAD_LOCK = threading.Lock()      # held while a program compiles: one compile at a time
+
+
+def _load_program():
+    return bpfu.load(_AGG_PROG, cflags=[f"-DMAX_ENTRIES={AGG_MAX_ENTRIES}",
+                                        f"-DMAX_TARGETS={MAX_TARGETS}"])
+
+
+def _take_program():
+    with _LOAD_LOCK:                # waits for a prewarm compile under way
+        with _POOL_LOCK:
+            if _POOL:
+                return _POOL.pop()
+        return _load_program()
+
+
+def _give_back(bpf) -> None:
+    """Zero the program's maps (it listens to no kdamond from here on) and pool it."""
+    bpf[b"kdpid"][ct.c_int(0)] = ct.c_uint32(0)
+    bpf[b"regions"].clear()
+    for name in (b"last_start", b"aggs"):
+        t = bpf[name]
+        for i in range(MAX_TARGETS):
+            t[ct.c_int(i)] = ct.c_uint64(0)
+    bpf[b"dropped"][ct.c_int(0)] = ct.c_uint64(0)
+    with _POOL_LOCK:
+        if _POOLING[0]:
+            _POOL.append(bpf)
+            return
+    bpf.cleanup()
+
+
+def pooled() -> int:
+    """Loaded, unused aggregation programs."""
+    with _POOL_LOCK:
+        return len(_POOL)
+
 
 def tracepoint_available() -> tuple[bool, str]:
     """Whether results can come from damon:damon_aggregated (bcc, headers, the event)."""
@@ -139,6 +186,33 @@ class DamonSampler(Sampler):
         self._final_kernel = 0.0
         self._bufs = None
         self.dropped_total = 0
+
+    @classmethod
+    def prewarm(cls, **params) -> bool:
+        """Compile and load one aggregation program ahead of a start (tiermemd does this in
+        the background when a target uses DAMON), so a new process is sampled within an
+        aggregation interval instead of after a compile. False (nothing loaded) where the
+        tracepoint path is not available or one is pooled already."""
+        if params.get("results") == "snapshot" or not tracepoint_available()[0]:
+            return False
+        _POOLING[0] = True
+        with _LOAD_LOCK:
+            with _POOL_LOCK:
+                if _POOL:
+                    return False
+            b = _load_program()
+            with _POOL_LOCK:
+                _POOL.append(b)
+        return True
+
+    @classmethod
+    def release(cls) -> None:
+        """Unload the pooled programs (daemon shutdown)."""
+        with _POOL_LOCK:
+            progs, _POOL[:] = list(_POOL), []
+            _POOLING[0] = False
+        for b in progs:
+            b.cleanup()
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -204,12 +278,11 @@ class DamonSampler(Sampler):
 
     def _load_agg(self) -> None:
         self.stats = bpfu.BpfStats()
-        self.bpf = bpfu.load(_AGG_PROG, cflags=[f"-DMAX_ENTRIES={AGG_MAX_ENTRIES}",
-                                                f"-DMAX_TARGETS={MAX_TARGETS}"])
+        self.bpf = _take_program()
+        self._prog_ns0 = bpfu.prog_run_ns(self.bpf)     # run time of earlier users
         self._aggs_seen = np.zeros(MAX_TARGETS, np.uint64)
 
     def _listen(self, kdamond_pid: int) -> None:
-        import ctypes as ct
         self.bpf[b"kdpid"][ct.c_int(0)] = ct.c_uint32(kdamond_pid)
 
     def _start_attach(self) -> None:
@@ -245,7 +318,6 @@ class DamonSampler(Sampler):
                      r["nr_accesses"][nz].astype(np.float32), False, self.space, t0, t1)
 
     def _drain_aggregated(self, t0, t1) -> Spans:
-        import ctypes as ct
         if self._bufs is None:
             self._bufs = bpfu.DrainBuffers(_AKEY, _AVAL, AGG_MAX_ENTRIES)
         k, v = bpfu.drain_hash(self.bpf[b"regions"], self._bufs)
@@ -304,8 +376,14 @@ class DamonSampler(Sampler):
             finally:
                 self.kd = None
         if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+            b, self.bpf = self.bpf, None
+            if _POOLING[0]:
+                try:
+                    _give_back(b)   # kdamond off: nothing runs the program now
+                except Exception:
+                    b.cleanup()
+            else:
+                b.cleanup()
         if self.stats is not None:
             self.stats.close()
             self.stats = None
@@ -317,7 +395,7 @@ class DamonSampler(Sampler):
         if self.bpf is not None:
             # in attach mode the kdamond is someone else's and runs anyway: our cost is the
             # BPF program on its tracepoint
-            t += bpfu.prog_run_ns(self.bpf) / 1e9
+            t += (bpfu.prog_run_ns(self.bpf) - self._prog_ns0) / 1e9
         return t
 
     def prog_ids(self) -> list[int]:
