@@ -92,8 +92,13 @@ def checkpoint(pid, image, leave_running, store, as_json):
 @click.option("--stdio", default="inherit", show_default=True,
               help="fds 0-2 of the clones: inherit, null, or a FILE (appended to)")
 @click.option("--same-pid", is_flag=True, help="restore one clone under the original PID")
-@click.option("--json", "as_json", is_flag=True, help="print PIDs and timing as JSON")
-def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_json):
+@click.option("--pidns", type=click.Choice(["host", "new"]), default="host", show_default=True,
+              help="new: each clone in a new PID namespace of its own, under the original "
+              "PID and thread IDs (getpid() and stored PIDs stay right); host: in this one, "
+              "under new PIDs")
+@click.option("--json", "as_json", is_flag=True, help="print PIDs, PID namespaces and timing "
+              "as JSON")
+def restore(image, policy, count, detach, pidfile, stdio, same_pid, pidns, eager, as_json):
     """Restore clones of IMAGE; waits for them unless --detach (exit status: the first
     failing clone's). With lazy moa this command serves the clones' first touches while it
     waits; with --detach a small process it forks stays behind to do it until they exit."""
@@ -106,7 +111,7 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
         _check_pidfile(pidfile)               # before any clone is made
     t0 = time.perf_counter()
     pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
-              eager=eager)
+              eager=eager, pidns=pidns)
     dt = time.perf_counter() - t0
     if pidfile:
         _write_pidfile(pidfile, pids)         # kills the clones if it fails
@@ -121,7 +126,9 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
         serve_lazy_forever()
         os._exit(0)
     if as_json:
-        click.echo(json.dumps({"pids": pids, "policy": policy, "seconds": dt}), err=not detach)
+        from cxlfork.state.pidns import info
+        click.echo(json.dumps({"pids": pids, "policy": policy, "seconds": dt,
+                               "clones": [info(p) for p in pids]}), err=not detach)
     elif detach:
         click.echo(" ".join(map(str, pids)))
     if detach:
@@ -132,6 +139,8 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, as_js
         code = os.waitstatus_to_exitcode(st)
         code = 128 - code if code < 0 else code
         rc = rc or code
+    from cxlfork.state.pidns import wait_inits
+    wait_inits()                              # their namespaces' inits exit after them
     sys.exit(rc)
 
 
