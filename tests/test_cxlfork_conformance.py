@@ -72,6 +72,14 @@ def test_threads(env, policy):
     _roundtrip(env, "threads", policy)
 
 
+@pytest.mark.parametrize("policy", ["mow", "moa --eager", "moa"])
+def test_pids_and_tids_in_new_pid_namespace(env, policy):
+    """--pidns new: the clone and its threads read their checkpointed PID and tids
+    (getpid, gettid) and pthread_kill reaches the right thread; the original too."""
+    pol, *rest = policy.split()
+    _roundtrip(env, "pidtid", pol, extra=(*rest, "--pidns", "new"))
+
+
 @pytest.mark.parametrize("prog", ["regs", "sig", "misc"])
 def test_state_survives_lazy_moa(env, prog):
     _roundtrip(env, prog, "moa")
