@@ -52,7 +52,7 @@ def test_ghosts_refused(image):
     from cxlfork.ghosts import GhostPool
     from cxlfork.restore import prepare_restore
     with prepare_restore(image) as p, GhostPool(1, refill="manual") as pool:
-        with pytest.raises(CxlforkError, match="cannot restore into a ghost"):
+        with pytest.raises(CxlforkError, match="cannot restore into this ghost pool"):
             p.restore(1, stdio="null", ghosts=pool, pidns="new")
         assert pool.stats()["taken"] == 0
 
@@ -88,3 +88,41 @@ def test_failure_after_the_namespace_leaves_nothing(image):
                 break
             except OSError:
                 time.sleep(0.02)
+
+
+@pytest.mark.parametrize("policy", ["mow", "moa"])
+def test_warm_ghosts_in_new_pid_namespaces(image, policy):
+    """GhostPool(prepared=p, pidns="new"): each warm ghost waits in a PID namespace of its own
+    under the image's PID; a pidns="new" restore fills one, and the clone and its threads
+    read their checkpointed ids (pidtid prints "ok"). Mismatched modes are refused, nothing
+    taken; a cold pool cannot be namespaced."""
+    from cxlfork.errors import CxlforkError
+    from cxlfork.ghosts import GhostPool
+    from cxlfork.restore import prepare_restore
+    from cxlfork.state import pidns
+    from cxlfork_util import readline
+    with pytest.raises(CxlforkError, match="needs warm ghosts"):
+        GhostPool(1, refill="manual", pidns="new")
+    with prepare_restore(image, policy) as p, \
+            GhostPool(2, refill="manual", prepared=p, pidns="new") as pool:
+        orig_pid = p.m["process"]["pid"]
+        ghosts = pool.pids()
+        spaces = {pidns.info(g)["pidns"] for g in ghosts}
+        assert all(pidns.info(g)["pid_in_ns"] == orig_pid for g in ghosts)
+        assert len(spaces) == 2 and os.readlink("/proc/self/ns/pid") not in spaces
+        with pytest.raises(CxlforkError, match="restore into it with pidns='new'"):
+            p.restore(1, stdio="null", ghosts=pool)
+        assert pool.stats()["taken"] == 0
+        r, w = os.pipe()
+        r2, w2 = os.pipe()
+        try:
+            pid, = p.restore(1, stdio=(r, w2, w2), ghosts=pool, pidns="new")
+            assert pid in ghosts and pidns.info(pid)["pid_in_ns"] == orig_pid
+            os.write(w, b"go\n")
+            assert readline(os.fdopen(r2, "rb", closefd=False)).strip() == "ok"
+            _, st = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(st) == 0
+        finally:
+            for fd in (r, w, r2, w2):
+                os.close(fd)
+        assert pool.stats()["taken"] == 1

@@ -142,14 +142,18 @@ def check(mode: str, same_pid: bool, ghosts, orig_pid: int) -> None:
     if mode not in MODES:
         raise CxlforkError(f"--pidns {mode}: expected one of {', '.join(MODES)}")
     if mode != "new":
+        if ghosts is not None and getattr(ghosts, "pidns", "host") == "new":
+            raise CxlforkError("this ghost pool keeps ghosts in new PID namespaces: restore "
+                               "into it with pidns='new'")
         return
     if same_pid:
         raise CxlforkError("--same-pid restores under the checkpointed PID in cxlfork's own "
                            "PID namespace; --pidns new gives each clone that PID in a new "
                            "namespace: use one or the other")
-    if ghosts is not None:
-        raise CxlforkError("--pidns new cannot restore into a ghost: a ghost's PID and PID "
-                           "namespace are fixed when it is spawned (restore without ghosts)")
+    if ghosts is not None and getattr(ghosts, "pidns", "host") != "new":
+        raise CxlforkError("--pidns new cannot restore into this ghost pool: a ghost's PID "
+                           "and PID namespace are fixed when it is spawned (use a warm pool "
+                           "made with pidns='new', or restore without ghosts)")
     if orig_pid == 1:
         raise CxlforkError("the checkpointed process was PID 1 of its namespace (an init): "
                            "--pidns new gives that PID to the namespace's own init; not "
