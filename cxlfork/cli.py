@@ -63,7 +63,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def checkpoint(pid, image, leave_running, store, as_json):
     """Checkpoint process PID into IMAGE."""
-    from cxlfork.checkpoint import checkpoint as do
+    from cxlfork.tree import checkpoint_tree as do     # a single process, or a whole tree
     r = do(pid, image, store, kill=not leave_running, progress=_progress("pages"), warn=_warn)
     if as_json:
         click.echo(json.dumps(r, indent=1))
@@ -110,8 +110,16 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, pidns, eager
     if pidfile:
         _check_pidfile(pidfile)               # before any clone is made
     t0 = time.perf_counter()
-    pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
-              eager=eager, pidns=pidns)
+    from cxlfork import tree
+    if os.path.isdir(image) and tree.is_tree(image):
+        if pidns != "new" or same_pid:
+            raise CxlforkError(f"{image} holds a process tree: it restores only with --pidns "
+                               "new (its processes keep their PIDs in a namespace of their own)")
+        pids = tree.restore_tree(image, policy=policy, n=count, stdio=stdio, warn=_warn,
+                                 eager=eager)
+    else:
+        pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
+                  eager=eager, pidns=pidns)
     dt = time.perf_counter() - t0
     if pidfile:
         _write_pidfile(pidfile, pids)         # kills the clones if it fails

@@ -80,6 +80,16 @@ def test_pids_and_tids_in_new_pid_namespace(env, policy):
     _roundtrip(env, "pidtid", pol, extra=(*rest, "--pidns", "new"))
 
 
+@pytest.mark.parametrize("policy", ["mow", "moa --eager"])
+def test_process_tree(env, policy):
+    """A parent and two forked children sharing two pipes, checkpointed whole and restored in
+    a new PID namespace: the children are the parent's (getppid), under the PIDs fork
+    returned (kill, waitpid with their exit status), with their own memory; the pipes are
+    shared across the tree. The original tree passes the same checks."""
+    pol, *rest = policy.split()
+    _roundtrip(env, "tree", pol, extra=(*rest, "--pidns", "new"))
+
+
 @pytest.mark.parametrize("prog", ["regs", "sig", "misc"])
 def test_state_survives_lazy_moa(env, prog):
     _roundtrip(env, prog, "moa")
