@@ -49,6 +49,15 @@ def _fds(pid: int) -> dict[int, str]:
     return out
 
 
+def _end(pid: int, fd: int) -> str:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            flags = next(int(x.split()[1], 8) for x in f if x.startswith("flags:"))
+    except (OSError, StopIteration):
+        return "?"
+    return "r" if flags & 3 == os.O_RDONLY else "w"
+
+
 def children(pid: int) -> list[int]:
     """The children of PID (a tree's other processes); refuses what trees cannot carry."""
     try:
@@ -72,13 +81,13 @@ def _sharing(root: int, kids: list[int]) -> tuple[set[int], list[dict]]:
     """(inodes of pipes with every end in the tree, [{pid, fd, root_fd}] open file
     descriptions of pipe ends a child shares with the root). Refuses other shared ones."""
     rfds = _fds(root)
-    ends: dict[int, int] = {}
+    ends: dict[int, set[str]] = {}
     shared = []
     for pid, fds in [(root, rfds)] + [(k, _fds(k)) for k in kids]:
         for fd, link in fds.items():
             if link.startswith("pipe:["):
-                ends[int(link[6:-1])] = pid
-            if pid == root or fd <= 2:
+                ends.setdefault(int(link[6:-1]), set()).add(_end(pid, fd))
+            if pid == root or (fd <= 2 and not link.startswith("pipe:[")):
                 continue
             same = next((a for a, la in rfds.items() if la == link and a > 2 and
                          _same_ofd(root, a, pid, fd)), None)
@@ -89,7 +98,7 @@ def _sharing(root: int, kids: list[int]) -> tuple[set[int], list[dict]]:
                               f"{same} of its parent {root} ({link}); in a process tree only "
                               "pipe ends can be shared yet")
             shared.append({"pid": pid, "fd": fd, "root_fd": same})
-    return set(ends), shared
+    return {ino for ino, e in ends.items() if e == {"r", "w"}}, shared
 
 
 def checkpoint_tree(pid: int, image: str, store_dir: str | None = None, kill: bool = False,

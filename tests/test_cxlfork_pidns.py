@@ -126,3 +126,104 @@ def test_warm_ghosts_in_new_pid_namespaces(image, policy):
             for fd in (r, w, r2, w2):
                 os.close(fd)
         assert pool.stats()["taken"] == 1
+
+
+TREE_PY = r'''
+import os, sys, time
+mode = sys.argv[1]
+if mode == "zombie":
+    if os.fork() == 0:
+        os._exit(3)
+    time.sleep(0.2)
+elif mode == "grandchild":
+    if os.fork() == 0:
+        if os.fork() == 0:
+            time.sleep(1000)
+        time.sleep(1000)
+    time.sleep(0.2)
+elif mode == "file":
+    f = open(sys.argv[2], "w")
+    if os.fork() == 0:
+        time.sleep(1000)
+print("ready", flush=True)
+sys.stdin.readline()
+print("ok", flush=True)
+'''
+
+
+@pytest.mark.parametrize("mode,want", [
+    ("zombie", "has a zombie child"),
+    ("grandchild", "has children of its own"),
+    ("file", "shares its open file description with fd")])
+def test_tree_refusals_leave_the_tree_running(mode, want):
+    """What a tree cannot carry yet is refused at checkpoint with one line naming it; nothing
+    is published, the processes go on untraced."""
+    import sys
+    d = tempfile.mkdtemp(prefix="cxlfork-tree-")
+    s = new_store()
+    prog = os.path.join(d, "t.py")
+    with open(prog, "w") as f:
+        f.write(TREE_PY)
+    orig = start([sys.executable, prog, mode, os.path.join(d, "f")], cwd=d)
+    img = os.path.join(d, "t.img")
+    try:
+        r = cxlfork("checkpoint", orig.pid, "-o", img, "--store", s, check=False)
+        errs = [x for x in r.stderr.splitlines() if x.startswith("cxlfork: error:")]
+        assert r.returncode == 1 and len(errs) == 1 and want in errs[0], r.stderr
+        assert not os.path.exists(img) and os.listdir(s) == []
+        for p in [orig.pid] + [c.pid for c in psutil.Process(orig.pid).children(True)]:
+            with open(f"/proc/{p}/status") as f:
+                assert "TracerPid:\t0\n" in f.read()
+        orig.stdin.write(b"go\n")
+        orig.stdin.flush()
+        assert orig.stdout.readline().strip() == b"ok"
+    finally:
+        for c in psutil.Process(orig.pid).children(True):
+            c.kill()
+        orig.kill()
+        orig.wait()
+        rmtree(d)
+        rmtree(s)
+
+
+def test_shell_pipeline_cloned_twice():
+    """A shell pipeline (sh with a subshell and tr sharing a pipe, their ends on fds 0 and 1)
+    checkpointed whole and cloned twice, each clone tree in its own PID namespace: each
+    pipeline reads its own "go", passes it through its pipe and exits 0; so does the
+    original. Lazy moa and --pidns host are refused for a tree with one line."""
+    from cxlfork_util import go, restore_popen, wait_file
+    d = tempfile.mkdtemp(prefix="cxlfork-pipe-")
+    s = new_store()
+    sh = "echo ready; (read line; echo \"ok:$line\") | tr a-z A-Z"
+    orig = start(["/bin/sh", "-c", sh], cwd=d)
+    img = os.path.join(d, "p.img")
+    clones = []
+    try:
+        for _ in range(100):            # both commands of the pipeline have exec'd/forked
+            kids = psutil.Process(orig.pid).children()
+            if len(kids) == 2 and any(k.name() == "tr" for k in kids):
+                break
+            time.sleep(0.01)
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        for args, want in ((["--policy", "moa"], "lazy moa is not supported for trees"),
+                           ([], "it restores only with --pidns new")):
+            r = cxlfork("restore", img, *args, *(["--pidns", "new"] if args else []),
+                        check=False)
+            assert r.returncode == 1 and want in r.stderr, r.stderr
+        for k in range(2):
+            pidfile = f"{img}.pids{k}"
+            clones.append(restore_popen(img, "--pidns", "new", "--pidfile", pidfile))
+            pid = int(wait_file(pidfile, clones[-1]).split()[0])
+            kids = psutil.Process(pid).children()
+            assert len(kids) == 2 and sorted(k.name() for k in kids)[-1] == "tr", kids
+        for c in clones + [orig]:
+            out, rc, err = go(c)
+            assert out.strip() == "OK:GO" and rc == 0, f"{out!r} {rc} {err}"
+    finally:
+        for p in clones + [orig]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        cxlfork("rm", img, check=False)
+        rmtree(d)
+        rmtree(s)

@@ -35,7 +35,8 @@ def collect(pid: int, objs, tree_pipes=()) -> list[dict]:
         n, link, flags = f["fd"], f["link"], f["flags"]
         rec = {"fd": n, "flags": flags & ~O_CLOEXEC, "cloexec": bool(flags & O_CLOEXEC),
                "link": link}
-        if n <= 2:
+        tree_pipe = link.startswith("pipe:[") and int(link[6:-1]) in tree_pipes
+        if n <= 2 and not tree_pipe:     # a tree's pipe on 0-2 (a pipeline) stays a pipe
             rec["kind"] = "stdio"
             out.append(rec)
             continue
