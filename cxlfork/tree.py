@@ -24,7 +24,7 @@ import time
 
 import psutil
 
-from cxlfork import checkpoint as ckpt_mod, image as image_mod, restore as rs
+from cxlfork import checkpoint as ckpt_mod, image as image_mod, procfs, restore as rs
 from cxlfork.cgtarget import spawn_args
 from cxlfork.errors import CxlforkError, Refused
 from cxlfork.native import ffi, lib, restorer_path
@@ -65,8 +65,7 @@ def children(pid: int) -> list[int]:
         out = []
         for k in kids:
             if k.status() == psutil.STATUS_ZOMBIE:
-                raise Refused(f"PID {pid} has a zombie child ({k.pid}); zombies in a process "
-                              "tree are not supported yet")
+                continue                # zombies(): carried as their exit status
             if k.children():
                 raise Refused(f"PID {pid}'s child {k.pid} has children of its own "
                               f"({', '.join(str(g.pid) for g in k.children()[:5])}); trees "
@@ -75,6 +74,19 @@ def children(pid: int) -> list[int]:
     except psutil.NoSuchProcess as e:
         raise CxlforkError(f"a process of the tree of PID {pid} exited while being read") from e
     return sorted(out)
+
+
+def zombies(pid: int) -> list[dict]:
+    """The zombie children of PID: [{pid, zombie: wait status (proc(5) exit_code)}]."""
+    out = []
+    for k in psutil.Process(pid).children():
+        try:
+            if k.status() == psutil.STATUS_ZOMBIE:
+                st = procfs.stat(k.pid)
+                out.append({"pid": k.pid, "zombie": int(st[52])})
+        except (psutil.NoSuchProcess, OSError, IndexError):
+            pass
+    return sorted(out, key=lambda z: z["pid"])
 
 
 def _sharing(root: int, kids: list[int]) -> tuple[set[int], list[dict]]:
@@ -105,12 +117,13 @@ def checkpoint_tree(pid: int, image: str, store_dir: str | None = None, kill: bo
                     progress=None, warn=None) -> dict:
     """Checkpoint PID and its children into IMAGE (see the module's docstring)."""
     kids = children(pid)
-    if not kids:
+    dead = zombies(pid)
+    if not kids and not dead:
         return ckpt_mod.checkpoint(pid, image, store_dir, kill, progress, warn)
     pipes, shared = _sharing(pid, kids)
     image = os.path.abspath(image)
     manifest = {"children": [{"pid": k, "image": f"tree/{k}"} for k in kids],
-                "shared": shared}
+                "zombies": dead, "shared": shared}
     out = ckpt_mod.checkpoint(pid, image, store_dir, False, progress, warn,
                               tree={"pipes": pipes, "manifest": manifest})
     try:
@@ -159,6 +172,30 @@ def _kid_pids(root: int, want: dict[int, int], timeout_s: float, err_of) -> dict
             raise CxlforkError(f"the tree's root restorer did not fork its children: "
                                f"{err_of() or 'timeout'}")
         time.sleep(0.001)
+
+
+def _wait_zombies(root: int, dead: list[dict], timeout_s: float = 30.0) -> None:
+    """Wait until the root restorer's zombie children have died (before the root runs)."""
+    want = {z["pid"] for z in dead}
+    t = time.monotonic()
+    while want:
+        try:
+            with open(f"/proc/{root}/task/{root}/children") as f:
+                host = [int(x) for x in f.read().split()]
+        except OSError:
+            host = []
+        for h in host:
+            try:
+                with open(f"/proc/{h}/status") as f:
+                    st = dict(x.split(":", 1) for x in f if ":" in x)
+                if st["State"].strip().startswith("Z"):
+                    want.discard(int(st["NSpid"].split()[-1]))
+            except (OSError, KeyError):
+                pass
+        if want and time.monotonic() - t > timeout_s:
+            raise CxlforkError(f"the tree's zombie children {sorted(want)} did not exit")
+        if want:
+            time.sleep(0.001)
 
 
 def restore_tree(image: str, policy: str = "mow", n: int = 1, stdio="inherit", warn=None,
@@ -222,7 +259,8 @@ def _one(preps, tree, stdio, cg, k: int) -> int:
             c_cwd = ffi.new("char[]", p.m["process"]["cwd"].encode())
             keep += [argv, c_argv, c_src, c_dst, c_cwd]
             specs.append((c_argv, c_src, c_dst, len(src), c_cwd, err_index, er))
-        kids = ffi.new("struct cx_kid[]", max(1, len(preps) - 1))
+        dead = tree.get("zombies", [])
+        kids = ffi.new("struct cx_kid[]", max(1, len(preps) - 1 + len(dead)))
         for j, (p, sp) in enumerate(zip(preps[1:], specs[1:])):
             kd = kids[j]
             kd.argv, kd.src, kd.dst, kd.nfd, kd.cwd, kd.errfd = sp[0], sp[1], sp[2], sp[3], \
@@ -230,6 +268,9 @@ def _one(preps, tree, stdio, cg, k: int) -> int:
             kd.umask_ = p.m["process"]["umask"]
             kd.sidmode = rs.process.session_mode(p.m)
             kd.set_tid = p.m["process"]["pid"]
+            kd.zombie = -1
+        for j, z in enumerate(dead, len(preps) - 1):
+            kids[j].set_tid, kids[j].zombie = z["pid"], z["zombie"]
         r = preps[0]
         rpid = r.m["process"]["pid"]
         ns = pidns_mod.new(restorer, spawn_args(cg))
@@ -237,7 +278,8 @@ def _one(preps, tree, stdio, cg, k: int) -> int:
             sp = specs[0]
             pid = lib.cx_spawn_tree(restorer, sp[0], sp[1], sp[2], sp[3], sp[4],
                                     r.m["process"]["umask"], rs.process.session_mode(r.m),
-                                    rpid, sp[5], *spawn_args(cg), len(preps) - 1, kids)
+                                    rpid, sp[5], *spawn_args(cg), len(preps) - 1 + len(dead),
+                                    kids)
         finally:
             ns.leave()
         if pid < 0:
@@ -251,6 +293,7 @@ def _one(preps, tree, stdio, cg, k: int) -> int:
                           30.0, lambda: rs._error_text(clones[0]))
         for p, sp in zip(preps[1:], specs[1:]):
             clones.append(rs.Clone(hosts[p.m["process"]["pid"]], sp[6]))
+        _wait_zombies(pid, dead)
         for i, (p, c) in enumerate(zip(preps, clones)):
             e = lib.cx_start(c.pid, go_w[i], 1 if p.threads else 0)
             if e < 0:

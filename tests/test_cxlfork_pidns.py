@@ -131,11 +131,7 @@ def test_warm_ghosts_in_new_pid_namespaces(image, policy):
 TREE_PY = r'''
 import os, sys, time
 mode = sys.argv[1]
-if mode == "zombie":
-    if os.fork() == 0:
-        os._exit(3)
-    time.sleep(0.2)
-elif mode == "grandchild":
+if mode == "grandchild":
     if os.fork() == 0:
         if os.fork() == 0:
             time.sleep(1000)
@@ -152,7 +148,6 @@ print("ok", flush=True)
 
 
 @pytest.mark.parametrize("mode,want", [
-    ("zombie", "has a zombie child"),
     ("grandchild", "has children of its own"),
     ("file", "shares its open file description with fd")])
 def test_tree_refusals_leave_the_tree_running(mode, want):

@@ -42,6 +42,7 @@ struct cx_kid {
     const int *src, *dst;
     int nfd, umask_, sidmode, errfd, set_tid;
     const char *cwd;
+    int zombie;          /* >= 0: a zombie child, its wait status: it only exits so */
 };
 int cx_spawn_tree(const char *path, char *const argv[], const int *src, const int *dst,
                   int nfd, const char *cwd, int umask_, int sidmode, int set_tid, int errfd,

@@ -61,6 +61,18 @@ static int spawn_child(void *arg)
         ca.set_tid = (uint64_t)(uintptr_t)&t;
         ca.set_tid_size = 1;
         long r = syscall(SYS_clone3, &ca, sizeof ca);
+        if (r == 0 && kd->zombie >= 0) {       /* a zombie child: die as it did */
+            int sig = kd->zombie & 0x7f;
+            if (sig) {
+                sigset_t one;
+                sigemptyset(&one);
+                sigaddset(&one, sig);
+                signal(sig, SIG_DFL);
+                syscall(SYS_kill, getpid(), sig);
+                sigprocmask(SIG_UNBLOCK, &one, NULL);
+            }
+            syscall(SYS_exit_group, (kd->zombie >> 8) & 0xff);
+        }
         if (r == 0)
             _exit(spawn_child(&ka));
         if (r < 0)

@@ -2,10 +2,12 @@
  * results up); each child sets its own memory and blocks reading a command. After "go" the
  * parent sends one command per child and reads back each child's getpid(), getppid() and
  * memory value; the PIDs must be the ones fork returned, the parent theirs; kill(child, 0)
- * works; waitpid of each stored PID returns its own exit status. */
+ * works; waitpid of each stored PID returns its own exit status. A third child exited (status
+ * 42) before the checkpoint and was not reaped: a zombie, whose status waitpid returns after. */
 #include "conform.h"
 #include <signal.h>
 #include <sys/wait.h>
+#include <signal.h>
 
 #define NKIDS 2
 static int secret = 7;
@@ -28,6 +30,11 @@ int main(void)
             _exit(10 + i);
         }
     }
+    pid_t z = fork();
+    if (z == 0)
+        _exit(42);
+    siginfo_t si;
+    waitid(P_PID, z, &si, WEXITED | WNOWAIT);       /* a zombie now, not reaped */
     ready();
     wait_go();
     CHECK(secret == 7, "parent's memory %d", secret);
@@ -51,5 +58,8 @@ int main(void)
         CHECK(r == kids[i] && WIFEXITED(st) && WEXITSTATUS(st) == 10 + i,
               "waitpid(%d): %d status %#x", kids[i], r, st);
     }
+    int zst = 0;
+    CHECK(waitpid(z, &zst, WNOHANG) == z && WIFEXITED(zst) && WEXITSTATUS(zst) == 42,
+          "zombie %d: status %#x", z, zst);
     return finish();
 }
