@@ -61,7 +61,11 @@ def _end(pid: int, fd: int) -> str:
 def children(pid: int) -> list[int]:
     """The children of PID (a tree's other processes); refuses what trees cannot carry."""
     try:
-        kids = psutil.Process(pid).children()
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess as e:
+        raise CxlforkError(f"no process with PID {pid}") from e
+    try:
+        kids = root.children()
         out = []
         for k in kids:
             if k.status() == psutil.STATUS_ZOMBIE:
