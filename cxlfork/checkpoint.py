@@ -54,12 +54,15 @@ def injection_window(tr: Tracee, maps: list[dict]):
         tr.put_back_regs()
 
 
-def collect(tr: Tracee) -> dict:
+def collect(tr: Tracee, tree: dict | None = None) -> dict:
     """Every kind of state of the frozen process tr, as manifest fields (plus "_objs", the
-    shmem objects with fds to read them, which the caller closes)."""
+    shmem objects with fds to read them, which the caller closes). tree: this process is one
+    of a tree checkpointed whole (cxlfork.tree): its children are not refused, nor pipes
+    whose other end is in the tree (tree["pipes"]: their inodes)."""
     pid = tr.pid
     tr.freeze_threads()
-    process.refuse_tree(pid)
+    if tree is None:
+        process.refuse_tree(pid)
     status = procfs.status(pid)
     process.refuse_seccomp(pid, status)
     with injection_window(tr, procfs.smaps(pid)):
@@ -73,7 +76,7 @@ def collect(tr: Tracee) -> dict:
     proc = process.collect(pid, status, brk)
     objs = memory.Objects()
     try:
-        fds = fds_mod.collect(pid, objs)
+        fds = fds_mod.collect(pid, objs, tree["pipes"] if tree else ())
         vmas = memory.collect(pid, procfs.smaps(pid), objs)
     except BaseException:
         objs.close()
@@ -114,8 +117,10 @@ def _refuse_what_is_not_a_user_process(pid: int) -> None:
 
 
 def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = False,
-               progress=None, warn=None) -> dict:
-    """Checkpoint PID into IMAGE (a new directory). Returns the summary with timings."""
+               progress=None, warn=None, tree: dict | None = None) -> dict:
+    """Checkpoint PID into IMAGE (a new directory). Returns the summary with timings.
+    tree: one process of a tree (cxlfork.tree.checkpoint_tree): {"pipes": inodes of pipes
+    inside the tree, "manifest": the root's "tree" field, or None}."""
     t0 = time.perf_counter()
     image = os.path.abspath(image)
     if pid == os.getpid():
@@ -147,7 +152,7 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
     try:
         tr = Tracee(pid)
         t_frozen = time.perf_counter()
-        state = collect(tr)
+        state = collect(tr, tree)
         if kill:
             fifos.refuse_on_kill(state["fds"])
         t_collected = time.perf_counter()
@@ -162,6 +167,7 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
             "format": FORMAT, "version": FORMAT_VERSION, "id": image_id,
             "created": time.time(), "kernel": os.uname().release,
             "machine": os.uname().machine, **state,
+            **({"tree": tree["manifest"]} if tree and tree.get("manifest") else {}),
             "objects": sorted(objs.by_ino.values(), key=lambda o: o["id"]),
             "store": {"dir": store.path, "file": os.path.basename(store.pages_path(image_id)),
                       "pages": npages, "hash": phash, "hash_alg": image_mod.HASH_ALG,

@@ -64,7 +64,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def checkpoint(pid, image, leave_running, store, as_json):
     """Checkpoint process PID into IMAGE."""
-    from cxlfork.checkpoint import checkpoint as do
+    from cxlfork.tree import checkpoint_tree as do     # a single process, or a whole tree
     r = do(pid, image, store, kill=not leave_running, progress=_progress("pages"), warn=_warn)
     if as_json:
         click.echo(json.dumps(r, indent=1))
@@ -96,9 +96,14 @@ def checkpoint(pid, image, leave_running, store, as_json):
 @click.option("--netns", type=click.Choice(["new", "host"]), default="new", show_default=True,
               help="an image with inet or named unix sockets: each clone in a network "
               "namespace of its own (new), or in this one (host: its ports must be free)")
-@click.option("--json", "as_json", is_flag=True, help="print PIDs, network namespaces and "
-              "timing as JSON")
-def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns, as_json):
+@click.option("--pidns", type=click.Choice(["host", "new"]), default="host", show_default=True,
+              help="new: each clone in a new PID namespace of its own, under the original "
+              "PID and thread IDs (getpid() and stored PIDs stay right); host: in this one, "
+              "under new PIDs")
+@click.option("--json", "as_json", is_flag=True, help="print PIDs, network and PID "
+              "namespaces and timing as JSON")
+def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns, pidns,
+            as_json):
     """Restore clones of IMAGE; waits for them unless --detach (exit status: the first
     failing clone's). This command serves the clones' userfaultfd (first touches of store pages:
     lazy moa copies them; zeros after MADV_DONTNEED, mremap) while it waits; with --detach a
@@ -112,8 +117,16 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns
     if pidfile:
         _check_pidfile(pidfile)               # before any clone is made
     t0 = time.perf_counter()
-    pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
-              eager=eager, netns=netns)
+    from cxlfork import tree
+    if os.path.isdir(image) and tree.is_tree(image):
+        if pidns != "new" or same_pid:
+            raise CxlforkError(f"{image} holds a process tree: it restores only with --pidns "
+                               "new (its processes keep their PIDs in a namespace of their own)")
+        pids = tree.restore_tree(image, policy=policy, n=count, stdio=stdio, warn=_warn,
+                                 eager=eager)
+    else:
+        pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
+                  eager=eager, netns=netns, pidns=pidns)
     dt = time.perf_counter() - t0
     if pidfile:
         _write_pidfile(pidfile, pids)         # kills the clones if it fails
@@ -130,7 +143,8 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns
         os._exit(0)
     if as_json:
         from cxlfork.state.netns import of
-        clones = [{"pid": p, "netns": f"/proc/{p}/ns/net", "netns_id": of(p)} for p in pids]
+        from cxlfork.state.pidns import info
+        clones = [{**info(p), "netns": f"/proc/{p}/ns/net", "netns_id": of(p)} for p in pids]
         click.echo(json.dumps({"pids": pids, "clones": clones, "policy": policy,
                                "seconds": dt}), err=not detach)
     elif detach:
@@ -143,6 +157,8 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns
         code = os.waitstatus_to_exitcode(st)
         code = 128 - code if code < 0 else code
         rc = rc or code
+    from cxlfork.state.pidns import wait_inits
+    wait_inits()                              # their namespaces' inits exit after them
     sys.exit(rc)
 
 

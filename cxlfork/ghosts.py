@@ -17,7 +17,9 @@ A clone of an image with inet or named unix sockets gets a network namespace of 
 (cxlfork.state.netns): a ghost, spawned in ours, setns()es into it when it is filled; a warm
 pool makes each ghost's namespace when it spawns the ghost, so it is off the restore path.
 
-A ghost's PID is fixed when it is spawned, so `same_pid` restores cannot use one. When the pool
+A ghost's PID is fixed when it is spawned, so `same_pid` restores cannot use one. A warm pool
+made with `pidns="new"` keeps namespaced ghosts: each is spawned in a new PID namespace of its
+own under its image's checkpointed PID (cxlfork.state.pidns), for `pidns="new"` restores. When the pool
 is empty (or a ghost has died) a restore spawns its restorer as usual (counted in
 `stats()["fallbacks"]`). A ghost whose owner closes the pool or dies reads EOF and exits.
 """
@@ -32,6 +34,7 @@ from cxlfork.cgtarget import CgroupTarget, spawn_args
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
 from cxlfork.state import netns
+from cxlfork.state import pidns as pidns_mod
 from cxlfork.state.memory import make_objects
 
 GHOST_FD = 3                 # the socket's number in the ghost
@@ -74,13 +77,19 @@ class Ghost:
 
 
 def spawn_ghost(prepared=None, timeout_s: float = 30.0, cgroup: CgroupTarget | None = None,
-                prefault: bool = False) -> Ghost:
+                prefault: bool = False, pidns: str = "host") -> Ghost:
     """Spawn one ghost (vfork-style clone + exec of the restorer). Cold (prepared None): in
     ghost mode, waiting for a whole restore. Warm: it runs the memory, signal and mm part of
     prepared's plan now (with the files, store and objects it needs) and waits for the
     clone's own fds; returns once it is ready, or raises with the restorer's error line.
     cgroup: born in that cgroup (charged there from its first page), else in ours.
-    prefault (warm only): the ghost also maps its store pages read-only into its page tables."""
+    prefault (warm only): the ghost also maps its store pages read-only into its page tables.
+    pidns "new" (warm only): born in a new PID namespace of its own, under the checkpointed
+    PID (its threads get their tids when it is filled)."""
+    if pidns == "new" and prepared is None:
+        raise CxlforkError("a cold ghost cannot be made in a new PID namespace: its PID there "
+                           "is its image's, unknown until it is filled (use a warm pool, "
+                           "GhostPool(size, prepared=p, pidns='new'))")
     path = restorer_path().encode()
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     opened: list[int] = []
@@ -100,9 +109,22 @@ def spawn_ghost(prepared=None, timeout_s: float = 30.0, cgroup: CgroupTarget | N
             dst = [p.num[k] for k in fds] + [sock_num, p.num["err"]]  # errors: the socket
             args = [str(p.num["plan"]).encode()]
         argv = [ffi.new("char[]", path)] + [ffi.new("char[]", a) for a in args] + [ffi.NULL]
-        pid = lib.cx_spawn(path, ffi.new("char *[]", argv), ffi.new("int[]", src),
-                           ffi.new("int[]", dst), len(src), b"/", 0o022, 0, 0, -1,
-                           *spawn_args(cgroup))
+        ns, set_tid = None, 0
+        if pidns == "new":             # this thread's children are born in it
+            ns = pidns_mod.new(path, spawn_args(cgroup))
+            set_tid = prepared.m["process"]["pid"]
+        try:
+            pid = lib.cx_spawn(path, ffi.new("char *[]", argv), ffi.new("int[]", src),
+                               ffi.new("int[]", dst), len(src), b"/", 0o022, 0, set_tid, -1,
+                               *spawn_args(cgroup))
+        finally:
+            if ns is not None:
+                ns.leave()
+        if ns is not None:
+            if pid < 0:
+                ns.kill()
+            else:
+                ns.start(pid, set_tid)  # the init ends with the ghost (or its clone)
     except BaseException:
         for fd in opened:
             os.close(fd)
@@ -146,7 +168,7 @@ class GhostPool:
     clone reads store pages without minor faults (costs page tables per idle ghost)."""
 
     def __init__(self, size: int, refill: str = "background", prepared=None,
-                 cgroup: str | None = None, prefault: bool = False):
+                 cgroup: str | None = None, prefault: bool = False, pidns: str = "host"):
         if not isinstance(size, int) or size < 1:
             raise CxlforkError(f"ghost pool size must be a positive integer, not {size!r}")
         if refill not in ("background", "manual"):
@@ -160,8 +182,15 @@ class GhostPool:
             raise CxlforkError("ghost pool prefault needs warm ghosts (prepared=)")
         if prefault:
             prepared.warm_plan(prefault)             # refuses lazy moa with one error
+        if pidns not in pidns_mod.MODES:
+            raise CxlforkError(f"ghost pool pidns {pidns!r}: expected one of "
+                               f"{', '.join(pidns_mod.MODES)}")
+        if pidns == "new" and prepared is None:
+            raise CxlforkError("a ghost pool with pidns='new' needs warm ghosts (prepared=): "
+                               "each ghost's PID in its namespace is its image's")
         self.prepared = prepared
         self.prefault = prefault
+        self.pidns = pidns
         self.size = size
         self.cgroup = CgroupTarget(cgroup) if cgroup is not None else None
         self._idle: list[Ghost] = []
@@ -193,7 +222,8 @@ class GhostPool:
             with self._lock:
                 if self._closed or len(self._idle) >= self.size:
                     return made
-            g = spawn_ghost(self.prepared, cgroup=self.cgroup, prefault=self.prefault)
+            g = spawn_ghost(self.prepared, cgroup=self.cgroup, prefault=self.prefault,
+                            pidns=self.pidns)
             with self._lock:
                 if self._closed:
                     g.discard()

@@ -596,6 +596,10 @@ def remove(image: str) -> list[str]:
         raise ImageError(f"not removing {image}: {e} (remove it yourself if it is yours; "
                          "'cxlfork gc' removes page files no image uses)") from e
     removed = []
+    for kid in m.get("tree", {}).get("children", []):     # a tree's other processes
+        sub = os.path.join(image, kid["image"])
+        if os.path.isdir(sub):
+            removed += remove(sub)
     sd, sf = m["store"]["dir"], m["store"]["file"]
     if os.path.lexists(sd):
         dfd = trust.open_dir(sd, f"not removing {image}: its store", ImageError)

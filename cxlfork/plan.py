@@ -275,7 +275,9 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     p.ops[mm_index] = (OP_MM_MAP, PLAN_ADDR + mm_off, len(mm_struct), 0, 0, 0, 0, 0)
     records = b""
     for i, (k, t) in enumerate(zip(thread_ops, threads)):
-        p.ops[k] = (OP_THREAD, PLAN_ADDR + threads_off + i * 96, 0, 0, 0, 0, 0, 0)
+        # its checkpointed tid, given back when the clone has the checkpointed PID
+        p.ops[k] = (OP_THREAD, PLAN_ADDR + threads_off + i * 96, t["tid"],
+                    m["process"]["pid"], 0, 0, 0, 0)
         alt, rseq, rl = t["altstack"], t["rseq"] or {"addr": 0, "len": 0, "sig": 0}, \
             t["robust_list"]
         records += struct.pack("<10Q16s", alt["sp"], alt["flags"] & 0xFFFFFFFF, alt["size"],

@@ -35,6 +35,7 @@ from cxlfork.cgtarget import CgroupTarget, spawn_args
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
 from cxlfork.ptrace import REGS_SIZE
+from cxlfork.state import pidns as pidns_mod
 from cxlfork.state import (fds as fds_mod, memory, mountns as mountns_mod, netns as netns_mod,
                            pending, process, registers, signals, threads, timers)
 
@@ -176,16 +177,19 @@ class Prepared:
 
     def restore(self, n: int = 1, stdio="inherit", same_pid: bool = False,
                 progress=None, ghosts=None, cgroup: str | None = None,
-                netns: str = "new") -> list[int]:
+                netns: str = "new", pidns: str = "host") -> list[int]:
         """Restore n clones; returns their PIDs (children of this process). ghosts: a
         cxlfork.ghosts.GhostPool whose idle ghosts become the clones (spawned as usual when it
         is empty). cgroup: a cgroup directory the spawned restorers are born in (a pool
         passed with it must have been made with the same cgroup). netns: for an image with
         inet or named unix sockets, "new" gives each clone a network namespace of its own
-        (`/proc/PID/ns/net`), "host" restores them into this process's."""
+        (`/proc/PID/ns/net`), "host" restores them into this process's. pidns "new": each
+        clone in a new PID namespace of its own, under the checkpointed PID and tids
+        (cxlfork.state.pidns); "host": in ours, under new ones."""
         if not self.fds_open:
             raise CxlforkError(f"restore of {self.image}: this prepared restore was closed")
-        return _restore_prepared(self, n, stdio, same_pid, progress, ghosts, cgroup, netns)
+        return _restore_prepared(self, n, stdio, same_pid, progress, ghosts, cgroup, netns,
+                                 pidns)
 
     def close(self):
         for fd in self.fds_open:
@@ -217,6 +221,7 @@ class Clone:
         self.pid = pid
         self.errfd = errfd
         self.tids: list[int] = []       # its other threads, once created
+        self.ns = None                  # its PID namespace (pidns.Namespace), if new
 
 
 def _error_text(c: Clone) -> str:
@@ -248,6 +253,8 @@ def _kill(clones: list[Clone]) -> None:
                 os.close(c.errfd)
             except OSError:
                 pass
+        if c.ns is not None:
+            c.ns.kill()
 
 
 def _status_text(st: int) -> str:
@@ -278,7 +285,8 @@ def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = Fa
 
 def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
             same_pid: bool = False, warn=None, progress=None, eager: bool = False,
-            ghosts=None, cgroup: str | None = None, netns: str = "new") -> list[int]:
+            ghosts=None, cgroup: str | None = None, netns: str = "new",
+            pidns: str = "host") -> list[int]:
     """Restore n clones of image; returns their PIDs (children of this process).
 
     policy "moa" is lazy unless eager=True: the clones map the store as in mow and a
@@ -288,7 +296,9 @@ def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
     process must outlive the clones (or fork a server: serving(), serve_lazy_forever()).
     cgroup: a cgroup directory the clones are born in (cxlfork.cgtarget). netns: "new" (each
     clone of an image with inet or named unix sockets in a network namespace of its own) or
-    "host" (this process's)."""
+    "host" (this process's). pidns: "host" (clones under new PIDs in our PID namespace) or
+    "new" (each clone in a new PID namespace of its own, under the checkpointed PID and thread
+    IDs; cxlfork.state.pidns)."""
     t0 = time.perf_counter()
     if n < 1:
         raise CxlforkError("-n must be at least 1")
@@ -297,8 +307,10 @@ def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
     if same_pid and ghosts is not None:
         raise CxlforkError("--same-pid cannot restore into a ghost: a ghost's PID is fixed "
                            "when it is spawned (restore without ghosts)")
+    pidns_mod.check(pidns, same_pid, ghosts, 2)
     with Prepared(image, policy, warn, eager) as p:
-        pids = _restore_prepared(p, n, stdio, same_pid, progress, ghosts, cgroup, netns)
+        pids = _restore_prepared(p, n, stdio, same_pid, progress, ghosts, cgroup, netns,
+                                 pidns)
     restore.last_seconds = time.perf_counter() - t0
     return pids
 
@@ -405,22 +417,25 @@ def _open_cgroup(cgroup: str | None, ghosts) -> CgroupTarget | None:
 
 
 def _restore_prepared(p: Prepared, n: int, stdio, same_pid: bool, progress,
-                      ghosts=None, cgroup: str | None = None, netns: str = "new") -> list[int]:
+                      ghosts=None, cgroup: str | None = None, netns: str = "new",
+                      pidns: str = "host") -> list[int]:
     if n < 1:
         raise CxlforkError("-n must be at least 1")
     if netns not in ("new", "host"):
         raise CxlforkError(f"netns must be new or host, not {netns!r}")
+    pidns_mod.check(pidns, same_pid, ghosts, p.m["process"]["pid"])
     cg = _open_cgroup(cgroup, ghosts)
     try:
         return _restore_into(p, n, stdio, same_pid, progress, ghosts, cg,
-                             netns == "new" and netns_mod.needed(p.m))
+                             netns == "new" and netns_mod.needed(p.m), pidns)
     finally:
         if cg is not None:
             cg.close()
 
 
 def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
-                  cg: CgroupTarget | None, own_netns: bool = False) -> list[int]:
+                  cg: CgroupTarget | None, own_netns: bool = False,
+                  pidns: str = "host") -> list[int]:
     if same_pid and n != 1:
         raise CxlforkError("--same-pid restores a single clone (-n 1)")
     if same_pid and ghosts is not None:
@@ -431,7 +446,7 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
     clones: list[Clone] = []
     proc = m["process"]
     sidmode = process.session_mode(m)
-    set_tid = proc["pid"] if same_pid else 0
+    set_tid = proc["pid"] if same_pid or pidns == "new" else 0
     if same_pid and os.path.exists(f"/proc/{set_tid}"):
         raise CxlforkError(f"PID {set_tid} is in use; --same-pid needs it free")
     argv = [ffi.new("char[]", restorer), ffi.new("char[]", str(p.num["plan"]).encode()),
@@ -508,18 +523,30 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
                     dst.append(max(dst) + 2)
                     c_src = ffi.new("int[]", src)
                     c_dst = ffi.new("int[]", dst)
+                pns = None
                 if g is not None:
                     pid = _send_to_ghost(p, g, c_src, c_dst, len(src), c_cwd, sidmode, err_index,
                                          ns_index, mnt_index)
                 elif paths.mnt_fd >= 0:
+                    if pidns == "new":
+                        raise CxlforkError("--pidns new with unix sockets bound to paths is not "
+                                           "supported yet (restore with --pidns host)")
                     # path-bound unix sockets: spawned from a thread in the clone's own mount
                     # namespace (cxlfork.state.mountns)
                     pid = paths.spawn(spawn, ns.fd if ns is not None else -1)
                 else:
-                    pid = spawn()
+                    if pidns == "new":      # this thread's children are born in it
+                        pns = pidns_mod.new(restorer, spawn_args(cg))
+                    try:
+                        pid = spawn()
+                    finally:
+                        if pns is not None:
+                            pns.leave()
                 if ns is not None:      # back home before anything can start a thread here
                     ns.close()          # (the lazy handler's would keep the namespace alive)
                     ns = None
+                if pid < 0 and pns is not None:
+                    pns.kill()
                 if pid < 0:
                     os.close(er)
                     os.close(go_w.pop())
@@ -529,6 +556,9 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
                         raise CxlforkError(f"PID {set_tid} is in use; --same-pid needs it free")
                     raise CxlforkError(f"spawning the restorer: {os.strerror(-pid)}")
                 clones.append(Clone(pid, er))
+                if pns is not None:
+                    clones[-1].ns = pns
+                    pns.start(pid, set_tid)
                 if p.uffd:
                     _lazy_add(p, pid, lazy_sock)
             except BaseException:
@@ -574,4 +604,6 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
             os.close(fd)
         _kill([c for c in clones])
         raise
+    for c in clones:
+        c.ns = None                     # running: the init lives as long as its clone
     return [c.pid for c in clones]

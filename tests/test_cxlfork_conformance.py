@@ -75,6 +75,24 @@ def test_threads(env, policy):
     _roundtrip(env, "threads", policy)
 
 
+@pytest.mark.parametrize("policy", ["mow", "moa --eager", "moa"])
+def test_pids_and_tids_in_new_pid_namespace(env, policy):
+    """--pidns new: the clone and its threads read their checkpointed PID and tids
+    (getpid, gettid) and pthread_kill reaches the right thread; the original too."""
+    pol, *rest = policy.split()
+    _roundtrip(env, "pidtid", pol, extra=(*rest, "--pidns", "new"))
+
+
+@pytest.mark.parametrize("policy", ["mow", "moa --eager"])
+def test_process_tree(env, policy):
+    """A parent and two forked children sharing two pipes, checkpointed whole and restored in
+    a new PID namespace: the children are the parent's (getppid), under the PIDs fork
+    returned (kill, waitpid with their exit status), with their own memory; the pipes are
+    shared across the tree. The original tree passes the same checks."""
+    pol, *rest = policy.split()
+    _roundtrip(env, "tree", pol, extra=(*rest, "--pidns", "new"))
+
+
 @pytest.mark.parametrize("prog", ["regs", "sig", "misc"])
 def test_state_survives_lazy_moa(env, prog):
     _roundtrip(env, prog, "moa")

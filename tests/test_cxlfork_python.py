@@ -353,6 +353,48 @@ def test_asyncio_epoll_loop(env, policy):
         cxlfork("rm", img, check=False)
 
 
+@pytest.mark.parametrize("policy", ["mow", "moa"])
+def test_asyncio_clones_in_new_pid_namespaces(env, policy):
+    """--pidns new: the asyncio loop program, checkpointed and left running, cloned twice;
+    each clone runs under a new host PID in a PID namespace of its own where it is PID
+    ORIG (NSpid), so asyncio finds its running loop, answers and exits 0; `--json` names each
+    clone's host PID, namespace and PID inside. The original keeps running and answers too;
+    each namespace's init is gone once its clone has exited."""
+    d, s = env
+    orig = start([sys.executable, os.path.join(PROGS, "aioloop.py")], env=ENV)
+    img = os.path.join(d, f"aioloop-ns-{policy}.img")
+    clones = []
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        infos = []
+        for k in range(2):
+            pidfile = f"{img}.pids{k}"
+            clones.append(restore_popen(img, "--policy", policy, "--pidns", "new", "--json",
+                                        "--pidfile", pidfile))
+            pid = int(wait_file(pidfile, clones[-1]).split()[0])
+            info = json.loads(readline(clones[-1].stderr))["clones"][0]
+            assert info["pid"] == pid != orig.pid and info["pid_in_ns"] == orig.pid, info
+            assert info["pidns"] != os.readlink("/proc/self/ns/pid"), info
+            with open(f"/proc/{pid}/status") as f:
+                nspid = next(x.split()[1:] for x in f if x.startswith("NSpid:"))
+            assert nspid == [str(pid), str(orig.pid)], nspid
+            infos.append(info)
+        assert infos[0]["pidns"] != infos[1]["pidns"]
+        for c in clones:
+            out, rc, err = go(c)
+            assert out.strip() == "ok" and rc == 0, f"{out!r} {err}"
+        out, rc, _ = go(orig)
+        assert out.strip() == "ok" and rc == 0, out
+        for info in infos:
+            assert not os.path.exists(f"/proc/{info['init']}"), info
+    finally:
+        for p in [orig] + clones:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        cxlfork("rm", img, check=False)
+
+
 @pytest.mark.parametrize("policy", ["mow", "hybrid"])
 def test_selectors_epoll_loop_clones_side_by_side(env, policy):
     """A selectors.EpollSelector loop (stdin pipe, os.pipe, eventfd) checkpointed in

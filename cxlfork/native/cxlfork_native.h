@@ -40,6 +40,17 @@ enum { CX_CG_NONE = 0, CX_CG_DIR = 1, CX_CG_PROCS = 2 };
 int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
              const char *cwd, int umask_, int sidmode, int set_tid, int errfd, int cgfd,
              int cgkind);
+/* one child of a process tree's root, spawned by the root before its own exec */
+struct cx_kid {
+    char *const *argv;
+    const int *src, *dst;
+    int nfd, umask_, sidmode, errfd, set_tid;
+    const char *cwd;
+    int zombie;          /* >= 0: a zombie child, its wait status: it only exits so */
+};
+int cx_spawn_tree(const char *path, char *const argv[], const int *src, const int *dst,
+                  int nfd, const char *cwd, int umask_, int sidmode, int set_tid, int errfd,
+                  int cgfd, int cgkind, int nkids, const struct cx_kid *kids);
 int cx_start(int pid, int gofd, int traceclone);
 enum { CX_GHOST_MAXFD = 253, CX_GHOST_MSG = 8192 };
 int cx_ghost_send(int sock, const int *src, const int *dst, int nfd, const char *cwd, int umask_,

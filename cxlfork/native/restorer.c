@@ -335,8 +335,15 @@ static long run_op(const uint64_t *o)
             return r < 0 ? r : -17;
         uint64_t *top = (uint64_t *)(stk + THREAD_STACK);
         top[-2] = (uint64_t)rec;
-        /* VM|FS|FILES|SIGHAND|THREAD|SYSVSEM */
-        r = cx_clone_thread(0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000, top - 2);
+        /* VM|FS|FILES|SIGHAND|THREAD|SYSVSEM; o[2]: its checkpointed tid, given back
+         * (clone3 set_tid) when this process has its checkpointed PID o[3] (a new PID
+         * namespace, or --same-pid), if that tid is free */
+        long fl = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000;
+        r = -1;
+        if (o[2] && sc(NR_getpid, 0, 0, 0) == (long)o[3])
+            r = cx_clone3_thread(fl, top - 2, (long)o[2]);
+        if (r < 0)
+            r = cx_clone_thread(fl, top - 2);
         return r < 0 ? r : 0;
     }
     }
@@ -357,6 +364,8 @@ __attribute__((used)) void cx_main(uint64_t *sp0)
             vdso_cur = p[1];
     if (argc < 2)
         sc(NR_exit_group, 122, 0, 0);
+    if (argv[1][0] == 'i')
+        cx_init_main();            /* PID 1 of a clone's PID namespace: restorer_init.c */
     long planfd = 0;
     int ghost = argv[1][0] == 'g';
     const char *num = ghost ? (argc > 2 ? argv[2] : "x") : argv[1];

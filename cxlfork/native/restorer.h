@@ -87,4 +87,6 @@ extern int errfd;
 void fail(const char *what, long op, unsigned long addr, long err) __attribute__((noreturn));
 long cx_ghost_wait(long sock);
 long cx_clone_thread(long flags, uint64_t *newsp);
+long cx_clone3_thread(long flags, uint64_t *newsp, long tid);
+__attribute__((noreturn)) void cx_init_main(void);
 #endif

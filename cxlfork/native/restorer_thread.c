@@ -20,6 +20,31 @@ __asm__(".text\n.globl cx_clone_thread\ncx_clone_thread:\n"
         "  call cx_thread_main\n"
         "  ud2\n");
 
+/* clone3(args, size) for a thread, the child as in cx_clone_thread. */
+long cx_clone3_raw(const uint64_t *args, long size);
+__asm__(".text\n.globl cx_clone3_raw\ncx_clone3_raw:\n"
+        "  mov $435, %eax\n"
+        "  syscall\n"
+        "  test %rax, %rax\n"
+        "  jz 1f\n"
+        "  ret\n"
+        "1: pop %rdi\n"
+        "  and $-16, %rsp\n"
+        "  call cx_thread_main\n"
+        "  ud2\n");
+
+/* The same thread under the given tid in this process's PID namespace (clone3 set_tid; the
+ * stack starts at newsp, which is 32 KiB above the bottom of its stack). -errno if taken. */
+long cx_clone3_thread(long flags, uint64_t *newsp, long tid)
+{
+    int t = (int)tid;
+    /* flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid,
+     * set_tid_size, cgroup */
+    uint64_t a[11] = { (uint64_t)flags, 0, 0, 0, 0, (uint64_t)newsp - 0x8000, 0x8000, 0,
+                       (uint64_t)&t, 1, 0 };
+    return cx_clone3_raw(a, sizeof a);
+}
+
 /* A restored thread's own state, then park at THREAD_PARK. rec (in the plan): sigaltstack
  * sp/flags/size, rseq address/length/signature, tid address, robust list head/length, index,
  * then its name (16 bytes). */

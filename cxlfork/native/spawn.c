@@ -23,6 +23,8 @@ struct spawn_args {
     int nfd, umask_, sidmode, errfd;
     const char *cwd;
     int cgfd, cgkind;
+    int nkids;                       /* a process tree: the root's children (cx_spawn_tree) */
+    const struct cx_kid *kids;
 };
 
 /* The child of cx_spawn, up to the exec of the restorer. With CLONE_VM|CLONE_VFORK it runs on
@@ -46,6 +48,36 @@ static int spawn_child(void *arg)
         child_fail(efd, "setsid", errno);
     if (a->sidmode == 2 && setpgid(0, 0) < 0)
         child_fail(efd, "setpgid", errno);
+    /* a tree's root forks its children first (plain clone3 forks under their checkpointed
+     * PIDs in this PID namespace), each of which lays out its own fds and execs its restorer */
+    for (int k = 0; k < a->nkids; k++) {
+        const struct cx_kid *kd = &a->kids[k];
+        struct spawn_args ka = { a->path, kd->argv, kd->src, kd->dst, kd->nfd, kd->umask_,
+                                 kd->sidmode, kd->errfd, kd->cwd, -1, CX_CG_NONE, 0, NULL };
+        struct cx_clone_args ca;
+        pid_t t = kd->set_tid;
+        memset(&ca, 0, sizeof ca);
+        ca.exit_signal = SIGCHLD;
+        ca.set_tid = (uint64_t)(uintptr_t)&t;
+        ca.set_tid_size = 1;
+        long r = syscall(SYS_clone3, &ca, sizeof ca);
+        if (r == 0 && kd->zombie >= 0) {       /* a zombie child: die as it did */
+            int sig = kd->zombie & 0x7f;
+            if (sig) {
+                sigset_t one;
+                sigemptyset(&one);
+                sigaddset(&one, sig);
+                signal(sig, SIG_DFL);
+                syscall(SYS_kill, getpid(), sig);
+                sigprocmask(SIG_UNBLOCK, &one, NULL);
+            }
+            syscall(SYS_exit_group, (kd->zombie >> 8) & 0xff);
+        }
+        if (r == 0)
+            _exit(spawn_child(&ka));
+        if (r < 0)
+            child_fail(efd, "fork of a child of the tree", errno);
+    }
     if (a->cwd && a->cwd[0] && chdir(a->cwd) < 0)
         child_fail(efd, "chdir", errno);
     umask(a->umask_);
@@ -133,8 +165,19 @@ int cx_spawn(const char *path, char *const argv[], const int *src, const int *ds
              const char *cwd, int umask_, int sidmode, int set_tid, int errfd, int cgfd,
              int cgkind)
 {
+    return cx_spawn_tree(path, argv, src, dst, nfd, cwd, umask_, sidmode, set_tid, errfd, cgfd,
+                         cgkind, 0, NULL);
+}
+
+/* cx_spawn of a tree's root (set_tid > 0) that forks kids[0..nkids) before its own exec. */
+int cx_spawn_tree(const char *path, char *const argv[], const int *src, const int *dst,
+                  int nfd, const char *cwd, int umask_, int sidmode, int set_tid, int errfd,
+                  int cgfd, int cgkind, int nkids, const struct cx_kid *kids)
+{
     struct spawn_args a = { path, argv, src, dst, nfd, umask_, sidmode, errfd, cwd, cgfd,
-                            cgkind };
+                            cgkind, nkids, kids };
+    if (nkids > 0 && set_tid <= 0)
+        return -EINVAL;
     sigset_t all, old;
     long pid;
     if (cgkind != CX_CG_NONE && cgfd < 0)

@@ -24,8 +24,9 @@ ANON = {m.LINK: m for m in (epoll, timerfd, signalfd, inotify)}
 ANON_KINDS = {m.KIND: m for m in ANON.values()}
 
 
-def collect(pid: int, objs) -> list[dict]:
-    """The fd records of PID (objs: memory.Objects, which memfd fds join)."""
+def collect(pid: int, objs, tree_pipes=()) -> list[dict]:
+    """The fd records of PID (objs: memory.Objects, which memfd fds join; tree_pipes: inodes
+    of pipes whose other end may be in another process of the tree checkpointed)."""
     out: list[dict] = []
     pipe_recs: list[dict] = []
     socks: list[dict] = []
@@ -34,7 +35,8 @@ def collect(pid: int, objs) -> list[dict]:
         n, link, flags = f["fd"], f["link"], f["flags"]
         rec = {"fd": n, "flags": flags & ~O_CLOEXEC, "cloexec": bool(flags & O_CLOEXEC),
                "link": link}
-        if n <= 2:
+        tree_pipe = link.startswith("pipe:[") and int(link[6:-1]) in tree_pipes
+        if n <= 2 and not tree_pipe:     # a tree's pipe on 0-2 (a pipeline) stays a pipe
             rec["kind"] = "stdio"
             out.append(rec)
             continue
@@ -65,22 +67,27 @@ def collect(pid: int, objs) -> list[dict]:
             raise Refused(f"fd {n} is {link}; this kind of fd is not supported yet")
         out.append(rec)
     sockets.finish(socks)
-    pipes.finish(pid, pipe_recs)
+    pipes.finish(pid, pipe_recs, tree_pipes)
     return out
 
 
 def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int],
-              where: str = "in the clone's network namespace", paths=None
+              where: str = "in the clone's network namespace", paths=None,
+              pipes_made: dict | None = None, given: dict[int, int] | None = None
               ) -> tuple[list[int], list[int]]:
     """(source fds in this process, their numbers in the clone) for one clone of m; every fd
     made here is appended to opened (the caller closes them once the clone has its own).
     objfds: the clone's shmem objects (memory.make_objects). Inet and named unix sockets are
     made in the calling thread's network namespace (where: its name, for messages); unix
-    sockets bound to a path are bound at temporary paths of paths (mountns.TempSockets)."""
+    sockets bound to a path are bound at temporary paths of paths (mountns.TempSockets). A
+    process of a tree (cxlfork.tree): pipes_made, the tree's pipes so far (shared by its
+    processes); given, {fd: source fd} for the fds that share an open file description with
+    another process's."""
     src, dst = [], []
     by_num: dict[int, int] = {}
     io = files.stdio_fds(stdio, opened)
-    pipes_made: dict = {}
+    pipes_made = {} if pipes_made is None else pipes_made
+    given = given or {}
     socks = sockets.recreate_all(m, opened)
     holds: dict[str, int] = {}            # named FIFOs held open while the clone's are opened
     for f in m["fds"]:
@@ -88,6 +95,8 @@ def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int],
         flags = f["flags"] & ~O_CREAT_ETC
         if f.get("dup_of") is not None:
             s = by_num[f["dup_of"]]
+        elif n in given:
+            s = given[n]
         elif kind == "stdio":
             s = io[n] if n <= 2 else io[2]
         elif kind in files.KINDS:

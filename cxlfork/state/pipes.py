@@ -22,13 +22,18 @@ def collect(f: dict, rec: dict) -> None:
                end="r" if (f["flags"] & O_ACCMODE) == os.O_RDONLY else "w")
 
 
-def finish(pid: int, recs: list[dict]) -> None:
-    """Refuse pipes with an end outside; store each pipe's buffered bytes on its reader."""
+def finish(pid: int, recs: list[dict], tree_pipes=()) -> None:
+    """Refuse pipes with an end outside (tree_pipes: inodes whose ends are all in the
+    process tree checkpointed); store each pipe's buffered bytes on its reader."""
     by_ino: dict[int, list[dict]] = {}
     for r in recs:
         by_ino.setdefault(r["pipe"], []).append(r)
     for ino, ends in by_ino.items():
         kinds = {e["end"] for e in ends}
+        if kinds != {"r", "w"} and ino in tree_pipes:
+            kinds = {"r", "w"}
+            if not any(e["end"] == "r" for e in ends):
+                continue                # the reader's process carries the bytes
         if kinds != {"r", "w"}:
             raise Refused(f"fd {ends[0]['fd']} is pipe:[{ino}] whose other end is outside the "
                           "process (only fds 0-2 may be, they come from restore --stdio)")
@@ -71,7 +76,8 @@ def reopen(f: dict, flags: int, made: dict, opened: list[int]) -> int:
     else:
         s = pipe[end]
         pipe["given"].add(end)
-    if end == "r" and f.get("data"):
+    if end == "r" and f.get("data") and not pipe.get("filled"):
+        pipe["filled"] = True           # once, also when several processes read it
         data = base64.b64decode(f["data"])
         fcntl.fcntl(pipe["w"], F_SETPIPE_SZ, max(len(data), 4096))
         os.write(pipe["w"], data)

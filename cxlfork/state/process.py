@@ -1,5 +1,6 @@
 """The process as a whole: executable, cwd, umask, session/group leadership, name, mm fields
-(for PR_SET_MM_MAP), rlimits. Refused at checkpoint: child processes, a zombie, a deleted cwd
+(for PR_SET_MM_MAP), rlimits. Refused at checkpoint: child processes (unless the tree is
+checkpointed whole, cxlfork/tree.py), a zombie, a deleted cwd
 or executable, a seccomp filter or strict mode (a sandbox the clone would silently lose).
 Restored by the spawn (cwd, umask, session) and the plan (mm, name, rlimits)."""
 from __future__ import annotations
@@ -36,7 +37,8 @@ def refuse_tree(pid: int) -> None:
         raise CxlforkError(f"process {pid} exited while being read") from e
     if kids:
         raise Refused(f"PID {pid} has child processes ({', '.join(map(str, kids[:5]))}); "
-                      "process trees are not supported yet")
+                      "checkpoint() takes a single process: a tree is checkpointed whole by "
+                      "cxlfork.tree.checkpoint_tree (the `cxlfork checkpoint` command)")
     if zombie:
         raise CxlforkError(f"PID {pid} is a zombie")
 
