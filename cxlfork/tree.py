@@ -120,6 +120,7 @@ def _sharing(root: int, kids: list[int]) -> tuple[set[int], list[dict]]:
 def checkpoint_tree(pid: int, image: str, store_dir: str | None = None, kill: bool = False,
                     progress=None, warn=None) -> dict:
     """Checkpoint PID and its children into IMAGE (see the module's docstring)."""
+    ckpt_mod._refuse_what_is_not_a_user_process(pid)   # before its children are looked at
     kids = children(pid)
     dead = zombies(pid)
     if not kids and not dead:
