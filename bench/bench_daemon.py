@@ -157,7 +157,8 @@ def live_table(rows, runs: int, seconds: int) -> None:
         kern = med_of.get("kernel")
         for mode, (t90, nr, n, share, rate) in med_of.items():
             vs = "-" if mode == "kernel" or not kern else \
-                f"rate {rate / kern[4]:.2f}x share {share / max(kern[3], 1e-9):.2f}x"
+                f"rate {rate / kern[4]:.2f}x share " + (f"{share / kern[3]:.2f}x" if kern[3] >= 0.01
+                                                       else f"+{share - kern[3]:.2f}")
             print(f"{k:10} {mode:14} {fmt(t90, ' s'):>8} ({nr}/{n}) {share:>15.3f} "
                   f"{rate / 1e6:>8.3f} M/s {vs:>22}")
     print("(work rate = the workload's 8-byte reads per second, each slow-node access charged "
