@@ -100,7 +100,7 @@ def checkpoint(pid: int, name: str, kill: bool = False, progress=None) -> dict:
                     "store": {"dir": pool.dir(pool.host),
                               "file": os.path.basename(pool.path(pool.host, "pages")),
                               "pages": slab, "hash": phash, "hash_alg": image_mod.HASH_ALG,
-                              "node": 0},
+                              "node": 0, "pin": image_mod.pin_of(os.fstat(fd))},
                     "pool": {"host": pool.host, "name": name, "base": base, "npages": npages},
                 }
                 objs.close()
