@@ -186,18 +186,11 @@ class HttpInstance:
         stdin is /dev/null, stdout and stderr the function's log. Connections the original
         had are reset in the clone (cxlfork.state.inet), so it serves fresh ones only.
         lifeline (cxlfork.porter.lifeline.Lifeline): kills the clone if the porter dies."""
-        from cxlfork.porter.instance import cxlfork_policy
-        from cxlfork.restore import restore
+        from cxlfork.porter.instance import restore_clone
         t0 = time.perf_counter()
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            stdio = (null, log_fd, log_fd)
-            if prepared is not None:
-                pids = prepared.restore(1, stdio=stdio, ghosts=ghosts, cgroup=cgroup)
-            else:
-                cx_policy, eager = cxlfork_policy(policy)
-                pids = restore(image, policy=cx_policy, n=1, stdio=stdio, eager=eager,
-                               ghosts=ghosts, cgroup=cgroup)
+            pids = restore_clone(image, policy, (null, log_fd, log_fd), prepared, ghosts, cgroup)
         finally:
             os.close(null)
         if lifeline is not None:

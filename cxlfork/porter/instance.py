@@ -53,6 +53,18 @@ def cxlfork_policy(policy: str) -> tuple[str, bool]:
     return policy, False
 
 
+def restore_clone(image: str, policy: str, stdio, prepared=None, ghosts=None,
+                  cgroup: str | None = None) -> list[int]:
+    """One clone of image for the porter: through `prepared` (only the per-clone part of the
+    restore) when given, else a one-shot cxlfork restore under the porter's policy name."""
+    if prepared is not None:
+        return prepared.restore(1, stdio=stdio, ghosts=ghosts, cgroup=cgroup)
+    from cxlfork.restore import restore
+    cx_policy, eager = cxlfork_policy(policy)
+    return restore(image, policy=cx_policy, n=1, stdio=stdio, eager=eager, ghosts=ghosts,
+                   cgroup=cgroup)
+
+
 class Instance:
     """A running worker. kind: "cold" or "restored"; state: starting/idle/busy/checkpointing/
     dead."""
@@ -116,18 +128,11 @@ class Instance:
         the restore is paid; `ghosts`: where the clone's process comes from (FunctionGhosts
         .source()); cgroup: the cgroup directory a spawned restorer is born in (ghosts were
         born there too)."""
-        from cxlfork.restore import restore
         t0 = time.perf_counter()
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
-            stdio = (in_r, out_w, log_fd)
-            if prepared is not None:
-                pids = prepared.restore(1, stdio=stdio, ghosts=ghosts, cgroup=cgroup)
-            else:
-                cx_policy, eager = cxlfork_policy(policy)
-                pids = restore(image, policy=cx_policy, n=1, stdio=stdio, eager=eager,
-                               ghosts=ghosts, cgroup=cgroup)
+            pids = restore_clone(image, policy, (in_r, out_w, log_fd), prepared, ghosts, cgroup)
         except BaseException:
             for fd in (in_r, in_w, out_r, out_w):
                 os.close(fd)
