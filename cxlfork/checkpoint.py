@@ -160,8 +160,9 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
         t_dumped = time.perf_counter()
         if not kill:
             tr.detach()
-        npages = sum(r[1] for v in state["vmas"] for r in v["runs"]) + \
-            sum(r[1] for o in state["_objs"].by_ino.values() for r in o["runs"])
+        npages = max((r[2] + r[1] for v in state["vmas"] for r in v["runs"]), default=0)
+        npages = max([npages] + [r[2] + r[1] for o in state["_objs"].by_ino.values()
+                                 for r in o["runs"]])     # the page file's size, holes in it
         objs = state.pop("_objs")
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "id": image_id,

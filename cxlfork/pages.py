@@ -2,7 +2,15 @@
 cxlfork.state.memory) gets its place in the page file, then the file is filled per 64 MiB
 segment by worker threads in C (GIL released): process_vm_readv (or pread of /proc/PID/mem
 for unreadable mappings, of the object's fd for shmem/memfd) into a cache-sized buffer,
-hashed, pwritten. Returns the page file's content hash (image.HASH_ALG)."""
+hashed, pwritten. Returns the page file's content hash (image.HASH_ALG).
+
+Huge-page placement (`layout(align=True)`, the default for page files of a store): a stored
+run of a (not growsdown) anonymous mapping that holds a whole 2 MiB-aligned virtual block is
+placed at a file offset congruent to its address modulo 2 MiB. On a tmpfs with huge pages
+(`huge=within_size`, the default store) the page file is filled in 2 MiB folios, and a clone's
+MAP_PRIVATE mapping of such a run can then map each aligned block read-only with one PMD
+(plan.build prefaults them: docs/cxlfork.md, "Huge store pages"). The gaps before aligned
+runs (under 2 MiB each) are holes: they take no memory of their own and hash as zeros."""
 from __future__ import annotations
 
 import errno
@@ -17,13 +25,26 @@ from cxlfork.native import ffi, lib
 from cxlfork.state.memory import data_ranges
 
 PAGE = 4096
+HUGE_PAGES = (2 << 20) // PAGE          # pages per PMD-mapped block (x86-64)
 
 
-def layout(state: dict) -> int:
-    """Give each run its place in the page file; returns the number of pages."""
+def huge_alignable(v: dict, r: list) -> bool:
+    """A run worth placing for PMD mappings: of an anonymous (not growsdown) mapping, holding
+    a whole 2 MiB-aligned virtual block."""
+    if v["kind"] != "anon" or v["growsdown"]:
+        return False
+    first = -(-(r[0] // PAGE) // HUGE_PAGES) * HUGE_PAGES
+    return first + HUGE_PAGES <= r[0] // PAGE + r[1]
+
+
+def layout(state: dict, align: bool = True) -> int:
+    """Give each run its place in the page file; returns the number of pages (the page file's
+    size: runs and the holes before huge-aligned runs, see the module docstring)."""
     p = 0
     for v in state["vmas"]:
         for r in v["runs"]:
+            if align and huge_alignable(v, r):
+                p += (r[0] // PAGE - p) % HUGE_PAGES
             r[2] = p
             p += r[1]
     objs = state["_objs"]
@@ -37,7 +58,8 @@ def layout(state: dict) -> int:
 
 def segment_tasks(state: dict, memfd: int) -> list[list[tuple[int, list, list, int]]]:
     """Per 64 MiB segment of the page file, the groups of runs to copy: (source fd or -1 for
-    process_vm_readv, addresses, byte lengths, page-file offset of the first)."""
+    process_vm_readv, addresses, byte lengths, page-file offset of the first); a hole before
+    a huge-aligned run is a group with source None (hashed as zeros, not written)."""
     seg_pages = image_mod.SEGMENT // PAGE
     jobs = []                        # (source, address, pages, first store page), file order
     for v in state["vmas"]:
@@ -46,19 +68,28 @@ def segment_tasks(state: dict, memfd: int) -> list[list[tuple[int, list, list, i
     for o in state["_objs"].by_ino.values():
         ofd = state["_objs"].fds[o["id"]]
         jobs += [(ofd, r[0], r[1], r[2]) for r in o["runs"]]
+    holes, p = [], 0
+    for src, addr, n, sp in jobs:
+        if sp > p:
+            holes.append((None, 0, sp - p, p))
+        p = sp + n
+    jobs = sorted(jobs + holes, key=lambda j: j[3])
     segs: list[list] = []
+    ends: list[int] = []             # per segment: the file page after its last group
     for src, addr, n, sp in jobs:
         while n:                     # split runs at segment boundaries
             k = sp // seg_pages
             take = min(n, (k + 1) * seg_pages - sp)
             while len(segs) <= k:
                 segs.append([])
+                ends.append(-1)
             g = segs[k]
-            if g and g[-1][0] == src:
+            if g and g[-1][0] == src and src is not None and ends[k] == sp:
                 g[-1][1].append(addr)
                 g[-1][2].append(take * PAGE)
             else:
                 g.append((src, [addr], [take * PAGE], sp * PAGE))
+            ends[k] = sp + take
             addr, n, sp = addr + take * PAGE, n - take, sp + take
     return segs
 
@@ -77,7 +108,7 @@ def write_pages(state: dict, tmp_path: str, node: int, progress=None,
     cxlfork.poolstore; no new file, no mbind); tmp_path and node are then unused.
     """
     pid = state["process"]["pid"]
-    npages = layout(state)
+    npages = layout(state, align=out is None)     # the pool's slab: packed, as before
     size = npages * PAGE
     base = out[1] if out else 0
     fd = out[0] if out else os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
@@ -105,7 +136,17 @@ def write_pages(state: dict, tmp_path: str, node: int, progress=None,
             h = ffi.new("cx_hash_t *")
             lib.cx_hash_init(h)
             bounce = ffi.new("char[]", lib.CX_DUMP_BATCH)
+            zeros = None
             for src, addrs, lens, off in groups:
+                if src is None:                   # a hole: zeros in the content hash
+                    zeros = zeros or ffi.new("char[]", HUGE_PAGES * PAGE)
+                    for left in range(lens[0], 0, -HUGE_PAGES * PAGE):
+                        lib.cx_hash_update(h, zeros, min(left, HUGE_PAGES * PAGE))
+                    if progress:
+                        with lock:
+                            done[0] += lens[0]
+                            progress(done[0], size)
+                    continue
                 r = lib.cx_dump_runs(pid, src, len(addrs), ffi.new("uint64_t[]", addrs),
                                      ffi.new("uint64_t[]", lens), bounce, h, fd, base + off)
                 if r < 0:

@@ -92,7 +92,7 @@ class Prepared:
     """Everything shared by the clones of one restore: manifest, plan bytes, open files."""
 
     def __init__(self, image: str, policy: str = "mow", warn=None, eager: bool = False,
-                 anon: bool = True):
+                 anon: bool = True, huge: bool = True):
         self.image = os.path.abspath(image)
         self.lazy = policy == "moa" and not eager
         self.m, plans = _load_cached(self.image)
@@ -138,10 +138,14 @@ class Prepared:
             nxt += 1
         self.num["cloexec"] = [f["fd"] for f in m["fds"] if f["cloexec"]]
         nums = dict(self.num)
-        pkey = (policy, self.lazy, self.hot, self.uffd)   # the plan depends on these and m
+        # huge: the page file is in 2 MiB folios (tmpfs huge=: st_blksize is 2 MiB), so the
+        # plan prefaults its huge-aligned blocks with PMDs (plan.huge_blocks)
+        self.huge = huge and os.fstat(self.store_fd).st_blksize == plan_mod.HUGE
+        pkey = (policy, self.lazy, self.hot, self.uffd, self.huge)   # the plan depends on m too
         self.plan = plans.get(pkey)
         if self.plan is None:
-            self.plan = plans[pkey] = plan_mod.build(m, policy, nums, self.hot, lazy=self.lazy)
+            self.plan = plans[pkey] = plan_mod.build(m, policy, nums, self.hot, lazy=self.lazy,
+                                                     huge=self.huge)
         if self.uffd:
             self.uffd_runs = [ffi.new("uint64_t[]", [r[k] for r in runs]) for k in range(3)]
             self.uffd_n = len(runs)
@@ -165,7 +169,7 @@ class Prepared:
         if prefault not in self._warm:
             sock = max(v for k, v in self.num.items() if k != "cloexec") + 1
             plan = plan_mod.build(self.m, self.policy, dict(self.num), self.hot, lazy=self.lazy,
-                                  warm_sock=sock, prefault=prefault)
+                                  warm_sock=sock, prefault=prefault, huge=self.huge)
             self._warm[prefault] = (_sealed_memfd(plan, self.fds_open), sock)
         return self._warm[prefault]
 
@@ -268,19 +272,22 @@ def _status_text(st: int) -> str:
 
 
 def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = False,
-                    anon: bool = True) -> Prepared:
+                    anon: bool = True, huge: bool = True) -> Prepared:
     """Check IMAGE, build its restore plan and open the files its clones need, once.
 
     anon=False (mow, hybrid; for measurements): no userfaultfd for the store-mapped anonymous
     runs, which then behave as a plain private file mapping (MADV_DONTNEED brings back the
     checkpoint's bytes, docs/cxlfork.md). Lazy moa always has it.
 
+    huge=False (for measurements): do not prefault the huge-aligned store blocks with PMDs
+    at restore (plan.build's huge; on by default when the page file is in 2 MiB folios).
+
     The returned object restores clones with `.restore(n, stdio)` as often as wanted (the
     per-clone cost is then only the spawn of the restorer and its plan) and must be closed
     (`.close()`, or use it as a context manager). Files are checked when it is made: a file
     that changes afterwards is not noticed by later restores.
     """
-    return Prepared(image, policy, warn, eager, anon)
+    return Prepared(image, policy, warn, eager, anon, huge)
 
 
 def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",

@@ -283,3 +283,32 @@ def test_checkpoint_of_a_clone_refused(env):
             orig.kill()
             orig.wait()
         cxlfork("rm", img, check=False)
+
+
+@pytest.fixture(scope="module")
+def huge_env(env):
+    """A store on a tmpfs with 2 MiB folios (huge=within_size, as the default store)."""
+    import subprocess
+    d, _ = env
+    s = tempfile.mkdtemp(prefix="cxlfork-test-hstore-", dir="/dev/shm")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700,huge=within_size",
+                    "cxlfork-test-huge", s], check=True)
+    yield d, s
+    subprocess.run(["umount", s], check=False)
+    rmtree(s)
+
+
+@pytest.mark.parametrize("policy", ["mow", "hybrid", "moa", "moa --eager"])
+def test_anonymous_semantics_pmd_mapped(huge_env, policy):
+    """A 2 MiB-aligned state on a store with 2 MiB folios (anonhuge.c): under mow (and
+    hybrid without a record) its blocks come back PMD-mapped (the program checks
+    ShmemPmdMapped), and dropping a page in a block, writing one, dropping or moving a whole
+    block, and a forked child's MADV_DONTNEED behave as on anonymous memory (the original is
+    the reference); lazy and eager moa copy, and pass the same checks."""
+    pmd = ("pmd",) if policy in ("mow", "hybrid") else ()
+    _roundtrip(huge_env, "anonhuge", policy.split()[0], args=pmd, extra=policy.split()[1:])
+
+
+def test_anonymous_semantics_on_huge_store(huge_env):
+    """anonsem.c's checks (small ranges, page by page) on a store with 2 MiB folios."""
+    _roundtrip(huge_env, "anonsem", "mow")
