@@ -35,6 +35,7 @@ $(STAMPS)/venv: $(STAMPS)/apt pyproject.toml setup.py $(NATIVE_SRC) | $(STAMPS)
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel cffi
 	$(PIP) install -q -e '.[test]'
+	ln -sf $(CURDIR)/cxlfork/native/cxlfork-restore $(VENV)/bin/cxlfork-restore
 	touch $@
 
 # The emulated CXL machine's kernel and initramfs (cached under /var/cache/tiermem).

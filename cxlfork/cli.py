@@ -202,6 +202,18 @@ def _write_pidfile(path: str, pids: list[int]) -> None:
 
 
 @main.command()
+@click.option("--socket", "path", default=None, type=click.Path(),
+              help="unix socket to listen on [default: $CXLFORK_SERVICE_SOCK, else "
+              "/run/cxlfork/restore.sock]")
+def service(path):
+    """Serve restores (root, foreground until SIGTERM): `cxlfork-restore IMAGE [options]`
+    then runs `cxlfork restore` here for its caller, without starting an interpreter
+    (cxlfork/service.py says who may ask and what is checked)."""
+    from cxlfork import service as svc
+    svc.serve(path or os.environ.get("CXLFORK_SERVICE_SOCK") or svc.SOCK)
+
+
+@main.command()
 @click.argument("image", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print the whole manifest as JSON")
 def inspect(image, as_json):

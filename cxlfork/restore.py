@@ -129,7 +129,11 @@ class Prepared:
         self.num: dict = {}
         # the anonymous runs mapped from the store: registered with a userfaultfd served by
         # native/lazy.c (lazy moa copies; every policy gets anonymous MADV_DONTNEED/mremap)
-        runs = plan_mod.uffd_runs(m, policy, self.lazy, self.hot) if self.lazy or anon else []
+        ukey = ("uffd_runs", policy, self.lazy, self.hot)
+        runs = plans.get(ukey)
+        if runs is None:
+            runs = plans[ukey] = plan_mod.uffd_runs(m, policy, self.lazy, self.hot)
+        runs = runs if self.lazy or anon else []
         self.uffd = bool(runs)
         for key in ["err", "store", "exe", "plan", "go"] + (["uffd_sock"] if self.uffd else []) + \
                 [("file", i) for i in self.file_fds] + \

@@ -151,7 +151,10 @@ def checkpoint_tree(pid: int, image: str, store_dir: str | None = None, kill: bo
 
 
 def is_tree(image: str) -> bool:
-    return bool(image_mod.load(image).get("tree"))
+    """Whether image holds a process tree (its manifest loaded through the restore cache, so
+    the restore that follows does not load and validate it a second time)."""
+    from cxlfork.restore import _load_cached
+    return bool(_load_cached(os.path.abspath(image))[0].get("tree"))
 
 
 def _kid_pids(root: int, want: dict[int, int], timeout_s: float, err_of) -> dict[int, int]:

@@ -32,6 +32,24 @@ def build(out_dir: str) -> str:
     if r.returncode != 0:
         sys.exit(f"cxlfork: building {NAME} failed:\n{' '.join(cmd)}\n{r.stderr}")
     os.replace(out + ".tmp", out)
+    build_client(cc, out_dir)
+    return out
+
+
+CLIENT = "cxlfork-restore"
+
+
+def build_client(cc: str, out_dir: str) -> str:
+    """The fast `cxlfork restore` command (restore_client.c, an ordinary libc program): a
+    client of the restore service that falls back to this interpreter's `-m cxlfork`."""
+    out = os.path.join(out_dir, CLIENT)
+    py = os.environ.get("CXLFORK_PYTHON") or sys.executable
+    cmd = [cc, "-O2", "-Wall", f'-DCX_PYTHON="{py}"', "-o", out + ".tmp",
+           os.path.join(HERE, "restore_client.c")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"cxlfork: building {CLIENT} failed:\n{' '.join(cmd)}\n{r.stderr}")
+    os.replace(out + ".tmp", out)
     return out
 
 

@@ -1,0 +1,359 @@
+"""The resident restore service: `cxlfork restore` without the interpreter start.
+
+`cxlfork service [--socket PATH]` (root) imports everything the restore command needs once and
+listens on a unix SOCK_SEQPACKET socket (default /run/cxlfork/restore.sock, mode 0666: any
+user may ask, the answer depends on who asks). The client is `cxlfork-restore` (native/
+restore_client.c), which takes the same arguments as `cxlfork restore`. Per request the
+service forks a child that:
+
+1. receives the message (magic, umask, arguments, environment) and the caller's fds 0, 1, 2
+   and working directory (SCM_RIGHTS), and reads the caller's credentials (SO_PEERCRED; the
+   process held through a pidfd while it is looked at);
+2. refuses, with one error line on the caller's stderr and status 1, a caller that could not
+   run the restore itself: anyone but uid 0 with at least the service's effective
+   capabilities (the restore needs them: ptrace, PR_SET_MM_MAP, clone3 set_tid, userfaultfd),
+   so nobody restores an image through the service that their own command could not;
+3. answers "fall back" (the client then runs the Python command, which then acts exactly as
+   before) where it could not give the clone what the caller's own command would: another
+   mount, network, PID, IPC, UTS, user or cgroup namespace, another root directory, a seccomp
+   filter or no_new_privs, cgroups it cannot join;
+4. takes the caller's place: its gids and groups, every cgroup of the caller (so clones are
+   born where the caller's own restorer would be), rlimits, nice value, CPU affinity,
+   oom_score_adj, umask, working directory, environment, and the caller's fds as 0, 1, 2;
+5. runs the `cxlfork restore` command itself (cxlfork.cli, the same code, options, output and
+   waiting for the clones, serving their userfaultfd) and sends its exit status back.
+
+What differs from running the command: the clones are not in the caller's session or process
+group (a terminal's Ctrl-C stops the client, not the clones; they are ended as if by
+--detach'd restores), and the client's own PID is not their parent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+
+SOCK = "/run/cxlfork/restore.sock"
+MAGIC = b"CXR1"
+FALLBACK = 256
+MAX_MSG = 192 << 10
+NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")
+
+
+class Refused(Exception):
+    """The caller may not restore here (one line on its stderr, status 1)."""
+
+
+class Fallback(Exception):
+    """The service cannot act as the caller's own command would: the client runs that."""
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def _cgroups(pid: int) -> dict[frozenset, str]:
+    """{hierarchy key (controllers; empty for cgroup v2): path} of a process."""
+    out = {}
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, ctl, path = line.rstrip("\n").split(":", 2)
+            out[frozenset(c for c in ctl.split(",") if c)] = path
+    return out
+
+
+def _cgroup_mounts() -> dict[frozenset, tuple[str, str]]:
+    """{hierarchy key: (mount point, root in the hierarchy)} from our mountinfo."""
+    out = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            a, b = line.split(" - ", 1)
+            a, b = a.split(), b.split()
+            if b[0] == "cgroup2":
+                out.setdefault(frozenset(), (a[4], a[3]))
+            elif b[0] == "cgroup":
+                opts = b[2].split(",")
+                known = {"rw", "ro", "relatime", "noatime", "nosuid", "nodev", "noexec",
+                         "clone_children", "xattr", "noprefix", "cpuset_v2_mode",
+                         "memory_recursiveprot", "nsdelegate", "memory_localevents",
+                         "favordynmods"}
+                ctl = frozenset(o for o in opts if o not in known and
+                                not o.startswith("release_agent="))
+                out.setdefault(ctl, (a[4], a[3]))
+    return out
+
+
+def check_caller(pid: int, uid: int) -> dict[str, str]:
+    """Refused/Fallback unless the service may restore for PID exactly as its own command
+    would; returns its /proc status fields."""
+    if uid != 0 or pid <= 0:
+        raise Refused(f"restore service: uid {uid} may not restore through it (a restore "
+                      "needs root with the service's capabilities; nothing was restored)")
+    st, me = _status(pid), _status(os.getpid())
+    if int(st["CapEff"], 16) & int(me["CapEff"], 16) != int(me["CapEff"], 16) or \
+            int(st["CapBnd"], 16) & int(me["CapBnd"], 16) != int(me["CapBnd"], 16):
+        raise Refused(f"restore service: PID {pid} lacks capabilities the restore needs "
+                      f"(effective {st['CapEff']}, the service has {me['CapEff']}); nothing "
+                      "was restored")
+    if st.get("Uid", "").split() != ["0"] * 4:
+        raise Fallback(f"the caller's user IDs are {st.get('Uid')}")
+    for k in ("NoNewPrivs", "Seccomp"):
+        if st.get(k, "0").strip() != me.get(k, "0").strip():
+            raise Fallback(f"the caller has {k} {st.get(k)}")
+    for ns in NAMESPACES:
+        try:
+            a, b = os.stat(f"/proc/{pid}/ns/{ns}"), os.stat(f"/proc/self/ns/{ns}")
+        except FileNotFoundError:
+            continue
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            raise Fallback(f"the caller is in another {ns} namespace")
+    a, b = os.stat(f"/proc/{pid}/root"), os.stat("/")
+    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+        raise Fallback("the caller has another root directory")
+    return st
+
+
+def become(pid: int, st: dict[str, str]) -> None:
+    """Take the caller's gids and groups, cgroups, rlimits, nice, affinity, oom_score_adj."""
+    mine, theirs = _cgroups(os.getpid()), _cgroups(pid)
+    mounts = _cgroup_mounts()
+    for key, path in theirs.items():
+        if mine.get(key) == path:
+            continue
+        if key not in mounts:
+            raise Fallback(f"the caller's cgroup {path} ({','.join(sorted(key)) or 'v2'}) "
+                           "is not mounted here")
+        mnt, root = mounts[key]
+        rel = os.path.relpath(path, root)
+        if rel.startswith(".."):
+            raise Fallback(f"the caller's cgroup {path} is outside the mount at {mnt}")
+        try:
+            with open(os.path.join(mnt, rel, "cgroup.procs"), "w") as f:
+                f.write("0")
+        except OSError as e:
+            raise Fallback(f"joining the caller's cgroup {path}: {e.strerror}") from e
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            n = getattr(resource, name)
+            resource.setrlimit(n, resource.prlimit(pid, n))
+    os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, pid))
+    os.sched_setaffinity(0, os.sched_getaffinity(pid))
+    with open(f"/proc/{pid}/oom_score_adj") as f:
+        adj = f.read().strip()
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(adj)
+    groups = [int(g) for g in st.get("Groups", "").split()]
+    os.setgroups(groups)
+    os.setresgid(*(int(g) for g in st["Gid"].split()[:3]))
+
+
+def parse(data: bytes) -> tuple[int, list[str], dict[str, str]]:
+    """(umask, argv, environment) of a request message."""
+    if not data.startswith(MAGIC) or not data.endswith(b"\0"):
+        raise Refused("restore service: malformed request (not from cxlfork-restore)")
+    parts = data[len(MAGIC):-1].split(b"\0")
+    try:
+        um = int(parts[0], 8)
+        end = parts.index(b"", 1)
+    except ValueError:
+        raise Refused("restore service: malformed request (not from cxlfork-restore)")
+    argv = [os.fsdecode(a) for a in parts[1:end]]
+    env = dict(os.fsdecode(e).split("=", 1) for e in parts[end + 1:] if b"=" in e)
+    if not argv or argv[0] != "restore":
+        raise Fallback("not a restore command")
+    return um, argv, env
+
+
+def handle(conn: socket.socket, warm_w: int = -1) -> None:
+    """One request, in a child of the service (never returns). warm_w: a pipe on which the
+    image and policy go back to the service, which then warms its cache for the next
+    request (see serve)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    own_key = os.environ.get("CXLFORK_KEY")
+    code, why = 1, b""
+    fds: list[int] = []
+    try:
+        conn.settimeout(5)
+        data, anc, flags, _ = conn.recvmsg(MAX_MSG, socket.CMSG_SPACE(4 * 4))
+        for level, typ, d in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds += list(struct.unpack(f"{len(d) // 4}i", d[:len(d) // 4 * 4]))
+        if len(fds) != 4 or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise Fallback("the request lacks its fds or is too large")
+        os.dup2(fds[2], 2)                      # errors go to the caller from here on
+        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
+                                                          socket.SO_PEERCRED, 12))
+        pidfd = os.pidfd_open(pid) if pid > 0 else -1
+        st = check_caller(pid, uid)
+        um, argv, env = parse(data)
+        become(pid, st)
+        if select.select([pidfd], [], [], 0)[0]:
+            raise Refused("restore service: the caller exited")
+        os.close(pidfd)
+        os.dup2(fds[0], 0)
+        os.dup2(fds[1], 1)
+        os.fchdir(fds[3])
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        os.umask(um)
+        os.environ.clear()
+        os.environ.update(env)
+        if env.get("CXLFORK_KEY") != own_key:
+            # manifests the service validated were checked with its key, not this one
+            from cxlfork import restore
+            restore._CACHE.clear()
+            os.close(warm_w)
+        else:
+            _tell_warm(warm_w, argv)
+        code = run(argv)
+    except Refused as e:
+        os.write(2, f"cxlfork: error: {e}\n".encode())
+        code = 1
+    except Fallback as e:
+        code, why = FALLBACK, str(e).encode()
+    except Exception as e:                       # noqa: BLE001 - one line, never a traceback
+        os.write(2, f"cxlfork: error: restore service: {type(e).__name__}: {e}\n".encode())
+        code = 1
+    try:
+        conn.send(struct.pack("i", code) + why[:500])
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def _tell_warm(fd: int, argv: list[str]) -> None:
+    """Send (absolute image path, policy, eager) of a restore command to the service."""
+    if fd < 0:
+        return
+    try:
+        from cxlfork.cli import restore as cmd
+        ctx = cmd.make_context("restore", list(argv[1:]), resilient_parsing=True)
+        im = ctx.params.get("image")
+        if im:
+            os.write(fd, json.dumps([os.path.abspath(im), ctx.params.get("policy") or "mow",
+                                     bool(ctx.params.get("eager"))]).encode()[:4000])
+    except Exception:                            # noqa: BLE001 - only a cache hint
+        pass
+    finally:
+        os.close(fd)
+
+
+def warm(msg: bytes) -> None:
+    """Validate an image and build its plan into this process's restore cache (the next
+    request's child inherits it: cxlfork.restore._CACHE); errors are the request's to report,
+    not ours."""
+    from cxlfork import restore
+    try:
+        image, policy, eager = json.loads(msg)
+        hit = restore._CACHE.get(image)
+        key = restore._stat_key(os.path.join(image, "manifest.json"))
+        if hit is not None and hit[0] == key and any(k[0] == policy for k in hit[2]):
+            return
+        restore.Prepared(image, policy, eager=eager).close()
+    except Exception:                            # noqa: BLE001
+        pass
+
+
+def run(argv: list[str]) -> int:
+    """The restore command itself (cxlfork.cli), as `cxlfork ARGV`; its exit status."""
+    from cxlfork.cli import main
+    sys.stdout = os.fdopen(1, "w", closefd=False)
+    sys.stderr = os.fdopen(2, "w", closefd=False)
+    try:
+        main(args=argv, prog_name="cxlfork", standalone_mode=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def _reap(*_):
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def serve(path: str = SOCK, ready=None) -> None:
+    """Listen on path until SIGTERM/SIGINT; one forked child per request."""
+    from tiermem.errors import TiermemError
+    if os.geteuid() != 0:
+        raise TiermemError("cxlfork service: needs root (it restores for root callers)")
+    import cxlfork.cli  # noqa: F401 - everything the restore command imports, once
+    import cxlfork.restore  # noqa: F401
+    import cxlfork.tree  # noqa: F401
+    import cxlfork.state.netns  # noqa: F401
+    import cxlfork.state.pidns  # noqa: F401
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+        raise TiermemError(f"cxlfork service: another service is listening on {path}")
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    s.bind(path)
+    os.chmod(path, 0o666)
+    s.listen(64)
+    signal.signal(signal.SIGCHLD, _reap)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    if ready:
+        ready()
+    hints: list[int] = []                       # read ends of the children's warm pipes
+    try:
+        while not stop:
+            try:
+                r, _, _ = select.select([s] + hints, [], [], 1.0)
+            except InterruptedError:
+                continue
+            for fd in r:
+                if fd is s:
+                    continue
+                msg = os.read(fd, 4096)
+                os.close(fd)
+                hints.remove(fd)
+                if msg:
+                    warm(msg)
+            if s not in r:
+                continue
+            try:
+                conn, _ = s.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            hr, hw = os.pipe2(os.O_CLOEXEC)
+            if os.fork() == 0:
+                try:                            # the child never leaves this block
+                    s.close()
+                    os.close(hr)
+                    for fd in hints:
+                        os.close(fd)
+                    handle(conn, hw)
+                finally:
+                    os._exit(1)
+            os.close(hw)
+            hints.append(hr)
+            conn.close()
+    finally:
+        s.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
