@@ -130,11 +130,12 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns
     dt = time.perf_counter() - t0
     if pidfile:
         _write_pidfile(pidfile, pids)         # kills the clones if it fails
+    from cxlfork import service as svc     # in the restore service: svc.detached_serve is set
     lazy_detach = detach and serving()     # store-mapped anonymous runs: the handler stays
     if lazy_detach:
         sync_lazy()
         pause_lazy()                       # from here on only the child below serves
-    if lazy_detach and os.fork() == 0:
+    if lazy_detach and svc.detached_serve is None and os.fork() == 0:
         null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
@@ -150,6 +151,8 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns
     elif detach:
         click.echo(" ".join(map(str, pids)))
     if detach:
+        if lazy_detach and svc.detached_serve is not None:
+            svc.detached_serve()              # the restore service: no fork (never returns)
         return
     rc = 0
     for p in pids:
@@ -210,7 +213,7 @@ def service(path):
     then runs `cxlfork restore` here for its caller, without starting an interpreter
     (cxlfork/service.py says who may ask and what is checked)."""
     from cxlfork import service as svc
-    svc.serve(path or os.environ.get("CXLFORK_SERVICE_SOCK") or svc.SOCK)
+    svc.serve(main, path or os.environ.get("CXLFORK_SERVICE_SOCK") or svc.SOCK)
 
 
 @main.command()

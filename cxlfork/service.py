@@ -24,8 +24,8 @@ service forks a child that:
    waiting for the clones, serving their userfaultfd) and sends its exit status back.
 
 What differs from running the command: the clones are not in the caller's session or process
-group (a terminal's Ctrl-C stops the client, not the clones; they are ended as if by
---detach'd restores), and the client's own PID is not their parent.
+group (a terminal's Ctrl-C stops the client, not the clones), and their parent is the
+service's request process, not the client.
 """
 from __future__ import annotations
 
@@ -170,6 +170,26 @@ def parse(data: bytes) -> tuple[int, list[str], dict[str, str]]:
     return um, argv, env
 
 
+SO_PEERPIDFD = 77                   # Linux 6.5+: a pidfd of the peer as it connected
+
+
+def _peer_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd of the connecting process (SO_PEERPIDFD, so a PID reused meanwhile is not
+    taken for the caller; pidfd_open where the kernel lacks it); Refused if it is gone."""
+    try:
+        fd = struct.unpack("i", conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+    except OSError:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            raise Refused("restore service: the caller exited") from None
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        got = next((int(x.split()[1]) for x in f if x.startswith("Pid:")), -1)
+    if got != pid or pid <= 0:
+        raise Refused("restore service: the caller exited")
+    return fd
+
+
 def handle(conn: socket.socket, warm_w: int = -1) -> None:
     """One request, in a child of the service (never returns). warm_w: a pipe on which the
     image and policy go back to the service, which then warms its cache for the next
@@ -189,7 +209,7 @@ def handle(conn: socket.socket, warm_w: int = -1) -> None:
         os.dup2(fds[2], 2)                      # errors go to the caller from here on
         pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
                                                           socket.SO_PEERCRED, 12))
-        pidfd = os.pidfd_open(pid) if pid > 0 else -1
+        pidfd = _peer_pidfd(conn, pid)
         st = check_caller(pid, uid)
         um, argv, env = parse(data)
         become(pid, st)
@@ -212,7 +232,7 @@ def handle(conn: socket.socket, warm_w: int = -1) -> None:
             os.close(warm_w)
         else:
             _tell_warm(warm_w, argv)
-        code = run(argv)
+        code = run(argv, conn)
     except Refused as e:
         os.write(2, f"cxlfork: error: {e}\n".encode())
         code = 1
@@ -228,18 +248,39 @@ def handle(conn: socket.socket, warm_w: int = -1) -> None:
     os._exit(0)
 
 
+VALUE_OPTS = ("--policy", "-n", "--pidfile", "--stdio", "--netns", "--pidns")
+
+
+def restore_target(args: list[str]) -> tuple[str | None, str, bool]:
+    """(image, policy, eager) of `cxlfork restore ARGS` (a quick scan, only a cache hint: the
+    command parses its arguments itself)."""
+    image, policy, eager, i = None, "mow", False, 0
+    while i < len(args):
+        a = args[i]
+        if a in VALUE_OPTS and i + 1 < len(args):
+            if a == "--policy":
+                policy = args[i + 1]
+            i += 2
+            continue
+        if a.startswith("--policy="):
+            policy = a.split("=", 1)[1]
+        elif a == "--eager":
+            eager = True
+        elif not a.startswith("-") and image is None:
+            image = a
+        i += 1
+    return image, policy, eager
+
+
 def _tell_warm(fd: int, argv: list[str]) -> None:
     """Send (absolute image path, policy, eager) of a restore command to the service."""
     if fd < 0:
         return
     try:
-        from cxlfork.cli import restore as cmd
-        ctx = cmd.make_context("restore", list(argv[1:]), resilient_parsing=True)
-        im = ctx.params.get("image")
+        im, policy, eager = restore_target(argv[1:])
         if im:
-            os.write(fd, json.dumps([os.path.abspath(im), ctx.params.get("policy") or "mow",
-                                     bool(ctx.params.get("eager"))]).encode()[:4000])
-    except Exception:                            # noqa: BLE001 - only a cache hint
+            os.write(fd, json.dumps([os.path.abspath(im), policy, eager]).encode()[:4000])
+    except OSError:
         pass
     finally:
         os.close(fd)
@@ -261,13 +302,33 @@ def warm(msg: bytes) -> None:
         pass
 
 
-def run(argv: list[str]) -> int:
-    """The restore command itself (cxlfork.cli), as `cxlfork ARGV`; its exit status."""
-    from cxlfork.cli import main
+def run(argv: list[str], conn: socket.socket | None = None) -> int:
+    """The restore command itself (cxlfork.cli), as `cxlfork ARGV`; its exit status. With
+    --detach and clones to serve, this process answers the caller (status 0) and then serves
+    their userfaultfd itself until they exit (the command would fork a server for that)."""
+    global detached_serve
+
+    def serve_here():
+        from cxlfork.restore import serve_lazy_forever
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if conn is not None:
+            try:
+                conn.send(struct.pack("i", 0))
+            except OSError:
+                pass
+            conn.close()
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        serve_lazy_forever()
+        os._exit(0)
+    detached_serve = serve_here
     sys.stdout = os.fdopen(1, "w", closefd=False)
     sys.stderr = os.fdopen(2, "w", closefd=False)
     try:
-        main(args=argv, prog_name="cxlfork", standalone_mode=True)
+        _command[0](args=argv, prog_name="cxlfork", standalone_mode=True)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -284,17 +345,25 @@ def _reap(*_):
         pass
 
 
-def serve(path: str = SOCK, ready=None) -> None:
-    """Listen on path until SIGTERM/SIGINT; one forked child per request."""
+# In a request process: restore --detach calls this (cxlfork.cli) to answer the caller and
+# serve the clones' userfaultfd here, instead of forking a server.
+detached_serve = None
+_command: list = [None]               # the `cxlfork` click group, given to serve()
+
+
+def serve(command, path: str = SOCK, ready=None) -> None:
+    """Listen on path until SIGTERM/SIGINT; one forked child per request, which runs
+    command (the `cxlfork` click group, cxlfork.cli.main) as `cxlfork restore ...`."""
     from tiermem.errors import TiermemError
     if os.geteuid() != 0:
         raise TiermemError("cxlfork service: needs root (it restores for root callers)")
-    import cxlfork.cli  # noqa: F401 - everything the restore command imports, once
-    import cxlfork.restore  # noqa: F401
+    _command[0] = command
+    import cxlfork.restore  # noqa: F401 - everything the restore command imports, once
     import cxlfork.tree  # noqa: F401
     import cxlfork.state.netns  # noqa: F401
     import cxlfork.state.pidns  # noqa: F401
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    import gc
+    gc.freeze()          # request children then touch (copy) fewer of our pages    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -332,6 +401,8 @@ def serve(path: str = SOCK, ready=None) -> None:
                 hints.remove(fd)
                 if msg:
                     warm(msg)
+                    import gc
+                    gc.freeze()
             if s not in r:
                 continue
             try:

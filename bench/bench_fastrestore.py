@@ -1,0 +1,220 @@
+"""Fast restores (issue 13's figures): the `cxlfork restore` command, and a mow clone's first
+full read against anonymous memory, each side by side with its baseline in the same run
+(medians of --runs, runs alternating).
+
+Table 1, the restore command (the bench's numpy worker, 256 MiB by default, --cmd-mib):
+"old CLI" = `python -m cxlfork restore IMAGE --detach --pidfile F` (interpreter start,
+imports, one-shot restore); "service" = `cxlfork-restore` with the same arguments, served by
+a `cxlfork service` this bench starts (its cache warm: the steady state for an image
+restored again and again; "first" = its first request for the image, cold); "no service" =
+`cxlfork-restore` with no service listening (it runs the Python command). "exit" = spawn of
+the command to its exit; "pong" = spawn to the clone answering a ping on the command's
+stdin/stdout.
+
+Table 2, first full read (64/256/1024 MiB, --sizes): "anon" = the original worker reading
+its own resident anonymous memory (numpy reduces the whole array); "eager clone" = a
+moa --eager clone (its state copied into anonymous memory at restore, as CRIU restores it)
+reading it for the first time, the same request in the same situation as the mow clones;
+"ratio" = against the faster of the two anonymous reads; "mow before" = a prepared
+mow restore without the huge prefault (prepare_restore(huge=False): each first-touched MiB
+is a round trip to the userfaultfd handler, mapping 4 KiB PTEs; the behaviour before this
+change); "mow huge" = the default now (huge-aligned blocks prefaulted with PMDs at restore);
+"restore" = Prepared.restore() to the clone's first pong, the cost side. The store is a
+tmpfs mounted like cxlfork's default store (huge=within_size).
+
+Run as root:  .venv/bin/python bench/bench_fastrestore.py [--sizes 64,256,1024] [--runs 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from bench_cxlfork import Pipes, ask, kill_all, readline, start_worker  # noqa: E402
+from cxlfork.checkpoint import checkpoint  # noqa: E402
+from cxlfork.restore import prepare_restore  # noqa: E402
+from cxlfork.store import cxl_node, mount_options  # noqa: E402
+
+CLIENT = os.path.join(ROOT, "cxlfork", "native", "cxlfork-restore")
+
+
+def med(xs) -> float:
+    return statistics.median(xs) * 1e3
+
+
+def one_read(p, pipes: Pipes) -> tuple[float, float]:
+    """(restore to pong s, first full read s) of one clone of prepared restore p."""
+    t0 = time.perf_counter()
+    pid, = p.restore(1, stdio=pipes.fds())
+    assert pipes.ask("ping") == "pong"
+    t1 = time.perf_counter()
+    assert pipes.ask("read") == "done"
+    t2 = time.perf_counter()
+    kill_all([pid])
+    return t1 - t0, t2 - t1
+
+
+def reads(mib: int, runs: int, work: str, store: str) -> dict:
+    w, _ = start_worker(mib)
+    img = os.path.join(work, f"r{mib}.img")
+    out: dict[str, list] = {"anon": [], "before": [], "huge": [], "eager": []}
+    try:
+        ask(w, "read")                              # resident before the reference reads
+        for _ in range(runs):
+            t = time.perf_counter()
+            assert ask(w, "read") == "done"
+            out["anon"].append(time.perf_counter() - t)
+        checkpoint(w.pid, img, store, kill=True)
+        w.wait()
+        pipes = Pipes()
+        with prepare_restore(img, "mow", huge=False) as before, \
+                prepare_restore(img, "mow") as huge, \
+                prepare_restore(img, "moa", eager=True) as eager:
+            assert huge.huge and not before.huge, "the store has no 2 MiB folios"
+            for i in range(runs):
+                order = (("before", before), ("huge", huge), ("eager", eager))
+                for name, p in order if i % 2 == 0 else order[::-1]:
+                    out[name].append(one_read(p, pipes))
+        pipes.close()
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+        shutil.rmtree(img, ignore_errors=True)
+    return out
+
+
+def timed_command(argv: list[str], env: dict, pidfile: str) -> tuple[float, float]:
+    """(spawn to exit s, spawn to the clone's pong s) of one restore command (--detach)."""
+    t0 = time.perf_counter()
+    c = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         close_fds=True, env=env)
+    try:
+        c.stdin.write(b"ping\n")
+        c.stdin.flush()
+        got = readline(c.stdout.fileno())            # the PID line and the pong, any order
+        if "pong" not in got:
+            got += readline(c.stdout.fileno())
+        t_pong = time.perf_counter() - t0
+        assert "pong" in got, got
+        c.wait()
+        t_exit = time.perf_counter() - t0
+        assert c.returncode == 0
+    finally:
+        if c.poll() is None:
+            c.kill()
+            c.wait()
+    with open(pidfile) as f:
+        kill_all([int(x) for x in f.read().split()])
+    os.unlink(pidfile)
+    return t_exit, t_pong
+
+
+def commands(mib: int, runs: int, work: str, store: str) -> dict:
+    w, _ = start_worker(mib)
+    img = os.path.join(work, f"c{mib}.img")
+    sock = os.path.join(work, "restore.sock")
+    pf = os.path.join(work, "pids")
+    out: dict[str, list] = {"cli": [], "service": [], "first": [], "nosvc": []}
+    svc = None
+    try:
+        checkpoint(w.pid, img, store, kill=True)
+        w.wait()
+        svc = subprocess.Popen([sys.executable, "-m", "cxlfork", "service", "--socket", sock],
+                               stdin=subprocess.DEVNULL, close_fds=True)
+        t = time.monotonic()
+        while not os.path.exists(sock):
+            assert svc.poll() is None and time.monotonic() - t < 60, "service did not start"
+            time.sleep(0.05)
+        args = [img, "--detach", "--pidfile", pf]
+        env_svc = dict(os.environ, CXLFORK_SERVICE="require", CXLFORK_SERVICE_SOCK=sock)
+        env_no = dict(os.environ, CXLFORK_SERVICE_SOCK=os.path.join(work, "none.sock"))
+        out["first"].append(timed_command([CLIENT, *args], env_svc, pf))
+        time.sleep(1.0)                             # the service warms its cache meanwhile
+        for i in range(runs):
+            order = [("cli", [sys.executable, "-m", "cxlfork", "restore", *args], os.environ),
+                     ("service", [CLIENT, *args], env_svc),
+                     ("nosvc", [CLIENT, *args], env_no)]
+            for name, argv, env in order if i % 2 == 0 else order[::-1]:
+                out[name].append(timed_command(argv, env, pf))
+    finally:
+        if svc is not None:
+            svc.send_signal(signal.SIGTERM)
+            svc.wait(timeout=30)
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+        shutil.rmtree(img, ignore_errors=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="64,256,1024")
+    ap.add_argument("--cmd-mib", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--only", choices=["commands", "reads"], default=None)
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_fastrestore: needs root (ptrace, PR_SET_MM_MAP, userfaultfd, mount)")
+    if not os.access(CLIENT, os.X_OK):
+        sys.exit(f"bench_fastrestore: {CLIENT} is not built (pip install -e .)")
+    work = tempfile.mkdtemp(prefix="bench-fast-")
+    store = tempfile.mkdtemp(prefix="bench-fast-store-")
+    node, _ = cxl_node()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", mount_options(node), "cxlfork-bench", store],
+                   check=True)
+    try:
+        if a.only != "reads":
+            c = commands(a.cmd_mib, a.runs, work, store)
+            print(f"`cxlfork restore` of the {a.cmd_mib} MiB worker (--detach --pidfile), "
+                  f"medians of {a.runs} alternating runs, load average "
+                  f"{os.getloadavg()[0]:.1f}")
+            hdr = ("command", "spawn -> exit", "spawn -> pong", "exit vs old CLI")
+            print(" | ".join(f"{h:>30}" for h in hdr))
+            base = med([x[0] for x in c["cli"]])
+            for name, label in (("cli", "old CLI (python -m cxlfork)"),
+                                ("service", "cxlfork-restore, service"),
+                                ("first", "  same, first request (cold)"),
+                                ("nosvc", "cxlfork-restore, no service")):
+                e, p = med([x[0] for x in c[name]]), med([x[1] for x in c[name]])
+                print(" | ".join(f"{x:>30}" for x in (label, f"{e:.1f} ms", f"{p:.1f} ms",
+                                                      f"{e / base:.2f}x")))
+            print(flush=True)
+        if a.only != "commands":
+            rows = []
+            for mib in (int(x) for x in a.sizes.split(",")):
+                print(f"... {mib} MiB", file=sys.stderr, flush=True)
+                rows.append((mib, reads(mib, a.runs, work, store)))
+            print(f"first full read of the state: a mow clone vs anonymous memory, medians "
+                  f"of {a.runs} alternating runs, load average {os.getloadavg()[0]:.1f}")
+            hdr = ("state", "anon original", "eager clone", "mow before", "ratio", "mow huge",
+                   "ratio", "restore before", "restore huge")
+            print(" | ".join(f"{h:>14}" for h in hdr))
+            for mib, r in rows:
+                orig, eg = med(r["anon"]), med([x[1] for x in r["eager"]])
+                an = min(orig, eg)
+                b, h = med([x[1] for x in r["before"]]), med([x[1] for x in r["huge"]])
+                rb, rh = med([x[0] for x in r["before"]]), med([x[0] for x in r["huge"]])
+                print(" | ".join(f"{x:>14}" for x in (
+                    f"{mib} MiB", f"{orig:.1f} ms", f"{eg:.1f} ms", f"{b:.1f} ms",
+                    f"{b / an:.2f}x", f"{h:.1f} ms", f"{h / an:.2f}x", f"{rb:.2f} ms", f"{rh:.2f} ms")))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        subprocess.run(["umount", store], check=False)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
