@@ -19,7 +19,11 @@ reading it for the first time, the same request in the same situation as the mow
 mow restore without the huge prefault (prepare_restore(huge=False): each first-touched MiB
 is a round trip to the userfaultfd handler, mapping 4 KiB PTEs; the behaviour before this
 change); "mow huge" = the default now (huge-aligned blocks prefaulted with PMDs at restore);
-"restore" = Prepared.restore() to the clone's first pong, the cost side. The store is a
+"restore" = Prepared.restore() to the clone's first pong, the cost side. Each read is shown
+as wall time and, after "/", CPU time (schedstat, ns): the reading thread's, plus for clones
+every thread of this bench's process (the userfaultfd handler runs here, and the bench
+waits in a read meanwhile). On 2 cores shared by many jobs the wall time is mostly waiting
+for a CPU; CPU time is the steadier figure. The store is a
 tmpfs mounted like cxlfork's default store (huge=within_size).
 
 Run as root:  .venv/bin/python bench/bench_fastrestore.py [--sizes 64,256,1024] [--runs 5]
@@ -53,16 +57,37 @@ def med(xs) -> float:
     return statistics.median(xs) * 1e3
 
 
-def one_read(p, pipes: Pipes) -> tuple[float, float]:
-    """(restore to pong s, first full read s) of one clone of prepared restore p."""
+def on_cpu(pid: int) -> float:
+    """Seconds the main thread of pid has run on a CPU (schedstat: ns precision)."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+def self_cpu() -> float:
+    """Seconds every thread of this process (the userfaultfd handler's among them) ran."""
+    tot = 0
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/schedstat") as f:
+                tot += int(f.read().split()[0])
+        except OSError:
+            pass
+    return tot / 1e9
+
+
+def one_read(p, pipes: Pipes) -> tuple[float, float, float]:
+    """(restore to pong s, first full read s, its on-CPU s) of one clone of prepared
+    restore p."""
     t0 = time.perf_counter()
     pid, = p.restore(1, stdio=pipes.fds())
     assert pipes.ask("ping") == "pong"
     t1 = time.perf_counter()
+    c0, h0 = on_cpu(pid), self_cpu()
     assert pipes.ask("read") == "done"
     t2 = time.perf_counter()
+    c1, h1 = on_cpu(pid), self_cpu()
     kill_all([pid])
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, c1 - c0 + h1 - h0
 
 
 def reads(mib: int, runs: int, work: str, store: str) -> dict:
@@ -72,9 +97,9 @@ def reads(mib: int, runs: int, work: str, store: str) -> dict:
     try:
         ask(w, "read")                              # resident before the reference reads
         for _ in range(runs):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), on_cpu(w.pid)
             assert ask(w, "read") == "done"
-            out["anon"].append(time.perf_counter() - t)
+            out["anon"].append((0.0, time.perf_counter() - t, on_cpu(w.pid) - c))
         checkpoint(w.pid, img, store, kill=True)
         w.wait()
         pipes = Pipes()
@@ -201,15 +226,19 @@ def main():
                   f"of {a.runs} alternating runs, load average {os.getloadavg()[0]:.1f}")
             hdr = ("state", "anon original", "eager clone", "mow before", "ratio", "mow huge",
                    "ratio", "restore before", "restore huge")
-            print(" | ".join(f"{h:>14}" for h in hdr))
+            print(" | ".join(f"{h:>17}" for h in hdr))
             for mib, r in rows:
-                orig, eg = med(r["anon"]), med([x[1] for x in r["eager"]])
-                an = min(orig, eg)
-                b, h = med([x[1] for x in r["before"]]), med([x[1] for x in r["huge"]])
-                rb, rh = med([x[0] for x in r["before"]]), med([x[0] for x in r["huge"]])
-                print(" | ".join(f"{x:>14}" for x in (
-                    f"{mib} MiB", f"{orig:.1f} ms", f"{eg:.1f} ms", f"{b:.1f} ms",
-                    f"{b / an:.2f}x", f"{h:.1f} ms", f"{h / an:.2f}x", f"{rb:.2f} ms", f"{rh:.2f} ms")))
+                def m(k, i):
+                    return med([x[i] for x in r[k]])
+                base = min(m("anon", 1), m("eager", 1))
+                cbase = min(m("anon", 2), m("eager", 2))
+                cells = [f"{mib} MiB"]
+                for k in ("anon", "eager", "before", "huge"):
+                    cells.append(f"{m(k, 1):.1f} / {m(k, 2):.1f} ms")
+                    if k in ("before", "huge"):
+                        cells.append(f"{m(k, 1) / base:.2f}x / {m(k, 2) / cbase:.2f}x")
+                cells += [f"{m('before', 0):.2f} ms", f"{m('huge', 0):.2f} ms"]
+                print(" | ".join(f"{x:>17}" for x in cells))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         subprocess.run(["umount", store], check=False)

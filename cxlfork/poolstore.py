@@ -79,7 +79,7 @@ def checkpoint(pid: int, name: str, kill: bool = False, progress=None) -> dict:
             t_frozen = time.perf_counter()
             state = collect(tr)
             t_collected = time.perf_counter()
-            npages = layout(state)
+            npages = layout(state, align=False)   # packed: see write_pages(out=)
             # the manifest's size is known only roughly here: leave it 1 MiB at most
             mpages_max = MAX_MANIFEST // PAGE
             slab = pool.slab_pages(pool.host)
