@@ -226,3 +226,28 @@ def test_caller_in_another_namespace_falls_back(env):
         assert out.strip() == "ok" and rc == 0, (out, rc, err)
     finally:
         _done(orig, img)
+
+
+def test_client_named_cxlfork_is_the_whole_command(env):
+    """Linked as `cxlfork`, the client serves `cxlfork restore` through the service and hands
+    every other verb to the Python command."""
+    orig, img = _image(env, "named.img")
+    try:
+        link = os.path.join(env["dir"], "cxlfork")
+        if not os.path.exists(link):
+            os.symlink(CLIENT, link)
+        r = subprocess.run([link, "inspect", img, "--json"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0 and '"pid"' in r.stdout, r.stderr
+        pf = img + ".pid"
+        c = _client(env, "restore", img, "--pidfile", pf, argv0=(link,))
+        pid = int(wait_file(pf, c))
+        with open(f"/proc/{pid}/status") as f:
+            ppid = int(next(x for x in f if x.startswith("PPid:")).split()[1])
+        with open(f"/proc/{ppid}/status") as f:
+            assert int(next(x for x in f if x.startswith("PPid:")).split()[1]) == \
+                env["svc"].pid
+        out, rc, err = go(c)
+        assert out.strip() == "ok" and rc == 0, (out, rc, err)
+    finally:
+        _done(orig, img)

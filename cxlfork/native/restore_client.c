@@ -15,6 +15,9 @@
  * command instead: $CXLFORK_PYTHON (else the interpreter it was built for) -m cxlfork restore
  * ARGS. $CXLFORK_SERVICE: "auto" (default), "off" (always the Python command) or "require"
  * (no fallback: one error line and exit 1 when the service is not there).
+ *
+ * Installed under the name `cxlfork` (a link named so), it is the whole command: `cxlfork
+ * restore ARGS` goes this way, every other verb straight to the Python command.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -46,7 +49,8 @@ static void die(const char *fmt, const char *a, const char *b)
     exit(1);
 }
 
-static void fallback(int argc, char **argv)
+/* python -m cxlfork [VERB] ARGV[1..] */
+static void run_python(const char *verb, int argc, char **argv)
 {
     const char *py = getenv("CXLFORK_PYTHON");
     if (!py || !*py)
@@ -54,14 +58,21 @@ static void fallback(int argc, char **argv)
     char **av = calloc(argc + 5, sizeof(char *));
     if (!av)
         die("%s%s", "out of memory", "");
-    av[0] = (char *)py;
-    av[1] = "-m";
-    av[2] = "cxlfork";
-    av[3] = "restore";
+    int k = 0;
+    av[k++] = (char *)py;
+    av[k++] = "-m";
+    av[k++] = "cxlfork";
+    if (verb)
+        av[k++] = (char *)verb;
     for (int i = 1; i < argc; i++)
-        av[3 + i] = argv[i];
+        av[k++] = argv[i];
     execvp(py, av);
-    die("cannot run %s for the restore command: %s", py, strerror(errno));
+    die("cannot run %s for the cxlfork command: %s", py, strerror(errno));
+}
+
+static void fallback(int argc, char **argv)
+{
+    run_python("restore", argc, argv);
 }
 
 static int put(char *buf, size_t *at, const char *s)
@@ -76,6 +87,14 @@ static int put(char *buf, size_t *at, const char *s)
 
 int main(int argc, char **argv)
 {
+    const char *base = strrchr(argv[0], '/');
+    base = base ? base + 1 : argv[0];
+    if (!strcmp(base, "cxlfork")) {            /* the whole command: only restore is ours */
+        if (argc < 2 || strcmp(argv[1], "restore"))
+            run_python(NULL, argc, argv);
+        argv++;
+        argc--;
+    }
     const char *mode = getenv("CXLFORK_SERVICE");
     if (!mode || !*mode)
         mode = "auto";
