@@ -9,7 +9,10 @@ a `cxlfork service` this bench starts (its cache warm: the steady state for an i
 restored again and again; "first" = its first request for the image, cold); "no service" =
 `cxlfork-restore` with no service listening (it runs the Python command). "exit" = spawn of
 the command to its exit; "pong" = spawn to the clone answering a ping on the command's
-stdin/stdout.
+stdin/stdout; "CPU" = CPU time of everything the command made run until it exited (client
+or interpreter, the service's request process, restorer, clone, and the service itself:
+each measured in a cpuacct cgroup of its own, which the service's request process joins as
+the caller's), the figure that does not depend on how busy the machine is.
 
 Table 2, first full read (64/256/1024 MiB, --sizes): "anon" = the original worker reading
 its own resident anonymous memory (numpy reduces the whole array); "eager clone" = a
@@ -120,11 +123,59 @@ def reads(mib: int, runs: int, work: str, store: str) -> dict:
     return out
 
 
-def timed_command(argv: list[str], env: dict, pidfile: str) -> tuple[float, float]:
-    """(spawn to exit s, spawn to the clone's pong s) of one restore command (--detach)."""
+class CpuGroup:
+    """A cpuacct (cgroup v1) or cgroup v2 directory of our own, for CPU time in ns."""
+
+    def __init__(self, tag: str):
+        self.path = None
+        with open("/proc/self/cgroup") as f:
+            lines = [ln.rstrip("\n").split(":", 2) for ln in f]
+        for _, ctl, path in lines:
+            base = None
+            if "cpuacct" in ctl.split(","):
+                base = f"/sys/fs/cgroup/{ctl}" + path
+            elif ctl == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+                base = "/sys/fs/cgroup" + path
+            if base and os.path.isdir(base):
+                try:
+                    self.path = os.path.join(base, f"bench-fast-{tag}-{os.getpid()}")
+                    os.mkdir(self.path)
+                    break
+                except OSError:
+                    self.path = None
+
+    def join(self):
+        if self.path:
+            with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
+                f.write("0")
+
+    def ns(self) -> int:
+        if not self.path:
+            return 0
+        if os.path.exists(os.path.join(self.path, "cpuacct.usage")):
+            with open(os.path.join(self.path, "cpuacct.usage")) as f:
+                return int(f.read())
+        with open(os.path.join(self.path, "cpu.stat")) as f:
+            return next(int(x.split()[1]) * 1000 for x in f if x.startswith("usage_usec"))
+
+    def remove(self):
+        if self.path:
+            for _ in range(50):
+                try:
+                    os.rmdir(self.path)
+                    return
+                except OSError:
+                    time.sleep(0.1)
+
+
+def timed_command(argv: list[str], env: dict, pidfile: str, cg: CpuGroup,
+                  svc_cg: CpuGroup) -> tuple[float, float, float]:
+    """(spawn to exit s, spawn to the clone's pong s, CPU s) of one restore command
+    (--detach)."""
+    u0 = cg.ns() + svc_cg.ns()
     t0 = time.perf_counter()
     c = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         close_fds=True, env=env)
+                         close_fds=True, env=env, preexec_fn=cg.join)
     try:
         c.stdin.write(b"ping\n")
         c.stdin.flush()
@@ -135,6 +186,7 @@ def timed_command(argv: list[str], env: dict, pidfile: str) -> tuple[float, floa
         assert "pong" in got, got
         c.wait()
         t_exit = time.perf_counter() - t0
+        cpu = (cg.ns() + svc_cg.ns() - u0) / 1e9
         assert c.returncode == 0
     finally:
         if c.poll() is None:
@@ -143,7 +195,7 @@ def timed_command(argv: list[str], env: dict, pidfile: str) -> tuple[float, floa
     with open(pidfile) as f:
         kill_all([int(x) for x in f.read().split()])
     os.unlink(pidfile)
-    return t_exit, t_pong
+    return t_exit, t_pong, cpu
 
 
 def commands(mib: int, runs: int, work: str, store: str) -> dict:
@@ -153,11 +205,13 @@ def commands(mib: int, runs: int, work: str, store: str) -> dict:
     pf = os.path.join(work, "pids")
     out: dict[str, list] = {"cli": [], "service": [], "first": [], "nosvc": []}
     svc = None
+    cg, svc_cg = CpuGroup("cmd"), CpuGroup("svc")
     try:
         checkpoint(w.pid, img, store, kill=True)
         w.wait()
         svc = subprocess.Popen([sys.executable, "-m", "cxlfork", "service", "--socket", sock],
-                               stdin=subprocess.DEVNULL, close_fds=True)
+                               stdin=subprocess.DEVNULL, close_fds=True,
+                               preexec_fn=svc_cg.join)
         t = time.monotonic()
         while not os.path.exists(sock):
             assert svc.poll() is None and time.monotonic() - t < 60, "service did not start"
@@ -165,14 +219,14 @@ def commands(mib: int, runs: int, work: str, store: str) -> dict:
         args = [img, "--detach", "--pidfile", pf]
         env_svc = dict(os.environ, CXLFORK_SERVICE="require", CXLFORK_SERVICE_SOCK=sock)
         env_no = dict(os.environ, CXLFORK_SERVICE_SOCK=os.path.join(work, "none.sock"))
-        out["first"].append(timed_command([CLIENT, *args], env_svc, pf))
+        out["first"].append(timed_command([CLIENT, *args], env_svc, pf, cg, svc_cg))
         time.sleep(1.0)                             # the service warms its cache meanwhile
         for i in range(runs):
             order = [("cli", [sys.executable, "-m", "cxlfork", "restore", *args], os.environ),
                      ("service", [CLIENT, *args], env_svc),
                      ("nosvc", [CLIENT, *args], env_no)]
             for name, argv, env in order if i % 2 == 0 else order[::-1]:
-                out[name].append(timed_command(argv, env, pf))
+                out[name].append(timed_command(argv, env, pf, cg, svc_cg))
     finally:
         if svc is not None:
             svc.send_signal(signal.SIGTERM)
@@ -181,6 +235,8 @@ def commands(mib: int, runs: int, work: str, store: str) -> dict:
             w.kill()
             w.wait()
         shutil.rmtree(img, ignore_errors=True)
+        cg.remove()
+        svc_cg.remove()
     return out
 
 
@@ -206,7 +262,7 @@ def main():
             print(f"`cxlfork restore` of the {a.cmd_mib} MiB worker (--detach --pidfile), "
                   f"medians of {a.runs} alternating runs, load average "
                   f"{os.getloadavg()[0]:.1f}")
-            hdr = ("command", "spawn -> exit", "spawn -> pong", "exit vs old CLI")
+            hdr = ("command", "spawn -> exit", "spawn -> pong", "exit vs old CLI", "CPU")
             print(" | ".join(f"{h:>30}" for h in hdr))
             base = med([x[0] for x in c["cli"]])
             for name, label in (("cli", "old CLI (python -m cxlfork)"),
@@ -214,8 +270,9 @@ def main():
                                 ("first", "  same, first request (cold)"),
                                 ("nosvc", "cxlfork-restore, no service")):
                 e, p = med([x[0] for x in c[name]]), med([x[1] for x in c[name]])
+                u = med([x[2] for x in c[name]])
                 print(" | ".join(f"{x:>30}" for x in (label, f"{e:.1f} ms", f"{p:.1f} ms",
-                                                      f"{e / base:.2f}x")))
+                                                      f"{e / base:.2f}x", f"{u:.1f} ms")))
             print(flush=True)
         if a.only != "commands":
             rows = []
