@@ -195,6 +195,8 @@ def handle(conn: socket.socket, warm_w: int = -1) -> None:
     image and policy go back to the service, which then warms its cache for the next
     request (see serve)."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)        # the service's handlers are not ours
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     own_key = os.environ.get("CXLFORK_KEY")
     code, why = 1, b""
     fds: list[int] = []
