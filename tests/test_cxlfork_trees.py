@@ -1,0 +1,212 @@
+"""Process trees of real servers (cxlfork/tree.py, cxlfork/tree_restore.py): a pre-fork
+worker pool sharing one listening socket and a socketserver.ForkingTCPServer with a live
+child, each checkpointed whole and cloned into its own PID and network namespaces; the
+clone answers over TCP through its children, the original keeps serving."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from cxlfork_netutil import new_port
+from cxlfork_util import PROGS, cxlfork, new_store, readline, restore_popen, rmtree, wait_file
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, namespaces)")
+PREFORK = os.path.join(PROGS, "prefork.py")
+
+
+def _ask(pid: int | None, port: int, req: str) -> list[str]:
+    """One request to 127.0.0.1:port (in PID's network namespace; None: ours)."""
+    if pid is None:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    else:
+        from cxlfork.state.netns import connect
+        s = connect(pid, ("127.0.0.1", port), timeout=10)
+    with s:
+        s.sendall(req.encode() + b"\n")
+        data = b""
+        while chunk := s.recv(200):
+            data += chunk
+    return data.decode().split()
+
+
+def _popen(*args) -> tuple[subprocess.Popen, str]:
+    p = subprocess.Popen([sys.executable, PREFORK, *map(str, args)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, close_fds=True)
+    line = readline(p.stdout)
+    assert line.startswith("ready"), line
+    return p, line
+
+
+def _wait_kids(pid: int, n: int) -> list[int]:
+    """PID's children, once it has n (live ones: finished ones are reaped meanwhile)."""
+    for _ in range(500):
+        kids = [k.pid for k in psutil.Process(pid).children()
+                if k.status() != psutil.STATUS_ZOMBIE]
+        if len(kids) == n and len(psutil.Process(pid).children()) == n:
+            return kids
+        time.sleep(0.01)
+    raise AssertionError(f"PID {pid} has {kids}, not {n} children")
+
+
+def _finish(p: subprocess.Popen) -> str:
+    p.stdin.write(b"quit\n")
+    p.stdin.flush()
+    out, _ = p.communicate(timeout=60)
+    return out.decode()
+
+
+@pytest.mark.parametrize("policy", [["--policy", "mow"], ["--policy", "moa"],
+                                    ["--policy", "moa", "--eager"]])
+def test_prefork_pool_cloned(policy):
+    """Three workers blocked in accept() on the socket their parent bound: the tree is
+    checkpointed whole (the listener is one open file description in four processes) and
+    restored twice, each clone tree in its own PID and network namespace. Each clone's
+    workers answer through the restored listener under their checkpointed PIDs, parent and
+    counters; the original's workers go on counting from where they were, and the clones'
+    parents kill and reap their workers by the stored PIDs."""
+    d = tempfile.mkdtemp(prefix="cxlfork-prefork-")
+    s = new_store()
+    port = new_port()
+    orig, line = _popen("pool", port, 3)
+    workers = [int(x) for x in line.split()[1:]]
+    img = os.path.join(d, "pool.img")
+    clones = []
+    try:
+        _wait_kids(orig.pid, 3)
+        seen: dict[int, int] = {}
+        for k in range(6):
+            pid, ppid, _, count, req = _ask(None, port, f"pre{k}")
+            assert int(ppid) == orig.pid and int(pid) in workers
+            seen[int(pid)] = int(count)
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        with open(os.path.join(img, "manifest.json")) as f:
+            assert '"shared"' in f.read()
+        for k in range(2):
+            pidfile = f"{img}.pids{k}"
+            clones.append(restore_popen(img, "--pidns", "new", *policy, "--pidfile", pidfile))
+            clones[-1].root = int(wait_file(pidfile, clones[-1]).split()[0])
+        for c in clones + [None]:
+            root = None if c is None else c.root
+            counts = dict(seen)
+            answered = set()
+            for k in range(9):
+                pid, ppid, _, count, req = _ask(root, port, f"req{k}")
+                assert int(pid) in workers and int(ppid) == orig.pid and req == f"req{k}"
+                assert int(count) == counts[int(pid)] + 1, (pid, count, counts)
+                counts[int(pid)] = int(count)
+                answered.add(int(pid))
+            assert len(answered) >= 2, answered     # through more than one worker
+            if c is not None:
+                assert os.readlink(f"/proc/{root}/ns/net") != os.readlink("/proc/self/ns/net")
+                assert len(psutil.Process(root).children()) == 3
+            else:
+                seen = counts
+        for c in clones:
+            assert _finish(c).strip() == "done ok"
+            assert c.returncode == 0, c.stderr.read().decode()
+        assert _finish(orig).strip() == "done ok"
+    finally:
+        for p in clones + [orig]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for w in workers:
+            try:
+                os.kill(w, 9)
+            except ProcessLookupError:
+                pass
+        cxlfork("rm", img, check=False)
+        rmtree(d)
+        rmtree(s)
+
+
+def test_forking_tcp_server_with_a_live_child_cloned():
+    """socketserver.ForkingTCPServer holding a live child (a connection held open by this
+    test) is cloned: in the clone that child's connection reads as reset (it exits 3 and the
+    clone's server reaps it by its stored PID), new connections are served by children the
+    clone forks (count goes on from the checkpoint's); the original's child still holds its
+    connection, and the original keeps serving with its own count."""
+    d = tempfile.mkdtemp(prefix="cxlfork-forking-")
+    s = new_store()
+    port = new_port()
+    orig, _ = _popen("forking", port)
+    img = os.path.join(d, "fork.img")
+    clone = None
+    hold = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        for k in range(3):
+            assert _ask(None, port, f"pre{k}")[2] == str(k + 2)   # the held one was 1
+        hold.sendall(b"hold\n")
+        assert hold.recv(100) == b"holding\n"
+        child, = _wait_kids(orig.pid, 1)
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        pidfile = f"{img}.pids"
+        clone = restore_popen(img, "--pidns", "new", "--pidfile", pidfile)
+        root = int(wait_file(pidfile, clone).split()[0])
+        for k in range(3):
+            pid, ppid, count, req = _ask(root, port, f"c{k}")
+            assert int(ppid) == orig.pid and int(count) == 5 + k and req == f"c{k}"
+            assert int(pid) != child
+        for _ in range(300):                # the restored child exited 3 and was reaped
+            if not psutil.Process(root).children():
+                break
+            time.sleep(0.02)
+        assert psutil.Process(root).children() == []
+        pid, ppid, count, _ = _ask(None, port, "o")
+        assert int(ppid) == orig.pid and count == "5"
+        assert psutil.Process(child).status() != psutil.STATUS_ZOMBIE   # still holding
+        assert _finish(clone).strip() == "done ok" and clone.returncode == 0
+        hold.close()
+        assert _finish(orig).strip() == "done ok"
+    finally:
+        hold.close()
+        for p in [clone, orig]:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        cxlfork("rm", img, check=False)
+        rmtree(d)
+        rmtree(s)
+
+
+@pytest.mark.parametrize("policy", [["--policy", "mow"], ["--policy", "moa"],
+                                    ["--policy", "moa", "--eager"]])
+def test_three_levels_deep_cloned(policy):
+    """deeptree.py (root, child, grandchild, great-grandchild and a zombie grandchild, all
+    sharing pipes) checkpointed whole and cloned twice: each clone tree prints exactly what
+    the original prints (the same PIDs and parents, each process's memory, zeros after
+    MADV_DONTNEED in every process, each child's exit status through waitpid of its stored
+    PID, the zombie's status 7)."""
+    from cxlfork_util import go, start
+    d = tempfile.mkdtemp(prefix="cxlfork-deep-")
+    s = new_store()
+    orig = start([sys.executable, os.path.join(PROGS, "deeptree.py")], cwd=d)
+    img = os.path.join(d, "deep.img")
+    clones = []
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        with open(os.path.join(img, "manifest.json")) as f:
+            assert f.read().count('"parent"') == 4      # A, B, C and the zombie Z
+        for k in range(2):
+            clones.append(restore_popen(img, "--pidns", "new", *policy))
+        outs = [go(c) for c in clones + [orig]]
+        want = outs[-1]
+        assert want[1] == 0 and want[0].count("dontneed=zeros") == 3, want
+        assert "zombie=7" in want[0] and f"R {orig.pid} a=4" in want[0], want
+        for out in outs[:-1]:
+            assert out[:2] == want[:2], (out, want)
+    finally:
+        for p in clones + [orig]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        cxlfork("rm", img, check=False)
+        rmtree(d)
+        rmtree(s)
