@@ -7,7 +7,9 @@ it is dumped), parents before their children, the descendants into IMAGE/tree/PI
 their own); the root's manifest gets a "tree" field: the descendants (pid, image, parent),
 the zombies (pid, wait status, parent) and the open file descriptions a process shares with
 one checkpointed before it ("shared": pipe ends, files, inet sockets, eventfds inherited
-through fork, found with kcmp). Pipes whose ends are all inside the tree are accepted.
+through fork, found with kcmp) and the shmem objects it holds that one before it holds too
+("objects": shared anonymous memory, memfds, deleted files, by inode; each named by a
+mapping's start or an fd). Pipes whose ends are all inside the tree are accepted.
 Refused with one line: a process sharing any other open file description (a unix socket, an
 epoll...) with another process of the tree.
 
@@ -160,6 +162,50 @@ def _sharing(order: list[int]) -> tuple[set[int], list[dict]]:
     return pipes, shared
 
 
+def _shmem_refs(pid: int) -> dict[tuple[int, int], dict]:
+    """{(dev, inode): where PID first holds it} for its shmem objects (shared anonymous
+    memory, memfds, deleted files: what cxlfork.state.memory keeps as objects), by mapping
+    ({"map": start}) or fd ({"fd": n})."""
+    out: dict[tuple[int, int], dict] = {}
+    with open(f"/proc/{pid}/maps") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        parts = line.split(None, 5)
+        path = parts[5] if len(parts) > 5 else ""
+        if path == "/dev/zero (deleted)" or path.startswith(("[anon_shmem:", "/memfd:")) or \
+                (path.startswith("/") and path.endswith(" (deleted)")):
+            try:
+                st = os.stat(f"/proc/{pid}/map_files/{parts[0]}")
+            except OSError:
+                continue
+            out.setdefault((st.st_dev, st.st_ino), {"map": int(parts[0].split("-")[0], 16)})
+    for fd, link in sorted(_fds(pid).items()):
+        if fd > 2 and link.startswith("/") and (link.startswith("/memfd:") or
+                                                link.endswith(" (deleted)")):
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            out.setdefault((st.st_dev, st.st_ino), {"fd": fd})
+    return out
+
+
+def _shared_objects(order: list[int]) -> list[dict]:
+    """[{pid, map|fd, from_pid, from: {map|fd}}]: a shmem object a process holds that one
+    before it in order holds too (a MAP_SHARED|MAP_ANONYMOUS scoreboard made before a fork):
+    restored as one object in the clone tree."""
+    first: dict[tuple[int, int], tuple[int, dict]] = {}
+    out = []
+    for pid in order:
+        for key, ref in _shmem_refs(pid).items():
+            if key in first:
+                out.append({"pid": pid, **ref, "from_pid": first[key][0],
+                            "from": first[key][1]})
+            else:
+                first[key] = (pid, ref)
+    return out
+
+
 def checkpoint_tree(pid: int, image: str, store_dir: str | None = None, kill: bool = False,
                     progress=None, warn=None) -> dict:
     """Checkpoint PID and its descendants into IMAGE (see the module's docstring)."""
@@ -169,10 +215,15 @@ def checkpoint_tree(pid: int, image: str, store_dir: str | None = None, kill: bo
     if not kids and not dead:
         return ckpt_mod.checkpoint(pid, image, store_dir, kill, progress, warn)
     pipes, shared = _sharing([pid] + [k for k, _ in kids])
+    try:
+        objects = _shared_objects([pid] + [k for k, _ in kids])
+    except OSError as e:
+        raise CxlforkError(f"reading the shared memory of the tree of PID {pid}: "
+                           f"{e.strerror}") from e
     image = os.path.abspath(image)
     manifest = {"children": [{"pid": k, "image": f"tree/{k}", "parent": par}
                              for k, par in kids],
-                "zombies": dead, "shared": shared}
+                "zombies": dead, "shared": shared, "objects": objects}
     out = ckpt_mod.checkpoint(pid, image, store_dir, False, progress, warn,
                               tree={"pipes": pipes, "manifest": manifest})
     try:

@@ -7,8 +7,9 @@ children's restorers under their PIDs, each of which forks its own children firs
 way (cx_spawn_tree: any depth), so every process is its checkpointed parent's child. The
 tree's pipes are made once per clone tree; an open file description a process shared with
 one before it (a pipe end, a file, an inet socket such as a pre-fork server's listener, an
-eventfd) is the same one in the clone tree. Each process then runs its own plan; cxlfork
-seizes each one and hands it over as a single process. Every process gets its userfaultfd
+eventfd) is the same one in the clone tree, and so is a shmem object two processes held
+(shared anonymous memory mapped before a fork, a memfd). Each process then runs its own
+plan; cxlfork seizes each one and hands it over as a single process. Every process gets its userfaultfd
 handled by this process (lazy moa copies; mow and hybrid give its store-mapped anonymous
 memory anonymous semantics), as a single clone does.
 """
@@ -23,7 +24,8 @@ from cxlfork.cgtarget import spawn_args
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
 from cxlfork.ptrace import REGS_SIZE
-from cxlfork.state import fds as fds_mod, netns as netns_mod, pidns as pidns_mod, threads
+from cxlfork.state import (fds as fds_mod, memory, netns as netns_mod, pidns as pidns_mod,
+                           threads)
 
 
 def _host_pids(root: int, want: set[int], timeout_s: float, err_of, zombies=False
@@ -93,6 +95,18 @@ def restore_tree(image: str, policy: str = "mow", n: int = 1, stdio="inherit", w
             p.close()
 
 
+def _object_id(m: dict, ref: dict) -> int:
+    """The id of the shmem object m holds at ref ({"map": start} or {"fd": n})."""
+    if "map" in ref:
+        rec = next((v for v in m["vmas"] if v["start"] == ref["map"]), None)
+    else:
+        rec = next((f for f in m["fds"] if f["fd"] == ref.get("fd")), None)
+    if rec is None or "object" not in rec:
+        raise CxlforkError(f"the image of PID {m['process']['pid']} has no shared memory "
+                           f"object at {ref} (inconsistent tree image)")
+    return rec["object"]
+
+
 def _kid_structs(preps, tree, specs, keep):
     """The cx_kid arrays: {PID: (array, count)} of each process's children (live, zombie)."""
     rpid = preps[0].m["process"]["pid"]
@@ -137,6 +151,8 @@ def _one(preps, tree, stdio, cg, k: int, own_netns: bool) -> int:
     ns = pns = None
     rpid = preps[0].m["process"]["pid"]
     srcs: dict[int, dict[int, int]] = {}    # {PID: {fd: its source fd here}}
+    objs: dict[int, dict[int, int]] = {}    # {PID: {object id: its memfd here}}
+    mans: dict[int, dict] = {}
     try:
         if own_netns:                       # the tree's sockets are made in it
             ns = netns_mod.NetNs.make({"fds": [f for p in preps for f in p.m["fds"]]})
@@ -145,7 +161,14 @@ def _one(preps, tree, stdio, cg, k: int, own_netns: bool) -> int:
             "in this network namespace (--netns host)"
         for i, p in enumerate(preps):
             pid = p.m["process"]["pid"]
-            objfds = rs.make_objects(p, opened)
+            theirs = {_object_id(p.m, o): objs[o["from_pid"]][_object_id(mans[o["from_pid"]],
+                                                                       o["from"])]
+                      for o in tree.get("objects", []) if o["pid"] == pid}
+            mine = {"objects": [o for o in p.m["objects"] if o["id"] not in theirs]}
+            objfds = memory.make_objects(mine, p.store_fd, opened)
+            objfds.update(theirs)               # one object with an earlier process's
+            objs[pid] = objfds
+            mans[pid] = p.m
             given = {}
             for s in tree["shared"]:
                 if s["pid"] == pid:

@@ -69,7 +69,8 @@ def test_prefork_pool_cloned(policy):
     checkpointed whole (the listener is one open file description in four processes) and
     restored twice, each clone tree in its own PID and network namespace. Each clone's
     workers answer through the restored listener under their checkpointed PIDs, parent and
-    counters; the original's workers go on counting from where they were, and the clones'
+    counters, and share one total in the shared anonymous page their parent mapped (one
+    object per clone tree, not one per process); the original's workers go on counting from where they were, and the clones'
     parents kill and reap their workers by the stored PIDs."""
     d = tempfile.mkdtemp(prefix="cxlfork-prefork-")
     s = new_store()
@@ -82,8 +83,8 @@ def test_prefork_pool_cloned(policy):
         _wait_kids(orig.pid, 3)
         seen: dict[int, int] = {}
         for k in range(6):
-            pid, ppid, _, count, req = _ask(None, port, f"pre{k}")
-            assert int(ppid) == orig.pid and int(pid) in workers
+            pid, ppid, _, count, req, total = _ask(None, port, f"pre{k}")
+            assert int(ppid) == orig.pid and int(pid) in workers and total == str(k + 1)
             seen[int(pid)] = int(count)
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
         with open(os.path.join(img, "manifest.json")) as f:
@@ -97,9 +98,10 @@ def test_prefork_pool_cloned(policy):
             counts = dict(seen)
             answered = set()
             for k in range(9):
-                pid, ppid, _, count, req = _ask(root, port, f"req{k}")
+                pid, ppid, _, count, req, total = _ask(root, port, f"req{k}")
                 assert int(pid) in workers and int(ppid) == orig.pid and req == f"req{k}"
-                assert int(count) == counts[int(pid)] + 1, (pid, count, counts)
+                assert total == str(7 + k), (k, total)      # one shared page per tree
+                assert int(count) == counts.get(int(pid), 0) + 1, (pid, count, counts)
                 counts[int(pid)] = int(count)
                 answered.add(int(pid))
             assert len(answered) >= 2, answered     # through more than one worker

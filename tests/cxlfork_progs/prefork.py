@@ -2,7 +2,9 @@
 
 prefork.py pool PORT N: the parent binds 127.0.0.1:PORT and forks N workers that each call
 accept() on the inherited listening socket (as gunicorn's sync workers do); a worker answers
-"getpid getppid index count request" (count: the requests it answered, in its own memory).
+"getpid getppid index count request total" (count: the requests it answered, in its own
+memory; total: all workers' requests, in a MAP_SHARED|MAP_ANONYMOUS page the parent mapped
+before forking them).
 The parent prints "ready W1 W2 ..." and waits on stdin; on a line it SIGTERMs its workers by
 their stored PIDs, reaps them with waitpid and prints "done ok" if each died of SIGTERM.
 
@@ -11,11 +13,13 @@ request "hold" keeps its child alive until the peer closes or resets the connect
 gets "getpid getppid count request" (count: connections the parent accepted, in its memory).
 The parent prints "ready" and serves until a line arrives on stdin, then reaps its children
 and prints "done ok"."""
+import mmap
 import os
 import select
 import signal
 import socket
 import socketserver
+import struct
 import sys
 
 
@@ -24,6 +28,7 @@ def pool(port: int, n: int) -> None:
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("127.0.0.1", port))
     ls.listen(16)
+    board = mmap.mmap(-1, 4096)             # MAP_SHARED|MAP_ANONYMOUS: all workers' total
     workers = []
     for i in range(n):
         pid = os.fork()
@@ -34,7 +39,9 @@ def pool(port: int, n: int) -> None:
                 c, _ = ls.accept()
                 req = c.recv(100).decode().strip()
                 count += 1
-                c.sendall(f"{os.getpid()} {os.getppid()} {i} {count} {req}\n".encode())
+                total = struct.unpack_from("Q", board)[0] + 1
+                struct.pack_into("Q", board, 0, total)
+                c.sendall(f"{os.getpid()} {os.getppid()} {i} {count} {req} {total}\n".encode())
                 c.close()
         workers.append(pid)
     print("ready", *workers, flush=True)
