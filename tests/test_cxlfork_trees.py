@@ -129,12 +129,14 @@ def test_prefork_pool_cloned(policy):
         rmtree(s)
 
 
-def test_forking_tcp_server_with_a_live_child_cloned():
+@pytest.mark.parametrize("policy", [["--policy", "mow"], ["--policy", "moa"]])
+def test_forking_tcp_server_with_a_live_child_cloned(policy):
     """socketserver.ForkingTCPServer holding a live child (a connection held open by this
     test) is cloned: in the clone that child's connection reads as reset (it exits 3 and the
     clone's server reaps it by its stored PID), new connections are served by children the
     clone forks (count goes on from the checkpoint's); the original's child still holds its
-    connection, and the original keeps serving with its own count."""
+    connection, and the original keeps serving with its own count. Under lazy moa the
+    children the clone forks are served by the same userfaultfd handler."""
     d = tempfile.mkdtemp(prefix="cxlfork-forking-")
     s = new_store()
     port = new_port()
@@ -150,7 +152,7 @@ def test_forking_tcp_server_with_a_live_child_cloned():
         child, = _wait_kids(orig.pid, 1)
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
         pidfile = f"{img}.pids"
-        clone = restore_popen(img, "--pidns", "new", "--pidfile", pidfile)
+        clone = restore_popen(img, "--pidns", "new", *policy, "--pidfile", pidfile)
         root = int(wait_file(pidfile, clone).split()[0])
         for k in range(3):
             pid, ppid, count, req = _ask(root, port, f"c{k}")
@@ -204,6 +206,83 @@ def test_three_levels_deep_cloned(policy):
         assert "zombie=7" in want[0] and f"R {orig.pid} a=4" in want[0], want
         for out in outs[:-1]:
             assert out[:2] == want[:2], (out, want)
+    finally:
+        for p in clones + [orig]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        cxlfork("rm", img, check=False)
+        rmtree(d)
+        rmtree(s)
+
+
+def _procs() -> set[int]:
+    return {c.pid for c in psutil.Process().children(recursive=True)}
+
+
+def test_tree_restore_failure_leaves_nothing():
+    """A pre-fork pool restored with --netns host while the original holds its port: one
+    error line naming the address, exit 1, and no process (so no PID namespace) left."""
+    d = tempfile.mkdtemp(prefix="cxlfork-prefork-bad-")
+    s = new_store()
+    port = new_port()
+    orig, _ = _popen("pool", port, 2)
+    img = os.path.join(d, "pool.img")
+    try:
+        _wait_kids(orig.pid, 2)
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        before = _procs()
+        r = cxlfork("restore", img, "--pidns", "new", "--netns", "host", check=False)
+        errs = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(errs) == 1 and errs[0].startswith("cxlfork: error:"), \
+            r.stderr
+        assert str(port) in errs[0], errs
+        assert _procs() == before
+        assert _finish(orig).strip() == "done ok"
+    finally:
+        if orig.poll() is None:
+            orig.kill()
+            orig.wait()
+        cxlfork("rm", img, check=False)
+        rmtree(d)
+        rmtree(s)
+
+
+SH_UNDER_PY = r"""
+import subprocess, sys
+p = subprocess.Popen(["/bin/sh", "-c",
+                      'echo ready; (read line; echo "ok:$line") | tr a-z A-Z'])
+rc = p.wait()
+print(f"sh {p.pid} exited {rc}", flush=True)
+"""
+
+
+def test_shell_pipeline_under_a_python_parent_cloned():
+    """A Python parent running `sh -c '... | tr a-z A-Z'` (the pipeline's commands are its
+    grandchildren) cloned twice (mow, lazy moa): each clone tree's pipeline passes its own
+    "go" through its pipe and the parent's Popen.wait() (waitpid of the stored PID) gets
+    the shell's status, as in the original."""
+    from cxlfork_util import go, start
+    d = tempfile.mkdtemp(prefix="cxlfork-shpy-")
+    s = new_store()
+    orig = start([sys.executable, "-c", SH_UNDER_PY], cwd=d)
+    img = os.path.join(d, "shpy.img")
+    clones = []
+    try:
+        for _ in range(200):            # sh has forked both commands and tr has exec'd
+            sh = psutil.Process(orig.pid).children()
+            kids = sh[0].children() if sh else []
+            if len(kids) == 2 and any(k.name() == "tr" for k in kids):
+                break
+            time.sleep(0.01)
+        sh_pid = sh[0].pid
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        for pol in ("mow", "moa"):
+            clones.append(restore_popen(img, "--pidns", "new", "--policy", pol))
+        for c in clones + [orig]:
+            out, rc, err = go(c)
+            assert out.split() == ["OK:GO", "sh", str(sh_pid), "exited", "0"] and rc == 0, \
+                f"{out!r} {rc} {err}"
     finally:
         for p in clones + [orig]:
             if p.poll() is None:
