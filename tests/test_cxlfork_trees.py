@@ -291,3 +291,81 @@ def test_shell_pipeline_under_a_python_parent_cloned():
         cxlfork("rm", img, check=False)
         rmtree(d)
         rmtree(s)
+
+
+def _get(pid: int | None, port: int) -> list[str]:
+    """GET / from the server at 127.0.0.1:port (in PID's network namespace; None: ours)."""
+    if pid is None:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    else:
+        from cxlfork.state.netns import connect
+        s = connect(pid, ("127.0.0.1", port), timeout=10)
+    with s:
+        s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    return body.decode().split()
+
+
+@pytest.mark.parametrize("policy", [["--policy", "mow"], ["--policy", "moa"]])
+def test_gunicorn_cloned(policy):
+    """gunicorn (sync workers: the arbiter binds, two forked workers accept on the inherited
+    listener, heartbeat files shared with the arbiter) checkpointed whole and cloned twice:
+    each clone answers HTTP in its own network namespace through its workers, under the
+    checkpointed PIDs, each worker's counter going on from the checkpoint's; the original keeps
+    serving; SIGTERM to a clone's arbiter stops its workers (by their stored PIDs) and it
+    exits 0, as the original does. gunicorn's control socket (a unix socket bound to a path)
+    is turned off: path-bound unix sockets in a tree are refused at restore."""
+    d = tempfile.mkdtemp(prefix="cxlfork-gunicorn-")
+    s = new_store()
+    port = new_port()
+    orig = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b",
+                             f"127.0.0.1:{port}", "--no-control-socket", "--chdir", PROGS,
+                             "wsgiapp:app"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True,
+                            cwd=d)
+    img = os.path.join(d, "g.img")
+    clones = []
+    try:
+        for _ in range(1000):
+            try:
+                _get(None, port)
+                break
+            except OSError:
+                time.sleep(0.02)
+        workers = _wait_kids(orig.pid, 2)
+        hits: dict[int, int] = {}
+        for _ in range(4):
+            pid, ppid, n = map(int, _get(None, port))
+            assert ppid == orig.pid and pid in workers
+            hits[pid] = n
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        for k in range(2):
+            pidfile = f"{img}.pids{k}"
+            clones.append(restore_popen(img, "--pidns", "new", *policy, "--pidfile", pidfile,
+                                        "--stdio", "null"))
+            clones[-1].root = int(wait_file(pidfile, clones[-1]).split()[0])
+        for c in clones + [None]:
+            mine = dict(hits)
+            for _ in range(6):
+                pid, ppid, n = map(int, _get(None if c is None else c.root, port))
+                assert ppid == orig.pid and pid in workers and n == mine.get(pid, 0) + 1
+                mine[pid] = n
+            if c is not None:
+                assert len(psutil.Process(c.root).children()) == 2
+        for c in clones:
+            os.kill(c.root, 15)
+            assert c.wait(timeout=60) == 0, c.stderr.read().decode()
+        orig.terminate()
+        assert orig.wait(timeout=60) == 0
+    finally:
+        for p in clones + [orig]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        cxlfork("rm", img, check=False)
+        rmtree(d)
+        rmtree(s)
