@@ -7,11 +7,11 @@ it is dumped), parents before their children, the descendants into IMAGE/tree/PI
 their own); the root's manifest gets a "tree" field: the descendants (pid, image, parent),
 the zombies (pid, wait status, parent) and the open file descriptions a process shares with
 one checkpointed before it ("shared": pipe ends, files, inet sockets, eventfds inherited
-through fork, found with kcmp) and the shmem objects it holds that one before it holds too
+through fork, unix sockets bound to paths; found with kcmp) and the shmem objects it holds that one before it holds too
 ("objects": shared anonymous memory, memfds, deleted files, by inode; each named by a
 mapping's start or an fd). Pipes whose ends are all inside the tree are accepted.
-Refused with one line: a process sharing any other open file description (a unix socket, an
-epoll...) with another process of the tree.
+Refused with one line: a process sharing any other open file description (a socketpair end,
+an epoll...) with another process of the tree.
 
 Restore: cxlfork.tree_restore (one new PID namespace, and network namespace if the tree has
 inet sockets, per clone tree).
@@ -57,14 +57,19 @@ def _end(pid: int, fd: int) -> str:
     return "r" if flags & 3 == os.O_RDONLY else "w"
 
 
-def _is_inet(pid: int, fd: int) -> bool:
+def _shareable_socket(pid: int, fd: int) -> bool:
+    """An inet socket, or a unix socket bound to a path (a listener workers inherit)."""
     dfd = lib.cx_pidfd_getfd(pid, fd)
     if dfd < 0:
         return False
     try:
         s = socket.socket(fileno=dfd)
         try:
-            return s.getsockopt(socket.SOL_SOCKET, SO_DOMAIN) in INET
+            fam = s.getsockopt(socket.SOL_SOCKET, SO_DOMAIN)
+            if fam == socket.AF_UNIX:
+                name = s.getsockname()
+                return isinstance(name, str) and name.startswith("/")
+            return fam in INET
         finally:
             s.detach()
     except OSError:
@@ -125,7 +130,7 @@ def _shareable(pid: int, fd: int, link: str) -> bool:
     """Open file descriptions a tree's processes may share (restored once per clone tree)."""
     if link.startswith(("pipe:[", "/")) or link == "anon_inode:[eventfd]":
         return True
-    return link.startswith("socket:[") and _is_inet(pid, fd)
+    return link.startswith("socket:[") and _shareable_socket(pid, fd)
 
 
 def _sharing(order: list[int]) -> tuple[set[int], list[dict]]:
@@ -156,8 +161,8 @@ def _sharing(order: list[int]) -> tuple[set[int], list[dict]]:
             if not _shareable(pid, fd, link):
                 raise Refused(f"fd {fd} of PID {pid} shares its open file description with fd "
                               f"{same[1]} of PID {same[0]} of its tree ({link}); in a process "
-                              "tree only pipe ends, files, eventfds and inet sockets can be "
-                              "shared yet")
+                              "tree only pipe ends, files, eventfds, inet sockets and unix "
+                              "sockets bound to paths can be shared yet")
             shared.append({"pid": pid, "fd": fd, "from_pid": same[0], "from_fd": same[1]})
     return pipes, shared
 

@@ -1,6 +1,7 @@
 """Restore of a process tree (an image made by cxlfork.tree.checkpoint_tree): one new PID
-namespace per clone tree (cxlfork.state.pidns), and one network namespace if any process of
-the tree has inet sockets (cxlfork.state.netns; `netns="host"`: ours).
+namespace per clone tree (cxlfork.state.pidns), one network namespace if any process of
+the tree has inet or unix sockets (cxlfork.state.netns; `netns="host"`: ours) and one mount
+namespace if any has unix sockets bound to paths (cxlfork.state.mountns).
 
 The root's restorer is spawned under the root's PID and, before its exec, forks each of its
 children's restorers under their PIDs, each of which forks its own children first the same
@@ -24,8 +25,8 @@ from cxlfork.cgtarget import spawn_args
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
 from cxlfork.ptrace import REGS_SIZE
-from cxlfork.state import (fds as fds_mod, memory, netns as netns_mod, pidns as pidns_mod,
-                           threads)
+from cxlfork.state import (fds as fds_mod, memory, mountns as mountns_mod, netns as netns_mod,
+                           pidns as pidns_mod, threads)
 
 
 def _host_pids(root: int, want: set[int], timeout_s: float, err_of, zombies=False
@@ -74,10 +75,6 @@ def restore_tree(image: str, policy: str = "mow", n: int = 1, stdio="inherit", w
         tree = root.m["tree"]
         for c in tree["children"]:
             preps.append(rs.Prepared(os.path.join(root.image, c["image"]), policy, warn, eager))
-        for p in preps:
-            if any(f["kind"] == "unix" and "path" in f for f in p.m["fds"]):
-                raise CxlforkError(f"{image}: a process tree with unix sockets bound to paths "
-                                   f"(PID {p.m['process']['pid']}) does not restore yet")
         own_netns = netns == "new" and any(netns_mod.needed(p.m) for p in preps)
         cg = rs._open_cgroup(cgroup, None)
         try:
@@ -105,6 +102,28 @@ def _object_id(m: dict, ref: dict) -> int:
         raise CxlforkError(f"the image of PID {m['process']['pid']} has no shared memory "
                            f"object at {ref} (inconsistent tree image)")
     return rec["object"]
+
+
+class _View:
+    """One process's sockets of the tree's PathSockets (keyed by (PID, fd) there)."""
+
+    def __init__(self, paths, pid: int):
+        self.fds = {k[1]: fd for k, fd in paths.fds.items() if k[0] == pid}
+
+
+def _path_sockets(preps, tree, ns, opened) -> mountns_mod.PathSockets:
+    """One mount namespace per clone tree with every process's unix sockets bound to paths
+    (cxlfork.state.mountns), but those a process shares with an earlier one."""
+    given = {(x["pid"], x["fd"]) for x in tree["shared"]}
+    recs = []
+    for p in preps:
+        pid = p.m["process"]["pid"]
+        recs += [dict(f, fd=(pid, f["fd"])) for f in p.m["fds"]
+                 if f["kind"] == "unix" and "path" in f and f.get("dup_of") is None
+                 and (pid, f["fd"]) not in given]
+    paths = mountns_mod.PathSockets({"fds": recs})
+    paths.make(ns.fd if ns is not None else -1, opened)
+    return paths
 
 
 def _kid_structs(preps, tree, specs, keep):
@@ -159,6 +178,7 @@ def _one(preps, tree, stdio, cg, k: int, own_netns: bool) -> int:
             ns.enter()
         where = "in the clone tree's network namespace" if ns else \
             "in this network namespace (--netns host)"
+        paths = _path_sockets(preps, tree, ns, opened)
         for i, p in enumerate(preps):
             pid = p.m["process"]["pid"]
             theirs = {_object_id(p.m, o): objs[o["from_pid"]][_object_id(mans[o["from_pid"]],
@@ -175,7 +195,8 @@ def _one(preps, tree, stdio, cg, k: int, own_netns: bool) -> int:
                     given[s["fd"]] = srcs[s.get("from_pid", rpid)][s.get("from_fd",
                                                                        s.get("root_fd"))]
             src, dst = fds_mod.clone_fds(p.m, stdio, opened, objfds, where,
-                                         pipes_made=pipes_made, given=given)
+                                         paths=_View(paths, pid), pipes_made=pipes_made,
+                                         given=given)
             srcs[pid] = dict(zip(dst, src))
             er, ew = os.pipe2(os.O_CLOEXEC)
             gr, gw = os.pipe2(os.O_CLOEXEC)
@@ -203,14 +224,24 @@ def _one(preps, tree, stdio, cg, k: int, own_netns: bool) -> int:
             specs.append((c_argv, c_src, c_dst, len(src), c_cwd, err_index, er))
         kids, nkids = _kid_structs(preps, tree, specs, keep)
         r = preps[0]
-        pns = pidns_mod.new(restorer, spawn_args(cg))
+        made: list = []
+
+        def spawn():
+            made.append(pidns_mod.new(restorer, spawn_args(cg)))
+            try:
+                sp = specs[0]
+                return lib.cx_spawn_tree(restorer, sp[0], sp[1], sp[2], sp[3], sp[4],
+                                         r.m["process"]["umask"], rs.process.session_mode(r.m),
+                                         rpid, sp[5], *spawn_args(cg), nkids, kids)
+            finally:
+                made[0].leave()
         try:
-            sp = specs[0]
-            pid = lib.cx_spawn_tree(restorer, sp[0], sp[1], sp[2], sp[3], sp[4],
-                                    r.m["process"]["umask"], rs.process.session_mode(r.m),
-                                    rpid, sp[5], *spawn_args(cg), nkids, kids)
+            if paths.mnt_fd >= 0:           # from a thread in the tree's mount namespace
+                pid = paths.spawn(spawn, ns.fd if ns is not None else -1)
+            else:
+                pid = spawn()
         finally:
-            pns.leave()
+            pns = made[0] if made else None
             if ns is not None:              # back home before any thread is started here
                 ns.close()
                 ns = None

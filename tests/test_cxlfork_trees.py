@@ -4,7 +4,9 @@ child, each checkpointed whole and cloned into its own PID and network namespace
 clone answers over TCP through its children, the original keeps serving."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +55,21 @@ def _wait_kids(pid: int, n: int) -> list[int]:
             return kids
         time.sleep(0.01)
     raise AssertionError(f"PID {pid} has {kids}, not {n} children")
+
+
+def _kill(p: subprocess.Popen | None) -> None:
+    """Kill a restore command and the clone tree it restored (its child, --pidfile's root:
+    with it goes the PID namespace's init and so every process in the namespace)."""
+    if p is None or p.poll() is not None:
+        return
+    root = getattr(p, "root", None)
+    try:
+        if root is not None and psutil.Process(root).ppid() == p.pid:
+            os.kill(root, 9)
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        pass
+    p.kill()
+    p.wait()
 
 
 def _finish(p: subprocess.Popen) -> str:
@@ -116,9 +133,7 @@ def test_prefork_pool_cloned(policy):
         assert _finish(orig).strip() == "done ok"
     finally:
         for p in clones + [orig]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            _kill(p)
         for w in workers:
             try:
                 os.kill(w, 9)
@@ -153,7 +168,7 @@ def test_forking_tcp_server_with_a_live_child_cloned(policy):
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
         pidfile = f"{img}.pids"
         clone = restore_popen(img, "--pidns", "new", *policy, "--pidfile", pidfile)
-        root = int(wait_file(pidfile, clone).split()[0])
+        root = clone.root = int(wait_file(pidfile, clone).split()[0])
         for k in range(3):
             pid, ppid, count, req = _ask(root, port, f"c{k}")
             assert int(ppid) == orig.pid and int(count) == 5 + k and req == f"c{k}"
@@ -172,9 +187,7 @@ def test_forking_tcp_server_with_a_live_child_cloned(policy):
     finally:
         hold.close()
         for p in [clone, orig]:
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+            _kill(p)
         cxlfork("rm", img, check=False)
         rmtree(d)
         rmtree(s)
@@ -208,9 +221,7 @@ def test_three_levels_deep_cloned(policy):
             assert out[:2] == want[:2], (out, want)
     finally:
         for p in clones + [orig]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            _kill(p)
         cxlfork("rm", img, check=False)
         rmtree(d)
         rmtree(s)
@@ -285,9 +296,7 @@ def test_shell_pipeline_under_a_python_parent_cloned():
                 f"{out!r} {rc} {err}"
     finally:
         for p in clones + [orig]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            _kill(p)
         cxlfork("rm", img, check=False)
         rmtree(d)
         rmtree(s)
@@ -310,21 +319,28 @@ def _get(pid: int | None, port: int) -> list[str]:
     return body.decode().split()
 
 
-@pytest.mark.parametrize("policy", [["--policy", "mow"], ["--policy", "moa"]])
-def test_gunicorn_cloned(policy):
+@pytest.mark.parametrize("policy,control", [(["--policy", "mow"], False),
+                                            (["--policy", "moa"], False),
+                                            (["--policy", "mow"], True)])
+def test_gunicorn_cloned(policy, control):
     """gunicorn (sync workers: the arbiter binds, two forked workers accept on the inherited
     listener, heartbeat files shared with the arbiter) checkpointed whole and cloned twice:
     each clone answers HTTP in its own network namespace through its workers, under the
     checkpointed PIDs, each worker's counter going on from the checkpoint's; the original keeps
     serving; SIGTERM to a clone's arbiter stops its workers (by their stored PIDs) and it
-    exits 0, as the original does. gunicorn's control socket (a unix socket bound to a path)
-    is turned off: path-bound unix sockets in a tree are refused at restore."""
+    exits 0, as the original does. With gunicorn's control socket (a unix socket bound to a
+    path) each clone has its own at the same path (its mount namespace): `gunicornc show
+    workers` there answers (the original's arbiter stopped meanwhile) with the workers' PIDs.
+    Not tested: a command that makes a clone's arbiter fork (`worker add`): gunicorn then
+    re-binds its control socket, and a clone cannot unlink that path (docs/cxlfork.md)."""
     d = tempfile.mkdtemp(prefix="cxlfork-gunicorn-")
     s = new_store()
     port = new_port()
+    ctl = os.path.join(d, "gunicorn.ctl")
     orig = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b",
-                             f"127.0.0.1:{port}", "--no-control-socket", "--chdir", PROGS,
-                             "wsgiapp:app"], stdin=subprocess.DEVNULL,
+                             f"127.0.0.1:{port}", "--chdir", PROGS, "wsgiapp:app",
+                             *(["--control-socket", ctl] if control else
+                               ["--no-control-socket"])], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True,
                             cwd=d)
     img = os.path.join(d, "g.img")
@@ -337,6 +353,16 @@ def test_gunicorn_cloned(policy):
             except OSError:
                 time.sleep(0.02)
         workers = _wait_kids(orig.pid, 2)
+        for _ in range(1000 if control else 0):
+            # its control server listens again after the last worker's fork (gunicorn stops
+            # it around each fork) and knows both workers
+            r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "gunicornc"),
+                                "-s", ctl, "-c", "show workers", "-j"], capture_output=True,
+                               text=True, timeout=30)
+            if r.returncode == 0 and json.loads(r.stdout)["count"] == 2:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3 if control else 0)
         hits: dict[int, int] = {}
         for _ in range(4):
             pid, ppid, n = map(int, _get(None, port))
@@ -356,6 +382,20 @@ def test_gunicorn_cloned(policy):
                 mine[pid] = n
             if c is not None:
                 assert len(psutil.Process(c.root).children()) == 2
+        if control:     # each arbiter's control socket at the same path: its own (the
+            # original's arbiter is stopped meanwhile: it could not answer)
+            gc = os.path.join(os.path.dirname(sys.executable), "gunicornc")
+            os.kill(orig.pid, signal.SIGSTOP)
+            try:
+                for c in clones:
+                    r = subprocess.run(["nsenter", "-t", str(c.root), "-m", gc, "-s", ctl, "-c",
+                                        "show workers", "-j"],
+                                       capture_output=True, text=True, timeout=30)
+                    assert r.returncode == 0, r.stderr
+                    assert sorted(w["pid"] for w in json.loads(r.stdout)["workers"]) == \
+                        sorted(workers), r.stdout
+            finally:
+                os.kill(orig.pid, signal.SIGCONT)
         for c in clones:
             os.kill(c.root, 15)
             assert c.wait(timeout=60) == 0, c.stderr.read().decode()
@@ -363,9 +403,7 @@ def test_gunicorn_cloned(policy):
         assert orig.wait(timeout=60) == 0
     finally:
         for p in clones + [orig]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            _kill(p)
         cxlfork("rm", img, check=False)
         rmtree(d)
         rmtree(s)
