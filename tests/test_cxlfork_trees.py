@@ -144,6 +144,60 @@ def test_prefork_pool_cloned(policy):
         rmtree(s)
 
 
+def test_prefork_pool_on_a_unix_path_cloned():
+    """The pool on a unix socket bound to a path (the listener shared by the parent and its
+    workers): each clone tree has its own socket at that path in its mount namespace and
+    answers there through its workers (the original tree stopped meanwhile), their total
+    going on from the checkpoint's; the original answers at the path in ours."""
+    d = tempfile.mkdtemp(prefix="cxlfork-unixpool-")
+    s = new_store()
+    path = os.path.join(d, "pool.sock")
+    orig, line = _popen("pool", path, 2)
+    workers = [int(x) for x in line.split()[1:]]
+    img = os.path.join(d, "pool.img")
+    clones = []
+    code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.settimeout(10); "
+            f"s.connect({path!r}); s.sendall(b'x\\n'); print(s.recv(200).decode())")
+
+    def ask(root):
+        argv = [sys.executable, "-c", code]
+        if root is not None:
+            argv = ["nsenter", "-t", str(root), "-m"] + argv
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+    try:
+        _wait_kids(orig.pid, 2)
+        for k in range(3):
+            assert ask(None)[5] == str(k + 1)
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        for k in range(2):
+            pidfile = f"{img}.pids{k}"
+            clones.append(restore_popen(img, "--pidns", "new", "--pidfile", pidfile))
+            clones[-1].root = int(wait_file(pidfile, clones[-1]).split()[0])
+        tree = [orig.pid] + workers
+        for p in tree:
+            os.kill(p, signal.SIGSTOP)
+        try:
+            for c in clones:
+                for k in range(3):
+                    pid, ppid, _, _, _, total = ask(c.root)
+                    assert int(pid) in workers and int(ppid) == orig.pid and total == str(4 + k)
+        finally:
+            for p in tree:
+                os.kill(p, signal.SIGCONT)
+        assert ask(None)[5] == "4"
+        for c in clones:
+            assert _finish(c).strip() == "done ok"
+        assert _finish(orig).strip() == "done ok"
+    finally:
+        for p in clones + [orig]:
+            _kill(p)
+        cxlfork("rm", img, check=False)
+        rmtree(d)
+        rmtree(s)
+
+
 @pytest.mark.parametrize("policy", [["--policy", "mow"], ["--policy", "moa"]])
 def test_forking_tcp_server_with_a_live_child_cloned(policy):
     """socketserver.ForkingTCPServer holding a live child (a connection held open by this

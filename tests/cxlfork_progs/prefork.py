@@ -1,6 +1,7 @@
 """Pre-fork TCP servers for the process-tree tests (cxlfork checkpoint of a live tree).
 
-prefork.py pool PORT N: the parent binds 127.0.0.1:PORT and forks N workers that each call
+prefork.py pool PORT|PATH N: the parent binds 127.0.0.1:PORT (or a unix socket at PATH) and
+forks N workers that each call
 accept() on the inherited listening socket (as gunicorn's sync workers do); a worker answers
 "getpid getppid index count request total" (count: the requests it answered, in its own
 memory; total: all workers' requests, in a MAP_SHARED|MAP_ANONYMOUS page the parent mapped
@@ -23,10 +24,14 @@ import struct
 import sys
 
 
-def pool(port: int, n: int) -> None:
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("127.0.0.1", port))
+def pool(where: str, n: int) -> None:
+    if where.startswith("/"):               # a unix socket bound to that path
+        ls = socket.socket(socket.AF_UNIX)
+        ls.bind(where)
+    else:
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", int(where)))
     ls.listen(16)
     board = mmap.mmap(-1, 4096)             # MAP_SHARED|MAP_ANONYMOUS: all workers' total
     workers = []
@@ -94,6 +99,6 @@ def forking(port: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "pool":
-        pool(int(sys.argv[2]), int(sys.argv[3]))
+        pool(sys.argv[2], int(sys.argv[3]))
     else:
         forking(int(sys.argv[2]))
