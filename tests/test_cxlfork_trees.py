@@ -57,6 +57,26 @@ def _wait_kids(pid: int, n: int) -> list[int]:
     raise AssertionError(f"PID {pid} has {kids}, not {n} children")
 
 
+def _check_shared(img: str, root: int) -> None:
+    """Each open file description the image's processes shared (manifest "shared") is one
+    in the clone tree of root (kcmp), among them the listener."""
+    from cxlfork.tree import _same_ofd
+    with open(os.path.join(img, "manifest.json")) as f:
+        shared = json.load(f)["tree"]["shared"]
+    host = {root: root}
+    for k in psutil.Process(root).children(recursive=True):
+        with open(f"/proc/{k.pid}/status") as f:
+            nspid = next(int(x.split()[-1]) for x in f if x.startswith("NSpid:"))
+        host[nspid] = k.pid
+    with open(f"/proc/{root}/status") as f:
+        host[next(int(x.split()[-1]) for x in f if x.startswith("NSpid:"))] = root
+    socks = 0
+    for x in shared:
+        assert _same_ofd(host[x["from_pid"]], x["from_fd"], host[x["pid"]], x["fd"]), x
+        socks += os.readlink(f"/proc/{host[x['pid']]}/fd/{x['fd']}").startswith("socket:")
+    assert socks >= 3, shared          # the listener, in each worker
+
+
 def _kill(p: subprocess.Popen | None) -> None:
     """Kill a restore command and the clone tree it restored (its child, --pidfile's root:
     with it goes the PID namespace's init and so every process in the namespace)."""
@@ -125,6 +145,7 @@ def test_prefork_pool_cloned(policy):
             if c is not None:
                 assert os.readlink(f"/proc/{root}/ns/net") != os.readlink("/proc/self/ns/net")
                 assert len(psutil.Process(root).children()) == 3
+                _check_shared(img, root)
             else:
                 seen = counts
         for c in clones:
