@@ -486,3 +486,56 @@ def test_gunicorn_cloned(policy, control):
         cxlfork("rm", img, check=False)
         rmtree(d)
         rmtree(s)
+
+
+def test_each_process_of_a_tree_served_by_the_handler():
+    """restore_tree under lazy moa (Python API): the userfaultfd handler of this process gets
+    one clone per process of the tree (root, child, grandchild, great-grandchild), serving
+    the four at once, and copies pages on their first touches; each reads its own memory and
+    zeros after MADV_DONTNEED."""
+    from cxlfork.restore import lazy_stats, sync_lazy
+    from cxlfork.tree import restore_tree
+    from cxlfork_util import start
+    d = tempfile.mkdtemp(prefix="cxlfork-deepapi-")
+    s = new_store()
+    orig = start([sys.executable, os.path.join(PROGS, "deeptree.py")], cwd=d)
+    img = os.path.join(d, "deep.img")
+    root = None
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", s)
+        before = lazy_stats()
+        r0, w0 = os.pipe()
+        r1, w1 = os.pipe()
+        try:
+            root, = restore_tree(img, "moa", stdio=(r0, w1, w1))
+        finally:
+            os.close(r0)
+            os.close(w1)
+        sync_lazy()                     # the handler holds every process's userfaultfd
+        mid = lazy_stats()
+        os.write(w0, b"go\n")
+        out = b""
+        with os.fdopen(r1, "rb") as f:
+            while chunk := f.read1(4096):
+                out += chunk
+        os.close(w0)
+        _, st = os.waitpid(root, 0)
+        root = None
+        for _ in range(500):            # the handler drops each as it sees it exit
+            after = lazy_stats()
+            if after["clones"] == before["clones"]:
+                break
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(st) == 0
+        assert out.decode().count("mem=ok dontneed=zeros") == 3, out
+        assert mid["clones"] - before["clones"] == 4, (before, mid)      # served at once
+        assert after["clones"] == before["clones"], after                  # all exited
+        assert after["pages_copied"] > before["pages_copied"], (before, after)
+    finally:
+        if root is not None:
+            os.kill(root, 9)
+            os.waitpid(root, 0)
+        _kill(orig)
+        cxlfork("rm", img, check=False)
+        rmtree(d)
+        rmtree(s)
