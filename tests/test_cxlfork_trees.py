@@ -535,6 +535,8 @@ def test_each_process_of_a_tree_served_by_the_handler():
         if root is not None:
             os.kill(root, 9)
             os.waitpid(root, 0)
+        for k in psutil.Process(orig.pid).children(recursive=True):
+            k.kill()                    # the original tree never got its "go"
         _kill(orig)
         cxlfork("rm", img, check=False)
         rmtree(d)
