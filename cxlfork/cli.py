@@ -123,7 +123,7 @@ def restore(image, policy, count, detach, pidfile, stdio, same_pid, eager, netns
             raise CxlforkError(f"{image} holds a process tree: it restores only with --pidns "
                                "new (its processes keep their PIDs in a namespace of their own)")
         pids = tree.restore_tree(image, policy=policy, n=count, stdio=stdio, warn=_warn,
-                                 eager=eager)
+                                 eager=eager, netns=netns)
     else:
         pids = do(image, policy=policy, n=count, stdio=stdio, same_pid=same_pid, warn=_warn,
                   eager=eager, netns=netns, pidns=pidns)

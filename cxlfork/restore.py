@@ -539,12 +539,26 @@ def _restore_into(p: Prepared, n: int, stdio, same_pid: bool, progress, ghosts,
                     pid = _send_to_ghost(p, g, c_src, c_dst, len(src), c_cwd, sidmode, err_index,
                                          ns_index, mnt_index)
                 elif paths.mnt_fd >= 0:
-                    if pidns == "new":
-                        raise CxlforkError("--pidns new with unix sockets bound to paths is not "
-                                           "supported yet (restore with --pidns host)")
                     # path-bound unix sockets: spawned from a thread in the clone's own mount
-                    # namespace (cxlfork.state.mountns)
-                    pid = paths.spawn(spawn, ns.fd if ns is not None else -1)
+                    # namespace (cxlfork.state.mountns), which makes the PID namespace's
+                    # init first with --pidns new (both are born in the clone's namespaces)
+                    made: list = []
+
+                    def spawn_in_ns():
+                        if pidns == "new":
+                            made.append(pidns_mod.new(restorer, spawn_args(cg)))
+                        try:
+                            return spawn()
+                        finally:
+                            if made:
+                                made[0].leave()
+                    try:
+                        pid = paths.spawn(spawn_in_ns, ns.fd if ns is not None else -1)
+                    except BaseException:
+                        if made:
+                            made[0].kill()
+                        raise
+                    pns = made[0] if made else None
                 else:
                     if pidns == "new":      # this thread's children are born in it
                         pns = pidns_mod.new(restorer, spawn_args(cg))

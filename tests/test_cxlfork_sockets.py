@@ -360,12 +360,13 @@ def _ask_path(pid: int | None, path: str) -> str:
     return r.stdout.strip()
 
 
-@pytest.mark.parametrize("how", POLICIES + ["warm ghost", "cold ghost"])
+@pytest.mark.parametrize("how", POLICIES + ["warm ghost", "cold ghost", "mow --pidns new"])
 def test_unix_path_sockets(env, how):
     """Unix sockets bound to paths: each clone binds its own at the same path on a tmpfs, mounted over
     the original path in a mount namespace of its own; the clone reaches its own sockets by
     path (and getsockname gives it), `nsenter -t CLONE -m` reaches the clone's, everyone else
-    the original's; nothing is mounted in our namespace."""
+    the original's; nothing is mounted in our namespace. With --pidns new each clone is also
+    in a PID namespace of its own (under the original's PID, which it answers)."""
     from cxlfork.ghosts import GhostPool
     from cxlfork.restore import prepare_restore
     d, store = env
@@ -404,7 +405,9 @@ def test_unix_path_sockets(env, how):
         orig.stdin.flush()
         assert readline(orig.stdout).strip() == "ok"
         for q in pids:
-            assert _ask_path(q, path) == f"pid {q}"
+            assert _ask_path(q, path) == f"pid {orig.pid if 'pidns' in how else q}"
+            if "pidns" in how:
+                assert os.readlink(f"/proc/{q}/ns/pid") != os.readlink("/proc/self/ns/pid")
         assert _ask_path(None, path) == f"pid {orig.pid}"
         with open("/proc/self/mountinfo") as f:     # nothing mounted in our namespace
             assert sdir not in f.read()

@@ -40,13 +40,15 @@ enum { CX_CG_NONE = 0, CX_CG_DIR = 1, CX_CG_PROCS = 2 };
 int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,
              const char *cwd, int umask_, int sidmode, int set_tid, int errfd, int cgfd,
              int cgkind);
-/* one child of a process tree's root, spawned by the root before its own exec */
+/* one child of a process of a tree, spawned by its parent before the parent's own exec */
 struct cx_kid {
     char *const *argv;
     const int *src, *dst;
     int nfd, umask_, sidmode, errfd, set_tid;
     const char *cwd;
     int zombie;          /* >= 0: a zombie child, its wait status: it only exits so */
+    int nkids;           /* its own children (forked by it first, before its exec) */
+    const struct cx_kid *kids;
 };
 int cx_spawn_tree(const char *path, char *const argv[], const int *src, const int *dst,
                   int nfd, const char *cwd, int umask_, int sidmode, int set_tid, int errfd,

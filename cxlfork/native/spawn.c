@@ -48,12 +48,14 @@ static int spawn_child(void *arg)
         child_fail(efd, "setsid", errno);
     if (a->sidmode == 2 && setpgid(0, 0) < 0)
         child_fail(efd, "setpgid", errno);
-    /* a tree's root forks its children first (plain clone3 forks under their checkpointed
-     * PIDs in this PID namespace), each of which lays out its own fds and execs its restorer */
+    /* a process of a tree forks its children first (plain clone3 forks under their
+     * checkpointed PIDs in this PID namespace), each of which forks its own children the
+     * same way (any depth), then lays out its own fds and execs its restorer */
     for (int k = 0; k < a->nkids; k++) {
         const struct cx_kid *kd = &a->kids[k];
         struct spawn_args ka = { a->path, kd->argv, kd->src, kd->dst, kd->nfd, kd->umask_,
-                                 kd->sidmode, kd->errfd, kd->cwd, -1, CX_CG_NONE, 0, NULL };
+                                 kd->sidmode, kd->errfd, kd->cwd, -1, CX_CG_NONE,
+                                 kd->nkids, kd->kids };
         struct cx_clone_args ca;
         pid_t t = kd->set_tid;
         memset(&ca, 0, sizeof ca);
