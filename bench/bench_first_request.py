@@ -72,6 +72,20 @@ def smaps_split(pid: int, store: str) -> tuple[int, int, int]:
     return mapped, cow, anon
 
 
+def cpu_ms(pid: int) -> float:
+    """CPU time PID's threads have run so far, ms (/proc/PID/task/*/schedstat: on-CPU ns):
+    what a request costs the CPU whatever the load, where wall time on this shared machine
+    also counts the time spent waiting for a core."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1e6
+
+
 def one_clone(p, pool, store: str, req: dict) -> dict:
     from cxlfork.restore import lazy_stats
     ir, iw = os.pipe()
@@ -84,11 +98,13 @@ def one_clone(p, pool, store: str, req: dict) -> dict:
     try:
         for k in range(3):
             m0, f0, u0 = smaps_split(pid, store), _minflt(pid), lazy_stats()["faults"]
+            c0 = cpu_ms(pid)
             ans, ms = _ask(iw, orr, req)
+            cpu = cpu_ms(pid) - c0
             if "output" not in ans:
                 raise RuntimeError(f"clone {pid} answered {ans}")
             m1, f1, u1 = smaps_split(pid, store), _minflt(pid), lazy_stats()["faults"]
-            out[k] = {"ms": ms, "faults": f1 - f0, "uffd": u1 - u0,
+            out[k] = {"ms": ms, "cpu": cpu, "faults": f1 - f0, "uffd": u1 - u0,
                       "mapped": m1[0] - m0[0], "cow": m1[1] - m0[1], "anon": m1[2] - m0[2],
                       "out": ans["output"]}
         if pool is not None:
@@ -126,13 +142,14 @@ def measure(worker: str, clones: int) -> tuple[dict, list[float], dict]:
     module, req = REQ[worker]
     res = {v: [] for v in VARIANTS}
     with worker_checkpoint(module, {}, req) as (img, store, w, summ, cold_ms):
-        warm = []
+        warm, warm_cpu = [], []
         for _ in range(clones):
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), cpu_ms(w.pid)
             w.stdin.write(json.dumps({"id": 1, "input": req}).encode() + b"\n")
             w.stdin.flush()
             ref = json.loads(w.stdout.readline())
             warm.append((time.perf_counter() - t) * 1e3)
+            warm_cpu.append(cpu_ms(w.pid) - c0)
         with prepare_restore(img, "mow") as p:
             prof = record_first_request(img, p, store, req)
         first, off = os.path.join(img, FIRST), os.path.join(img, FIRST + ".off")
@@ -159,7 +176,7 @@ def measure(worker: str, clones: int) -> tuple[dict, list[float], dict]:
                 r["same"] = r[0]["out"].get("tokens", r[0]["out"].get("embeddings")) == \
                     ref["output"].get("tokens", ref["output"].get("embeddings"))
                 res[v].append(r)
-        info = {"cold_ms": cold_ms, "ckpt_mib": summ["bytes"] / 2**20, "profile": prof,
+        info = {"warm_cpu": warm_cpu, "cold_ms": cold_ms, "ckpt_mib": summ["bytes"] / 2**20, "profile": prof,
                 "ref": ref["output"]}
     return res, warm, info
 
@@ -170,8 +187,10 @@ def report(worker: str, res: dict, warm: list[float], info: dict) -> None:
     print(f"\n{worker}: cold start {info['cold_ms']:.0f} ms, checkpoint "
           f"{info['ckpt_mib']:.1f} MiB; first-request profile: {prof['written_pages']} store "
           f"pages written, {prof['zero_pages']} anonymous pages outside the store touched; "
-          f"original's warm request {med(warm):.1f} ms (median of {len(warm)})")
+          f"original's warm request {med(warm):.1f} ms, {med(info['warm_cpu']):.1f} ms on CPU "
+          f"(median of {len(warm)})")
     cols = ["variant", "restore ms", "1st req ms", "2nd req ms", "3rd req ms", "1st-warm ms",
+            "1st CPU ms", "2nd CPU ms", "1st-warm CPU ms",
             "1st faults", "uffd faults", "store MiB mapped", "CoW MiB", "new anon MiB",
             "same answer"]
     wd = [14] + [max(len(c), 8) for c in cols[1:]]
@@ -185,6 +204,9 @@ def report(worker: str, res: dict, warm: list[float], info: dict) -> None:
                    f"{med([r[1]['ms'] for r in rs]):.1f}",
                    f"{med([r[2]['ms'] for r in rs]):.1f}",
                    f"{med([f['ms'] for f in first]) - med(warm):.1f}",
+                   f"{med([f['cpu'] for f in first]):.1f}",
+                   f"{med([r[1]['cpu'] for r in rs]):.1f}",
+                   f"{med([f['cpu'] for f in first]) - med(info['warm_cpu']):.1f}",
                    f"{med([f['faults'] for f in first]):.0f}",
                    f"{med([f['uffd'] for f in first]):.0f}",
                    f"{med([f['mapped'] for f in first]) / 2**20:.1f}",

@@ -1,6 +1,7 @@
 """Benchmark of the cxlfork porter: a bursty, Azure-Functions-like arrival trace replayed at a
-fixed rate against three functions (the LLM worker, the numpy thumbnail worker, the C
-wordcount worker), once per start mode, side by side, measured in the same run:
+fixed rate against three functions (the real LLM worker, SmolLM2-135M on llama.cpp, 4 new
+tokens per request; the numpy thumbnail worker; the C wordcount worker), once per start mode,
+side by side, measured in the same run:
 
     cold       every new instance is a cold start (spawn + init), never a checkpoint
     moa-eager  restore by copying every page into local memory (CRIU-like eager restore)
@@ -434,14 +435,38 @@ def ghost_cost() -> None:
         with open(f"/proc/{pid}/{path}") as f:
             return [int(x.split()[1]) for x in f if x.startswith(key + ":")][0]
 
-    print("\nidle warm mow ghost of the LLM worker, KiB: resident / PSS / page tables (VmPTE)")
-    with llm_checkpoint() as (img, _, _), prepare_restore(img, "mow") as p:
-        for prefault in (False, True):
-            with GhostPool(1, refill="manual", prepared=p, prefault=prefault) as pool:
-                g = pool.pids()[0]
-                print(f"  prefault {'on ' if prefault else 'off'}: "
-                      f"{kib(g, 'status', 'VmRSS')} / {kib(g, 'smaps_rollup', 'Pss')} / "
-                      f"{kib(g, 'status', 'VmPTE')}")
+    from cxlfork.firstreq import record
+    print("\nidle warm mow ghost of the LLM worker, KiB: resident / PSS / page tables (VmPTE) / "
+          "anonymous (local memory)")
+
+    def show(p, prefault, what):
+        with GhostPool(1, refill="manual", prepared=p, prefault=prefault) as pool:
+            g = pool.pids()[0]
+            print(f"  {what:>38}: {kib(g, 'status', 'VmRSS')} / "
+                  f"{kib(g, 'smaps_rollup', 'Pss')} / {kib(g, 'status', 'VmPTE')} / "
+                  f"{kib(g, 'smaps_rollup', 'Anonymous')}")
+
+    req = REAL_FUNCS["llm"][1]
+    with llm_checkpoint() as (img, _, _):
+        with prepare_restore(img, "mow") as p:
+            show(p, False, "prefault off")
+            show(p, True, "prefault on")
+            ir, iw = os.pipe()
+            orr, ow = os.pipe()
+            pid = p.restore(1, stdio=(ir, ow, 2))[0]
+            os.close(ir)
+            os.close(ow)
+            try:
+                _ask(iw, orr, req)
+                prof = record(img, [pid])
+            finally:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os.close(iw)
+                os.close(orr)
+        with prepare_restore(img, "mow") as p:
+            show(p, True, f"prefault on + first-request profile "
+                          f"({prof['written_pages'] + prof['zero_pages']} pages)")
 
 
 def _mapped_rss(pid: int, path: str) -> int:
@@ -699,6 +724,17 @@ def real_model_starts(rounds: int = 8, fleet: int = 8, funcs=None, kinds=REAL_KI
                   f"{pct(rs['ms'], 50):.1f} ms ({pct(c['ms'], 50) / pct(rs['ms'], 50):.1f}x), "
                   f"p99 {pct(c['ms'], 99):.1f} vs {pct(rs['ms'], 99):.1f} ms "
                   f"({pct(c['ms'], 99) / pct(rs['ms'], 99):.1f}x, {what}){ttft}")
+        w = res.get((fn, "warm"))
+        if w and w["ms"]:                   # what a start adds to the request itself
+            base = pct(w["ms"], 50)
+            for kind, _, _ in kinds:
+                rs = res.get((fn, kind))
+                if kind in ("cold", "warm") or not (rs and rs["ms"]):
+                    continue
+                add_c, add_r = pct(c["ms"], 50) - base, pct(rs["ms"], 50) - base
+                print(f"{fn}: p50 added over a warm request: cold {add_c:.1f} ms, {kind} "
+                      f"{add_r:.1f} ms" + (f" ({add_c / add_r:.0f}x less)" if add_r > 0 else
+                                           " (within the warm request's spread)"))
     print(f"load average {os.getloadavg()[0]:.1f}")
     return res
 
@@ -916,6 +952,8 @@ def main():
                     "embedder per start kind")
     ap.add_argument("--http-only", action="store_true", help="only the HTTP-function table "
                     "(OpenWhisk actions cold vs restored, beside the stdio LLM); --repeat runs")
+    ap.add_argument("--trace-only", action="store_true", help="only the trace-driven "
+                    "tables (not the sampling, ghost, real-model and HTTP tables after them)")
     ap.add_argument("--burst-only", action="store_true", help="only the connection-burst "
                     "table (answered / sent)")
     a = ap.parse_args()
@@ -983,10 +1021,11 @@ def main():
     print_tables(rows)
     print_start_table(rows)
     print_first_request(rows)
-    sampling_cost()
-    ghost_cost()
-    real_model_starts()
-    http_starts(1)
+    if not a.trace_only:
+        sampling_cost()
+        ghost_cost()
+        real_model_starts()
+        http_starts(1)
     print(f"\nload average after the runs {os.getloadavg()[0]:.1f}; total "
           f"{time.monotonic() - t0:.0f} s")
     unl = {r["mode"]: r for r in rows if not r["limit"]}
