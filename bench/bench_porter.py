@@ -998,6 +998,7 @@ def main():
             r[k] += data[k]
 
     limit = None
+    failed: list[str] = []
     for rep in range(a.repeat):
         order = modes[rep % len(modes):] + modes[:rep % len(modes)]    # rotate against drift
         for m in order:
@@ -1011,13 +1012,21 @@ def main():
             peak = max(smp["porter"]["local_memory_bytes"] for smp in base["samples"]) / 2**20
             limit = a.limit_mib or round(0.25 * peak, 1)
         for m in order:
-            add((m, True), limit, run_mode(m, limit, trace, wc, a.k, a.ghost_pool))
+            try:
+                add((m, True), limit, run_mode(m, limit, trace, wc, a.k, a.ghost_pool))
+            except RuntimeError as e:         # e.g. the LLM cannot even warm up under it
+                failed.append(f"{m} limited to {limit:.0f} MiB (rep {rep + 1}): {e}")
+                print(f"  rep {rep + 1}: {m} limited: no run: {e}", file=sys.stderr,
+                      flush=True)
+                continue
             print(f"  rep {rep + 1}: ran {m} limited: {time.monotonic() - t0:.0f} s",
                   file=sys.stderr, flush=True)
     rows = [summarise(m, raw[(m, lim)]["limit"], raw[(m, lim)]["results"],
                       raw[(m, lim)]["samples"], raw[(m, lim)]["starts"], raw[(m, lim)]["ooms"])
             for lim in (False, True) for m in modes if (m, lim) in raw]
     print()
+    for f in failed:
+        print(f"not measured: {f}")
     print_tables(rows)
     print_start_table(rows)
     print_first_request(rows)
