@@ -652,6 +652,11 @@ def real_model_starts(rounds: int = 8, fleet: int = 8, funcs=None, kinds=REAL_KI
                     t = time.monotonic()
                     while not warm and not idle() and time.monotonic() - t < 30:
                         time.sleep(0.1)
+                    while ghosts and time.monotonic() - t < 30:   # a start from a full pool:
+                        g = run.stats()["functions"][fn]["ghosts"] or {}  # the refill of the
+                        if g.get("idle") == g.get("size"):       # last start is done, not
+                            break                                # competing for the cores
+                        time.sleep(0.1)
                     code, out, start, ms = invoke()
                     if code != 200 or start != want:
                         r["bad"] += 1
@@ -950,6 +955,10 @@ def main():
                     "weights table: anonymous memory vs mmapped GGUF")
     ap.add_argument("--real-models-only", action="store_true", help="only the real LLM and "
                     "embedder per start kind")
+    ap.add_argument("--real-funcs", default="", help="with --real-models-only: llm,embed "
+                    "(default both)")
+    ap.add_argument("--real-kinds", default="", help="with --real-models-only: start kinds, "
+                    "comma-separated (default all)")
     ap.add_argument("--http-only", action="store_true", help="only the HTTP-function table "
                     "(OpenWhisk actions cold vs restored, beside the stdio LLM); --repeat runs")
     ap.add_argument("--trace-only", action="store_true", help="only the trace-driven "
@@ -967,7 +976,17 @@ def main():
         burst()
         return
     if a.real_models_only:
-        real_model_starts()
+        fs = a.real_funcs.split(",") if a.real_funcs else list(REAL_FUNCS)
+        ks = a.real_kinds.split(",") if a.real_kinds else [k for k, _, _ in REAL_KINDS]
+        bad = [f for f in fs if f not in REAL_FUNCS] + \
+            [k for k in ks if k not in [x for x, _, _ in REAL_KINDS]]
+        if bad:
+            sys.exit(f"bench_porter: unknown function or start kind {', '.join(bad)} "
+                     f"(functions {', '.join(REAL_FUNCS)}; kinds "
+                     f"{', '.join(k for k, _, _ in REAL_KINDS)})")
+        real_model_starts(funcs={f: REAL_FUNCS[f] for f in fs},
+                          kinds=tuple(next(x for x in REAL_KINDS if x[0] == k)
+                                      for k in ks))      # in the order given (drift)
         return
     if a.http_only:
         http_starts(a.repeat)
