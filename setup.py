@@ -25,5 +25,6 @@ setup(
                                     "emulation", "emulation.*"]) + ["tiermemd"],
     package_dir={"tiermemd": "daemon/tiermemd"},
     package_data={"tiermem.native": ["*.c", "*.h"], "emulation": ["guest/*"],
+                  "cxlfork.porter": ["examples/*.toml"], "cxlfork.workers": ["*.c"],
                   "cxlfork.native": ["*.c", "*.h", "*.ld"]},
 )

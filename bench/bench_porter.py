@@ -1,6 +1,7 @@
 """Benchmark of the cxlfork porter: a bursty, Azure-Functions-like arrival trace replayed at a
-fixed rate against three functions (the LLM worker, the numpy thumbnail worker, the C
-wordcount worker), once per start mode, side by side, measured in the same run:
+fixed rate against three functions (the real LLM worker, SmolLM2-135M on llama.cpp, 4 new
+tokens per request; the numpy thumbnail worker; the C wordcount worker), once per start mode,
+side by side, measured in the same run:
 
     cold       every new instance is a cold start (spawn + init), never a checkpoint
     moa-eager  restore by copying every page into local memory (CRIU-like eager restore)
@@ -434,14 +435,38 @@ def ghost_cost() -> None:
         with open(f"/proc/{pid}/{path}") as f:
             return [int(x.split()[1]) for x in f if x.startswith(key + ":")][0]
 
-    print("\nidle warm mow ghost of the LLM worker, KiB: resident / PSS / page tables (VmPTE)")
-    with llm_checkpoint() as (img, _, _), prepare_restore(img, "mow") as p:
-        for prefault in (False, True):
-            with GhostPool(1, refill="manual", prepared=p, prefault=prefault) as pool:
-                g = pool.pids()[0]
-                print(f"  prefault {'on ' if prefault else 'off'}: "
-                      f"{kib(g, 'status', 'VmRSS')} / {kib(g, 'smaps_rollup', 'Pss')} / "
-                      f"{kib(g, 'status', 'VmPTE')}")
+    from cxlfork.firstreq import record
+    print("\nidle warm mow ghost of the LLM worker, KiB: resident / PSS / page tables (VmPTE) / "
+          "anonymous (local memory)")
+
+    def show(p, prefault, what):
+        with GhostPool(1, refill="manual", prepared=p, prefault=prefault) as pool:
+            g = pool.pids()[0]
+            print(f"  {what:>38}: {kib(g, 'status', 'VmRSS')} / "
+                  f"{kib(g, 'smaps_rollup', 'Pss')} / {kib(g, 'status', 'VmPTE')} / "
+                  f"{kib(g, 'smaps_rollup', 'Anonymous')}")
+
+    req = REAL_FUNCS["llm"][1]
+    with llm_checkpoint() as (img, _, _):
+        with prepare_restore(img, "mow") as p:
+            show(p, False, "prefault off")
+            show(p, True, "prefault on")
+            ir, iw = os.pipe()
+            orr, ow = os.pipe()
+            pid = p.restore(1, stdio=(ir, ow, 2))[0]
+            os.close(ir)
+            os.close(ow)
+            try:
+                _ask(iw, orr, req)
+                prof = record(img, [pid])
+            finally:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os.close(iw)
+                os.close(orr)
+        with prepare_restore(img, "mow") as p:
+            show(p, True, f"prefault on + first-request profile "
+                          f"({prof['written_pages'] + prof['zero_pages']} pages)")
 
 
 def _mapped_rss(pid: int, path: str) -> int:
@@ -608,11 +633,29 @@ def real_model_starts(rounds: int = 8, fleet: int = 8, funcs=None, kinds=REAL_KI
                         raise RuntimeError(f"{fn}: no checkpoint in 120 s")
                     time.sleep(0.2)
                 want = "warm" if warm else ("cold" if policy == "cold" else "restored")
+                if want == "restored":              # one start before the measured ones (each
+                    t = time.monotonic()            # restored kind alike): with prefault it
+                    while not idle() and time.monotonic() - t < 30:    # records the first-
+                        time.sleep(0.1)             # request profile, the next ghosts use it
+                    invoke()
+                    t = time.monotonic()
+                    while kind == "ghost+prefault" and time.monotonic() - t < 60:
+                        st = run.stats()["functions"][fn]
+                        g = st["ghosts"] or {}
+                        if "first_request_pages" in st["checkpoint"] and \
+                                g.get("idle") == g.get("size"):
+                            break
+                        time.sleep(0.2)
                 r = res.setdefault((fn, kind), {"ms": [], "ttft": [], "rate": [], "mem": [],
                                                 "fleet": None, "bad": 0})
                 for _ in range(rounds):
                     t = time.monotonic()
                     while not warm and not idle() and time.monotonic() - t < 30:
+                        time.sleep(0.1)
+                    while ghosts and time.monotonic() - t < 30:   # a start from a full pool:
+                        g = run.stats()["functions"][fn]["ghosts"] or {}  # the refill of the
+                        if g.get("idle") == g.get("size"):       # last start is done, not
+                            break                                # competing for the cores
                         time.sleep(0.1)
                     code, out, start, ms = invoke()
                     if code != 200 or start != want:
@@ -671,12 +714,33 @@ def real_model_starts(rounds: int = 8, fleet: int = 8, funcs=None, kinds=REAL_KI
         if r["bad"]:
             print(f"    ({r['bad']} starts were not of this kind or failed)")
     for fn in dict.fromkeys(f for f, _ in res):
-        c, rs = res.get((fn, "cold")), res.get((fn, "restored mow"))
-        if c and rs and c["ms"] and rs["ms"]:
-            print(f"{fn}: starting request cold vs restored (mow): p50 {pct(c['ms'], 50):.1f} "
-                  f"vs {pct(rs['ms'], 50):.1f} ms ({pct(c['ms'], 50) / pct(rs['ms'], 50):.1f}x), "
+        c = res.get((fn, "cold"))
+        if not (c and c["ms"]):
+            continue
+        for kind, _, _ in kinds:
+            rs = res.get((fn, kind))
+            if kind == "cold" or not (rs and rs["ms"]):
+                continue
+            what = "the cap (no start at all)" if kind == "warm" else "goal 10x"
+            ttft = (f"; TTFT p50 {np.median(c['ttft']):.1f} vs {np.median(rs['ttft']):.1f} ms "
+                    f"({np.median(c['ttft']) / np.median(rs['ttft']):.1f}x)"
+                    if c["ttft"] and rs["ttft"] else "")
+            print(f"{fn}: starting request cold vs {kind}: p50 {pct(c['ms'], 50):.1f} vs "
+                  f"{pct(rs['ms'], 50):.1f} ms ({pct(c['ms'], 50) / pct(rs['ms'], 50):.1f}x), "
                   f"p99 {pct(c['ms'], 99):.1f} vs {pct(rs['ms'], 99):.1f} ms "
-                  f"({pct(c['ms'], 99) / pct(rs['ms'], 99):.1f}x)")
+                  f"({pct(c['ms'], 99) / pct(rs['ms'], 99):.1f}x, {what}){ttft}")
+        w = res.get((fn, "warm"))
+        if w and w["ms"]:                   # what a start adds to the request itself
+            base = pct(w["ms"], 50)
+            for kind, _, _ in kinds:
+                rs = res.get((fn, kind))
+                if kind in ("cold", "warm") or not (rs and rs["ms"]):
+                    continue
+                add_c, add_r = pct(c["ms"], 50) - base, pct(rs["ms"], 50) - base
+                print(f"{fn}: p50 added over a warm request: cold {add_c:.1f} ms, {kind} "
+                      f"{add_r:.1f} ms" + (f" ({add_c / add_r:.0f}x less)" if add_r > 0 else
+                                           " (within the warm request's spread)"))
+    print(f"load average {os.getloadavg()[0]:.1f}")
     return res
 
 
@@ -891,8 +955,14 @@ def main():
                     "weights table: anonymous memory vs mmapped GGUF")
     ap.add_argument("--real-models-only", action="store_true", help="only the real LLM and "
                     "embedder per start kind")
+    ap.add_argument("--real-funcs", default="", help="with --real-models-only: llm,embed "
+                    "(default both)")
+    ap.add_argument("--real-kinds", default="", help="with --real-models-only: start kinds, "
+                    "comma-separated (default all)")
     ap.add_argument("--http-only", action="store_true", help="only the HTTP-function table "
                     "(OpenWhisk actions cold vs restored, beside the stdio LLM); --repeat runs")
+    ap.add_argument("--trace-only", action="store_true", help="only the trace-driven "
+                    "tables (not the sampling, ghost, real-model and HTTP tables after them)")
     ap.add_argument("--burst-only", action="store_true", help="only the connection-burst "
                     "table (answered / sent)")
     a = ap.parse_args()
@@ -906,7 +976,17 @@ def main():
         burst()
         return
     if a.real_models_only:
-        real_model_starts()
+        fs = a.real_funcs.split(",") if a.real_funcs else list(REAL_FUNCS)
+        ks = a.real_kinds.split(",") if a.real_kinds else [k for k, _, _ in REAL_KINDS]
+        bad = [f for f in fs if f not in REAL_FUNCS] + \
+            [k for k in ks if k not in [x for x, _, _ in REAL_KINDS]]
+        if bad:
+            sys.exit(f"bench_porter: unknown function or start kind {', '.join(bad)} "
+                     f"(functions {', '.join(REAL_FUNCS)}; kinds "
+                     f"{', '.join(k for k, _, _ in REAL_KINDS)})")
+        real_model_starts(funcs={f: REAL_FUNCS[f] for f in fs},
+                          kinds=tuple(next(x for x in REAL_KINDS if x[0] == k)
+                                      for k in ks))      # in the order given (drift)
         return
     if a.http_only:
         http_starts(a.repeat)
@@ -937,6 +1017,7 @@ def main():
             r[k] += data[k]
 
     limit = None
+    failed: list[str] = []
     for rep in range(a.repeat):
         order = modes[rep % len(modes):] + modes[:rep % len(modes)]    # rotate against drift
         for m in order:
@@ -950,20 +1031,29 @@ def main():
             peak = max(smp["porter"]["local_memory_bytes"] for smp in base["samples"]) / 2**20
             limit = a.limit_mib or round(0.25 * peak, 1)
         for m in order:
-            add((m, True), limit, run_mode(m, limit, trace, wc, a.k, a.ghost_pool))
+            try:
+                add((m, True), limit, run_mode(m, limit, trace, wc, a.k, a.ghost_pool))
+            except RuntimeError as e:         # e.g. the LLM cannot even warm up under it
+                failed.append(f"{m} limited to {limit:.0f} MiB (rep {rep + 1}): {e}")
+                print(f"  rep {rep + 1}: {m} limited: no run: {e}", file=sys.stderr,
+                      flush=True)
+                continue
             print(f"  rep {rep + 1}: ran {m} limited: {time.monotonic() - t0:.0f} s",
                   file=sys.stderr, flush=True)
     rows = [summarise(m, raw[(m, lim)]["limit"], raw[(m, lim)]["results"],
                       raw[(m, lim)]["samples"], raw[(m, lim)]["starts"], raw[(m, lim)]["ooms"])
             for lim in (False, True) for m in modes if (m, lim) in raw]
     print()
+    for f in failed:
+        print(f"not measured: {f}")
     print_tables(rows)
     print_start_table(rows)
     print_first_request(rows)
-    sampling_cost()
-    ghost_cost()
-    real_model_starts()
-    http_starts(1)
+    if not a.trace_only:
+        sampling_cost()
+        ghost_cost()
+        real_model_starts()
+        http_starts(1)
     print(f"\nload average after the runs {os.getloadavg()[0]:.1f}; total "
           f"{time.monotonic() - t0:.0f} s")
     unl = {r["mode"]: r for r in rows if not r["limit"]}

@@ -41,6 +41,7 @@ MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PROT_R = 1
 MADV_POPULATE_READ = 22      # Linux 5.14+: fill page tables read-only, no copy
+MADV_POPULATE_WRITE = 23     # Linux 5.14+: fault pages in writable (copy on write, zero fill)
 # userfaultfd features of the clones' store-mapped anonymous runs (native/lazy.c): minor faults
 # on shmem, and the REMAP, REMOVE, UNMAP and FORK events
 UFFD_FEATURES = (1 << 10) | (1 << 2) | (1 << 3) | (1 << 6) | (1 << 1)
@@ -172,7 +173,7 @@ def _epoll_ops(p: Plan, m: dict) -> None:
 
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
           lazy: bool = False, warm_sock: int | None = None, prefault: bool = False,
-          huge: bool = False) -> bytes:
+          huge: bool = False, populate_write=()) -> bytes:
     """lazy (policy moa): map stored runs from the store as mow does (and copy each block on
     first touch, native/lazy.c). With fdnums['uffd_sock'] (any policy but moa --eager) the
     anonymous runs mapped from the store (uffd_runs) are registered with a userfaultfd in
@@ -182,7 +183,9 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     warm_sock: the plan of a warm ghost, which waits on that fd for the clone's fds after the
     memory, signal and mm parts. prefault (warm, not lazy): before it waits, the ghost fills
     the page tables of its readable store mappings read-only (MADV_POPULATE_READ), so the
-    clone takes no minor fault reading store pages (a write still copies on write).
+    clone takes no minor fault reading store pages (a write still copies on write), and then
+    makes the pages of populate_write ((address, bytes) ranges, cxlfork.firstreq: what earlier
+    clones' first request wrote) private and writable (MADV_POPULATE_WRITE).
     huge (not lazy; the store's page file in 2 MiB folios): the huge_blocks of the store
     mappings are prefaulted read-only (MADV_POPULATE_READ, one PMD per 2 MiB: about 1 us
     each) before the userfaultfd registration, so the clone's first reads of them take no
@@ -250,6 +253,8 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     if warm_sock is not None:
         for addr, nbytes, _ in populate if prefault else ():
             p.op(OP_MADVISE, addr, nbytes, MADV_POPULATE_READ)
+        for addr, nbytes in populate_write if prefault else ():
+            p.op(OP_MADVISE, addr, nbytes, MADV_POPULATE_WRITE)
         p.op(OP_GHOSTWAIT, warm_sock)
     if "uffd_sock" in fdnums:
         p.op(OP_UFFD_OPEN, UFFD_FEATURES)

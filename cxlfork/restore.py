@@ -30,7 +30,7 @@ import os
 import socket
 import time
 
-from cxlfork import ghosts as ghosts_mod, image as image_mod, plan as plan_mod
+from cxlfork import firstreq, ghosts as ghosts_mod, image as image_mod, plan as plan_mod
 from cxlfork.cgtarget import CgroupTarget, spawn_args
 from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
@@ -106,6 +106,7 @@ class Prepared:
         pending.check(m, self.image)
         image_mod.check_file(m["process"]["exe"], "executable")
         self.hot = image_mod.load_hot(self.image, m) if policy == "hybrid" else None
+        self.first = None if self.lazy else firstreq.load(self.image, m)
         if policy == "hybrid" and self.hot is None and warn:
             warn("no hot-page record for this image (cxlfork profile); hybrid maps every page "
                  "from the store, as mow")
@@ -166,14 +167,17 @@ class Prepared:
 
     def warm_plan(self, prefault: bool = False) -> tuple[int, int]:
         """(sealed memfd of the plan for warm ghosts, the fd number of their socket).
-        prefault: the ghosts also fill their store mappings' page tables (see plan.build)."""
+        prefault: the ghosts also fill their store mappings' page tables and make the pages
+        in the image's first-request write profile private (see plan.build, cxlfork.firstreq;
+        the profile is read when this Prepared is made)."""
         if prefault and self.lazy:
             raise CxlforkError(f"prefaulting ghosts of {self.image}: lazy moa clones must "
                                "fault their store pages (each first touch is a copy)")
         if prefault not in self._warm:
             sock = max(v for k, v in self.num.items() if k != "cloexec") + 1
             plan = plan_mod.build(self.m, self.policy, dict(self.num), self.hot, lazy=self.lazy,
-                                  warm_sock=sock, prefault=prefault, huge=self.huge)
+                                  warm_sock=sock, prefault=prefault, huge=self.huge,
+                                  populate_write=(self.first or ()) if prefault else ())
             self._warm[prefault] = (_sealed_memfd(plan, self.fds_open), sock)
         return self._warm[prefault]
 

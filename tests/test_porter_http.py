@@ -269,11 +269,26 @@ def _models_missing():
     return None
 
 
-def test_example_configs_are_valid():
+def test_example_configs_are_valid_shipped_and_documented():
+    """Every example config loads (stdio and OpenWhisk ones for the LLM and the embedder),
+    is in setup.py's package_data (installed with the package) and named in docs/porter.md."""
+    import ast
+    import fnmatch
     from cxlfork.porter import config
-    for name in ("llm-openwhisk.toml", "embed-openwhisk.toml"):
+    root = os.path.dirname(HERE)
+    tree = ast.parse(open(os.path.join(root, "setup.py")).read())
+    data = next(ast.literal_eval(k.value) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                for k in n.keywords if k.arg == "package_data")
+    docs = open(os.path.join(root, "docs", "porter.md")).read()
+    names = sorted(os.listdir(EXAMPLES))
+    assert {"llm.toml", "embed.toml", "llm-openwhisk.toml", "embed-openwhisk.toml"} <= set(names)
+    for name in names:
         c = config.load(os.path.join(EXAMPLES, name))
-        assert [f.protocol for f in c.functions.values()] == ["openwhisk"], name
+        want = "openwhisk" if "openwhisk" in name else "stdio"
+        assert [f.protocol for f in c.functions.values()] == [want], name
+        assert any(fnmatch.fnmatch(f"examples/{name}", pat)
+                   for pat in data.get("cxlfork.porter", [])), f"{name} not in package_data"
+        assert name in docs, f"{name} not in docs/porter.md"
 
 
 @pytest.mark.skipif(_models_missing() is not None, reason=str(_models_missing()))

@@ -439,3 +439,38 @@ def test_ghost_pool_clones_are_warm_ghosts_and_the_pool_is_closed(porter):
     rc, err = p.stop()
     assert rc == 0, err
     assert not any(_alive(x) for x in ghosts | p.seen)
+
+
+def test_ghost_prefault_records_the_first_request_profile(porter):
+    """ghost_prefault: after a restored instance's first request the porter records what it
+    wrote (cxlfork.firstreq) once, remakes its warm ghosts with it, and the later clones (from
+    those ghosts) answer with the original's state."""
+    p = porter(ECHO.format(policy="mow", slo=1000), "ghost_pool = 1\nghost_prefault = true")
+    for i in range(3):
+        assert p.invoke("echo", i)[0] == 200
+    p.wait_for(lambda s: (s["functions"]["echo"]["ghosts"] or {}).get("idle") == 1, 30,
+               "a warm ghost")
+    for round_ in range(2):
+        res = []
+        t = threading.Thread(target=lambda: res.append(p.invoke("echo", {"sleep": 1.0})))
+        t.start()
+        time.sleep(0.3)
+        code, out, r = p.invoke("echo", "x")           # a second instance: restored
+        t.join()
+        assert code == 200 and r.getheader("X-Porter-Start") == "restored", out
+        assert out["n"] == 4, out                      # the checkpointed state
+        if round_ == 0:
+            st = p.wait_for(lambda s: "first_request_pages" in s["functions"]["echo"]
+                            ["checkpoint"], 30, "the first-request profile")
+            f = st["functions"]["echo"]
+            assert f["first_request_profile"] and f["checkpoint"]["first_request_pages"] > 0
+            assert os.path.exists(os.path.join(f["checkpoint"]["image"], "first.json"))
+        p.wait_for(lambda s: s["functions"]["echo"]["ghosts"]["idle"] == 1, 30, "a refill")
+        # make the next start a restore again: the idle instances go away
+        for inst in p.stats()["functions"]["echo"]["instance_list"]:
+            if inst["kind"] == "restored":
+                os.kill(inst["pid"], signal.SIGKILL)
+        p.wait_for(lambda s: all(i["kind"] == "cold" for i in
+                                 s["functions"]["echo"]["instance_list"]), 30, "reaped")
+    rc, err = p.stop()
+    assert rc == 0, err

@@ -56,13 +56,14 @@ class FunctionPool:
         self.starting = 0                       # reserved slots being started
         self.reserved_bytes = 0                 # their estimated local memory
         self.spawning: list[Instance] = []      # cold starts waiting for their init
-        self.prepared: dict = {}                # (image, policy, profiled) -> prepared restore
+        self.prepared: dict = {}                # (image, policy, profiled, first) -> prepared
         self.prepare_lock = threading.Lock()    # one preparation at a time
         self.image: str | None = None
         self.checkpoint_pending = False
         self.checkpoint_info: dict = {}
         self.checkpoint_error: str | None = None
         self.profiled = False
+        self.first_profiled = False             # first-request write profile (firstreq)
         self.policy = "mow" if cfg.policy in ("auto", "cold") else cfg.policy
         if cfg.policy == "cold":
             self.policy = "cold"
@@ -249,7 +250,7 @@ class FunctionPool:
     def prepared_restore(self, policy: str):
         """The image checked and planned once per (policy, hot-page record)."""
         from cxlfork.restore import prepare_restore
-        key = (self.image, policy, self.profiled)
+        key = (self.image, policy, self.profiled, self.first_profiled)
         with self.cond:
             prep = self.prepared.get(key)
         if prep is not None:
@@ -345,6 +346,9 @@ class FunctionPool:
                 self.checkpoint_pending = True
                 self.porter.jobs.put(("checkpoint", self, inst))
                 return
+            if (inst.kind == "restored" and inst.served == 1 and not self.first_profiled
+                    and self.porter.cfg.ghost_prefault and self.porter.cfg.ghost_pool > 0):
+                self.porter.jobs.put(("first_profile", self, inst))
             if (inst.kind == "restored" and inst.served == 2 and not self.profiled
                     and self.cfg.policy in ("auto", "hybrid")):
                 self.porter.jobs.put(("profile", self, inst))
@@ -511,6 +515,7 @@ class FunctionPool:
                                "pending": self.checkpoint_pending,
                                "error": self.checkpoint_error, **self.checkpoint_info},
                 "hot_profile": self.profiled,
+                "first_request_profile": self.first_profiled,
                 "policy_switches": list(self.switches),
                 "restore_failures": self.restore_failures[-3:],
                 "ghosts": self.ghosts.stats() if self.ghosts else None,

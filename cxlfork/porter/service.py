@@ -228,6 +228,8 @@ class Porter:
             self._checkpoint(pool, inst)
         elif what == "profile":
             self._profile(pool, inst)
+        elif what == "first_profile":
+            self._first_profile(pool, inst)
         elif what == "reap":
             pool.reap_lost(inst)
 
@@ -279,6 +281,21 @@ class Porter:
         pool.profiled = True
         pool.checkpoint_info["hot_pages"] = r["hot_pages"]
         self._prepare(pool)
+
+    def _first_profile(self, pool: FunctionPool, inst) -> None:
+        """ghost_prefault: what a restored instance's first request wrote (cxlfork.firstreq),
+        recorded once per image; the next warm ghosts make those pages private ahead."""
+        from cxlfork.firstreq import record
+        if pool.first_profiled or inst.state == "dead" or not pool.image:
+            return
+        try:
+            r = record(pool.image, [inst.pid])
+        except CxlforkError as e:
+            self.log(f"first-request profile of {pool.name}: {e}")
+            return
+        pool.first_profiled = True
+        self._prepare(pool)                 # new warm ghosts, then /stats shows the count
+        pool.checkpoint_info["first_request_pages"] = r["written_pages"] + r["zero_pages"]
 
     def _housekeeping(self, now: float, policies: bool) -> None:
         with self.lock:

@@ -15,8 +15,11 @@ input:  {"prompt": "text", "max_new_tokens": N (1..256), "temperature": T (0 = g
         this Q4_1 build then answers "What is the capital of France?" with a list of French
         words instead of Paris)
 output: {"text": "...", "tokens": [ids], "prompt_tokens": P, "ttft_ms": T,
-         "tokens_per_s": R}   ttft: request start to the first generated token (prompt
-        evaluation included); tokens_per_s: the decode rate after the first token
+         "tokens_per_s": R, "timing_ms": {"template_tokenize", "prompt_eval", "decode"}}
+        ttft: request start to the first generated token (prompt evaluation included);
+        tokens_per_s: the decode rate after the first token; timing_ms: where the request's
+        time went inside the worker (chat template + tokenizer, prompt evaluation up to the
+        first token, the later tokens)
 
 n_threads 1: the porter runs several instances on few cores, and llama.cpp's OpenMP threads
 spin while they wait: with 2 threads per instance on the 2 shared cores here decode fell to
@@ -64,6 +67,7 @@ class SmolLM:
         text = self.fmt(messages=msgs + [{"role": "user", "content": prompt}]).prompt
         toks = self.llm.tokenize(text.encode(), add_bos=False, special=True)
         toks = toks[-(self.n_ctx - max_new):]
+        t_tok = time.perf_counter()
         self.llm.reset()                      # no KV prefix reuse: the same answer everywhere
         self.llm.set_seed(seed)
         out, t_first = [], None
@@ -81,7 +85,10 @@ class SmolLM:
         rate = (len(out) - 1) / (t_end - t_first) if len(out) > 1 and t_end > t_first else 0.0
         return {"text": self.llm.detokenize(out).decode("utf-8", errors="replace"),
                 "tokens": out, "prompt_tokens": len(toks),
-                "ttft_ms": round((t_first - t0) * 1e3, 3), "tokens_per_s": round(rate, 2)}
+                "ttft_ms": round((t_first - t0) * 1e3, 3), "tokens_per_s": round(rate, 2),
+                "timing_ms": {"template_tokenize": round((t_tok - t0) * 1e3, 3),
+                              "prompt_eval": round((t_first - t_tok) * 1e3, 3),
+                              "decode": round((t_end - t_first) * 1e3, 3)}}
 
 
 SYSTEM = "You are a helpful assistant."
