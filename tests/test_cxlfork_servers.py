@@ -1,0 +1,274 @@
+"""Real servers end to end (issue 13 part 5): redis-server and memcached, started fresh, loaded
+with 20k keys, checkpointed while they keep running (`--leave-running`) and cloned twice, each
+clone in a network namespace of its own (reached with cxlfork.state.netns.connect), under mow,
+lazy moa and eager moa (redis also into warm ghosts through the API). Each clone answers GET
+with the original's data, takes its own writes, isolated from the other clone and from the
+original, which keeps serving on the same port in our namespace.
+
+redis-server uses jemalloc, which relies on zeros after MADV_DONTNEED: one clone empties its
+database (FLUSHALL SYNC), has jemalloc purge (MEMORY PURGE) and loads 20k new keys into the
+reused memory, then checks every value and that the other clone and the original still hold
+the old data (stale checkpointed bytes in memory jemalloc takes as zeroed would corrupt the
+new hash tables). redis runs with its bio threads and jemalloc's background thread, no
+persistence (no fork for BGSAVE), io-threads 1 (the default)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from cxlfork_netutil import netns_of, new_port
+from cxlfork_util import cxlfork, new_store, rmtree
+from kvclient import Memcache, Resp
+
+from cxlfork.state import netns
+
+REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
+POLICIES = ["mow", "moa", "moa --eager"]
+NKEYS = 20000
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, namespaces)"),
+]
+
+
+def _value(i: int, tag: str = "v") -> bytes:
+    return (f"{tag}:{i}:" + "x" * (i % 97)).encode()
+
+
+def _keys(prefix: str = "key") -> list[bytes]:
+    return [f"{prefix}:{i:05d}".encode() for i in range(NKEYS)]
+
+
+@pytest.fixture(scope="module")
+def env():
+    d = tempfile.mkdtemp(prefix="cxlfork-srv-")
+    s = new_store()
+    yield d, s
+    rmtree(d)
+    rmtree(s)
+
+
+def _connect(pid: int | None, port: int, timeout_s: float = 20.0):
+    """A socket connected to 127.0.0.1:port in PID's namespace (None: ours), retrying while
+    the server is not up yet."""
+    import socket
+    t_end = time.monotonic() + timeout_s
+    while True:
+        try:
+            if pid is None:
+                s = socket.create_connection(("127.0.0.1", port), timeout=20)
+            else:
+                s = netns.connect(pid, ("127.0.0.1", port), timeout=20)
+            return s
+        except (ConnectionRefusedError, ConnectionResetError):
+            if time.monotonic() > t_end:
+                raise
+            time.sleep(0.05)
+
+
+def _kill(pids) -> None:
+    for p in pids:
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass
+
+
+def _restore_detached(img: str, policy: str, n: int = 2) -> list[int]:
+    r = cxlfork("restore", img, "--policy", *policy.split(), "-n", n, "--detach", "--json",
+                "--stdio", "null")
+    info = json.loads(r.stdout)
+    pids = info["pids"]
+    assert len({netns_of(p) for p in pids} | {netns_of(os.getpid())}) == n + 1
+    return pids
+
+
+# ---------------------------------------------------------------- redis-server
+
+def _start_redis(d: str, port: int) -> subprocess.Popen:
+    conf = os.path.join(d, f"redis-{port}.conf")
+    with open(conf, "w") as f:
+        f.write(f"port {port}\nbind 127.0.0.1\ndaemonize no\nsave \"\"\nappendonly no\n"
+                f"dir {d}\nlogfile \"\"\nprotected-mode yes\nio-threads 1\n"
+                "jemalloc-bg-thread yes\nlazyfree-lazy-user-flush no\n")
+    log = open(os.path.join(d, f"redis-{port}.log"), "w")
+    p = subprocess.Popen([REDIS, conf], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                         close_fds=True)
+    log.close()
+    r = Resp(_connect(None, port))
+    assert r.call("PING") == "PONG"
+    r.close()
+    return p
+
+
+def _redis_load(r: Resp, prefix: str = "key", tag: str = "v") -> None:
+    res = r.pipeline([("SET", k, _value(i, tag)) for i, k in enumerate(_keys(prefix))])
+    assert res == ["OK"] * NKEYS
+
+
+def _redis_check(r: Resp, prefix: str = "key", tag: str = "v") -> None:
+    keys = _keys(prefix)
+    got = r.call("MGET", *keys)
+    bad = [k for i, (k, v) in enumerate(zip(keys, got)) if v != _value(i, tag)]
+    assert not bad, f"{len(bad)} of {NKEYS} values wrong, e.g. {bad[:3]}"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_redis_cloned_twice(env, policy):
+    d, store = env
+    port = new_port()
+    orig = _start_redis(d, port)
+    img = os.path.join(d, f"redis-{policy.replace(' ', '')}.img")
+    pids: list[int] = []
+    try:
+        r = Resp(_connect(None, port))
+        _redis_load(r)
+        assert r.call("DBSIZE") == NKEYS
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store, "--leave-running")
+        pids = _restore_detached(img, policy)
+        clones = [Resp(_connect(p, port)) for p in pids]
+        for c in clones:                      # the original's data
+            assert c.call("PING") == "PONG"
+            assert c.call("DBSIZE") == NKEYS
+            _redis_check(c)
+        # each one's own writes, isolated from the others
+        for name, c in zip(("orig", "a", "b"), [r] + clones):
+            assert c.call("SET", "key:00000", f"written by {name}") == "OK"
+            assert c.call("INCRBY", "counter", len(name) + 1) == len(name) + 1
+            assert c.call("SET", f"only:{name}", name) == "OK"
+        for name, c in zip(("orig", "a", "b"), [r] + clones):
+            assert c.call("GET", "key:00000") == f"written by {name}".encode()
+            assert c.call("GET", "counter") == str(len(name) + 1).encode()
+            assert [c.call("EXISTS", f"only:{o}") for o in ("orig", "a", "b")] == \
+                [int(o == name) for o in ("orig", "a", "b")]
+            assert c.call("DBSIZE") == NKEYS + 2
+        # clone a drops everything, jemalloc purges (MADV_DONTNEED), new data in that memory
+        a, b = clones
+        assert a.call("FLUSHALL", "SYNC") == "OK"
+        assert a.call("MEMORY", "PURGE") == "OK"
+        assert a.call("DBSIZE") == 0
+        _redis_load(a, "new", "n")
+        _redis_check(a, "new", "n")
+        assert a.call("DBSIZE") == NKEYS
+        assert a.call("GET", "key:00001") is None
+        for c in (b, r):                      # untouched by a
+            assert c.call("DBSIZE") == NKEYS + 2
+            assert c.call("GET", "new:00001") is None
+            assert c.call("GET", "key:00001") == _value(1)
+        # the original keeps serving, as do the clones
+        assert r.call("SET", "after", "1") == "OK" and r.call("GET", "after") == b"1"
+        assert orig.poll() is None and all(os.path.exists(f"/proc/{p}") for p in pids)
+        assert b.call("PING") == "PONG"
+        for c in clones + [r]:
+            c.close()
+    finally:
+        _kill(pids)
+        orig.kill()
+        orig.wait()
+        cxlfork("rm", img, check=False)
+
+
+def test_redis_into_warm_ghosts(env):
+    """Through the API: a prepared mow restore into a warm ghost pool (each ghost's
+    namespace made ahead); two clones answer with the original's data, writes isolated."""
+    from cxlfork.checkpoint import checkpoint
+    from cxlfork.ghosts import GhostPool
+    from cxlfork.restore import prepare_restore
+    d, store = env
+    port = new_port()
+    orig = _start_redis(d, port)
+    img = os.path.join(d, "redis-ghost.img")
+    pids: list[int] = []
+    null = os.open("/dev/null", os.O_RDWR)
+    try:
+        r = Resp(_connect(None, port))
+        _redis_load(r)
+        checkpoint(orig.pid, img, store)
+        with prepare_restore(img) as prep, GhostPool(2, prepared=prep) as pool:
+            for _ in range(2):
+                pids += prep.restore(1, stdio=(null, null, null), ghosts=pool)
+            assert pool.stats()["fallbacks"] == 0
+            clones = [Resp(_connect(p, port)) for p in pids]
+            for i, c in enumerate(clones):
+                _redis_check(c)
+                assert c.call("SET", "key:00002", f"ghost {i}") == "OK"
+            for i, c in enumerate(clones):
+                assert c.call("GET", "key:00002") == f"ghost {i}".encode()
+            assert r.call("GET", "key:00002") == _value(2)
+            for c in clones + [r]:
+                c.close()
+            _kill(pids)
+            for p in pids:
+                os.waitpid(p, 0)
+            pids = []
+    finally:
+        os.close(null)
+        _kill(pids)
+        orig.kill()
+        orig.wait()
+        cxlfork("rm", img, check=False)
+
+
+# ---------------------------------------------------------------- memcached
+
+def _mc_items(prefix: str = "key", tag: str = "v"):
+    return [(k, _value(i, tag)) for i, k in enumerate(_keys(prefix))]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_memcached_cloned_twice(env, policy):
+    d, store = env
+    port = new_port()
+    orig = subprocess.Popen([MEMCACHED, "-u", "root", "-l", "127.0.0.1", "-p", str(port),
+                             "-U", "0", "-t", "4", "-m", "64"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            close_fds=True)
+    img = os.path.join(d, f"mc-{policy.replace(' ', '')}.img")
+    pids: list[int] = []
+    try:
+        m = Memcache(_connect(None, port))
+        items = _mc_items()
+        m.set_many(items)
+        assert m.get_many(k for k, _ in items) == dict(items)
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store, "--leave-running")
+        pids = _restore_detached(img, policy)
+        clones = [Memcache(_connect(p, port)) for p in pids]
+        for c in clones:
+            assert c.stats()["threads"] == "4"
+            got = c.get_many(k for k, _ in items)
+            assert got == dict(items), f"{sum(got.get(k) != v for k, v in items)} wrong"
+        for name, c in zip((b"orig", b"a", b"b"), [m] + clones):
+            c.set(b"key:00000", b"written by " + name)
+            c.set(b"only:" + name, name)
+        for name, c in zip((b"orig", b"a", b"b"), [m] + clones):
+            assert c.get(b"key:00000") == b"written by " + name
+            assert [c.get(b"only:" + o) for o in (b"orig", b"a", b"b")] == \
+                [o if o == name else None for o in (b"orig", b"a", b"b")]
+        a, b = clones
+        assert a.delete(b"key:00003") and a.get(b"key:00003") is None
+        assert b.get(b"key:00003") == _value(3) and m.get(b"key:00003") == _value(3)
+        # many connections at once, spread over the worker threads of a clone
+        many = [Memcache(_connect(pids[1], port)) for _ in range(8)]
+        for i, c in enumerate(many):
+            c.set(b"conn:%d" % i, b"%d" % i)
+        assert b.get_many(b"conn:%d" % i for i in range(8)) == \
+            {b"conn:%d" % i: b"%d" % i for i in range(8)}
+        assert m.get(b"conn:1") is None and a.get(b"conn:1") is None
+        for c in many + clones + [m]:
+            c.close()
+        assert orig.poll() is None
+        m = Memcache(_connect(None, port))
+        assert m.get(b"key:00004") == _value(4)
+        m.close()
+    finally:
+        _kill(pids)
+        orig.kill()
+        orig.wait()
+        cxlfork("rm", img, check=False)
