@@ -1,16 +1,20 @@
 """Real servers end to end (issue 13 part 5): redis-server and memcached, started fresh, loaded
 with 20k keys, checkpointed while they keep running (`--leave-running`) and cloned twice, each
-clone in a network namespace of its own (reached with cxlfork.state.netns.connect), under mow,
-lazy moa and eager moa (redis also into warm ghosts through the API). Each clone answers GET
-with the original's data, takes its own writes, isolated from the other clone and from the
-original, which keeps serving on the same port in our namespace.
+clone in a network namespace of its own (reached with cxlfork.state.netns.connect), under
+mow, lazy moa and eager moa (redis also with --pidns new, and into warm ghosts through the
+API). Each clone answers GET with the original's data, takes its own writes, isolated from
+the other clone and from the original, which keeps serving on the same port in our
+namespace.
 
 redis-server uses jemalloc, which relies on zeros after MADV_DONTNEED: one clone empties its
 database (FLUSHALL SYNC), has jemalloc purge (MEMORY PURGE) and loads 20k new keys into the
 reused memory, then checks every value and that the other clone and the original still hold
 the old data (stale checkpointed bytes in memory jemalloc takes as zeroed would corrupt the
-new hash tables). redis runs with its bio threads and jemalloc's background thread, no
-persistence (no fork for BGSAVE), io-threads 1 (the default)."""
+new hash tables: measured, a clone restored without the userfaultfd handler,
+`prepare_restore(anon=False)`, dies there). The other clone forks for a BGSAVE and a new
+redis-server loads what its child wrote: its data and its own writes. redis runs with its
+bio threads and jemalloc's background thread, no persistence configured, io-threads 1 (the
+default)."""
 from __future__ import annotations
 
 import json
@@ -31,6 +35,9 @@ from cxlfork.state import netns
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
 POLICIES = ["mow", "moa", "moa --eager"]
+# the redis test also runs in a new PID namespace per clone (getpid() is then the PID redis
+# cached at start; under --pidns host it differs, and redis tags its clone's log lines "C")
+REDIS_MODES = [(p, 1) for p in POLICIES] + [("mow --pidns new", 1), ("mow", 4), ("moa", 4)]
 NKEYS = 20000
 
 pytestmark = [
@@ -81,8 +88,9 @@ def _kill(pids) -> None:
             pass
 
 
-def _restore_detached(img: str, policy: str, n: int = 2) -> list[int]:
-    r = cxlfork("restore", img, "--policy", *policy.split(), "-n", n, "--detach", "--json",
+def _restore_detached(img: str, mode: str, n: int = 2) -> list[int]:
+    """n clones (mode: a policy and more restore options), detached; their PIDs."""
+    r = cxlfork("restore", img, "--policy", *mode.split(), "-n", n, "--detach", "--json",
                 "--stdio", "null")
     info = json.loads(r.stdout)
     pids = info["pids"]
@@ -92,11 +100,16 @@ def _restore_detached(img: str, policy: str, n: int = 2) -> list[int]:
 
 # ---------------------------------------------------------------- redis-server
 
-def _start_redis(d: str, port: int) -> subprocess.Popen:
+def _start_redis(d: str, port: int, rdb: str | None = None,
+                 io_threads: int = 1) -> subprocess.Popen:
+    """redis-server on 127.0.0.1:port, no persistence (BGSAVE on demand writes rdb, default
+    dump-PORT.rdb in d; a server started with an existing rdb loads it)."""
     conf = os.path.join(d, f"redis-{port}.conf")
     with open(conf, "w") as f:
         f.write(f"port {port}\nbind 127.0.0.1\ndaemonize no\nsave \"\"\nappendonly no\n"
-                f"dir {d}\nlogfile \"\"\nprotected-mode yes\nio-threads 1\n"
+                f"dir {d}\ndbfilename {rdb or f'dump-{port}.rdb'}\nlogfile \"\"\n"
+                f"protected-mode yes\nio-threads {io_threads}\nio-threads-do-reads yes\n"
+                "enable-debug-command local\n"
                 "jemalloc-bg-thread yes\nlazyfree-lazy-user-flush no\n")
     log = open(os.path.join(d, f"redis-{port}.log"), "w")
     p = subprocess.Popen([REDIS, conf], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -120,24 +133,58 @@ def _redis_check(r: Resp, prefix: str = "key", tag: str = "v") -> None:
     assert not bad, f"{len(bad)} of {NKEYS} values wrong, e.g. {bad[:3]}"
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_redis_cloned_twice(env, policy):
+def _busy_clients(pid: int, port: int, n: int = 16, rounds: int = 5) -> None:
+    """n connections to the clone PID, each with a pipelined burst of GETs in flight at once
+    (redis hands the writes to its I/O threads when at least 2 x io-threads clients wait for
+    them: the bursts are sent while the main thread sleeps in DEBUG SLEEP), answers checked."""
+    conns = [Resp(_connect(pid, port)) for _ in range(n)]
+    sleeper = Resp(_connect(pid, port))
+    keys = _keys()
+    try:
+        for r in range(rounds):
+            want = [(i * 997 + r * 31) % NKEYS for i in range(n)]
+            sleeper.sock.sendall(Resp.encode("DEBUG", "SLEEP", "0.1"))
+            time.sleep(0.02)
+            for c, i in zip(conns, want):
+                c.sock.sendall(b"".join(Resp.encode("GET", keys[(i + j) % NKEYS])
+                                        for j in range(50)))
+            for c, i in zip(conns, want):
+                got = [c.reply() for _ in range(50)]
+                assert got == [_value((i + j) % NKEYS) for j in range(50)]
+            assert sleeper.reply() == "OK"
+    finally:
+        for c in conns + [sleeper]:
+            c.close()
+
+
+@pytest.mark.parametrize("mode,io_threads", REDIS_MODES)
+def test_redis_cloned_twice(env, mode, io_threads):
+    """mode: policy and restore options; io_threads: redis's io-threads (4: three I/O
+    threads more, reading and writing for the main thread when many clients are busy)."""
     d, store = env
     port = new_port()
-    orig = _start_redis(d, port)
-    img = os.path.join(d, f"redis-{policy.replace(' ', '')}.img")
+    orig = _start_redis(d, port, io_threads=io_threads)
+    img = os.path.join(d, f"redis-{mode.replace(' ', '')}-{io_threads}.img")
     pids: list[int] = []
+    check = None
     try:
         r = Resp(_connect(None, port))
         _redis_load(r)
         assert r.call("DBSIZE") == NKEYS
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", store, "--leave-running")
-        pids = _restore_detached(img, policy)
+        pids = _restore_detached(img, mode)
         clones = [Resp(_connect(p, port)) for p in pids]
         for c in clones:                      # the original's data
             assert c.call("PING") == "PONG"
             assert c.call("DBSIZE") == NKEYS
             _redis_check(c)
+        if io_threads > 1:                    # make the clones' I/O threads work
+            for p, c in zip(pids, clones):
+                _busy_clients(p, port)
+                st = c.call("INFO", "stats").decode()
+                n = int(next(x for x in st.split() if x.startswith(
+                    "io_threaded_writes_processed:")).split(":")[1])
+                assert n > 0, "no write went through an I/O thread"
         # each one's own writes, isolated from the others
         for name, c in zip(("orig", "a", "b"), [r] + clones):
             assert c.call("SET", "key:00000", f"written by {name}") == "OK"
@@ -162,6 +209,22 @@ def test_redis_cloned_twice(env, policy):
             assert c.call("DBSIZE") == NKEYS + 2
             assert c.call("GET", "new:00001") is None
             assert c.call("GET", "key:00001") == _value(1)
+        # clone b forks for a BGSAVE (its store-mapped memory registered with the handler:
+        # the child gets its own table); a new server loads what the child wrote
+        assert b.call("BGSAVE") == "Background saving started"
+        t_end = time.monotonic() + 60
+        while b"rdb_bgsave_in_progress:1" in b.call("INFO", "persistence"):
+            assert time.monotonic() < t_end
+            time.sleep(0.05)
+        assert b"rdb_last_bgsave_status:ok" in b.call("INFO", "persistence")
+        port2 = new_port()
+        check = _start_redis(d, port2, rdb=f"dump-{port}.rdb")
+        k = Resp(_connect(None, port2))
+        assert k.call("DBSIZE") == NKEYS + 2
+        assert k.call("GET", "key:00000") == b"written by b"
+        assert k.call("GET", "only:b") == b"b" and k.call("GET", "only:a") is None
+        assert k.call("GET", "key:19999") == _value(19999)
+        k.close()
         # the original keeps serving, as do the clones
         assert r.call("SET", "after", "1") == "OK" and r.call("GET", "after") == b"1"
         assert orig.poll() is None and all(os.path.exists(f"/proc/{p}") for p in pids)
@@ -170,8 +233,10 @@ def test_redis_cloned_twice(env, policy):
             c.close()
     finally:
         _kill(pids)
-        orig.kill()
-        orig.wait()
+        for p in (orig, check):
+            if p is not None:
+                p.kill()
+                p.wait()
         cxlfork("rm", img, check=False)
 
 
