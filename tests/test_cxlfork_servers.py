@@ -1,8 +1,8 @@
 """Real servers end to end (issue 13 part 5): redis-server and memcached, started fresh, loaded
 with 20k keys, checkpointed while they keep running (`--leave-running`) and cloned twice, each
 clone in a network namespace of its own (reached with cxlfork.state.netns.connect), under
-mow, lazy moa and eager moa (redis also with --pidns new, and into warm ghosts through the
-API). Each clone answers GET with the original's data, takes its own writes, isolated from
+mow, lazy moa and eager moa (redis also hybrid after a `cxlfork profile` of a clone serving
+GETs, with --pidns new, and into warm ghosts through the API). Each clone answers GET with the original's data, takes its own writes, isolated from
 the other clone and from the original, which keeps serving on the same port in our
 namespace.
 
@@ -37,7 +37,8 @@ MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
 POLICIES = ["mow", "moa", "moa --eager"]
 # the redis test also runs in a new PID namespace per clone (getpid() is then the PID redis
 # cached at start; under --pidns host it differs, and redis tags its clone's log lines "C")
-REDIS_MODES = [(p, 1) for p in POLICIES] + [("mow --pidns new", 1), ("mow", 4), ("moa", 4)]
+REDIS_MODES = [(p, 1) for p in POLICIES + ["hybrid"]] + [("mow --pidns new", 1), ("mow", 4),
+                                                         ("moa", 4)]
 NKEYS = 20000
 
 pytestmark = [
@@ -172,6 +173,14 @@ def test_redis_cloned_twice(env, mode, io_threads):
         _redis_load(r)
         assert r.call("DBSIZE") == NKEYS
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", store, "--leave-running")
+        if mode == "hybrid":                  # record what a clone serving GETs touches
+            pids = _restore_detached(img, "mow", 1)
+            c = Resp(_connect(pids[0], port))
+            _redis_check(c)
+            c.close()
+            prof = json.loads(cxlfork("profile", img, pids[0], "--json").stdout)
+            assert 0 < prof["hot_pages"] < prof["pages"]
+            _kill(pids)
         pids = _restore_detached(img, mode)
         clones = [Resp(_connect(p, port)) for p in pids]
         for c in clones:                      # the original's data
