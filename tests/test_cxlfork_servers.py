@@ -34,6 +34,10 @@ from cxlfork.state import netns
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 MEMCACHED = shutil.which("memcached") or "/usr/bin/memcached"
+needs_redis = pytest.mark.skipif(not os.path.exists(REDIS), reason="no redis-server (make "
+                                 "setup installs Debian's redis-server)")
+needs_memcached = pytest.mark.skipif(not os.path.exists(MEMCACHED), reason="no memcached "
+                                     "(make setup installs it)")
 POLICIES = ["mow", "moa", "moa --eager"]
 # the redis test also runs in a new PID namespace per clone (getpid() is then the PID redis
 # cached at start; under --pidns host it differs, and redis tags its clone's log lines "C")
@@ -158,6 +162,7 @@ def _busy_clients(pid: int, port: int, n: int = 16, rounds: int = 5) -> None:
             c.close()
 
 
+@needs_redis
 @pytest.mark.parametrize("mode,io_threads", REDIS_MODES)
 def test_redis_cloned_twice(env, mode, io_threads):
     """mode: policy and restore options; io_threads: redis's io-threads (4: three I/O
@@ -252,6 +257,7 @@ def test_redis_cloned_twice(env, mode, io_threads):
         cxlfork("rm", img, check=False)
 
 
+@needs_redis
 def test_redis_into_warm_ghosts(env):
     """Through the API: a prepared mow restore into a warm ghost pool (each ghost's
     namespace made ahead); two clones answer with the original's data, writes isolated."""
@@ -299,6 +305,7 @@ def _mc_items(prefix: str = "key", tag: str = "v"):
     return [(k, _value(i, tag)) for i, k in enumerate(_keys(prefix))]
 
 
+@needs_memcached
 @pytest.mark.parametrize("policy", POLICIES)
 def test_memcached_cloned_twice(env, policy):
     d, store = env
