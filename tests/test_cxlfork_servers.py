@@ -2,7 +2,8 @@
 with 20k keys, checkpointed while they keep running (`--leave-running`) and cloned twice, each
 clone in a network namespace of its own (reached with cxlfork.state.netns.connect), under
 mow, lazy moa and eager moa (redis also hybrid after a `cxlfork profile` of a clone serving
-GETs, with --pidns new, and into warm ghosts through the API). Each clone answers GET with the original's data, takes its own writes, isolated from
+GETs, with --pidns new, and into warm ghosts through the API; memcached also with
+--pidns new and into warm ghosts). Each clone answers GET with the original's data, takes its own writes, isolated from
 the other clone and from the original, which keeps serving on the same port in our
 namespace.
 
@@ -305,15 +306,19 @@ def _mc_items(prefix: str = "key", tag: str = "v"):
     return [(k, _value(i, tag)) for i, k in enumerate(_keys(prefix))]
 
 
-@needs_memcached
-@pytest.mark.parametrize("policy", POLICIES)
-def test_memcached_cloned_twice(env, policy):
-    d, store = env
-    port = new_port()
-    orig = subprocess.Popen([MEMCACHED, "-u", "root", "-l", "127.0.0.1", "-p", str(port),
+def _start_memcached(port: int) -> subprocess.Popen:
+    return subprocess.Popen([MEMCACHED, "-u", "root", "-l", "127.0.0.1", "-p", str(port),
                              "-U", "0", "-t", "4", "-m", "64"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             close_fds=True)
+
+
+@needs_memcached
+@pytest.mark.parametrize("policy", POLICIES + ["mow --pidns new"])
+def test_memcached_cloned_twice(env, policy):
+    d, store = env
+    port = new_port()
+    orig = _start_memcached(port)
     img = os.path.join(d, f"mc-{policy.replace(' ', '')}.img")
     pids: list[int] = []
     try:
@@ -324,8 +329,11 @@ def test_memcached_cloned_twice(env, policy):
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", store, "--leave-running")
         pids = _restore_detached(img, policy)
         clones = [Memcache(_connect(p, port)) for p in pids]
-        for c in clones:
-            assert c.stats()["threads"] == "4"
+        for p, c in zip(pids, clones):
+            st = c.stats()
+            assert st["threads"] == "4"
+            # memcached reports getpid(): the original's PID in a clone's own PID namespace
+            assert st["pid"] == str(orig.pid if "pidns new" in policy else p)
             got = c.get_many(k for k, _ in items)
             assert got == dict(items), f"{sum(got.get(k) != v for k, v in items)} wrong"
         for name, c in zip((b"orig", b"a", b"b"), [m] + clones):
@@ -352,6 +360,54 @@ def test_memcached_cloned_twice(env, policy):
         assert m.get(b"key:00004") == _value(4)
         m.close()
     finally:
+        _kill(pids)
+        orig.kill()
+        orig.wait()
+        cxlfork("rm", img, check=False)
+
+
+@needs_memcached
+def test_memcached_into_warm_ghosts(env):
+    """Through the API: memcached (4 worker threads, libevent) restored mow into a warm
+    ghost pool, twice; each clone answers with the original's 20k items and keeps its own
+    writes, the original unchanged."""
+    from cxlfork.checkpoint import checkpoint
+    from cxlfork.ghosts import GhostPool
+    from cxlfork.restore import prepare_restore
+    d, store = env
+    port = new_port()
+    orig = _start_memcached(port)
+    img = os.path.join(d, "mc-ghost.img")
+    pids: list[int] = []
+    null = os.open("/dev/null", os.O_RDWR)
+    try:
+        m = Memcache(_connect(None, port))
+        items = _mc_items()
+        m.set_many(items)
+        checkpoint(orig.pid, img, store)
+        with prepare_restore(img) as prep, GhostPool(2, prepared=prep) as pool:
+            for _ in range(2):
+                pids += prep.restore(1, stdio=(null, null, null), ghosts=pool)
+            assert pool.stats()["fallbacks"] == 0
+            assert len({netns_of(p) for p in pids} | {netns_of(os.getpid())}) == 3
+            clones = [Memcache(_connect(p, port)) for p in pids]
+            for i, c in enumerate(clones):
+                assert c.stats()["threads"] == "4"
+                got = c.get_many(k for k, _ in items)
+                assert got == dict(items), f"{sum(got.get(k) != v for k, v in items)} wrong"
+                c.set(b"key:00002", b"ghost %d" % i)
+            for i, c in enumerate(clones):
+                assert c.get(b"key:00002") == b"ghost %d" % i
+            assert m.get(b"key:00002") == _value(2)
+            for c in clones + [m]:
+                c.close()
+            _kill(pids)
+            for p in pids:
+                os.waitpid(p, 0)
+            pids = []
+        assert orig.poll() is None
+    finally:
+        os.close(null)
         _kill(pids)
         orig.kill()
         orig.wait()
