@@ -25,7 +25,8 @@ Last, the "servers" table (bench_cxlfork_servers.py; alone with --servers): `pyt
 http.server` from restore start to its first answered GET, into a new network namespace and
 into this one, against a cold start, medians of max(--runs, 5); and redis-server holding
 --redis-mib MiB (bench_cxlfork_redis.py): checkpoint, first answered GET per policy against a
-cold start from its RDB file and os.fork(), PSS of 4 clones.
+cold start from its RDB file and os.fork(), PSS of 4 clones; nginx and a Node.js app
+(bench_cxlfork_web.py) from restore start to the first answered request against a cold start.
 Run as root:  .venv/bin/python bench/bench_cxlfork.py [--full] [--servers]
 """
 from __future__ import annotations
@@ -390,10 +391,12 @@ def main():
     sys.path.insert(0, HERE)
     from bench_cxlfork_redis import run as redis_table
     from bench_cxlfork_servers import run as servers_table
+    from bench_cxlfork_web import run as web_table
     if a.servers:
         print(servers_table(max(a.runs, 5)))
         if a.redis_mib:
             print(redis_table(a.redis_mib, max(a.runs, 5)))
+        print(web_table(max(a.runs, 5)))
         return
     work = tempfile.mkdtemp(prefix="cxlfork-bench-")
     # the page store: a tmpfs mounted like cxlfork's default store (huge=within_size, bound
@@ -450,6 +453,7 @@ def main():
     print(servers_table(max(a.runs, 5)))
     if a.redis_mib:
         print(redis_table(a.redis_mib, max(a.runs, 5)))
+    print(web_table(max(a.runs, 5)))
 
 
 if __name__ == "__main__":
