@@ -13,6 +13,8 @@ in JS; it runs V8 (JIT code, GC helper threads), libuv (epoll, eventfds, pipes, 
 already started by crypto.pbkdf2 and fs.readFile before the checkpoint) and a setInterval
 timer. Each clone answers with the original's state, keeps its own increments, compiles and
 runs new code, collects garbage, uses the threadpool and its timer keeps ticking.
+With UV_USE_IO_URING=1 libuv has io_uring kernel threads: refused before anything is
+seized, the app left serving.
 """
 from __future__ import annotations
 
@@ -265,3 +267,39 @@ def test_node_app_cloned_twice(env, mode):
         orig.kill()
         orig.wait()
         cxlfork("rm", img, check=False)
+
+
+@needs_node
+def test_node_with_io_uring_refused(env):
+    """libuv with io_uring (UV_USE_IO_URING=1: its SQPOLL ring and io-wq workers are kernel
+    threads of the process that ptrace cannot stop): refused before anything is seized, one
+    line naming such a thread; the app keeps serving, untraced."""
+    d, store = env
+    port = new_port()
+    app = os.path.join(PROGS, "node_counter.js")
+    log = open(os.path.join(d, f"node-{port}.out"), "w")
+    orig = subprocess.Popen([NODE, app, str(port), app], stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=log, close_fds=True,
+                            env={**os.environ, "UV_USE_IO_URING": "1"})
+    log.close()
+    img = os.path.join(d, "node-uring.img")
+    try:
+        _node_state(None, port, "/pool")
+        rings = [f for f in os.listdir(f"/proc/{orig.pid}/fd")
+                 if os.readlink(f"/proc/{orig.pid}/fd/{f}") == "anon_inode:[io_uring]"]
+        if not rings:
+            pytest.skip("this node's libuv does not use io_uring (libuv < 1.45, or "
+                        "io_uring disabled here)")
+        r = cxlfork("checkpoint", orig.pid, "-o", img, "--store", store, "--leave-running",
+                    check=False)
+        assert r.returncode == 1
+        line, = [x for x in r.stderr.splitlines() if "warning" not in x]
+        assert line.startswith(f"cxlfork: error: PID {orig.pid} uses io_uring (its kernel "
+                               "thread ") and "iou-" in line, line
+        assert not os.path.exists(img)
+        with open(f"/proc/{orig.pid}/status") as f:
+            assert "TracerPid:\t0\n" in f.read()
+        assert _node_state(None, port, "/inc")["counter"] == 1
+    finally:
+        orig.kill()
+        orig.wait()
