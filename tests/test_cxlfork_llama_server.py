@@ -90,7 +90,12 @@ def _start(d: str, port: int, *extra: str) -> subprocess.Popen:
                           "--n_threads", "1", *extra], stdin=subprocess.DEVNULL, stdout=log,
                          stderr=log, close_fds=True)
     log.close()
-    _post(None, port, "/v1/models", None)
+    try:
+        _post(None, port, "/v1/models", None)
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
     return p
 
 
@@ -117,11 +122,11 @@ def test_llama_server_cloned_twice(env, mode, mlock):
     d, store = env
     port = new_port()
     orig = _start(d, port, *(() if mlock else ("--use_mlock", "false")))
-    if mlock and not _model_locked(orig.pid):
-        pytest.skip("llama.cpp did not mlock the model here (RLIMIT_MEMLOCK?)")
     img = os.path.join(d, f"llama-{mode.replace(' ', '')}.img")
     pids: list[int] = []
     try:
+        if mlock and not _model_locked(orig.pid):
+            pytest.skip("llama.cpp did not mlock the model here (RLIMIT_MEMLOCK?)")
         want = _text(_post(None, port, "/v1/completions", PROMPT))
         assert want.strip()
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", store, "--leave-running")

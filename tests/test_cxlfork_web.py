@@ -131,7 +131,12 @@ def _start_nginx(d: str, port: int, master: bool = False) -> subprocess.Popen:
     p = subprocess.Popen([NGINX, "-c", conf, "-p", d], stdin=subprocess.DEVNULL, stdout=log,
                          stderr=log, close_fds=True)
     log.close()
-    http_get(None, port, "/index.html")
+    try:
+        http_get(None, port, "/index.html")
+    except BaseException:
+        p.terminate()                         # master: its workers exit with it
+        p.wait()
+        raise
     return p
 
 
