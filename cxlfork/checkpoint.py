@@ -87,6 +87,26 @@ def collect(tr: Tracee, tree: dict | None = None) -> dict:
 
 
 PF_KTHREAD = 0x00200000
+PF_IO_WORKER = 0x00000010
+
+
+def _refuse_io_workers(pid: int) -> None:
+    """io_uring's kernel threads (iou-sqp-N, iou-wrk-N: PF_IO_WORKER) are tasks of the
+    process that ptrace cannot stop (seizing them failed with ESRCH and the process died):
+    refused before anything is seized, naming one. Its io_uring fds are refused anyway."""
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError:
+        return                                # gone meanwhile: the next step says so
+    for tid in tids:
+        try:
+            st = procfs.read_text(pid, f"task/{tid}/stat")
+        except CxlforkError:
+            continue
+        comm, _, rest = st.partition(" (")[2].rpartition(")")
+        if int(rest.split()[6]) & PF_IO_WORKER:
+            raise Refused(f"PID {pid} uses io_uring (its kernel thread {tid} {comm}); "
+                          "io_uring is not supported: the process was not stopped")
 
 
 def _refuse_what_is_not_a_user_process(pid: int) -> None:
@@ -109,6 +129,7 @@ def _refuse_what_is_not_a_user_process(pid: int) -> None:
     if zombie:
         raise CxlforkError(f"PID {pid} ({name}) is a zombie: it has exited and waits for its "
                            "parent to reap it; there is nothing left to checkpoint")
+    _refuse_io_workers(pid)
     if nspid and nspid[-1] == "1":
         where = "this PID namespace" if pid == 1 else "a PID namespace (PID 1 there)"
         raise CxlforkError(f"PID {pid} ({name}) is the init process of {where}: cxlfork does "

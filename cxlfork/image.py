@@ -327,6 +327,7 @@ def validate(m: dict, image: str = "?") -> dict:
         v.get(a, "growsdown", bool, w)
         if v.int_in(a, "offset", 0, 1 << 60, w) % PAGE:
             v.fail(f"{w}.offset", "not page-aligned")
+        v.get(a, "locked", bool, w, optional=True)
         for f in v.get(a, "madvise", list, w):
             if not isinstance(f, int) or not 0 <= f < 100:
                 v.fail(f"{w}.madvise", "bad advice")

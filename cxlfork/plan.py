@@ -36,7 +36,8 @@ HDR_WORDS = 32
  OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL, OP_PRLIMIT,
  OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
  OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER, OP_EPOLL_CTL,
- OP_SIGQUEUE, OP_EPOLL_FIRED) = range(1, 29)
+ OP_SIGQUEUE, OP_EPOLL_FIRED, OP_MLOCK) = range(1, 30)
+MLOCK_ONFAULT = 1
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PROT_R = 1
@@ -226,6 +227,10 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
             p.op(OP_MPROTECT, s, e - s, prot)
         for adv in v["madvise"]:
             p.op(OP_MADVISE, s, e - s, adv)
+        if v.get("locked"):
+            # locked again, on fault: an mlock() that populates would copy every page of a
+            # private writable mapping (mow's sharing gone) and fault on store pages here
+            p.op(OP_MLOCK, s, e - s, MLOCK_ONFAULT)
 
     sig = m["signals"]
     for a in sig["actions"]:

@@ -196,6 +196,8 @@ static long run_op(const uint64_t *o)
         return sc(NR_mprotect, o[1], o[2], o[3]);
     case OP_MADVISE:
         return sc(NR_madvise, o[1], o[2], o[3]);
+    case OP_MLOCK:           /* o: address, length, mlock2 flags (MLOCK_ONFAULT) */
+        return sc(NR_mlock2, o[1], o[2], o[3]);
     case OP_SIGACTION: {
         uint64_t act[4] = { o[2], o[3], o[4], o[5] };
         return sc6(NR_rt_sigaction, o[1], (long)act, 0, 8, 0, 0);

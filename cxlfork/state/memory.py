@@ -4,7 +4,8 @@ Checkpoint (`collect`): /proc/PID/smaps (maps + VmFlags) turned into VMA records
 file, shmem/memfd, vvar/vdso), each with the runs of pages the store must keep (pagemap
 presence; for file/shmem private mappings only the copied-on-write pages); shared anonymous
 memory and memfds become objects (`Objects`, by inode) whose data ranges (SEEK_DATA/HOLE) are
-stored too. Refused, naming the mapping: mlocked, VM_IO/PFNMAP, userfaultfd-registered
+stored too. mlock()ed mappings are marked "locked" (the restorer locks them again with
+MLOCK_ONFAULT). Refused, naming the mapping: VM_IO/PFNMAP, userfaultfd-registered
 (also a cxlfork clone's store-mapped runs, whose dropped pages are zeros only through its
 handler), shadow-stack and sealed memory, SysV shm, the restorer's region. Mappings of
 deleted files become objects too (cxlfork.state.deleted).
@@ -33,7 +34,7 @@ from tiermem.native import pagemap_read, PM_FILE, PM_PRESENT, PM_SWAP
 PAGE = 4096
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]")
 MADVISE = {"hg": 14, "nh": 15, "dc": 10, "dd": 16, "wf": 18, "sr": 2, "rr": 1, "mg": 12}
-REFUSED_VMFLAGS = {"lo": "mlock()ed memory", "io": "device memory (VM_IO)",
+REFUSED_VMFLAGS = {"io": "device memory (VM_IO)",
                    "pf": "device memory (VM_PFNMAP)", "um": "userfaultfd-registered memory",
                    "uw": "userfaultfd-registered memory",
                    "ui": "userfaultfd-registered memory (in a cxlfork clone: the store pages "
@@ -125,7 +126,8 @@ def collect(pid: int, maps: list[dict], objs: Objects) -> list[dict]:
         rec = {"start": s, "end": e, "prot": prot, "shared": shared, "offset": v["pgoff"],
                "maywrite": "mw" in flags,
                "growsdown": "gd" in flags, "path": path, "runs": [],
-               "madvise": sorted(MADVISE[f] for f in flags if f in MADVISE)}
+               "madvise": sorted(MADVISE[f] for f in flags if f in MADVISE),
+               **({"locked": True} if "lo" in flags else {})}
         if path in SPECIAL:
             rec["kind"] = "special"
             vmas.append(rec)
