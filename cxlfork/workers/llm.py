@@ -21,6 +21,12 @@ output: {"text": "...", "tokens": [ids], "prompt_tokens": P, "ttft_ms": T,
         time went inside the worker (chat template + tokenizer, prompt evaluation up to the
         first token, the later tokens)
 
+flash attention on: with llama.cpp 0.3.16's default attention (F16 KV cache, no flash
+attention) a prompt evaluated in micro-batches of 4 tokens or more gives wrong logits on some
+x86 CPUs (seen on an AVX2-only AMD EPYC: "What is the capital of France?" answered "La femme
+de France, le Grand Croix, ..." while one token at a time, an F32 KV cache or flash attention
+all answer "The capital of France is Paris."). Flash attention keeps the F16 cache's size.
+
 n_threads 1: the porter runs several instances on few cores, and llama.cpp's OpenMP threads
 spin while they wait: with 2 threads per instance on the 2 shared cores here decode fell to
 4-9 tokens/s against ~75 with one (docs/porter.md).
@@ -45,7 +51,8 @@ class SmolLM:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         try:
             self.llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
-                             n_threads_batch=n_threads, use_mmap=mmap, verbose=False, seed=0)
+                             n_threads_batch=n_threads, use_mmap=mmap, verbose=False, seed=0,
+                             flash_attn=True)
         except (ValueError, RuntimeError) as e:        # llama.cpp could not load it
             raise ModelError(f"model file {path} is corrupt: llama.cpp cannot load it "
                              f"({e})") from e
