@@ -31,13 +31,43 @@ from tiermem.errors import TiermemError  # noqa: E402
 
 POLICIES = ["oracle", "m5", "damon", "tpp", "first-touch", "interleave"]
 REAL_PROGRAMS = list(PROGRAMS)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OWN = {  # our own C programs (emulation/programs/), rows of earlier rounds: --own
+    "hashtable": ("hashtable.c", ["200000", "1500000"], 8),
+    "sortmerge": ("sortmerge.c", ["50000", "200000"], 8),
+}
 
 
-def workloads(quick: bool, synthetic: bool = True, real=REAL_PROGRAMS):
+def own_trace(name: str):
+    import shutil
+    import subprocess
+    from emulation.realtraces import CACHE
+    from tiermem import trace as tracefmt
+    from tiermem.trace_capture import capture
+    src, args, every = OWN[name]
+    os.makedirs(CACHE, exist_ok=True)
+    path = os.path.join(CACHE, f"{name}-{'-'.join(args)}-s{every}.npz")
+    if os.path.exists(path):
+        return tracefmt.load(path)
+    if not (shutil.which("gcc") and shutil.which("valgrind")):
+        raise SystemExit("bench_policies: own traces need gcc and valgrind")
+    exe = os.path.join(CACHE, name)
+    subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(ROOT, "emulation", "programs", src)],
+                   check=True)
+    print(f"capturing {name} under valgrind lackey (1 in {every} accesses)...",
+          file=sys.stderr, flush=True)
+    tr = capture([exe, *args], sample_every=every, stdout=subprocess.DEVNULL)
+    tr.save(path)
+    return tr
+
+
+def workloads(quick: bool, synthetic: bool = True, real=REAL_PROGRAMS, own: bool = False):
     from tiermem.cli.sim import DEFAULT_ACCESSES         # the CLI's default too
     n = 2_000_000 if quick else DEFAULT_ACCESSES
     for name in real:
         yield name, lambda name=name: real_trace(name)
+    for name in OWN if own else ():
+        yield name, lambda name=name: own_trace(name)
     if not synthetic:
         return
     yield "zipf", lambda: synth.zipf(pages=16384, accesses=n)
@@ -54,6 +84,8 @@ def main():
     ap.add_argument("--real", default=",".join(REAL_PROGRAMS),
                     help="real programs to trace and replay (comma-separated; '' for none)")
     ap.add_argument("--real-only", action="store_true", help="skip the synthetic workloads")
+    ap.add_argument("--own", action="store_true",
+                    help="also our own C programs (hashtable, sortmerge) of earlier rounds")
     ap.add_argument("--plots", help="write fast-ratio/migration plots per workload here")
     a = ap.parse_args()
     out = []
@@ -68,7 +100,7 @@ def main():
         if x not in PROGRAMS:
             raise SystemExit(f"bench_policies: unknown real program {x!r} "
                              f"(known: {', '.join(PROGRAMS)})")
-    for name, make in workloads(a.quick, not a.real_only, real):
+    for name, make in workloads(a.quick, not a.real_only, real, a.own):
         try:
             tr = make()
         except TiermemError as e:
