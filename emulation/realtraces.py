@@ -123,7 +123,7 @@ def redis(tmp: str, every: int, progress):
             box["error"] = e
     th = threading.Thread(target=run, daemon=True)
     th.start()
-    end = time.monotonic() + 300
+    end = time.monotonic() + 3600          # its start-up alone is ~7 M accesses
     while not os.path.exists(sock):
         if not th.is_alive() or time.monotonic() > end:
             th.join(5)
