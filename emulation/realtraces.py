@@ -20,8 +20,8 @@ input and, for a server, its load generator):
 Traces are cached as DIR/NAME-vN-sS.npz (DIR: $TIERMEM_TRACE_CACHE, default
 /var/cache/tiermem/traces; N = the recipe's version, S = 1 in S accesses kept) and captured
 when missing; lackey runs a program ~2000x slower than native here, so each capture takes
-minutes (the first bench run pays for it once). A missing program is a clear error naming
-the Debian package.
+minutes (the first bench run pays for it once); a run past MAX_ACCESSES data accesses is
+traced as that prefix. A missing program is a clear error naming the Debian package.
 """
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ from tiermem.trace_capture import capture
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("TIERMEM_TRACE_CACHE", "/var/cache/tiermem/traces")
 SAMPLE_EVERY = 8
+# a run longer than this many data accesses is traced as its prefix (the program is stopped
+# there; meta stopped_at_accesses): at 20-50 k accesses/s under lackey on a loaded machine
+MAX_ACCESSES = 80_000_000
 
 
 def _need(prog: str, package: str) -> str:
@@ -76,7 +79,7 @@ def _sqlite_sql(path: str, rows: int = 12000, queries: int = 3000, seed: int = 7
 
 def _capture(cmd, every, progress):
     return capture(cmd, sample_every=every, stdout=subprocess.DEVNULL, progress=progress,
-                   follow_exec=False)
+                   follow_exec=False, max_accesses=MAX_ACCESSES)
 
 
 def sqlite(tmp: str, every: int, progress):
@@ -133,12 +136,19 @@ def redis(tmp: str, every: int, progress):
     try:
         for args in (["-n", "8000", "-r", "8000", "-t", "set"],
                      ["-n", "8000", "-r", "800", "-t", "get,set"]):
-            subprocess.run([bench, "-s", sock, "-d", "256", "-P", "16", "-q", *args],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
-                           timeout=3600)
+            r = subprocess.run([bench, "-s", sock, "-d", "256", "-P", "16", "-q", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=3600)
+            if r.returncode != 0:
+                th.join(60)                   # the capture stopped the server at its cap
+                if th.is_alive() or "trace" not in box:
+                    raise TiermemError(f"real trace: redis-benchmark {' '.join(args)} failed "
+                                       f"(status {r.returncode})")
+                break
     finally:
-        subprocess.run([cli, "-s", sock, "shutdown", "nosave"], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=600)
+        if th.is_alive():
+            subprocess.run([cli, "-s", sock, "shutdown", "nosave"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
         th.join(600)
     if "error" in box:
         raise box["error"]
