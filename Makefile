@@ -13,7 +13,7 @@ APT_PKGS := qemu-system-x86 python3-bpfcc bpfcc-tools python3-venv python3-dev g
             iproute2 util-linux redis-server memcached nginx-light nodejs
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: all setup apt venv guest test test-host demo bench clean distclean
+.PHONY: all setup apt venv guest test test-host demo bench traces clean distclean
 
 all: setup
 
@@ -76,6 +76,20 @@ $(STAMPS)/porter-workers: $(STAMPS)/venv Makefile cxlfork/workers/models.py cxlf
 	$(PY) -m cxlfork.workers.build_c
 	touch $@
 
+# The real programs bench_policies traces (emulation/realtraces.py) and their captures
+# under valgrind lackey, cached in /var/cache/tiermem/traces (minutes each, once).
+TRACE_PKGS := redis-server sqlite3 gcc valgrind
+$(STAMPS)/trace-progs: | $(STAMPS)
+	@if dpkg-query -W -f='$${Status}\n' $(TRACE_PKGS) 2>/dev/null | grep -vq 'install ok installed' \
+	   || [ $$(dpkg-query -W -f='$${Status}\n' $(TRACE_PKGS) 2>/dev/null | wc -l) -lt $(words $(TRACE_PKGS)) ]; then \
+	  echo "== installing Debian packages: $(TRACE_PKGS)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(TRACE_PKGS); \
+	fi
+	touch $@
+
+traces: $(STAMPS)/venv $(STAMPS)/trace-progs
+	$(PY) -m emulation.realtraces
+
 guest: $(STAMPS)/guest
 
 test: $(STAMPS)/guest $(STAMPS)/bcc $(STAMPS)/porter-workers
@@ -87,7 +101,7 @@ test-host: $(STAMPS)/venv $(STAMPS)/porter-workers
 demo: $(STAMPS)/guest $(STAMPS)/bcc
 	$(PY) -m emulation demo
 
-bench: $(STAMPS)/guest $(STAMPS)/bcc $(STAMPS)/porter-workers
+bench: $(STAMPS)/guest $(STAMPS)/bcc $(STAMPS)/porter-workers $(STAMPS)/trace-progs
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:

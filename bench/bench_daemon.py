@@ -14,11 +14,13 @@
 
     .venv/bin/python bench/bench_daemon.py [--runs 3] [--limit 150] [--total-mb 192]
         [--hot-mb 48] [--rate 64] [--cpu-mb 1024] [--skip-vm] [--skip-host]
-        [--skip-policies] [--live-seconds 60] [--live-workloads dense,sparse,shifting]
+        [--skip-policies] [--live-seconds 60]
+        [--live-workloads dense,sparse,shifting,competing]
 
 0. First, the live workloads of emulation/tierdemo.py (dense, sparse: a dense hot set plus
    many pages with 2 hot 64 B words each and a fast tier that holds only the dense set;
-   shifting: the hot set moves every 10 s) under tiermemd-m5 and under the kernel's
+   shifting: the hot set moves every 10 s; competing: a dense and a sparse process sharing
+   one fast-tier room smaller than their hot pages, figures over both) under tiermemd-m5 and under the kernel's
    tiering, side by side: time to 90 %, hot-access fast share and the workload's own work
    rate, medians of --runs.
 
@@ -112,7 +114,7 @@ def vm_runs(runs: int, limit: int, total: int, hot: int, rate: int, cpu_mb: int)
 
 
 def live_runs(runs: int, seconds: int, workloads: str):
-    """The live workloads (emulation/tierdemo.py: dense, sparse, shifting) under
+    """The live workloads (emulation/tierdemo.py: dense, sparse, shifting, competing) under
     tiermemd-m5 and the kernel, in one guest, `runs` times each, modes interleaved."""
     from emulation.machine import Machine
     work = tempfile.mkdtemp(prefix="bench-daemon-live-", dir="/var/tmp")
@@ -201,7 +203,7 @@ def main():
                     help="skip the per-policy promotion runs (the live workloads only)")
     ap.add_argument("--live-seconds", type=int, default=60,
                     help="seconds per live-workload run")
-    ap.add_argument("--live-workloads", default="dense,sparse,shifting")
+    ap.add_argument("--live-workloads", default="dense,sparse,shifting,competing")
     ap.add_argument("--skip-host", action="store_true")
     ap.add_argument("--plot", default=os.path.join(ROOT, "bench", "out", "bench_daemon.png"))
     a = ap.parse_args()

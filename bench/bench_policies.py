@@ -1,81 +1,91 @@
 """Policy comparison in the simulator: fast-tier access ratio and estimated time vs the oracle.
 
-Workloads: zipf, a moving hot set, the sparse-page (Redis-like) workload, GUPS, PageRank over
-a generated power-law graph, and two real program traces captured with valgrind lackey
-(emulation/programs/hashtable.c, sortmerge.c; cached under $TIERMEM_TRACE_CACHE, default
-/var/cache/tiermem/traces, and regenerated when missing). Fast tier at 25% and 50% of each
+Workloads: traces of real programs captured with valgrind lackey (emulation/realtraces.py:
+redis-server under redis-benchmark, sqlite3 running a query mix, gcc's cc1 compiling a C
+file, CPython running a small benchmark; cached under $TIERMEM_TRACE_CACHE, default
+/var/cache/tiermem/traces, captured when missing: `make traces`), then zipf, a moving hot
+set, the sparse-page (Redis-like) workload, GUPS and PageRank over a generated power-law
+graph. Fast tier at 25% and 50% of each
 footprint; the same model, budget and sampling for every policy (see docs/policies.md).
 
 The simulation is deterministic (seeded), so each cell is one run; the oracle column is the
 baseline of every row, measured in the same run. Run:
 
-    .venv/bin/python bench/bench_policies.py [--quick] [--json out.json] [--plots DIR]
+    .venv/bin/python bench/bench_policies.py [--quick] [--real-only] [--real redis,gcc]
+                                             [--json out.json] [--plots DIR]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tiermem import synth  # noqa: E402
-from tiermem import trace as tracefmt  # noqa: E402
 from tiermem.sim import TierModel, simulate  # noqa: E402
-from tiermem.trace_capture import capture  # noqa: E402
+from emulation.realtraces import PROGRAMS, real_trace  # noqa: E402
 from tiermem.policies import make_policy  # noqa: E402
+from tiermem.errors import TiermemError  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.environ.get("TIERMEM_TRACE_CACHE", "/var/cache/tiermem/traces")
 POLICIES = ["oracle", "m5", "damon", "tpp", "first-touch", "interleave"]
-REAL = {  # name: (source, args, sample_every)
+REAL_PROGRAMS = list(PROGRAMS)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OWN = {  # our own C programs (emulation/programs/), rows of earlier rounds: --own
     "hashtable": ("hashtable.c", ["200000", "1500000"], 8),
     "sortmerge": ("sortmerge.c", ["50000", "200000"], 8),
 }
 
 
-def real_trace(name: str):
-    src, args, every = REAL[name]
+def own_trace(name: str):
+    import shutil
+    import subprocess
+    from emulation.realtraces import CACHE
+    from tiermem import trace as tracefmt
+    from tiermem.trace_capture import capture
+    src, args, every = OWN[name]
     os.makedirs(CACHE, exist_ok=True)
     path = os.path.join(CACHE, f"{name}-{'-'.join(args)}-s{every}.npz")
     if os.path.exists(path):
         return tracefmt.load(path)
     if not (shutil.which("gcc") and shutil.which("valgrind")):
-        raise SystemExit("bench_policies: real traces need gcc and valgrind "
-                         "(apt-get install gcc valgrind)")
+        raise SystemExit("bench_policies: own traces need gcc and valgrind")
     exe = os.path.join(CACHE, name)
     subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(ROOT, "emulation", "programs", src)],
                    check=True)
-    t0 = time.monotonic()
-    print(f"capturing {name} under valgrind lackey (1 in {every} accesses)...", file=sys.stderr,
-          flush=True)
+    print(f"capturing {name} under valgrind lackey (1 in {every} accesses)...",
+          file=sys.stderr, flush=True)
     tr = capture([exe, *args], sample_every=every, stdout=subprocess.DEVNULL)
     tr.save(path)
-    print(f"  {len(tr)} accesses, {tr.n_pages} pages, {time.monotonic() - t0:.0f} s",
-          file=sys.stderr, flush=True)
     return tr
 
 
-def workloads(quick: bool):
+def workloads(quick: bool, synthetic: bool = True, real=REAL_PROGRAMS, own: bool = False):
     from tiermem.cli.sim import DEFAULT_ACCESSES         # the CLI's default too
     n = 2_000_000 if quick else DEFAULT_ACCESSES
+    for name in real:
+        yield name, lambda name=name: real_trace(name)
+    for name in OWN if own else ():
+        yield name, lambda name=name: own_trace(name)
+    if not synthetic:
+        return
     yield "zipf", lambda: synth.zipf(pages=16384, accesses=n)
     yield "hotset", lambda: synth.hotset(pages=16384, accesses=n, period=n // 3)
     yield "sparse", lambda: synth.sparse(pages=16384, accesses=n)
     yield "gups", lambda: synth.gups(pages=16384, accesses=n)
     yield "pagerank", lambda: synth.pagerank(vertices=150_000, iterations=3 if not quick else 2)
-    yield "hashtable", lambda: real_trace("hashtable")
-    yield "sortmerge", lambda: real_trace("sortmerge")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter synthetic traces")
     ap.add_argument("--json", help="also write the results as JSON here")
+    ap.add_argument("--real", default=",".join(REAL_PROGRAMS),
+                    help="real programs to trace and replay (comma-separated; '' for none)")
+    ap.add_argument("--real-only", action="store_true", help="skip the synthetic workloads")
+    ap.add_argument("--own", action="store_true",
+                    help="also our own C programs (hashtable, sortmerge) of earlier rounds")
     ap.add_argument("--plots", help="write fast-ratio/migration plots per workload here")
     a = ap.parse_args()
     out = []
@@ -85,8 +95,16 @@ def main():
         f"{p:>19}" for p in POLICIES)
     print(hdr)
     print("-" * len(hdr))
-    for name, make in workloads(a.quick):
-        tr = make()
+    real = [x for x in a.real.split(",") if x]
+    for x in real:
+        if x not in PROGRAMS:
+            raise SystemExit(f"bench_policies: unknown real program {x!r} "
+                             f"(known: {', '.join(PROGRAMS)})")
+    for name, make in workloads(a.quick, not a.real_only, real, a.own):
+        try:
+            tr = make()
+        except TiermemError as e:
+            raise SystemExit(f"bench_policies: {e}") from None
         fp = tr.n_pages * 4096 / 2**20
         for pct in (25, 50):
             model = TierModel(fast_mb=fp * pct / 100)
@@ -117,7 +135,7 @@ def main():
             ok = d["ratio_vs_oracle"] >= 0.9
             print(f"  m5 within 10% of oracle on {w:<10} {pct}%: "
                   f"{'yes' if ok else 'NO '} ({d['ratio_vs_oracle']:.3f})")
-    for pct in (25, 50):
+    for pct in (25, 50) if ("sparse", 25, "m5") in by else ():
         m5 = by[("sparse", pct, "m5")]["fast_ratio"]
         for other in ("damon", "tpp"):
             o = by[("sparse", pct, other)]["fast_ratio"]

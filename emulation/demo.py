@@ -27,8 +27,15 @@ from tiermem.errors import TiermemError
 WORKLOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads", "hotrange.py")
 
 
+_T0 = [None]
+
+
 def _step(title: str) -> None:
-    click.secho(f"\n== {title}", bold=True)
+    """A step's heading, with the time since the demo started (where the minutes go)."""
+    now = time.monotonic()
+    if _T0[0] is None:
+        _T0[0] = now
+    click.secho(f"\n== [{now - _T0[0]:5.0f} s] {title}", bold=True)
 
 
 def _show(m: Machine, cmd: str, timeout: float = 300) -> str:

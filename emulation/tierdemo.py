@@ -2,7 +2,8 @@
 
     python -m emulation.tierdemo --workloads dense,sparse --seconds 40 --out runs.json
 
-For each workload (emulation/workloads/tierload.py: dense, sparse, shifting) and each mode:
+For each workload (emulation/workloads/tierload.py: dense, sparse, shifting; competing = a
+dense and a sparse tierload process sharing one fast-tier room) and each mode:
 
   tiermemd-m5  tiermemd (DAMON vaddr sampler, m5 policy, 64 MB/s budget) starts first, as a
                service runs before the programs it tiers (numa_balancing=0 meanwhile);
@@ -16,7 +17,9 @@ which both keep free), and the workload runs --seconds from there. Every figure 
 time_to_90_s = first second its hot-access fast share was >= 0.9 (null: never),
 hot_fast_share = mean of that share over the second half of the run, work_rate = its
 accesses per second over the second half (see tierload.py for how slow accesses are
-charged under TCG). The workload checks every word of its memory at the end.
+charged under TCG); for competing, accesses are added over the processes and the share is
+weighted by each one's accesses (per process figures under "processes"). The workload
+checks every word of its memory at the end.
 """
 from __future__ import annotations
 
@@ -45,6 +48,12 @@ WORKLOADS = {
     "sparse": (["--total-mb", "128", "--hot-mb", "16", "--sparse-mb", "64", "--words", "2"],
                24),
     "shifting": (["--total-mb", "64", "--hot-mb", "16", "--shift-s", "10"], 24),
+    # two processes share a 24 MiB room: a dense 12 MiB hot set, and a process with a
+    # dense 8 MiB hot set plus 48 MiB of sparse pages (2 hot words each); 68 MiB of hot
+    # pages in all, 20 MiB of them dense
+    "competing": ([("dense", ["--total-mb", "64", "--hot-mb", "12", "--seed", "5"]),
+                   ("sparse", ["--total-mb", "96", "--hot-mb", "8", "--sparse-mb", "48",
+                               "--words", "2", "--seed", "6"])], 24),
 }
 DAEMON_CONFIG = """[daemon]
 interval = "1s"
@@ -117,48 +126,90 @@ def fast_room(room_mb):
             p.kill()
 
 
-def run_workload(kind: str, seconds: float, wd: str) -> dict:
-    """Starts the workload (its memory filled on the slow node), then the hog that leaves
-    the fast-tier room (sized after the workload's own runtime took its share of node 0),
-    then lets the workload run `seconds`."""
-    stats = os.path.join(wd, f"{kind}.stats")
+def _procs(kind: str) -> tuple[list[tuple[str, list[str]]], int | None]:
+    """(tierload processes as (tierload kind, arguments), room) of a workload."""
     args, room = WORKLOADS[kind]
-    w = subprocess.Popen([sys.executable, TIERLOAD, kind, *args, "--node", str(slow_node()),
-                          "--stats", stats, "--wait-go"], stdout=subprocess.PIPE, text=True,
-                         stdin=subprocess.PIPE)
+    if args and isinstance(args[0], tuple):          # several competing processes
+        return list(args), room
+    return [(kind, args)], room
+
+
+def run_workload(kind: str, seconds: float, wd: str) -> dict:
+    """Starts the workload's processes (their memory filled on the slow node), then the hog
+    that leaves the fast-tier room (sized after the workloads' own runtimes took their
+    share of node 0), then lets them run `seconds`."""
+    procs, room = _procs(kind)
+    ws, stats = [], []
     with contextlib.ExitStack() as stack:
         try:
-            line = w.stdout.readline()
-            if not line:
-                raise TiermemError(f"workload {kind} exited at start (status {w.wait()})")
+            for i, (tk, args) in enumerate(procs):
+                st = os.path.join(wd, f"{kind}-{i}.stats")
+                for f in (st, st + ".verify"):
+                    if os.path.exists(f):
+                        os.unlink(f)
+                stats.append(st)
+                ws.append(subprocess.Popen([sys.executable, TIERLOAD, tk, *args, "--node",
+                                            str(slow_node()), "--stats", st, "--wait-go"],
+                                           stdout=subprocess.PIPE, text=True,
+                                           stdin=subprocess.PIPE))
+            for w in ws:
+                if not w.stdout.readline():
+                    raise TiermemError(f"workload {kind} exited at start (status {w.wait()})")
             stack.enter_context(fast_room(room))
-            w.stdin.write("go\n")
-            w.stdin.flush()
-            return _measure(w, kind, seconds, stats)
+            for w in ws:
+                w.stdin.write("go\n")
+                w.stdin.flush()
+            return _measure(ws, kind, seconds, stats)
         finally:
-            if w.poll() is None:
-                w.terminate()
-                try:
-                    w.wait(30)
-                except subprocess.TimeoutExpired:
-                    w.kill()
+            for w in ws:
+                if w.poll() is None:
+                    w.terminate()
+                    try:
+                        w.wait(30)
+                    except subprocess.TimeoutExpired:
+                        w.kill()
 
 
-def _measure(w, kind: str, seconds: float, stats: str) -> dict:
+def _measure(ws, kind: str, seconds: float, stats: list[str]) -> dict:
     t_end = time.monotonic() + seconds
-    while time.monotonic() < t_end and w.poll() is None:
+    while time.monotonic() < t_end and all(w.poll() is None for w in ws):
         time.sleep(0.5)
-    if w.poll() is not None:
-        raise TiermemError(f"workload {kind} exited mid-run (status {w.returncode})")
-    os.kill(w.pid, signal.SIGUSR1)
-    for _ in range(600):
-        if os.path.exists(stats + ".verify"):
-            break
-        time.sleep(0.2)
-    verify = json.load(open(stats + ".verify")) if os.path.exists(stats + ".verify") \
-        else {"ok": False, "bad_words": -1}
-    rows = [json.loads(x) for x in open(stats) if x.strip()]
-    return summarize(rows, verify)
+    for w in ws:
+        if w.poll() is not None:
+            raise TiermemError(f"workload {kind} exited mid-run (status {w.returncode})")
+        os.kill(w.pid, signal.SIGUSR1)
+    verify = {"ok": True, "bad_words": 0}
+    for st in stats:
+        for _ in range(600):
+            if os.path.exists(st + ".verify"):
+                break
+            time.sleep(0.2)
+        v = json.load(open(st + ".verify")) if os.path.exists(st + ".verify") \
+            else {"ok": False, "bad_words": -1}
+        verify = {"ok": verify["ok"] and bool(v.get("ok")),
+                  "bad_words": verify["bad_words"] + v.get("bad_words", 0)}
+    rows = [[json.loads(x) for x in open(st) if x.strip()] for st in stats]
+    res = summarize(combine(rows) if len(rows) > 1 else rows[0], verify)
+    if len(rows) > 1:
+        res["processes"] = [summarize(r, verify) for r in rows]
+        for p in res["processes"]:
+            p.pop("series")
+    return res
+
+
+def combine(per_proc: list[list[dict]]) -> list[dict]:
+    """One row a second for several processes: the i-th lines of each, accesses added, the
+    fast share weighted by each process's accesses in that second."""
+    n = min(len(r) for r in per_proc)
+    out = []
+    for i in range(n):
+        rs = [r[i] for r in per_proc]
+        d = [r[i]["ops"] - (r[i - 1]["ops"] if i else 0) for r in per_proc]
+        tot = sum(d)
+        out.append({"t": max(x["t"] for x in rs), "ops": sum(x["ops"] for x in rs),
+                    "fast_share": sum(x["fast_share"] * di for x, di in zip(rs, d)) / tot
+                    if tot else 0.0})
+    return out
 
 
 def summarize(rows: list[dict], verify: dict) -> dict:
@@ -202,7 +253,10 @@ def run_tiermemd(kind: str, seconds: float, wd: str) -> dict:
         st = request(sock, {"cmd": "stats"}, timeout=60)
         tg = st.get("out", st).get("targets", {}).get("w", {}) if isinstance(st, dict) else {}
         res["daemon"] = {k: tg.get(k) for k in ("pages_promoted", "pages_demoted",
-                                                "failures_by_errno", "node_full_events")}
+                                                "failures_by_errno", "node_full_events",
+                                                "processes", "sampler_cpu_seconds")}
+        if isinstance(st, dict):
+            res["daemon"]["daemon_cpu_seconds"] = st.get("out", st).get("daemon_cpu_seconds")
         res["daemon_log"] = log_path
         return res
     finally:

@@ -362,3 +362,42 @@ def test_state_dir_on_read_only_fs_is_one_line(tmp_path, where):
             assert os.listdir(ro) == []
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_ctl_stats_shows_a_workload_that_exits_mid_run(tmp_path):
+    """Bad input: one of two tiered processes exits; tiermemd keeps serving the other and
+    `tiermem ctl stats` (text, JSON and the metrics endpoint) counts the exit."""
+    procs = [subprocess.Popen([PY, WORKER, "4"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    try:
+        pids = [json.loads(p.stdout.readline())["pid"] for p in procs]
+        cfg, port = config(tmp_path, f'[[targets]]\nname = "w"\npids = {pids}\n'
+                                     'policy = "first-touch"\n')
+        d = D(tmp_path, cfg)
+        try:
+            human = d.ctl("stats")
+            assert human.returncode == 0, human.stderr
+            assert "0 processes exited mid-run" in human.stdout, human.stdout
+            procs[0].kill()
+            procs[0].wait()
+            for _ in range(100):
+                t = json.loads(d.ctl("stats", "--json").stdout)["targets"]["w"]
+                if t["processes_exited"]:
+                    break
+                time.sleep(0.1)
+            assert t["processes_exited"] == 1 and t["processes"] == 1, t
+            assert t["node_full_events"] == 0 and t["pages_refused"] == 0
+            human = d.ctl("stats").stdout
+            assert "1 processes exited mid-run, 0 moves stopped by a full node (ENOMEM), " \
+                   "0 pages refused by the kernel" in human, human
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            assert 'tiermemd_processes_exited_total{target="w"} 1.0' in body
+            assert d.p.poll() is None                        # still running
+            assert json.loads(d.ctl("status", "--json").stdout)["targets"][0]["pids"] == \
+                [pids[1]]
+        finally:
+            assert d.stop() == 0
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

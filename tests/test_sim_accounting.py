@@ -11,7 +11,7 @@ import pytest
 from tiermem import synth
 from tiermem import trace as tracefmt
 from tiermem.sim import TierModel, simulate
-from tiermem.trace_capture import parse_lackey_lines, trace_from_batches
+from tiermem.trace_capture import parse_lackey_lines, sample_lackey_chunk, trace_from_batches
 from tiermem.access import AccessBatch
 from tiermem.errors import TiermemError
 from tiermem.policies import POLICIES, load_policy_file, make_policy
@@ -201,6 +201,33 @@ def test_lackey_line_parser():
     assert w.tolist() == [False, True, True]
     with pytest.raises(TiermemError, match="cannot parse"):
         parse_lackey_lines([b" L zz,8"])
+
+
+def test_vectorised_lackey_chunks_match_the_line_parser():
+    """The capture's numpy chunk parser keeps the same accesses as the line parser, across
+    chunk boundaries that cut lines, and refuses a bad data line the same way."""
+    rng = np.random.default_rng(5)
+    lines = []
+    for i in range(3000):
+        a = int(rng.integers(0, 2**40))
+        lines.append([b"I  %08x,3" % a, b" L %08x,8" % a, b" S %x,4" % a, b" M %010x,8" % a,
+                      b"==1== x", b""][i % 6])
+    buf = b"\n".join(lines) + b"\n"
+    ref_a, ref_w = parse_lackey_lines([ln for ln in lines if ln[:1] == b" "])
+    got_a, got_w, tail, seen = [], [], b"", 0
+    r = np.random.default_rng(1)
+    for i in range(0, len(buf), 777):
+        a, w, n, tail = sample_lackey_chunk(tail + buf[i:i + 777], r, 1)
+        got_a.append(a)
+        got_w.append(w)
+        seen += n
+    assert tail == b"" and seen == ref_a.size
+    assert np.concatenate(got_a).tolist() == ref_a.tolist()
+    assert np.concatenate(got_w).tolist() == ref_w.tolist()
+    a, _, n, _ = sample_lackey_chunk(buf, np.random.default_rng(2), 8)
+    assert abs(a.size - n / 8) < 0.2 * n / 8                      # 1 in 8 kept
+    with pytest.raises(TiermemError, match="cannot parse"):
+        sample_lackey_chunk(b" L zz,8\n", np.random.default_rng(1), 1)
 
 
 def _cli(*args, cwd=None):

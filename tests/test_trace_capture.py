@@ -95,3 +95,15 @@ def test_follows_exec_through_a_wrapper(tmp_path):
         assert r.returncode == 0, r.stderr
         seen[flag] = tracefmt.load(str(out)).meta["data_accesses"]
     assert seen["--follow-exec"] > 5 * seen["--no-follow-exec"], seen
+
+
+def test_max_accesses_stops_a_long_run_at_a_fixed_prefix():
+    """A program that would run for ever is stopped once max_accesses data accesses were
+    seen: exactly that many are counted, about 1 in N kept, and the meta says so."""
+    from tiermem.trace_capture import capture
+    t0 = time.monotonic()
+    tr = capture(LOOP, sample_every=4, max_accesses=300_000)
+    assert time.monotonic() - t0 < 300
+    assert tr.meta["data_accesses"] == 300_000
+    assert tr.meta["interrupted"] is True and tr.meta["stopped_at_accesses"] == 300_000
+    assert abs(len(tr) - 75_000) < 3_000

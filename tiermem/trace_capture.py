@@ -66,12 +66,61 @@ def parse_lackey_lines(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(addrs, dtype=np.uint64), np.array(writes, dtype=bool)
 
 
+_HEX = np.full(256, -1, np.int16)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+_WIN = 17                     # up to 16 hex digits and the comma
+
+
+def sample_lackey_chunk(buf: bytes, rng, sample_every: int, limit: int | None = None):
+    """Vectorised: (addresses, is_write, data lines seen, unfinished tail) of the complete
+    lines in ``buf``, keeping each data access with probability 1/sample_every. The same
+    lines as ``parse_lackey_lines`` are data lines; the Python loop over every line cost as
+    much CPU as lackey itself. ``limit``: only the first that many data lines count."""
+    b = np.frombuffer(buf, np.uint8)
+    nl = np.flatnonzero(b == 10)
+    if nl.size == 0:
+        return np.empty(0, np.uint64), np.empty(0, bool), 0, buf
+    tail = buf[int(nl[-1]) + 1:]
+    starts = np.empty(nl.size, np.int64)
+    starts[0] = 0
+    starts[1:] = nl[:-1] + 1
+    sp = starts[(nl - starts >= 1) & (b[starts] == 32)]      # lines starting with ' '
+    if limit is not None:
+        sp = sp[:max(0, limit)]
+    seen = int(sp.size)
+    long_enough = nl[np.searchsorted(nl, sp)] - sp >= 4
+    kind = b[np.minimum(sp + 1, b.size - 1)]
+    data = sp[long_enough & ((kind == 76) | (kind == 83) | (kind == 77))]
+    sel = data[rng.random(data.size) < 1.0 / sample_every]
+    if not sel.size:
+        return np.empty(0, np.uint64), np.empty(0, bool), seen, tail
+    idx = np.minimum(sel[:, None] + 3 + np.arange(_WIN), b.size - 1)
+    ch = b[idx]
+    val = _HEX[ch]
+    digit = np.cumprod(val >= 0, axis=1).astype(bool)
+    nd = digit.sum(axis=1)
+    term = ch[np.arange(sel.size), np.minimum(nd, _WIN - 1)]
+    bad = (nd == 0) | (nd > 16) | (term != 44)
+    if bad.any():
+        i = int(sel[np.argmax(bad)])
+        raise TiermemError(f"lackey output: cannot parse {bytes(buf[i:i + 60])!r}")
+    shift = ((nd[:, None] - 1 - np.arange(_WIN)) * 4).clip(0).astype(np.uint64)
+    addr = np.where(digit, val.clip(0).astype(np.uint64) << shift, np.uint64(0)).sum(
+        axis=1, dtype=np.uint64)
+    return addr, b[sel + 1] != 76, seen, tail
+
+
 def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_000,
             seed: int = 1, progress=None, valgrind: str | None = None,
-            stdout=None, follow_exec: bool = True) -> Trace:
+            stdout=None, follow_exec: bool = True,
+            max_accesses: int | None = None) -> Trace:
     """Run ``cmd`` under lackey; returns the sampled trace (sub_page, vaddr, weight =
     sample_every). ``progress(data_accesses_seen, kept)`` is called after each chunk. A
-    SIGINT (Ctrl-C, in the main thread) stops the program and returns what was kept."""
+    SIGINT (Ctrl-C, in the main thread) stops the program and returns what was kept;
+    so does ``max_accesses``: the program is stopped once that many data accesses were seen
+    (a deterministic prefix of a long run; meta ``stopped_at_accesses``)."""
     if not cmd:
         raise TiermemError("trace: no command given (usage: tiermem trace -o T.npz -- CMD ARGS)")
     if sample_every < 1:
@@ -96,7 +145,7 @@ def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_00
     kept_a, kept_w = [], []
     seen = kept = 0
     tail = b""
-    interrupted = False
+    interrupted = capped = False
 
     def on_sigint(signum, frame):            # stop the program; the loop then sees EOF
         nonlocal interrupted
@@ -111,20 +160,23 @@ def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_00
                 buf = f.read(CHUNK)
                 if not buf:
                     break
-                lines = (tail + buf).split(b"\n")
-                tail = lines.pop()
-                data = [ln for ln in lines if ln[:1] == b" "]
-                seen += len(data)
-                if kept < max_samples and data:
-                    pick = np.flatnonzero(rng.random(len(data)) < 1.0 / sample_every)
-                    pick = pick[: max_samples - kept]
-                    a, wr = parse_lackey_lines([data[i] for i in pick])
+                if capped:                    # stopped: drain the pipe, keep nothing more
+                    continue
+                a, wr, n, tail = sample_lackey_chunk(
+                    tail + buf, rng, sample_every,
+                    None if max_accesses is None else max_accesses - seen)
+                seen += n
+                if kept < max_samples and a.size:
+                    a, wr = a[: max_samples - kept], wr[: max_samples - kept]
                     kept_a.append(a)
                     kept_w.append(wr)
                     kept += a.size
                 if progress is not None:
                     progress(seen, kept)
-            if tail:
+                if max_accesses is not None and seen >= max_accesses and not interrupted:
+                    interrupted = capped = True
+                    proc.kill()
+            if tail and not capped:
                 a, wr = parse_lackey_lines([tail])
                 seen += a.size
     except BaseException:
@@ -151,6 +203,7 @@ def capture(cmd: list[str], sample_every: int = 16, max_samples: int = 20_000_00
                                 source="lackey", command=" ".join(cmd),
                                 sample_every=sample_every, data_accesses=seen,
                                 interrupted=interrupted, follow_exec=follow_exec,
+                                stopped_at_accesses=max_accesses if capped else None,
                                 captured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 

@@ -13,6 +13,10 @@ Exported series (labels in braces):
   tiermemd_loop_lag_seconds                       how late the last loop started
   tiermemd_loop_seconds                           how long the last loop ran
   tiermemd_target_processes{target}               processes the target covers now
+  tiermemd_processes_exited_total{target}         processes that exited while tiered
+  tiermemd_node_full_events_total{target}         moves stopped by a full node (ENOMEM)
+  tiermemd_pages_refused_total{target}            pages the kernel would not migrate
+                                                  (EBUSY, EACCES, EAGAIN, EIO, ...)
 """
 from __future__ import annotations
 
@@ -44,6 +48,13 @@ class TargetStats:
         self.node_full = 0         # moves that stopped because the target node was full
 
     @property
+    def refused(self) -> int:
+        """Pages the kernel would not migrate (busy, pinned, shared, I/O): every failure but
+        a full node (ENOMEM) and a page that is gone (EFAULT, ENOENT)."""
+        return sum(v for k, v in self.failures.items() if k not in ("ENOMEM", "EFAULT",
+                                                                      "ENOENT"))
+
+    @property
     def fast_share(self) -> float | None:
         tot = self.fast_pages + self.slow_pages
         return self.fast_pages / tot if tot else None
@@ -62,6 +73,7 @@ class TargetStats:
                 "processes_exited": self.processes_exited,
                 "node_full_events": self.node_full,
                 "pages_busy": self.failures.get("EBUSY", 0),
+                "pages_refused": self.refused,
                 "last_error": self.last_error}
 
 
@@ -116,8 +128,19 @@ class _Collector:
                                    labels=["target"])
         procs = GaugeMetricFamily("tiermemd_target_processes", "Processes the target covers",
                                   labels=["target"])
+        exited = CounterMetricFamily("tiermemd_processes_exited",
+                                     "Processes that exited while tiered", labels=["target"])
+        full = CounterMetricFamily("tiermemd_node_full_events",
+                                   "Moves stopped because the target node was full (ENOMEM)",
+                                   labels=["target"])
+        refused = CounterMetricFamily("tiermemd_pages_refused",
+                                      "Pages the kernel would not migrate (EBUSY, EACCES, ...)",
+                                      labels=["target"])
         with s.lock:
             for name, t in s.targets.items():
+                exited.add_metric([name], t.processes_exited)
+                full.add_metric([name], t.node_full)
+                refused.add_metric([name], t.refused)
                 prom.add_metric([name], t.promoted)
                 dem.add_metric([name], t.demoted)
                 for e, n in t.failures.items():
@@ -137,7 +160,8 @@ class _Collector:
                                     value=s.loop_s)
         cpu = CounterMetricFamily("tiermemd_cpu_seconds", "CPU seconds used by tiermemd",
                                   value=s.daemon_cpu_s())
-        yield from (prom, dem, fail, share, ashare, scpu, procs, rate, lag, dur, cpu)
+        yield from (prom, dem, fail, share, ashare, scpu, procs, exited, full, refused, rate,
+                    lag, dur, cpu)
 
 
 class MetricsServer:

@@ -80,6 +80,9 @@ def stats(ctx, as_json):
                    f"{t['pages_demoted']:>10} {_pct(t['fast_tier_share']):>9} "
                    f"{_pct(t['fast_tier_access_share']):>9} "
                    f"{t['sampler_cpu_seconds']:>9.2f} s  {fails}")
+        click.echo(f"{'':16} {t.get('processes_exited', 0)} processes exited mid-run, "
+                   f"{t.get('node_full_events', 0)} moves stopped by a full node (ENOMEM), "
+                   f"{t.get('pages_refused', 0)} pages refused by the kernel (EBUSY, ...)")
     click.echo("(pages are 4 KiB; FAST = share of present pages on the fast tier, "
                "FAST ACC = share of sampled accesses)")
 

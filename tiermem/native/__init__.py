@@ -60,6 +60,9 @@ def nodemask(nodes) -> "ffi.CData":
     return mask
 
 
+_UNSET = np.iinfo(np.int32).min          # status the kernel did not write
+
+
 def move_pages(pid: int, pages, nodes=None, flags: int = MPOL_MF_MOVE) -> np.ndarray:
     """move_pages(2) on page-aligned addresses; nodes=None only queries.
 
@@ -67,7 +70,7 @@ def move_pages(pid: int, pages, nodes=None, flags: int = MPOL_MF_MOVE) -> np.nda
     Raises OSError for a call-level failure (ESRCH, EPERM, ENODEV, ...).
     """
     pages = _u64(pages)
-    status = np.empty(len(pages), dtype=np.int32)
+    status = np.full(len(pages), _UNSET, dtype=np.int32)
     if len(pages) == 0:
         return status
     if nodes is None:
@@ -79,6 +82,16 @@ def move_pages(pid: int, pages, nodes=None, flags: int = MPOL_MF_MOVE) -> np.nda
                           ffi.cast("int *", status.ctypes.data), flags if nodes is not None else 0)
     if r < 0:
         raise OSError(-r, f"move_pages(pid {pid}): {os.strerror(-r)}")
+    if r > 0:
+        # migrate_pages() failed for r pages after isolating them (a page pinned, e.g. by
+        # vmsplice or io_uring, or whose references kept changing): the kernel then returns
+        # their number and stores no status for the pages of that batch at all. Ask where
+        # they are: those on their destination moved, the others were refused (-EBUSY).
+        unset = np.flatnonzero(status == _UNSET)
+        if unset.size:
+            where = move_pages(pid, pages[unset], None)
+            want = nodes[unset]
+            status[unset] = np.where((where == want) | (where < 0), where, -_errno.EBUSY)
     return status
 
 
