@@ -21,7 +21,7 @@ import shutil
 
 from cxlfork import FORMAT, FORMAT_VERSION, trust
 from cxlfork.errors import ImageError
-from cxlfork.state import deleted, epoll, fifos, inotify, signalfd, timerfd
+from cxlfork.state import deleted, epoll, fifos, inotify, signalfd, stdio, timerfd
 
 MANIFEST = "manifest.json"
 MAX_THREADS = 1024                        # restorer stacks: 64 KiB each in its region
@@ -209,6 +209,7 @@ def validate(m: dict, image: str = "?") -> dict:
         v.get(proc, k, bool, "process")
     exe = v.get(proc, "exe", dict, "process")
     _file_ref(v, exe, "process.exe")
+    stdio.check_creds(v, proc)
     mm = v.get(m, "mm", dict, "")
     for k in MM_FIELDS:
         v.int_in(mm, k, 0, USER_TOP, "mm")
@@ -362,6 +363,8 @@ def validate(m: dict, image: str = "?") -> dict:
             v.fail(f"{w}.dup_of", "must name an earlier fd")
         if dup is not None:
             continue
+        if k == "stdio" and n <= 2:
+            stdio.check(v, f, w)
         if k in ("file", "dir", "chr"):
             v.get(f, "path", str, w)
             v.int_in(f, "pos", 0, 1 << 62, w)

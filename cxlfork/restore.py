@@ -175,7 +175,7 @@ class Prepared:
     def __exit__(self, *exc):
         self.close()
 
-    def restore(self, n: int = 1, stdio="inherit", same_pid: bool = False,
+    def restore(self, n: int = 1, stdio="auto", same_pid: bool = False,
                 progress=None, ghosts=None, cgroup: str | None = None,
                 netns: str = "new", pidns: str = "host") -> list[int]:
         """Restore n clones; returns their PIDs (children of this process). ghosts: a
@@ -283,7 +283,7 @@ def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = Fa
     return Prepared(image, policy, warn, eager, anon)
 
 
-def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
+def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "auto",
             same_pid: bool = False, warn=None, progress=None, eager: bool = False,
             ghosts=None, cgroup: str | None = None, netns: str = "new",
             pidns: str = "host") -> list[int]:

@@ -206,7 +206,9 @@ def _wait_zombies(root: int, dead: list[dict], timeout_s: float = 30.0) -> None:
 def restore_tree(image: str, policy: str = "mow", n: int = 1, stdio="inherit", warn=None,
                  eager: bool = False, cgroup: str | None = None, progress=None) -> list[int]:
     """Restore n clone trees of a tree IMAGE, each in a new PID namespace; returns each
-    tree's root (host PIDs, children of this process)."""
+    tree's root (host PIDs, children of this process). stdio "auto" is inherit for a tree;
+    "original" reopens each process's own files (cxlfork.state.stdio)."""
+    stdio = "inherit" if stdio == "auto" else stdio
     if policy == "moa" and not eager:
         raise CxlforkError("a process tree restores with mow, hybrid or moa --eager; lazy moa "
                            "is not supported for trees yet")

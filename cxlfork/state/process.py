@@ -11,6 +11,7 @@ import psutil
 
 from cxlfork import image as image_mod, procfs
 from cxlfork.errors import CxlforkError, Refused
+from cxlfork.state import stdio
 
 
 def stat_ref(path_for_stat: str, path: str) -> dict:
@@ -84,7 +85,8 @@ def collect(pid: int, status: dict, brk: int) -> dict:
     return {
         "process": {"pid": pid, "comm": st[2], "exe": stat_ref(f"/proc/{pid}/exe", exe_path),
                     "cwd": cwd, "umask": int(status.get("Umask", "0022"), 8),
-                    "pgid_leader": f[5] == pid, "sid_leader": f[6] == pid},
+                    "pgid_leader": f[5] == pid, "sid_leader": f[6] == pid,
+                    "creds": stdio.process_creds(status)},
         "mm": mm,
         "rlimits": rlimits(pid),
     }
