@@ -71,6 +71,7 @@ def collect(tr: Tracee, tree: dict | None = None) -> dict:
         brk = tr.brk()
         thread_recs = threads.collect(tr)
         tmrs = timers.collect(tr)
+        future_lock = memory.future_lock(pid, tr.scratch)
     pend = pending.collect(tr)
     regs = registers.collect(tr, tid_address)
     proc = process.collect(pid, status, brk)
@@ -83,7 +84,7 @@ def collect(tr: Tracee, tree: dict | None = None) -> dict:
         raise
     return {"process": proc["process"], **regs, "signals": sigs, "mm": proc["mm"],
             "rlimits": proc["rlimits"], "fds": fds, "vmas": vmas, "threads": thread_recs,
-            "timers": tmrs, "pending": pend, "_objs": objs}
+            "timers": tmrs, "pending": pend, "mlockall": future_lock, "_objs": objs}
 
 
 PF_KTHREAD = 0x00200000

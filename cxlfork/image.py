@@ -331,6 +331,8 @@ def validate(m: dict, image: str = "?") -> dict:
         for f in v.get(a, "madvise", list, w):
             if not isinstance(f, int) or not 0 <= f < 100:
                 v.fail(f"{w}.madvise", "bad advice")
+        if "lock" in a:
+            v.int_in(a, "lock", 0, 3, w)
         if kind == "special":
             nspecial += 1
             if v.get(a, "path", str, w) not in ("[vdso]", "[vvar]", "[vvar_vclock]"):
@@ -344,6 +346,8 @@ def validate(m: dict, image: str = "?") -> dict:
     if nspecial > 4:
         v.fail("vmas", "more than 4 vvar/vdso mappings")
 
+    if "mlockall" in m and v.int_in(m, "mlockall", 0, 8, "") not in (0, 2, 6):
+        v.fail("mlockall", "expected 0, MCL_FUTURE or MCL_FUTURE|MCL_ONFAULT")
     fds = v.get(m, "fds", list, "")
     seen = set()
     socks: dict[int, list] = {}

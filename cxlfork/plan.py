@@ -17,7 +17,7 @@ How a policy turns into ops, per mapping of the image:
 Then signals, rseq, tid address, robust list, PR_SET_MM_MAP, name (a warm ghost stops here),
 the userfaultfd of the store-mapped anonymous runs (lazy moa copies; anonymous semantics of
 MADV_DONTNEED/mremap under every policy but moa --eager), timers, epoll interest entries,
-pending signals, rlimits, FD_CLOEXEC, the go byte, threads, closing fds.
+pending signals, rlimits, mlock/mlockall, FD_CLOEXEC, the go byte, threads, closing fds.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import struct
 from cxlfork.state import pending
 
 PLAN_MAGIC = 0x314E414C50584643
-PLAN_VERSION = 5
+PLAN_VERSION = 6
 REGION_LO, REGION_HI = 0x100000000000, 0x100040000000
 PLAN_ADDR = REGION_LO + 0x20000000
 THREAD_PARK = REGION_LO + 0x3ffff000        # never mapped; see restorer.c
@@ -36,7 +36,7 @@ HDR_WORDS = 32
  OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL, OP_PRLIMIT,
  OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
  OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER, OP_EPOLL_CTL,
- OP_SIGQUEUE, OP_EPOLL_FIRED) = range(1, 29)
+ OP_SIGQUEUE, OP_EPOLL_FIRED, OP_MLOCK, OP_MLOCKALL) = range(1, 31)
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PROT_R = 1
@@ -88,7 +88,7 @@ def uffd_runs(m: dict, policy: str, lazy: bool = False, hot: bytes | None = None
         return []
     hot = hot if policy == "hybrid" else None
     return [(a, n * PAGE, sp * PAGE) for v in m["vmas"]
-            if v["kind"] == "anon" and not v["growsdown"]
+            if v["kind"] == "anon" and not v["growsdown"] and not v.get("lock")
             for r in v["runs"] for a, n, sp, eager in _split_hot(r, hot) if not eager]
 
 
@@ -184,7 +184,9 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
             specials.append((v["start"], v["end"] - v["start"], v["path"]))
             continue
         runs = v["runs"]
-        eager_all = (policy == "moa" and not lazy) or v["growsdown"]
+        # stacks and locked mappings are copied (mlock of a writable private mapping would
+        # copy every page anyway; a locked page must not fault to the store)
+        eager_all = (policy == "moa" and not lazy) or v["growsdown"] or bool(v.get("lock"))
         if kind == "anon":
             flags = MAP_PRIVATE | MAP_ANON | (MAP_GROWSDOWN if v["growsdown"] else 0)
             p.op(OP_MMAP, s, e - s, prot, flags, -1, 0)
@@ -195,7 +197,8 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
                  v["offset"])
             # copied-on-write pages: mapped from the page file like anonymous runs (mow;
             # hybrid for pages nobody touched), else read into the file mapping
-            needs_w = _store_runs(p, v, runs, hot, policy == "moa", store, populate)
+            needs_w = _store_runs(p, v, runs, hot, policy == "moa" or bool(v.get("lock")),
+                                  store, populate)
         if needs_w:
             p.op(OP_MPROTECT, s, e - s, prot)
         for adv in v["madvise"]:
@@ -243,6 +246,13 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     from cxlfork.procfs import RLIMITS
     for name, (soft, hard) in sorted(m["rlimits"].items()):
         p.op(OP_PRLIMIT, RLIMITS[name], soft, hard)
+    # locks, under the clone's own RLIMIT_MEMLOCK (just set): mlock2 per locked mapping
+    # (MLOCK_ONFAULT as it had), then mlockall(MCL_FUTURE[|MCL_ONFAULT]) for its later ones
+    for v in m["vmas"]:
+        if v.get("lock"):
+            p.op(OP_MLOCK, v["start"], v["end"] - v["start"], 1 if v["lock"] == 2 else 0)
+    if m.get("mlockall"):
+        p.op(OP_MLOCKALL, m["mlockall"])
     for fd in fdnums.get("cloexec", []):
         p.op(OP_CLOEXEC, fd)
     threads = m.get("threads", [])

@@ -101,6 +101,7 @@ class Prepared:
         if policy not in plan_mod.POLICIES:
             raise CxlforkError(f"unknown policy {policy!r} (mow, moa or hybrid)")
         memory.check_specials(m, self.image)
+        memory.check_lock_limit(m, self.image)
         signals.check_restorable(m, self.image)
         timers.check(m, self.image)
         pending.check(m, self.image)

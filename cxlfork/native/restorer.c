@@ -151,6 +151,8 @@ static const char *const op_names[] = {
     "(address: the target fd)",
     "rt_sigqueueinfo of a signal pending at the checkpoint",
     "epoll_ctl(EPOLL_CTL_ADD) of a fired one-shot interest entry (address: the target fd)",
+    "mlock2 of a mapping locked at the checkpoint (RLIMIT_MEMLOCK too small?)",
+    "mlockall(MCL_FUTURE) as at the checkpoint",
 };
 
 static long uffd = -1;
@@ -291,6 +293,10 @@ static long run_op(const uint64_t *o)
             return sc6(NR_rt_tgsigqueueinfo, me, me, si[0], (long)si, 0, 0);
         return sc(NR_rt_sigqueueinfo, me, si[0], si);
     }
+    case OP_MLOCK:                    /* o[3]: MLOCK_ONFAULT */
+        return sc(NR_mlock2, o[1], o[2], o[3]);
+    case OP_MLOCKALL:
+        return sc(NR_mlockall, o[1], 0, 0);
     case OP_CLOEXEC:
         return sc(NR_fcntl, o[1], 2 /* F_SETFD */, 1 /* FD_CLOEXEC */);
     case OP_PRCTL:
