@@ -218,3 +218,34 @@ def test_path_of_another_user_is_refused(env):
         os.chown(log, 1234, 1234)
         os.chmod(log, 0o666)
     _refused(env, "given", give, "belongs to uid 1234, not to uid 65534", user=NOBODY)
+
+
+def test_api_into_a_warm_ghost(env):
+    """The API default (auto) into a warm ghost: the ghost gets the log as its fds 1 and 2
+    with the fd table it is sent, and appends to it."""
+    from cxlfork.ghosts import GhostPool
+    from cxlfork.restore import prepare_restore
+    d, store, exe = env
+    log = os.path.join(d, "ghost.log")
+    orig = _daemon(exe, log)
+    img = os.path.join(d, "ghost.img")
+    clone = None
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        with prepare_restore(img) as p, GhostPool(1, prepared=p, refill="manual") as pool:
+            ghost = pool.pids()[0]
+            [clone] = p.restore(1, ghosts=pool)
+            assert clone == ghost
+            assert os.readlink(f"/proc/{clone}/fd/1") == log
+            assert _fdinfo(clone, 2)["flags"] & O_APPEND
+            os.kill(clone, signal.SIGUSR1)
+            _wait_text(log, f"err {clone} 1\n")
+    finally:
+        _kill(orig.pid, clone)
+        orig.wait()
+        if clone:
+            try:
+                os.waitpid(clone, 0)
+            except ChildProcessError:
+                pass
+        cxlfork("rm", img, check=False)

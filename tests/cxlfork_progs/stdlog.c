@@ -1,7 +1,8 @@
 /* A daemon writing its log on stdout and stderr (for `restore --stdio original`): prints
  * "start PID" on fd 1, then for each SIGUSR1 "out PID N" on fd 1 and "err PID N" on fd 2
  * (write(2), no stdio buffer: the bytes are in the file when the call returns). SIGTERM ends
- * it. It waits in sigsuspend, where the checkpoint finds it. With an argument UID it first
+ * it. SIGUSR1 stays blocked and is taken with sigwaitinfo (where the checkpoint finds it), so
+ * one sent at any time is never lost. With an argument UID it first
  * takes UID as its file-system uid and gid, with no groups (setfsuid: its files are opened as
  * that user's; its real and effective uid stay, so root can still checkpoint it where root
  * lacks CAP_SYS_RESOURCE, which reading another user's rlimits needs). */
@@ -12,14 +13,6 @@
 #include <string.h>
 #include <sys/fsuid.h>
 #include <unistd.h>
-
-static volatile sig_atomic_t hits;
-
-static void on_usr1(int sig)
-{
-    (void)sig;
-    hits++;
-}
 
 static void say(int fd, const char *what, int n)
 {
@@ -37,23 +30,17 @@ int main(int argc, char **argv)
         setfsgid(id);
         setfsuid(id);
     }
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_usr1;
-    sigaction(SIGUSR1, &sa, NULL);
-    sigset_t block, none;
+    sigset_t block;
     sigemptyset(&block);
     sigaddset(&block, SIGUSR1);
-    sigemptyset(&none);
     sigprocmask(SIG_BLOCK, &block, NULL);
     say(1, "start", 0);
     int done = 0;
     for (;;) {
-        sigsuspend(&none);
-        while (done < hits) {
-            done++;
-            say(1, "out", done);
-            say(2, "err", done);
-        }
+        if (sigwaitinfo(&block, NULL) != SIGUSR1)
+            continue;                    /* EINTR */
+        done++;
+        say(1, "out", done);
+        say(2, "err", done);
     }
 }
