@@ -1,7 +1,8 @@
 """The image: a 0700 directory holding manifest.json (0600), plus its page file in the store.
 
-The manifest is versioned JSON (format "cxlfork-image", version 2): maps and their page runs,
-registers, xstate, signals, fds, mm fields, rlimits, and the store file with its size, content
+The manifest is versioned JSON (format "cxlfork-image", version 3; 2 had no credentials):
+maps and their page runs, registers, xstate, signals, fds, mm fields, rlimits, the process's
+credentials (state.creds), and the store file with its size, content
 hash and pin (device, inode, owner, mode, size, mtime, ctime); its "checksum" is an HMAC-SHA256
 of the canonical JSON of everything else under the caller's key (cxlfork.trust), so only that
 user can make a manifest restore. It is written into IMAGE.tmp.PID and published by renaming
@@ -21,7 +22,7 @@ import shutil
 
 from cxlfork import FORMAT, FORMAT_VERSION, trust
 from cxlfork.errors import ImageError
-from cxlfork.state import deleted, epoll, fifos, inotify, signalfd, stdio, timerfd
+from cxlfork.state import creds, deleted, epoll, fifos, inotify, signalfd, stdio, timerfd
 
 MANIFEST = "manifest.json"
 MAX_THREADS = 1024                        # restorer stacks: 64 KiB each in its region
@@ -184,6 +185,10 @@ def validate(m: dict, image: str = "?") -> dict:
         v.fail("version", "image format version 1, sealed with an unkeyed checksum by an older "
                           f"cxlfork; this cxlfork reads version {FORMAT_VERSION} (sealed with "
                           "its user's key): checkpoint the process again")
+    if ver == 2:
+        v.fail("version", "image format version 2 has no record of the process's credentials "
+                          "(its clones would run as the restoring user); this cxlfork reads "
+                          f"version {FORMAT_VERSION}: checkpoint the process again")
     if ver != FORMAT_VERSION:
         v.fail("version", f"image format version {ver!r}; this cxlfork reads version "
                           f"{FORMAT_VERSION}")
@@ -209,7 +214,7 @@ def validate(m: dict, image: str = "?") -> dict:
         v.get(proc, k, bool, "process")
     exe = v.get(proc, "exe", dict, "process")
     _file_ref(v, exe, "process.exe")
-    stdio.check_creds(v, proc)
+    creds.check(v, proc)
     mm = v.get(m, "mm", dict, "")
     for k in MM_FIELDS:
         v.int_in(mm, k, 0, USER_TOP, "mm")

@@ -168,7 +168,17 @@ def collect(pid: int, maps: list[dict], objs: Objects) -> list[dict]:
             raise Refused(f"mapping {s:#x}-{e:#x} {path} is of a kind not supported")
         if rec.get("kind") == "file":
             try:
-                ref = stat_ref(f"/proc/{pid}/map_files/{s:x}-{e:x}", path)
+                try:
+                    ref = stat_ref(f"/proc/{pid}/map_files/{s:x}-{e:x}", path)
+                except PermissionError:
+                    # map_files needs CAP_SYS_ADMIN (CAP_CHECKPOINT_RESTORE): a checkpoint by
+                    # the process's own user identifies the file by the device and inode
+                    # /proc/PID/smaps shows instead
+                    ref = stat_ref(path, path)
+                    major, minor = (int(x, 16) for x in v["dev"].split(":"))
+                    if (ref["dev"], ref["ino"]) != (os.makedev(major, minor), v["inode"]):
+                        raise Refused(f"mapped file {path} was replaced since it was "
+                                      "mapped") from None
                 st2 = os.stat(path)
             except OSError as ex:
                 raise Refused(f"mapped file {path}: {ex.strerror}") from ex

@@ -11,7 +11,7 @@ else inherit.
 Checkpoint (`collect`) records, per fd 0-2, what original needs: the path, offset, device,
 inode and owner of a regular file (or why it cannot be reopened: deleted, renamed), or that
 it was /dev/null, and which earlier fd of 0-2 it shares an open file description with
-(kcmp); `process_creds` records the process's file-system uid, gid and groups.
+(kcmp); state.creds records the process's file-system uid, gid and groups (uid, gid, groups).
 
 Restore runs as root on behalf of the image, so a path is opened with the checkpointed
 process's credentials (native cx_open_as: fsuid, fsgid and groups in a thread of its own),
@@ -32,16 +32,6 @@ DROP = os.O_CREAT | os.O_TRUNC | os.O_EXCL | os.O_NOCTTY
 
 
 # -- checkpoint --------------------------------------------------------------------------------
-def process_creds(status: dict) -> dict:
-    """The file-system credentials of a process (procfs.status): fsuid, fsgid, groups."""
-    uid = status.get("Uid", "").split()
-    gid = status.get("Gid", "").split()
-    if len(uid) < 4 or len(gid) < 4:
-        raise CxlforkError("cannot read the process's uid and gid from /proc")
-    return {"uid": int(uid[3]), "gid": int(gid[3]),
-            "groups": [int(g) for g in status.get("Groups", "").split()]}
-
-
 def collect(pid: int, f: dict, rec: dict, earlier: list[dict]) -> None:
     """Fill the stdio record rec of fd f (procfs.fds, fd 0-2) with what original needs;
     earlier: the stdio records of lower fds."""
@@ -97,18 +87,6 @@ def check(v, f: dict, w: str) -> None:
             v.int_in(o, k, 0, 2**64, f"{w}.orig")
     elif t != "null":
         v.fail(f"{w}.orig.type", "expected file, null or none")
-
-
-def check_creds(v, proc: dict) -> None:
-    c = v.get(proc, "creds", dict, "process", optional=True)
-    if c is None:
-        return
-    v.int_in(c, "uid", 0, 2**32, "process.creds")
-    v.int_in(c, "gid", 0, 2**32, "process.creds")
-    gs = v.get(c, "groups", list, "process.creds")
-    if len(gs) > 65536 or any(not isinstance(g, int) or isinstance(g, bool) or
-                              not 0 <= g < 2**32 for g in gs):
-        v.fail("process.creds.groups", "expected at most 65536 group IDs")
 
 
 # -- restore -----------------------------------------------------------------------------------
