@@ -16,7 +16,8 @@
  *      region; each sets its own sigaltstack, rseq, tid address and robust list, then calls
  *      THREAD_PARK, which is never mapped: cxlfork, attached with PTRACE_O_TRACECLONE, keeps
  *      each thread at that SIGSEGV stop) and waits for a second go byte (all parked);
- *   5. takes the checkpointed process's credentials (OP_CREDS, restorer_creds.c; each thread
+ *   5. once the threads are parked (after the go byte of step 6), takes the checkpointed
+ *      process's credentials as its last change (OP_CREDS, restorer_creds.c; each thread
  *      took them for itself before parking);
  *   6. waits for cxlfork's go byte (cxlfork has PTRACE_SEIZEd it by then; EOF means cxlfork
  *      is gone, and it exits), closes its own fds, blocks every signal but SIGSEGV and unmaps
