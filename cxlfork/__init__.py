@@ -7,4 +7,4 @@ rebuild the address space from the store -> registers and the rest -> run).
 """
 
 FORMAT = "cxlfork-image"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3

@@ -6,7 +6,7 @@ page store -> publish the manifest -> resume (or kill) the process.
               injection window (syscalls run through the target's vDSO, scratch page mapped
               and unmapped again) signals, tid address, brk, the other threads, timers; then
               pending signals (PTRACE_PEEKSIGINFO),
-              registers, process (exe, cwd, umask, mm, rlimits), fds (files, pipes, sockets,
+              registers, process (exe, cwd, umask, mm, rlimits, credentials), fds (files, pipes, sockets,
               eventfds, epoll, timerfd, signalfd, inotify, FIFOs, deleted files), memory
               (mappings, shmem objects)
     pages     cxlfork.pages: every stored run copied into the page file, hashed
@@ -27,7 +27,7 @@ from cxlfork import FORMAT, FORMAT_VERSION, image as image_mod, procfs
 from cxlfork.errors import CxlforkError, Refused
 from cxlfork.pages import write_pages
 from cxlfork.ptrace import Tracee
-from cxlfork.state import (fds as fds_mod, fifos, memory, pending, process, registers,
+from cxlfork.state import (creds, fds as fds_mod, fifos, memory, pending, process, registers,
                            signals, threads, timers)
 from cxlfork.store import open_store
 
@@ -71,9 +71,11 @@ def collect(tr: Tracee, tree: dict | None = None) -> dict:
         brk = tr.brk()
         thread_recs = threads.collect(tr)
         tmrs = timers.collect(tr)
+        future_lock = memory.future_lock(pid, tr.scratch)
+        cred = creds.collect(tr, status)
     pend = pending.collect(tr)
     regs = registers.collect(tr, tid_address)
-    proc = process.collect(pid, status, brk)
+    proc = process.collect(pid, status, brk, cred)
     objs = memory.Objects()
     try:
         fds = fds_mod.collect(pid, objs, tree["pipes"] if tree else ())
@@ -83,7 +85,7 @@ def collect(tr: Tracee, tree: dict | None = None) -> dict:
         raise
     return {"process": proc["process"], **regs, "signals": sigs, "mm": proc["mm"],
             "rlimits": proc["rlimits"], "fds": fds, "vmas": vmas, "threads": thread_recs,
-            "timers": tmrs, "pending": pend, "_objs": objs}
+            "timers": tmrs, "pending": pend, "mlockall": future_lock, "_objs": objs}
 
 
 PF_KTHREAD = 0x00200000

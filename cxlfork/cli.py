@@ -90,8 +90,10 @@ def checkpoint(pid, image, leave_running, store, as_json):
 @click.option("--detach", is_flag=True, help="do not wait for the clones")
 @click.option("--pidfile", type=click.Path(), default=None,
               help="write every clone's PID, one a line")
-@click.option("--stdio", default="inherit", show_default=True,
-              help="fds 0-2 of the clones: inherit, null, or a FILE (appended to)")
+@click.option("--stdio", default="auto", show_default=True,
+              help="fds 0-2 of the clones: original (files reopened as the original had "
+              "them: path, flags, offset), inherit, null, or a FILE (appended to); auto: "
+              "original when fds 0-2 were regular files (or /dev/null), else inherit")
 @click.option("--same-pid", is_flag=True, help="restore one clone under the original PID")
 @click.option("--netns", type=click.Choice(["new", "host"]), default="new", show_default=True,
               help="an image with inet or named unix sockets: each clone in a network "

@@ -1,7 +1,8 @@
 """The image: a 0700 directory holding manifest.json (0600), plus its page file in the store.
 
-The manifest is versioned JSON (format "cxlfork-image", version 2): maps and their page runs,
-registers, xstate, signals, fds, mm fields, rlimits, and the store file with its size, content
+The manifest is versioned JSON (format "cxlfork-image", version 3; 2 had no credentials):
+maps and their page runs, registers, xstate, signals, fds, mm fields, rlimits, the process's
+credentials (state.creds), and the store file with its size, content
 hash and pin (device, inode, owner, mode, size, mtime, ctime); its "checksum" is an HMAC-SHA256
 of the canonical JSON of everything else under the caller's key (cxlfork.trust), so only that
 user can make a manifest restore. It is written into IMAGE.tmp.PID and published by renaming
@@ -21,7 +22,7 @@ import shutil
 
 from cxlfork import FORMAT, FORMAT_VERSION, trust
 from cxlfork.errors import ImageError
-from cxlfork.state import deleted, epoll, fifos, inotify, signalfd, timerfd
+from cxlfork.state import creds, deleted, epoll, fifos, inotify, signalfd, stdio, timerfd
 
 MANIFEST = "manifest.json"
 MAX_THREADS = 1024                        # restorer stacks: 64 KiB each in its region
@@ -184,6 +185,10 @@ def validate(m: dict, image: str = "?") -> dict:
         v.fail("version", "image format version 1, sealed with an unkeyed checksum by an older "
                           f"cxlfork; this cxlfork reads version {FORMAT_VERSION} (sealed with "
                           "its user's key): checkpoint the process again")
+    if ver == 2:
+        v.fail("version", "image format version 2 has no record of the process's credentials "
+                          "(its clones would run as the restoring user); this cxlfork reads "
+                          f"version {FORMAT_VERSION}: checkpoint the process again")
     if ver != FORMAT_VERSION:
         v.fail("version", f"image format version {ver!r}; this cxlfork reads version "
                           f"{FORMAT_VERSION}")
@@ -209,6 +214,7 @@ def validate(m: dict, image: str = "?") -> dict:
         v.get(proc, k, bool, "process")
     exe = v.get(proc, "exe", dict, "process")
     _file_ref(v, exe, "process.exe")
+    creds.check(v, proc)
     mm = v.get(m, "mm", dict, "")
     for k in MM_FIELDS:
         v.int_in(mm, k, 0, USER_TOP, "mm")
@@ -327,10 +333,11 @@ def validate(m: dict, image: str = "?") -> dict:
         v.get(a, "growsdown", bool, w)
         if v.int_in(a, "offset", 0, 1 << 60, w) % PAGE:
             v.fail(f"{w}.offset", "not page-aligned")
-        v.get(a, "locked", bool, w, optional=True)
         for f in v.get(a, "madvise", list, w):
             if not isinstance(f, int) or not 0 <= f < 100:
                 v.fail(f"{w}.madvise", "bad advice")
+        if "lock" in a:
+            v.int_in(a, "lock", 0, 3, w)
         if kind == "special":
             nspecial += 1
             if v.get(a, "path", str, w) not in ("[vdso]", "[vvar]", "[vvar_vclock]"):
@@ -344,6 +351,8 @@ def validate(m: dict, image: str = "?") -> dict:
     if nspecial > 4:
         v.fail("vmas", "more than 4 vvar/vdso mappings")
 
+    if "mlockall" in m and v.int_in(m, "mlockall", 0, 8, "") not in (0, 2, 6):
+        v.fail("mlockall", "expected 0, MCL_FUTURE or MCL_FUTURE|MCL_ONFAULT")
     fds = v.get(m, "fds", list, "")
     seen = set()
     socks: dict[int, list] = {}
@@ -363,6 +372,8 @@ def validate(m: dict, image: str = "?") -> dict:
             v.fail(f"{w}.dup_of", "must name an earlier fd")
         if dup is not None:
             continue
+        if k == "stdio" and n <= 2:
+            stdio.check(v, f, w)
         if k in ("file", "dir", "chr"):
             v.get(f, "path", str, w)
             v.int_in(f, "pos", 0, 1 << 62, w)

@@ -17,7 +17,9 @@ How a policy turns into ops, per mapping of the image:
 Then signals, rseq, tid address, robust list, PR_SET_MM_MAP, name (a warm ghost stops here),
 the userfaultfd of the store-mapped anonymous runs (lazy moa copies; anonymous semantics of
 MADV_DONTNEED/mremap under every policy but moa --eager), timers, epoll interest entries,
-pending signals, rlimits, FD_CLOEXEC, the go byte, threads, closing fds.
+pending signals, rlimits, mlock/mlockall, FD_CLOEXEC, the go byte, threads (each takes the
+process's credentials before it parks), the credentials (OP_CREDS, state.creds: the last op
+that changes the process), closing fds.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import struct
 from cxlfork.state import pending
 
 PLAN_MAGIC = 0x314E414C50584643
-PLAN_VERSION = 5
+PLAN_VERSION = 7
 REGION_LO, REGION_HI = 0x100000000000, 0x100040000000
 PLAN_ADDR = REGION_LO + 0x20000000
 THREAD_PARK = REGION_LO + 0x3ffff000        # never mapped; see restorer.c
@@ -36,8 +38,7 @@ HDR_WORDS = 32
  OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL, OP_PRLIMIT,
  OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
  OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER, OP_EPOLL_CTL,
- OP_SIGQUEUE, OP_EPOLL_FIRED, OP_MLOCK) = range(1, 30)
-MLOCK_ONFAULT = 1
+ OP_SIGQUEUE, OP_EPOLL_FIRED, OP_MLOCK, OP_MLOCKALL, OP_CREDS) = range(1, 32)
 MAP_SHARED, MAP_PRIVATE, MAP_ANON, MAP_GROWSDOWN = 0x01, 0x02, 0x20, 0x100
 PROT_W = 2
 PROT_R = 1
@@ -90,7 +91,7 @@ def uffd_runs(m: dict, policy: str, lazy: bool = False, hot: bytes | None = None
         return []
     hot = hot if policy == "hybrid" else None
     return [(a, n * PAGE, sp * PAGE) for v in m["vmas"]
-            if v["kind"] == "anon" and not v["growsdown"]
+            if v["kind"] == "anon" and not v["growsdown"] and not v.get("lock")
             for r in v["runs"] for a, n, sp, eager in _split_hot(r, hot) if not eager]
 
 
@@ -172,9 +173,12 @@ def _epoll_ops(p: Plan, m: dict) -> None:
                     p.op(OP_EPOLL_CTL, e["tfd"], f["fd"], e["events"], e["data"])
 
 
+THREAD_REC = 104                # bytes of a thread record (restorer_thread.c)
+
+
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
           lazy: bool = False, warm_sock: int | None = None, prefault: bool = False,
-          huge: bool = False, populate_write=()) -> bytes:
+          huge: bool = False, populate_write=(), creds_flags: int | None = None) -> bytes:
     """lazy (policy moa): map stored runs from the store as mow does (and copy each block on
     first touch, native/lazy.c). With fdnums['uffd_sock'] (any policy but moa --eager) the
     anonymous runs mapped from the store (uffd_runs) are registered with a userfaultfd in
@@ -191,7 +195,9 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     mappings are prefaulted read-only (MADV_POPULATE_READ, one PMD per 2 MiB: about 1 us
     each) before the userfaultfd registration, so the clone's first reads of them take no
     fault at all (a write, MADV_DONTNEED or mremap there drops that PMD: the 2 MiB fault
-    back in page by page through the handler, as without huge)."""
+    back in page by page through the handler, as without huge).
+    creds_flags: the steps (state.creds.F_*) that turn the restorer's credentials into the
+    process's (default: from this process's own, which its restorers have)."""
     if prefault and (warm_sock is None or lazy):
         raise ValueError("prefault is for the plans of warm ghosts that are not lazy")
     if any(n <= fdnums["err"] for k, n in fdnums.items() if k not in ("err", "cloexec")) or \
@@ -211,7 +217,9 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
             specials.append((v["start"], v["end"] - v["start"], v["path"]))
             continue
         runs = v["runs"]
-        eager_all = (policy == "moa" and not lazy) or v["growsdown"]
+        # stacks and locked mappings are copied (mlock of a writable private mapping would
+        # copy every page anyway; a locked page must not fault to the store)
+        eager_all = (policy == "moa" and not lazy) or v["growsdown"] or bool(v.get("lock"))
         if kind == "anon":
             flags = MAP_PRIVATE | MAP_ANON | (MAP_GROWSDOWN if v["growsdown"] else 0)
             p.op(OP_MMAP, s, e - s, prot, flags, -1, 0)
@@ -222,15 +230,12 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
                  v["offset"])
             # copied-on-write pages: mapped from the page file like anonymous runs (mow;
             # hybrid for pages nobody touched), else read into the file mapping
-            needs_w = _store_runs(p, v, runs, hot, policy == "moa", store, populate)
+            needs_w = _store_runs(p, v, runs, hot, policy == "moa" or bool(v.get("lock")),
+                                  store, populate)
         if needs_w:
             p.op(OP_MPROTECT, s, e - s, prot)
         for adv in v["madvise"]:
             p.op(OP_MADVISE, s, e - s, adv)
-        if v.get("locked"):
-            # locked again, on fault: an mlock() that populates would copy every page of a
-            # private writable mapping (mow's sharing gone) and fault on store pages here
-            p.op(OP_MLOCK, s, e - s, MLOCK_ONFAULT)
 
     sig = m["signals"]
     for a in sig["actions"]:
@@ -279,6 +284,13 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     from cxlfork.procfs import RLIMITS
     for name, (soft, hard) in sorted(m["rlimits"].items()):
         p.op(OP_PRLIMIT, RLIMITS[name], soft, hard)
+    # locks, under the clone's own RLIMIT_MEMLOCK (just set): mlock2 per locked mapping
+    # (MLOCK_ONFAULT as it had), then mlockall(MCL_FUTURE[|MCL_ONFAULT]) for its later ones
+    for v in m["vmas"]:
+        if v.get("lock"):
+            p.op(OP_MLOCK, v["start"], v["end"] - v["start"], 1 if v["lock"] == 2 else 0)
+    if m.get("mlockall"):
+        p.op(OP_MLOCKALL, m["mlockall"])
     for fd in fdnums.get("cloexec", []):
         p.op(OP_CLOEXEC, fd)
     threads = m.get("threads", [])
@@ -290,6 +302,13 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
                 thread_ops.append(len(p.ops))
                 p.op(OP_THREAD, 0)                # record address patched below
             p.op(OP_WAITGO, fdnums["go"])         # every thread is parked
+    # the credentials last: everything above may need the restorer's privilege (mappings of
+    # files, mlock, rlimits, clone3 set_tid of the threads); each thread took them already
+    from cxlfork.state import creds as creds_mod
+    if creds_flags is None:
+        creds_flags = creds_mod.steps(m, creds_mod.mine())
+    creds_index = len(p.ops)
+    p.op(OP_CREDS, 0)                             # record address patched below
     # the restorer's own fds are numbered above the process's, the error pipe first: close
     # every fd above it, then the error pipe (its EOF tells cxlfork the plan is done)
     p.op(OP_CLOSEFROM, fdnums["err"] + 1)
@@ -302,7 +321,10 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     auxv = base64.b64decode(m["mm"]["auxv"])
     auxv_off = ops_off + len(p.ops) * 64
     mm_off = auxv_off + ((len(auxv) + 15) // 16) * 16
-    threads_off = mm_off + 112
+    creds_rec = creds_mod.record(m, creds_flags)
+    creds_off = mm_off + 112
+    threads_off = creds_off + len(creds_rec)
+    p.ops[creds_index] = (OP_CREDS, PLAN_ADDR + creds_off, 0, 0, 0, 0, 0, 0)
     mmf = m["mm"]
     mm_struct = struct.pack("<11QQII", *(mmf[k] for k in (
         "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
@@ -312,13 +334,14 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     records = b""
     for i, (k, t) in enumerate(zip(thread_ops, threads)):
         # its checkpointed tid, given back when the clone has the checkpointed PID
-        p.ops[k] = (OP_THREAD, PLAN_ADDR + threads_off + i * 96, t["tid"],
+        p.ops[k] = (OP_THREAD, PLAN_ADDR + threads_off + i * THREAD_REC, t["tid"],
                     m["process"]["pid"], 0, 0, 0, 0)
         alt, rseq, rl = t["altstack"], t["rseq"] or {"addr": 0, "len": 0, "sig": 0}, \
             t["robust_list"]
-        records += struct.pack("<10Q16s", alt["sp"], alt["flags"] & 0xFFFFFFFF, alt["size"],
+        records += struct.pack("<10Q16sQ", alt["sp"], alt["flags"] & 0xFFFFFFFF, alt["size"],
                                rseq["addr"], rseq["len"], rseq["sig"], t["tid_address"],
-                               rl["head"], rl["len"], i, t.get("comm", "").encode()[:15])
+                               rl["head"], rl["len"], i, t.get("comm", "").encode()[:15],
+                               PLAN_ADDR + creds_off)
     sig_off = threads_off + len(records)
     for k, (si, private) in zip(sig_ops, sigs):
         p.ops[k] = (OP_SIGQUEUE, PLAN_ADDR + sig_off, 1 if private else 0, 0, 0, 0, 0, 0)
@@ -333,7 +356,7 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     body = struct.pack(f"<{HDR_WORDS}Q", *hdr)
     body += b"".join(struct.pack("<8Q", *o) for o in p.ops)
     body += auxv + b"\0" * (mm_off - auxv_off - len(auxv)) + mm_struct
-    body += b"\0" * (threads_off - mm_off - len(mm_struct)) + records
+    body += b"\0" * (creds_off - mm_off - len(mm_struct)) + creds_rec + records
     if comm:                                       # the name, NUL-padded to 16 bytes
         p_comm = PLAN_ADDR + len(body)
         body += comm + b"\0" * (16 - len(comm))

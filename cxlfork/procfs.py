@@ -1,6 +1,8 @@
 """What /proc says about a process that psutil does not: mappings with smaps flags, status
-fields (signal masks, umask), stat fields (mm layout), fds with fdinfo, auxv, timers. (Children,
-threads, rlimits and process status come from psutil.)
+fields (signal masks, umask, credentials), stat fields (mm layout), fds with fdinfo, auxv,
+timers, rlimits (/proc/PID/limits: psutil's prlimit() needs CAP_SYS_RESOURCE for a process
+of another uid, which root may lack, while the file is world-readable). (Children, threads
+and process status come from psutil.)
 
 Read-only and side-effect free; called while the process is frozen by ptrace.
 """
@@ -93,6 +95,31 @@ def fds(pid: int) -> list[dict]:
             continue
         out.append({"fd": n, "link": link, "pos": int(info.get("pos", "0")),
                     "flags": int(info.get("flags", "0"), 8), "info": info})
+    return out
+
+
+# /proc/PID/limits rows, in the kernel's order (the resource number), by their label
+LIMIT_LABELS = ("Max cpu time", "Max file size", "Max data size", "Max stack size",
+                "Max core file size", "Max resident set", "Max processes", "Max open files",
+                "Max locked memory", "Max address space", "Max file locks",
+                "Max pending signals", "Max msgqueue size", "Max nice priority",
+                "Max realtime priority", "Max realtime timeout")
+
+
+def limits(pid: int) -> dict[int, tuple[int, int]]:
+    """{resource number: (soft, hard)} from /proc/PID/limits (unlimited: RLIM_INFINITY)."""
+    out = {}
+    for line in _read(pid, "limits").splitlines()[1:]:
+        label = line[:26].strip()
+        if label not in LIMIT_LABELS:
+            raise CxlforkError(f"/proc/{pid}/limits: unknown row {label!r}")
+        vals = line[26:].split()
+        try:
+            soft, hard = (resource.RLIM_INFINITY if x == "unlimited" else int(x)
+                          for x in vals[:2])
+        except ValueError:
+            raise CxlforkError(f"/proc/{pid}/limits: cannot read row {line!r}") from None
+        out[LIMIT_LABELS.index(label)] = (soft, hard)
     return out
 
 

@@ -3,13 +3,15 @@ the address space from the page store -> install registers -> run.
 
     check     manifest validated (image.load), page file size, exe and mapped files unchanged,
               vvar/vdso sizes of this kernel equal to the checkpoint's (state.memory),
-              signals and timers restorable (state.signals, state.timers)
+              signals and timers restorable (state.signals, state.timers), no uid or
+              capability gained (state.creds)
     fds       per clone (state.fds and the module of each kind): stdio (--stdio), files
               reopened at their offsets, pipes refilled, socketpairs, eventfds, memfds
               (refilled from the store, state.memory); the restorer's own fds above them
     spawn     vfork-style clone (clone3 with set_tid for --same-pid) -> signals reset,
               session/pgrp, cwd, umask, fd table -> exec cxlfork-restorer, which runs the plan
-              (cxlfork.plan: memory, signals, rlimits, mm, ...) while cxlfork PTRACE_SEIZEs it
+              (cxlfork.plan: memory, signals, rlimits, mm, ..., the process's credentials
+              last) while cxlfork PTRACE_SEIZEs it
               (EXITKILL) and sends it a go byte
     finish    at the restorer's hand-over stop (the SIGSEGV of returning into its own unmapped
               code): signal mask, xstate, registers (state.registers, state.threads); detach
@@ -36,8 +38,9 @@ from cxlfork.errors import CxlforkError
 from cxlfork.native import ffi, lib, restorer_path
 from cxlfork.ptrace import REGS_SIZE
 from cxlfork.state import pidns as pidns_mod
-from cxlfork.state import (fds as fds_mod, memory, mountns as mountns_mod, netns as netns_mod,
-                           pending, process, registers, signals, threads, timers)
+from cxlfork.state import (creds, fds as fds_mod, memory, mountns as mountns_mod,
+                           netns as netns_mod, pending, process, registers, signals,
+                           threads, timers)
 
 PAGE = 4096
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
@@ -101,9 +104,12 @@ class Prepared:
         if policy not in plan_mod.POLICIES:
             raise CxlforkError(f"unknown policy {policy!r} (mow, moa or hybrid)")
         memory.check_specials(m, self.image)
+        memory.check_lock_limit(m, self.image)
         signals.check_restorable(m, self.image)
         timers.check(m, self.image)
         pending.check(m, self.image)
+        # no clone gains a uid or a capability its restorer lacks (state.creds)
+        self.creds_flags = creds.steps(m, creds.check_restorable(m, self.image))
         image_mod.check_file(m["process"]["exe"], "executable")
         self.hot = image_mod.load_hot(self.image, m) if policy == "hybrid" else None
         self.first = None if self.lazy else firstreq.load(self.image, m)
@@ -146,11 +152,13 @@ class Prepared:
         # huge: the page file is in 2 MiB folios (tmpfs huge=: st_blksize is 2 MiB), so the
         # plan prefaults its huge-aligned blocks with PMDs (plan.huge_blocks)
         self.huge = huge and os.fstat(self.store_fd).st_blksize == plan_mod.HUGE
-        pkey = (policy, self.lazy, self.hot, self.uffd, self.huge)   # the plan depends on m too
+        # the plan depends on these and m
+        pkey = (policy, self.lazy, self.hot, self.uffd, self.huge, self.creds_flags)
         self.plan = plans.get(pkey)
         if self.plan is None:
             self.plan = plans[pkey] = plan_mod.build(m, policy, nums, self.hot, lazy=self.lazy,
-                                                     huge=self.huge)
+                                                     huge=self.huge,
+                                                     creds_flags=self.creds_flags)
         if self.uffd:
             self.uffd_runs = [ffi.new("uint64_t[]", [r[k] for r in runs]) for k in range(3)]
             self.uffd_n = len(runs)
@@ -177,7 +185,8 @@ class Prepared:
             sock = max(v for k, v in self.num.items() if k != "cloexec") + 1
             plan = plan_mod.build(self.m, self.policy, dict(self.num), self.hot, lazy=self.lazy,
                                   warm_sock=sock, prefault=prefault, huge=self.huge,
-                                  populate_write=(self.first or ()) if prefault else ())
+                                  populate_write=(self.first or ()) if prefault else (),
+                                  creds_flags=self.creds_flags)
             self._warm[prefault] = (_sealed_memfd(plan, self.fds_open), sock)
         return self._warm[prefault]
 
@@ -187,7 +196,7 @@ class Prepared:
     def __exit__(self, *exc):
         self.close()
 
-    def restore(self, n: int = 1, stdio="inherit", same_pid: bool = False,
+    def restore(self, n: int = 1, stdio="auto", same_pid: bool = False,
                 progress=None, ghosts=None, cgroup: str | None = None,
                 netns: str = "new", pidns: str = "host") -> list[int]:
         """Restore n clones; returns their PIDs (children of this process). ghosts: a
@@ -298,7 +307,7 @@ def prepare_restore(image: str, policy: str = "mow", warn=None, eager: bool = Fa
     return Prepared(image, policy, warn, eager, anon, huge)
 
 
-def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "inherit",
+def restore(image: str, policy: str = "mow", n: int = 1, stdio: str = "auto",
             same_pid: bool = False, warn=None, progress=None, eager: bool = False,
             ghosts=None, cgroup: str | None = None, netns: str = "new",
             pidns: str = "host") -> list[int]:

@@ -66,7 +66,9 @@ def restore_tree(image: str, policy: str = "mow", n: int = 1, stdio="inherit", w
                  eager: bool = False, cgroup: str | None = None, progress=None,
                  netns: str = "new") -> list[int]:
     """Restore n clone trees of a tree IMAGE, each in a new PID namespace; returns each
-    tree's root (host PIDs, children of this process)."""
+    tree's root (host PIDs, children of this process). stdio "auto" is inherit for a tree;
+    "original" reopens each process's own files (cxlfork.state.stdio)."""
+    stdio = "inherit" if stdio == "auto" else stdio
     if netns not in ("new", "host"):
         raise CxlforkError(f"netns must be new or host, not {netns!r}")
     root = rs.Prepared(image, policy, warn, eager)

@@ -104,13 +104,15 @@ POLICIES = ["mow", "moa", "moa --eager", "hybrid"]
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("prog,args", [("pipeofd", ()), ("memfdmode", ()), ("rseqsig", ()),
                                        ("maywrite", ("{work}",)), ("timers", ()),
-                                       ("mlocked", ())])
+                                       ("mlocked", ()), ("itimers", ()), ("rseqabort", ())])
 def test_restored_right_not_just_restored(env, prog, args, policy):
     """Issue 13's "restores successfully but wrong": two open file descriptions of one pipe
     keep their own O_NONBLOCK; a memfd keeps its mode; rseq keeps its signature; a read-only
     shared file mapping that may become writable still can; POSIX and interval timers are
-    carried over (timers: the periodic one must keep firing in the clone); mlock()ed
-    anonymous and file memory stays locked (on fault) with its contents."""
+    carried over (timers: the periodic one must keep firing in the clone; itimers: the interval
+    timers alone); an rseq critical section aborted in the clone reaches its abort handler
+    (a lost signature would kill the clone with SIGSEGV); mlock()ed anonymous and file memory
+    stays locked with its contents."""
     _roundtrip(env, prog, policy.split()[0], args=args, extra=policy.split()[1:])
 
 

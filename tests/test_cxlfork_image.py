@@ -54,7 +54,7 @@ def test_inspect_verify_json(env):
     d, s, img, p = env
     r = cxlfork("inspect", img, "--json")
     m = json.loads(r.stdout)
-    assert m["format"] == "cxlfork-image" and m["version"] == 2
+    assert m["format"] == "cxlfork-image" and m["version"] == 3
     assert m["process"]["pid"] == p.pid
     assert any(v["path"] == "[vdso]" for v in m["vmas"])
     assert "MiB" in cxlfork("inspect", img).stdout

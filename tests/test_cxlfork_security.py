@@ -238,7 +238,7 @@ def test_rm_crafted_manifest_keeps_victim(env):
                 f.write("precious\n")
         crafted = os.path.join(d, "crafted.img")
         os.mkdir(crafted, 0o700)
-        _write_manifest(crafted, {"format": "cxlfork-image", "version": 2,
+        _write_manifest(crafted, {"format": "cxlfork-image", "version": 3,
                                   "store": {"dir": victim, "file": "x.pages"}})
         _one_error(cxlfork("rm", crafted, check=False), "not removing")
         assert sorted(os.listdir(victim)) == ["x.owner", "x.pages"]

@@ -10,7 +10,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "cxlfork-restorer"
-SOURCES = ("restorer.c", "restorer_ghost.c", "restorer_thread.c", "restorer_init.c")   # + restorer.h
+SOURCES = ("restorer.c", "restorer_ghost.c", "restorer_thread.c", "restorer_init.c",
+           "restorer_creds.c")   # + restorer.h
 CFLAGS = ["-O2", "-static", "-nostdlib", "-nostartfiles", "-ffreestanding", "-fno-builtin",
           "-fno-stack-protector", "-fpie", "-no-pie", "-fno-asynchronous-unwind-tables",
           "-fno-tree-loop-distribute-patterns", "-Wall"]

@@ -26,6 +26,8 @@ int cx_kcmp_file(int pid, int fd1, int fd2);
 int cx_pidfd_getfd(int pid, int fd);
 int cx_tee(int in_fd, int out_fd, uint64_t len);
 int cx_memfd(const char *name, int flags);
+int cx_open_as(const char *path, int flags, unsigned uid, unsigned gid, int ngroups,
+               const unsigned *groups);
 int cx_unshare(int flags);                    /* netns.c */
 int cx_setns(int fd, int nstype);
 int cx_mount(const char *src, const char *dst, const char *fstype, unsigned long flags);

@@ -16,7 +16,10 @@
  *      region; each sets its own sigaltstack, rseq, tid address and robust list, then calls
  *      THREAD_PARK, which is never mapped: cxlfork, attached with PTRACE_O_TRACECLONE, keeps
  *      each thread at that SIGSEGV stop) and waits for a second go byte (all parked);
- *   5. waits for cxlfork's go byte (cxlfork has PTRACE_SEIZEd it by then; EOF means cxlfork
+ *   5. once the threads are parked (after the go byte of step 6), takes the checkpointed
+ *      process's credentials as its last change (OP_CREDS, restorer_creds.c; each thread
+ *      took them for itself before parking);
+ *   6. waits for cxlfork's go byte (cxlfork has PTRACE_SEIZEd it by then; EOF means cxlfork
  *      is gone, and it exits), closes its own fds, blocks every signal but SIGSEGV and unmaps
  *      its region; returning into the unmapped code faults, and at that SIGSEGV stop cxlfork
  *      installs the signal mask, xstate and registers and detaches with the signal dropped.
@@ -151,6 +154,9 @@ static const char *const op_names[] = {
     "(address: the target fd)",
     "rt_sigqueueinfo of a signal pending at the checkpoint",
     "epoll_ctl(EPOLL_CTL_ADD) of a fired one-shot interest entry (address: the target fd)",
+    "mlock2 of a mapping locked at the checkpoint (RLIMIT_MEMLOCK too small?)",
+    "mlockall(MCL_FUTURE) as at the checkpoint",
+    "the checkpointed process's credentials",
 };
 
 static long uffd = -1;
@@ -196,8 +202,6 @@ static long run_op(const uint64_t *o)
         return sc(NR_mprotect, o[1], o[2], o[3]);
     case OP_MADVISE:
         return sc(NR_madvise, o[1], o[2], o[3]);
-    case OP_MLOCK:           /* o: address, length, mlock2 flags (MLOCK_ONFAULT) */
-        return sc(NR_mlock2, o[1], o[2], o[3]);
     case OP_SIGACTION: {
         uint64_t act[4] = { o[2], o[3], o[4], o[5] };
         return sc6(NR_rt_sigaction, o[1], (long)act, 0, 8, 0, 0);
@@ -293,6 +297,12 @@ static long run_op(const uint64_t *o)
             return sc6(NR_rt_tgsigqueueinfo, me, me, si[0], (long)si, 0, 0);
         return sc(NR_rt_sigqueueinfo, me, si[0], si);
     }
+    case OP_MLOCK:                    /* o[3]: MLOCK_ONFAULT */
+        return sc(NR_mlock2, o[1], o[2], o[3]);
+    case OP_MLOCKALL:
+        return sc(NR_mlockall, o[1], 0, 0);
+    case OP_CREDS:                    /* the last op that changes us: restorer_creds.c */
+        return cx_apply_creds((const uint64_t *)o[1], -1);
     case OP_CLOEXEC:
         return sc(NR_fcntl, o[1], 2 /* F_SETFD */, 1 /* FD_CLOEXEC */);
     case OP_PRCTL:

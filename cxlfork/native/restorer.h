@@ -16,13 +16,13 @@
 #define THREAD_PARK   (REGION_LO + 0x3ffff000UL)   /* never mapped */
 
 #define PLAN_MAGIC 0x314e414c50584643UL   /* "CFXPLAN1" little-endian */
-#define PLAN_VERSION 5
+#define PLAN_VERSION 7
 
 enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTSTACK,
        OP_SIGMASK, OP_RSEQ, OP_TIDADDR, OP_ROBUST, OP_MM_MAP, OP_CLOSE, OP_CLOEXEC, OP_PRCTL,
        OP_PRLIMIT, OP_WAITGO, OP_UFFD_OPEN, OP_UFFD_REG, OP_UFFD_SEND, OP_THREAD, OP_CLOSEFROM,
        OP_GHOSTWAIT, OP_TIMER_CREATE, OP_TIMER_SET, OP_SETITIMER, OP_EPOLL_CTL,
-       OP_SIGQUEUE, OP_EPOLL_FIRED, OP_MLOCK };
+       OP_SIGQUEUE, OP_EPOLL_FIRED, OP_MLOCK, OP_MLOCKALL, OP_CREDS };
 
 #define NR_read 0
 #define NR_write 1
@@ -36,7 +36,6 @@ enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTST
 #define NR_pread64 17
 #define NR_mremap 25
 #define NR_madvise 28
-#define NR_mlock2 325
 #define NR_getpid 39
 #define NR_exit_group 231
 #define NR_kill 62
@@ -66,6 +65,8 @@ enum { OP_MMAP = 1, OP_PREAD, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_SIGALTST
 #define NR_poll 7
 #define NR_rt_sigqueueinfo 129
 #define NR_rt_tgsigqueueinfo 297
+#define NR_mlock2 325
+#define NR_mlockall 151
 #define PR_TIMER_CREATE_RESTORE_IDS 77
 
 #define GHOST_MAGIC 0x3154534f48475843UL   /* "CXGHOST1" little-endian */
@@ -90,4 +91,6 @@ long cx_ghost_wait(long sock);
 long cx_clone_thread(long flags, uint64_t *newsp);
 long cx_clone3_thread(long flags, uint64_t *newsp, long tid);
 __attribute__((noreturn)) void cx_init_main(void);
+long cx_apply_creds(const uint64_t *c, long op);
+void cx_thread_creds(const uint64_t *c, long index);
 #endif

@@ -1,5 +1,6 @@
 /* cxlfork-restorer: creating a restored thread (plan OP_THREAD): a raw clone onto its stack,
- * then the thread sets its own sigaltstack, rseq, tid address, robust list and name and parks
+ * then the thread sets its own sigaltstack, rseq, tid address, robust list, name and
+ * credentials and parks
  * at THREAD_PARK, where cxlfork keeps it until the hand-over. */
 #include "restorer.h"
 
@@ -47,7 +48,8 @@ long cx_clone3_thread(long flags, uint64_t *newsp, long tid)
 
 /* A restored thread's own state, then park at THREAD_PARK. rec (in the plan): sigaltstack
  * sp/flags/size, rseq address/length/signature, tid address, robust list head/length, index,
- * then its name (16 bytes). */
+ * then its name (16 bytes), then the address of the process's credentials record
+ * (restorer_creds.c), taken before it parks. */
 __attribute__((used, noreturn)) void cx_thread_main(const uint64_t *rec)
 {
     long r;
@@ -63,6 +65,7 @@ __attribute__((used, noreturn)) void cx_thread_main(const uint64_t *rec)
         fail("set_robust_list of a thread", (long)rec[9], rec[7], r);
     if (((const char *)&rec[10])[0])            /* its name (comm), NUL-padded */
         sc(NR_prctl, 15 /* PR_SET_NAME */, &rec[10], 0);
+    cx_thread_creds((const uint64_t *)rec[12], (long)rec[9]);
     uint64_t mask = ~(1UL << 10);              /* only SIGSEGV, for the park below */
     sc6(NR_rt_sigprocmask, 2, (long)&mask, 0, 8, 0, 0);
     ((void (*)(void))THREAD_PARK)();

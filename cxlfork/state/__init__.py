@@ -3,6 +3,8 @@
 restore side (recreate it for a clone, or give the restore plan what it needs) side by side:
 
     process    exe, cwd, umask, session, mm fields, rlimits; child processes refused
+    creds      uids, gids, groups, capability sets, securebits, no_new_privs, dumpable
+               (applied last by the restorer; threads with other credentials refused)
     registers  general registers, xstate, rseq, robust list, clear-child-tid address
     threads    the other threads (their registers, mask, sigaltstack...); thread hand-over
     signals    sigactions, sigaltstack, blocked mask

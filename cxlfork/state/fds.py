@@ -1,6 +1,7 @@
 """The fd table. Checkpoint (`collect`): every fd of /proc/PID/fd with its fdinfo, FD_CLOEXEC
 and status flags; dups (the same open file description, kcmp) point at the first fd; fds 0-2
-are stdio (they come from `restore --stdio`); every other fd goes to the module of its kind
+are stdio (they come from `restore --stdio`, cxlfork.state.stdio); every other fd goes to
+the module of its kind
 (files, pipes, sockets and inet, eventfds, epoll, timerfd, signalfd, inotify; named FIFOs
 and deleted files through files), and kinds without one are refused with the fd named
 (fanotify, pidfd, io_uring, userfaultfd...).
@@ -15,7 +16,7 @@ from cxlfork import procfs
 from cxlfork.errors import ImageError, Refused
 from cxlfork.native import lib
 from cxlfork.state import (deleted, epoll, eventfds, fifos, files, inet, inotify, pipes,
-                           signalfd, sockets, timerfd)
+                           signalfd, sockets, stdio as stdio_mod, timerfd)
 
 O_CLOEXEC = 0o2000000
 O_CREAT_ETC = os.O_CREAT | os.O_TRUNC | os.O_EXCL | os.O_NOCTTY
@@ -38,6 +39,7 @@ def collect(pid: int, objs, tree_pipes=()) -> list[dict]:
         tree_pipe = link.startswith("pipe:[") and int(link[6:-1]) in tree_pipes
         if n <= 2 and not tree_pipe:     # a tree's pipe on 0-2 (a pipeline) stays a pipe
             rec["kind"] = "stdio"
+            stdio_mod.collect(pid, f, rec, [r for r in out if r["kind"] == "stdio"])
             out.append(rec)
             continue
         # a dup of an earlier fd (same open file description)?
@@ -85,7 +87,7 @@ def clone_fds(m: dict, stdio, opened: list[int], objfds: dict[int, int],
     another process's."""
     src, dst = [], []
     by_num: dict[int, int] = {}
-    io = files.stdio_fds(stdio, opened)
+    io = files.stdio_fds(stdio, opened, m)
     pipes_made = {} if pipes_made is None else pipes_made
     given = given or {}
     socks = sockets.recreate_all(m, opened)

@@ -10,7 +10,7 @@ import os
 import stat as stat_mod
 
 from cxlfork.errors import CxlforkError, Refused
-from cxlfork.state import deleted, fifos
+from cxlfork.state import deleted, fifos, stdio as stdio_mod
 
 KINDS = ("file", "dir", "chr", "memfd")
 CHR_OK = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty",
@@ -72,11 +72,17 @@ def reopen(f: dict, flags: int, objfds: dict[int, int], opened: list[int]) -> in
     return s
 
 
-def stdio_fds(stdio, opened: list[int]) -> list[int]:
-    """The clone's fds 0-2: inherit (ours), null, FILE (output appended there), or three fds
-    of the caller's."""
+def stdio_fds(stdio, opened: list[int], m: dict | None = None) -> list[int]:
+    """The clone's fds 0-2 for image m: auto, original (cxlfork.state.stdio), inherit (ours),
+    null, FILE (output appended there), or three fds of the caller's."""
     if isinstance(stdio, (tuple, list)):          # library callers: three fds of their own
         return list(stdio)
+    if m is not None:
+        stdio = stdio_mod.resolve(stdio, m)
+        if stdio == "original":
+            return stdio_mod.original_fds(m, opened)
+    elif stdio in ("auto", "original"):
+        stdio = "inherit"
     if stdio == "inherit":
         return [0, 1, 2]
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)

@@ -4,8 +4,10 @@ Checkpoint (`collect`): /proc/PID/smaps (maps + VmFlags) turned into VMA records
 file, shmem/memfd, vvar/vdso), each with the runs of pages the store must keep (pagemap
 presence; for file/shmem private mappings only the copied-on-write pages); shared anonymous
 memory and memfds become objects (`Objects`, by inode) whose data ranges (SEEK_DATA/HOLE) are
-stored too. mlock()ed mappings are marked "locked" (the restorer locks them again with
-MLOCK_ONFAULT). Refused, naming the mapping: VM_IO/PFNMAP, userfaultfd-registered
+stored too. mlock()ed mappings (VmFlags `lo`, `lf` for MLOCK_ONFAULT) are recorded with
+their lock, and mlockall(MCL_FUTURE) by `future_lock`; the restore copies locked mappings'
+stored pages (mlock would copy them anyway) and locks them again (cxlfork.plan, OP_MLOCK),
+after `check_lock_limit`. Refused, naming the mapping: VM_IO/PFNMAP, userfaultfd-registered
 (also a cxlfork clone's store-mapped runs, whose dropped pages are zeros only through its
 handler), shadow-stack and sealed memory, SysV shm, the restorer's region. Mappings of
 deleted files become objects too (cxlfork.state.deleted).
@@ -41,6 +43,8 @@ REFUSED_VMFLAGS = {"io": "device memory (VM_IO)",
                          "its handler serves; checkpoint the original, or a moa --eager "
                          "clone)", "ss": "a shadow stack",
                    "sl": "sealed (mseal) memory"}
+LOCKED, LOCK_ONFAULT = 1, 2          # a VMA's "lock": mlock(), mlock2(MLOCK_ONFAULT)
+MCL_FUTURE, MCL_ONFAULT = 2, 4
 F_GET_SEALS, F_ADD_SEALS = 1034, 1033
 MFD_ALLOW_SEALING = 2
 
@@ -127,7 +131,7 @@ def collect(pid: int, maps: list[dict], objs: Objects) -> list[dict]:
                "maywrite": "mw" in flags,
                "growsdown": "gd" in flags, "path": path, "runs": [],
                "madvise": sorted(MADVISE[f] for f in flags if f in MADVISE),
-               **({"locked": True} if "lo" in flags else {})}
+               "lock": (LOCK_ONFAULT if "lf" in flags else LOCKED) if "lo" in flags else 0}
         if path in SPECIAL:
             rec["kind"] = "special"
             vmas.append(rec)
@@ -164,7 +168,17 @@ def collect(pid: int, maps: list[dict], objs: Objects) -> list[dict]:
             raise Refused(f"mapping {s:#x}-{e:#x} {path} is of a kind not supported")
         if rec.get("kind") == "file":
             try:
-                ref = stat_ref(f"/proc/{pid}/map_files/{s:x}-{e:x}", path)
+                try:
+                    ref = stat_ref(f"/proc/{pid}/map_files/{s:x}-{e:x}", path)
+                except PermissionError:
+                    # map_files needs CAP_SYS_ADMIN (CAP_CHECKPOINT_RESTORE): a checkpoint by
+                    # the process's own user identifies the file by the device and inode
+                    # /proc/PID/smaps shows instead
+                    ref = stat_ref(path, path)
+                    major, minor = (int(x, 16) for x in v["dev"].split(":"))
+                    if (ref["dev"], ref["ino"]) != (os.makedev(major, minor), v["inode"]):
+                        raise Refused(f"mapped file {path} was replaced since it was "
+                                      "mapped") from None
                 st2 = os.stat(path)
             except OSError as ex:
                 raise Refused(f"mapped file {path}: {ex.strerror}") from ex
@@ -180,6 +194,47 @@ def collect(pid: int, maps: list[dict], objs: Objects) -> list[dict]:
             rec["runs"] = [[s + a * PAGE, n, 0] for a, n in runs(present)]
         vmas.append(rec)
     return vmas
+
+
+def future_lock(pid: int, scratch: int) -> int:
+    """mlockall(MCL_FUTURE[|MCL_ONFAULT]) of PID, as MCL_* flags: the kernel shows it nowhere
+    but in the flags new mappings get, so this reads the VmFlags of the scratch page cxlfork
+    mapped in the process (ptrace.Tracee.map_scratch)."""
+    from cxlfork import procfs
+    for v in procfs.smaps(pid):
+        if v["start"] <= scratch < v["end"]:
+            if "lo" not in v["vmflags"]:
+                return 0
+            return MCL_FUTURE | (MCL_ONFAULT if "lf" in v["vmflags"] else 0)
+    raise CxlforkError(f"PID {pid}: cxlfork's scratch page is not in /proc/{pid}/smaps")
+
+
+def locked_bytes(m: dict) -> int:
+    """What a clone of m has locked once restored (as the kernel counts it: whole VMAs)."""
+    return sum(v["end"] - v["start"] for v in m["vmas"] if v.get("lock"))
+
+
+def check_lock_limit(m: dict, image: str) -> None:
+    """A clone's locked memory must fit its RLIMIT_MEMLOCK (the image's) unless this process
+    has CAP_IPC_LOCK, which the clone inherits and which lets the kernel lock beyond it: one
+    line before anything is spawned (the restorer's mlock would fail later otherwise)."""
+    need = locked_bytes(m)
+    if not need:
+        return
+    soft = m["rlimits"].get("memlock", [-1, -1])[0]
+    if soft < 0 or soft >= need or soft == 2**64 - 1 or _has_cap_ipc_lock():
+        return
+    raise CxlforkError(f"{image}: the process had {need // 1024} KiB mlock()ed; its "
+                       f"RLIMIT_MEMLOCK ({soft // 1024} KiB), which the clone gets, is too "
+                       "small and this restore lacks CAP_IPC_LOCK: refused")
+
+
+def _has_cap_ipc_lock() -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 14 & 1)
+    return False
 
 
 # -- restore -----------------------------------------------------------------------------------

@@ -55,20 +55,20 @@ def refuse_seccomp(pid: int, status: dict) -> None:
 
 
 def rlimits(pid: int) -> dict[str, list[int]]:
-    p = _ps(pid)
+    """Every rlimit of PID, read from /proc/PID/limits (psutil's prlimit() is refused for a
+    process of another uid without CAP_SYS_RESOURCE)."""
+    lims = procfs.limits(pid)
     out = {}
     for name, res in sorted(procfs.RLIMITS.items()):
-        try:
-            soft, hard = p.rlimit(res)
-        except psutil.NoSuchProcess as e:
-            raise CxlforkError(f"process {pid} exited") from e
-        out[name] = [soft, hard]
+        if res not in lims:
+            raise CxlforkError(f"/proc/{pid}/limits has no row for RLIMIT_{name.upper()}")
+        out[name] = list(lims[res])
     return out
 
 
-def collect(pid: int, status: dict, brk: int) -> dict:
+def collect(pid: int, status: dict, brk: int, creds: dict) -> dict:
     """The manifest's process, mm and rlimits fields (status: procfs.status(pid), for the
-    umask psutil does not have; brk: injected brk(0))."""
+    umask psutil does not have; brk: injected brk(0); creds: state.creds.collect)."""
     cwd = os.readlink(f"/proc/{pid}/cwd")        # psutil drops " (deleted)"
     if cwd.endswith(" (deleted)"):
         raise Refused(f"the working directory of PID {pid} was deleted ({cwd})")
@@ -84,7 +84,8 @@ def collect(pid: int, status: dict, brk: int) -> dict:
     return {
         "process": {"pid": pid, "comm": st[2], "exe": stat_ref(f"/proc/{pid}/exe", exe_path),
                     "cwd": cwd, "umask": int(status.get("Umask", "0022"), 8),
-                    "pgid_leader": f[5] == pid, "sid_leader": f[6] == pid},
+                    "pgid_leader": f[5] == pid, "sid_leader": f[6] == pid,
+                    "creds": creds},
         "mm": mm,
         "rlimits": rlimits(pid),
     }
