@@ -13,7 +13,7 @@ APT_PKGS := qemu-system-x86 python3-bpfcc bpfcc-tools python3-venv python3-dev g
             iproute2 util-linux
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: all setup apt venv guest test test-host demo bench clean distclean
+.PHONY: all setup apt venv guest test test-host demo bench criu clean distclean
 
 all: setup
 
@@ -87,6 +87,13 @@ demo: $(STAMPS)/guest $(STAMPS)/bcc
 
 bench: $(STAMPS)/guest $(STAMPS)/bcc $(STAMPS)/porter-workers
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+# CRIU, the baseline bench/bench_cxlfork.py compares with (not part of test or demo): built
+# from its public source (CRIU_SRC: a source tree or a git repository with tag v4.2) into
+# /var/cache/tiermem/criu, outside the checkout; quick when already built.
+CRIU_SRC ?=
+criu:
+	CRIU_SRC="$(CRIU_SRC)" sh scripts/criu.sh
 
 clean:
 	rm -rf build *.egg-info tiermem/_native*.so tiermem/_native.c tiermem/_native.o .pytest_cache
