@@ -35,6 +35,10 @@ $(STAMPS)/venv: $(STAMPS)/apt pyproject.toml setup.py $(NATIVE_SRC) | $(STAMPS)
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel cffi
 	$(PIP) install -q -e '.[test]'
+	# bytecode of the project's modules, written once here: with PYTHONDONTWRITEBYTECODE set
+	# (as below, and in this machine's environment) every `cxlfork` command would compile
+	# them again (about 60 ms of a checkpoint or restore command)
+	$(PY) -m compileall -q cxlfork tiermem daemon emulation >/dev/null
 	touch $@
 
 # The emulated CXL machine's kernel and initramfs (cached under /var/cache/tiermem).

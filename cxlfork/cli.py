@@ -10,13 +10,24 @@ import sys
 
 import click
 
-from cxlfork.poolcli import command as pool_command
-from cxlfork.porter.cli import command as porter_command
 from tiermem.errors import TiermemError
+
+# command groups imported only when named (a checkpoint or restore does not pay for them)
+_LAZY = {"porter": "cxlfork.porter.cli", "pool": "cxlfork.poolcli"}
 
 
 class _Group(click.Group):
-    """Turns TiermemError / OSError into one line on stderr and a non-zero exit."""
+    """Turns TiermemError / OSError into one line on stderr and a non-zero exit; loads the
+    groups of _LAZY on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(_LAZY))
+
+    def get_command(self, ctx, name):
+        if name in _LAZY and name not in self.commands:
+            import importlib
+            self.add_command(importlib.import_module(_LAZY[name]).command, name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx):
         try:
@@ -311,5 +322,3 @@ def profile(image, pids, as_json):
                    f"({r['hot_pages'] * 4096 / 2**20:.1f} MiB) recorded in {r['file']}")
 
 
-main.add_command(porter_command)
-main.add_command(pool_command)

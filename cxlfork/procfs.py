@@ -59,6 +59,18 @@ def smaps(pid: int) -> list[dict]:
     return out
 
 
+def maps(pid: int) -> list[dict]:
+    """Every mapping from /proc/PID/maps: start, end, perms, path (no page-table walk, as
+    smaps makes)."""
+    out = []
+    for line in _read(pid, "maps").splitlines():
+        m = _MAP_RE.match(line)
+        if m:
+            out.append({"start": int(m[1], 16), "end": int(m[2], 16), "perms": m[3],
+                        "path": m[7]})
+    return out
+
+
 def status(pid: int) -> dict[str, str]:
     out = {}
     for line in _read(pid, "status").splitlines():

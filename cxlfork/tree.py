@@ -24,7 +24,7 @@ import time
 
 import psutil
 
-from cxlfork import checkpoint as ckpt_mod, image as image_mod, procfs, restore as rs
+from cxlfork import checkpoint as ckpt_mod, image as image_mod, procfs
 from cxlfork.cgtarget import spawn_args
 from cxlfork.errors import CxlforkError, Refused
 from cxlfork.native import ffi, lib, restorer_path
@@ -207,6 +207,7 @@ def restore_tree(image: str, policy: str = "mow", n: int = 1, stdio="inherit", w
                  eager: bool = False, cgroup: str | None = None, progress=None) -> list[int]:
     """Restore n clone trees of a tree IMAGE, each in a new PID namespace; returns each
     tree's root (host PIDs, children of this process)."""
+    from cxlfork import restore as rs     # the restore side: imported when used
     if policy == "moa" and not eager:
         raise CxlforkError("a process tree restores with mow, hybrid or moa --eager; lazy moa "
                            "is not supported for trees yet")
@@ -236,6 +237,7 @@ def restore_tree(image: str, policy: str = "mow", n: int = 1, stdio="inherit", w
 
 
 def _one(preps, tree, stdio, cg, k: int) -> int:
+    from cxlfork import restore as rs     # the restore side: imported when used
     restorer = restorer_path().encode()
     opened: list[int] = []
     pipes_made: dict = {}
