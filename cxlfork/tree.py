@@ -65,14 +65,14 @@ def children(pid: int) -> list[int]:
     except psutil.NoSuchProcess as e:
         raise CxlforkError(f"no process with PID {pid}") from e
     try:
-        kids = root.children()
         out = []
-        for k in kids:
+        for k in (psutil.Process(c) for c in procfs.children(root.pid)):
             if k.status() == psutil.STATUS_ZOMBIE:
                 continue                # zombies(): carried as their exit status
-            if k.children():
+            grand = procfs.children(k.pid)
+            if grand:
                 raise Refused(f"PID {pid}'s child {k.pid} has children of its own "
-                              f"({', '.join(str(g.pid) for g in k.children()[:5])}); trees "
+                              f"({', '.join(str(g) for g in grand[:5])}); trees "
                               "deeper than one level are not supported yet")
             out.append(k.pid)
     except psutil.NoSuchProcess as e:
@@ -83,8 +83,9 @@ def children(pid: int) -> list[int]:
 def zombies(pid: int) -> list[dict]:
     """The zombie children of PID: [{pid, zombie: wait status (proc(5) exit_code)}]."""
     out = []
-    for k in psutil.Process(pid).children():
+    for c in procfs.children(pid):
         try:
+            k = psutil.Process(c)
             if k.status() == psutil.STATUS_ZOMBIE:
                 st = procfs.stat(k.pid)
                 out.append({"pid": k.pid, "zombie": int(st[52])})
