@@ -1,7 +1,8 @@
 """CRIU side by side with cxlfork (part of bench_cxlfork.py; alone: bench_cxlfork.py --criu).
 
 For each size, the same numpy worker (tests/cxlfork_progs/worker.py) two times, one for each
-tool, measured alternating in one run (so both see the same load), medians of --runs:
+tool, measured alternating in one run (so both see the same load; which tool goes first
+alternates, and each tool's images are removed before the other's turn), medians of --runs:
 
   checkpoint  `cxlfork checkpoint PID` (whole command: interpreter start included) and the
               API call (cxlfork.checkpoint.checkpoint) / `criu dump -t PID --leave-running`
@@ -193,34 +194,43 @@ def side_by_side(mib: int, runs: int, store: str, env: dict, criu: str) -> dict:
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)     # criu's restored processes come to us
     imgs = tempfile.mkdtemp(prefix="criu-bench-", dir="/dev/shm")    # tmpfs
-    work = tempfile.mkdtemp(prefix="cxlfork-criu-bench-")
+    work = tempfile.mkdtemp(prefix="cxlfork-criu-bench-", dir="/dev/shm")   # tmpfs too
     cw = start(mib, env)
     xw = start(mib, env)
     t = {k: [] for k in ("criu_dump", "criu_restore", "criu_read", "cx_ckpt_cli", "cx_ckpt_api",
                          "cx_restore_cli", "cx_read", "anon_read", "criu_mib")}
+    def cxlfork_run(k):
+        img = os.path.join(work, f"x{k}")
+        t["cx_ckpt_cli"].append(cxlfork_checkpoint_cli(xw, img, store))
+        clone, dt = cxlfork_restore_cli(img)
+        t["cx_restore_cli"].append(dt)
+        t["cx_read"].append(clone.timed("read", "done"))
+        clone.kill()
+        image_mod.remove(img)
+        api = os.path.join(work, f"a{k}")
+        t["cx_ckpt_api"].append(checkpoint(xw.pid, api, store)["total_s"])
+        image_mod.remove(api)
+        assert xw.ask("ping") == "pong"
+
+    def criu_run(k):
+        nonlocal cw
+        d = os.path.join(imgs, str(k))
+        os.mkdir(d)
+        t["criu_dump"].append(criu_dump(criu, cw, d))
+        t["criu_mib"].append(sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
+                                 if f.startswith("pages-")) / 2**20)
+        cw, dt = criu_restore(criu, cw, d)
+        t["criu_restore"].append(dt)
+        t["criu_read"].append(cw.timed("read", "done"))
+        shutil.rmtree(d)
+
     try:
         for k in range(runs):
             t["anon_read"].append(xw.timed("read", "done"))
-            img = os.path.join(work, f"x{k}")
-            t["cx_ckpt_cli"].append(cxlfork_checkpoint_cli(xw, img, store))
-            d = os.path.join(imgs, str(k))
-            os.mkdir(d)
-            t["criu_dump"].append(criu_dump(criu, cw, d))
-            t["criu_mib"].append(sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
-                                     if f.startswith("pages-")) / 2**20)
-            api = os.path.join(work, f"a{k}")
-            t["cx_ckpt_api"].append(checkpoint(xw.pid, api, store)["total_s"])
-            image_mod.remove(api)
-            clone, dt = cxlfork_restore_cli(img)
-            t["cx_restore_cli"].append(dt)
-            t["cx_read"].append(clone.timed("read", "done"))
-            clone.kill()
-            image_mod.remove(img)
-            cw, dt = criu_restore(criu, cw, d)
-            t["criu_restore"].append(dt)
-            t["criu_read"].append(cw.timed("read", "done"))
-            shutil.rmtree(d)
-            assert xw.ask("ping") == "pong"
+            # each tool's images are removed before the other's run (both find the same free
+            # memory), and which goes first alternates
+            for one in ((cxlfork_run, criu_run) if k % 2 == 0 else (criu_run, cxlfork_run)):
+                one(k)
     finally:
         cw.kill()
         xw.kill()
@@ -234,7 +244,7 @@ def table(rows: list[tuple[int, dict]], runs: int, criu: str, version: str) -> s
            "cxlfork restore", "criu full read", "clone full read", "anon full read",
            "clone/anon")
     out = [f"\nCRIU {version} ({criu}) side by side, alternating in one run, medians of {runs}; "
-           f"whole commands (interpreter start included); images on tmpfs; load average "
+           f"whole commands (interpreter start included); both images on tmpfs; load average "
            f"{os.getloadavg()[0]:.1f}"]
     out.append(" | ".join(f"{h:>15s}" for h in hdr))
     for mib, m in rows:
