@@ -177,14 +177,22 @@ def cxlfork_restore_cli(img: str) -> tuple[Proc, float]:
     os.close(in_r)
     os.close(out_w)
     os.write(in_w, b"ping\n")
-    got = ""
-    while "pong" not in got:                 # the PID line of --detach comes too
-        got += _readline(out_r)
+    # two lines in either order: the PID line of --detach and the clone's pong (one write
+    # each, written by two processes)
+    got = [_readline(out_r)]
+    if got[0] != "pong":
+        got.append(_readline(out_r))
     dt = time.perf_counter() - t0
     c.wait()
     pid = int(open(pidfile).read())
     os.unlink(pidfile)
-    return Proc(pid, in_w, out_r), dt
+    clone = Proc(pid, in_w, out_r)
+    if "pong" not in got:
+        clone.kill()
+        raise RuntimeError(f"cxlfork restore: no pong from the clone (got {got})")
+    if len(got) == 1:
+        _readline(out_r)                     # the PID line, after the pong
+    return clone, dt
 
 
 def side_by_side(mib: int, runs: int, store: str, env: dict, criu: str) -> dict:
