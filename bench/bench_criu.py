@@ -6,7 +6,9 @@ alternates, and each tool's images are removed before the other's turn), medians
 
   checkpoint  `cxlfork checkpoint PID` (whole command: interpreter start included) and the
               API call (cxlfork.checkpoint.checkpoint) / `criu dump -t PID --leave-running`
-              (images on a tmpfs, whole command)
+              (images on a tmpfs, whole command); and each command's CPU time (user +
+              system, from the rusage of children: steadier than wall time on a loaded
+              machine; criu's parasite runs in the dumped process and is not counted)
   restore     `cxlfork restore IMAGE --detach` (mow) / `criu restore --restore-detached`:
               from the command's start to the restored process answering "pong" on its pipe
   full read   the restored process reads its whole array (the worker's "read" request), next
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -121,8 +124,20 @@ def start(mib: int, env: dict) -> Proc:
     return w
 
 
+CPU = {}                                     # CPU seconds of the last command, by its name
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _run(cmd: list[str], what: str, **kw) -> None:
+    """Run cmd; its CPU time (user + system of the command and the children it waited for)
+    goes to CPU[what]."""
+    c0 = _children_cpu()
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    CPU[what.split(" of ")[0]] = _children_cpu() - c0
     if r.returncode != 0:
         tail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:])
         raise RuntimeError(f"{what} failed (exit {r.returncode}): {tail}")
@@ -206,10 +221,12 @@ def side_by_side(mib: int, runs: int, store: str, env: dict, criu: str) -> dict:
     cw = start(mib, env)
     xw = start(mib, env)
     t = {k: [] for k in ("criu_dump", "criu_restore", "criu_read", "cx_ckpt_cli", "cx_ckpt_api",
-                         "cx_restore_cli", "cx_read", "anon_read", "criu_mib")}
+                         "cx_restore_cli", "cx_read", "anon_read", "criu_mib", "criu_dump_cpu",
+                         "cx_ckpt_cpu")}
     def cxlfork_run(k):
         img = os.path.join(work, f"x{k}")
         t["cx_ckpt_cli"].append(cxlfork_checkpoint_cli(xw, img, store))
+        t["cx_ckpt_cpu"].append(CPU["cxlfork checkpoint"])
         clone, dt = cxlfork_restore_cli(img)
         t["cx_restore_cli"].append(dt)
         t["cx_read"].append(clone.timed("read", "done"))
@@ -225,6 +242,7 @@ def side_by_side(mib: int, runs: int, store: str, env: dict, criu: str) -> dict:
         d = os.path.join(imgs, str(k))
         os.mkdir(d)
         t["criu_dump"].append(criu_dump(criu, cw, d))
+        t["criu_dump_cpu"].append(CPU["criu dump"])
         t["criu_mib"].append(sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
                                  if f.startswith("pages-")) / 2**20)
         cw, dt = criu_restore(criu, cw, d)
@@ -248,7 +266,8 @@ def side_by_side(mib: int, runs: int, store: str, env: dict, criu: str) -> dict:
 
 
 def table(rows: list[tuple[int, dict]], runs: int, criu: str, version: str) -> str:
-    hdr = ("state", "criu dump", "cxlfork ckpt", "ckpt API", "ckpt/dump", "criu restore",
+    hdr = ("state", "criu dump", "cxlfork ckpt", "ckpt API", "ckpt/dump", "dump CPU",
+           "ckpt CPU", "criu restore",
            "cxlfork restore", "criu full read", "clone full read", "anon full read",
            "clone/anon")
     out = [f"\nCRIU {version} ({criu}) side by side, alternating in one run, medians of {runs}; "
@@ -258,6 +277,7 @@ def table(rows: list[tuple[int, dict]], runs: int, criu: str, version: str) -> s
     for mib, m in rows:
         vals = (f"{mib} MiB", f"{m['criu_dump'] * 1e3:.0f} ms", f"{m['cx_ckpt_cli'] * 1e3:.0f} ms",
                 f"{m['cx_ckpt_api'] * 1e3:.0f} ms", f"{m['cx_ckpt_cli'] / m['criu_dump']:.2f}x",
+                f"{m['criu_dump_cpu'] * 1e3:.0f} ms", f"{m['cx_ckpt_cpu'] * 1e3:.0f} ms",
                 f"{m['criu_restore'] * 1e3:.0f} ms", f"{m['cx_restore_cli'] * 1e3:.0f} ms",
                 f"{m['criu_read'] * 1e3:.1f} ms", f"{m['cx_read'] * 1e3:.1f} ms",
                 f"{m['anon_read'] * 1e3:.1f} ms", f"{m['cx_read'] / m['anon_read']:.2f}x")
