@@ -13,7 +13,7 @@ APT_PKGS := qemu-system-x86 python3-bpfcc bpfcc-tools python3-venv python3-dev g
             iproute2 util-linux redis-server memcached nginx-light nodejs
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: all setup apt venv guest test test-host demo bench traces clean distclean
+.PHONY: all setup apt venv guest test test-host demo bench traces criu clean distclean
 
 all: setup
 
@@ -36,6 +36,10 @@ $(STAMPS)/venv: $(STAMPS)/apt pyproject.toml setup.py $(NATIVE_SRC) | $(STAMPS)
 	$(PIP) install -q --upgrade pip setuptools wheel cffi
 	$(PIP) install -q -e '.[test]'
 	ln -sf $(CURDIR)/cxlfork/native/cxlfork-restore $(VENV)/bin/cxlfork-restore
+	# bytecode of the project's modules, written once here: with PYTHONDONTWRITEBYTECODE set
+	# (as below, and in this machine's environment) every `cxlfork` command would compile
+	# them again (about 60 ms of a checkpoint or restore command)
+	$(PY) -m compileall -q cxlfork tiermem daemon emulation >/dev/null
 	touch $@
 
 # The emulated CXL machine's kernel and initramfs (cached under /var/cache/tiermem).
@@ -103,6 +107,13 @@ demo: $(STAMPS)/guest $(STAMPS)/bcc
 
 bench: $(STAMPS)/guest $(STAMPS)/bcc $(STAMPS)/porter-workers $(STAMPS)/trace-progs
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+# CRIU, the baseline bench/bench_cxlfork.py compares with (not part of test or demo): built
+# from its public source (CRIU_SRC: a source tree or a git repository with tag v4.2) into
+# /var/cache/tiermem/criu, outside the checkout; quick when already built.
+CRIU_SRC ?=
+criu:
+	CRIU_SRC="$(CRIU_SRC)" sh scripts/criu.sh
 
 clean:
 	rm -rf build *.egg-info tiermem/_native*.so tiermem/_native.c tiermem/_native.o .pytest_cache

@@ -1,7 +1,9 @@
 """cxlfork benchmark: checkpoint and restore of Python workers with 64 MiB / 256 MiB (and
 1 GiB with --full) of initialised numpy state, next to its baselines measured in the same run:
-os.fork() of the warm worker, a cold start of the same worker, and `criu restore` when a
-working criu is on PATH (skipped otherwise). Then the memory of N = 1, 4, 16 clones (sum of
+os.fork() of the warm worker and a cold start of the same worker; then CRIU side by side
+(bench_criu.py; alone with --criu): `criu dump` / `criu restore` / the restored process's
+full read against `cxlfork checkpoint` / `cxlfork restore` / the clone's, when a working criu
+is on PATH or in /var/cache/tiermem/criu (`make criu`; skipped with the reason otherwise). Then the memory of N = 1, 4, 16 clones (sum of
 PSS and of private bytes from /proc/PID/smaps_rollup) for mow, moa (lazy), moa --eager and
 hybrid; each clone has its own pipes and answers one ping, then one whole-state read.
 
@@ -219,12 +221,10 @@ def bench_size(mib: int, runs: int, counts, work: str, store: str, rows, memrows
                 if os.path.exists(img + ".pid"):
                     kill_all([int(open(img + ".pid").read())])
                     os.unlink(img + ".pid")
-        criu = "skipped: no criu on PATH" if not shutil.which("criu") else \
-            "skipped: criu comparison not automated in this version"
         fork_s = med(forks)
         rows.append((mib, nbytes, med(ck), med(ck_pages), med(fill), fork_s, lat["mow"],
                      lat["prepared"], lat["ghost"], lat["warm"], lat["moa"], lat["moa-eager"],
-                     med(cli), cold_s, criu))
+                     med(cli), cold_s))
         print(f"    {rows[-1]}", file=sys.stderr, flush=True)
         # hybrid profile: one clone that answered a ping (touched the interpreter, not the array)
         pp = Pipes()
@@ -377,6 +377,9 @@ def main():
     ap.add_argument("--integrity", type=int, default=0, metavar="N",
                     help="only: N alternating restores with and without the image checks "
                          "per size, and the checks' parts")
+    ap.add_argument("--criu", action="store_true", help="only: CRIU side by side "
+                    "(bench_criu.py: criu dump/restore vs cxlfork checkpoint/restore of the "
+                    "same workers, alternating; needs a working criu, see 'make criu')")
     ap.add_argument("--servers", action="store_true", help="only: the servers table "
                     "(bench_cxlfork_servers.py: http.server restored into a new network "
                     "namespace, into this one, cold start; to the first answered GET; then "
@@ -392,6 +395,7 @@ def main():
     from bench_cxlfork_redis import run as redis_table
     from bench_cxlfork_servers import run as servers_table
     from bench_cxlfork_web import run as web_table
+    from bench_criu import run as criu_table
     if a.servers:
         print(servers_table(max(a.runs, 5)))
         if a.redis_mib:
@@ -415,9 +419,13 @@ def main():
             for mib in sizes:
                 print(alternate(mib, a.alternate, work, store), flush=True)
             return
+        if a.criu:
+            print(criu_table(sizes, a.runs, store, ENV))
+            return
         for mib in sizes:
             print(f"... {mib} MiB worker", file=sys.stderr, flush=True)
             bench_size(mib, a.runs, counts, work, store, rows, memrows)
+        criu = criu_table(sizes, a.runs, store, ENV)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         subprocess.run(["umount", store], check=False)
@@ -427,17 +435,17 @@ def main():
     hdr = ("state", "stored", "ckpt total", "ckpt pages", "fresh fill", "os.fork()",
            "mow (API)", "mow prepared", "prepared/fork", "mow ghost", "ghost/fork",
            "warm ghost", "warm/fork", "moa lazy", "moa eager", "mow (CLI)",
-           "cold start", "criu restore")
+           "cold start")
     print(" | ".join(f"{h:>13s}" for h in hdr))
-    for (mib, nb, ck, rate, fill, fk, mow, prep, ghost, wghost, moa, moae, cli, cold,
-         criu) in rows:
+    for (mib, nb, ck, rate, fill, fk, mow, prep, ghost, wghost, moa, moae, cli,
+         cold) in rows:
         vals = (f"{mib} MiB", f"{nb / 2**20:.0f} MiB", f"{ck * 1e3:.1f} ms",
                 f"{rate / 1e9:.2f} GB/s", f"{fill / 1e9:.2f} GB/s", f"{fk * 1e3:.2f} ms",
                 f"{mow * 1e3:.2f} ms", f"{prep * 1e3:.2f} ms", f"{prep / fk:.2f}x",
                 f"{ghost * 1e3:.2f} ms", f"{ghost / fk:.2f}x",
                 f"{wghost * 1e3:.2f} ms", f"{wghost / fk:.2f}x",
                 f"{moa * 1e3:.2f} ms", f"{moae * 1e3:.2f} ms", f"{cli * 1e3:.1f} ms",
-                f"{cold * 1e3:.0f} ms", criu)
+                f"{cold * 1e3:.0f} ms")
         print(" | ".join(f"{v:>13s}" for v in vals))
     print("\nmemory of N clones (sums over clones): after one ping each, then after each read "
           "its whole state")
@@ -450,6 +458,7 @@ def main():
     for (mib, pol, n, pss0, priv0, pss, priv, note) in memrows:
         vals = (f"{mib} MiB", pol, str(n), mb(pss0), mb(priv0), mb(pss), mb(priv), note)
         print(" | ".join(f"{v:>13s}" for v in vals))
+    print(criu)
     print(servers_table(max(a.runs, 5)))
     if a.redis_mib:
         print(redis_table(a.redis_mib, max(a.runs, 5)))

@@ -1,4 +1,4 @@
 """`python -m cxlfork` = the cxlfork command."""
-from cxlfork.cli import main
+from cxlfork.entry import main
 
-main(prog_name="cxlfork")
+main()

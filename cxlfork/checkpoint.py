@@ -65,7 +65,7 @@ def collect(tr: Tracee, tree: dict | None = None) -> dict:
         process.refuse_tree(pid)
     status = procfs.status(pid)
     process.refuse_seccomp(pid, status)
-    with injection_window(tr, procfs.smaps(pid)):
+    with injection_window(tr, procfs.maps(pid)):
         sigs = signals.collect(tr, status)
         tid_address = tr.tid_address()
         brk = tr.brk()
@@ -206,8 +206,9 @@ def checkpoint(pid: int, image: str, store_dir: str | None = None, kill: bool = 
                              "collect_ms": (t_collected - t_frozen) * 1e3,
                              "pages_ms": (t_dumped - t_collected) * 1e3,
                              "frozen_ms": (time.perf_counter() - t_frozen) * 1e3}
-        image_mod.validate(dict(manifest, checksum=image_mod.checksum(manifest)), image)
-        image_mod.write_tmp(image, manifest)
+        seal = image_mod.checksum(manifest, create_key=True)
+        image_mod.validate(dict(manifest, checksum=seal), image)
+        image_mod.write_tmp(image, manifest, seal)
         image_mod.publish(tmp_dir, image)
         published = True
         if kill:

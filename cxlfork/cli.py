@@ -10,13 +10,25 @@ import sys
 
 import click
 
-from cxlfork.poolcli import command as pool_command
-from cxlfork.porter.cli import command as porter_command
+from cxlfork.ckptcmd import warn as _warn
 from tiermem.errors import TiermemError
+
+# command groups imported only when named (a checkpoint or restore does not pay for them)
+_LAZY = {"porter": "cxlfork.porter.cli", "pool": "cxlfork.poolcli"}
 
 
 class _Group(click.Group):
-    """Turns TiermemError / OSError into one line on stderr and a non-zero exit."""
+    """Turns TiermemError / OSError into one line on stderr and a non-zero exit; loads the
+    groups of _LAZY on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(_LAZY))
+
+    def get_command(self, ctx, name):
+        if name in _LAZY and name not in self.commands:
+            import importlib
+            self.add_command(importlib.import_module(_LAZY[name]).command, name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx):
         try:
@@ -28,21 +40,6 @@ class _Group(click.Group):
             fn = f" ({e.filename})" if getattr(e, "filename", None) else ""
             click.echo(f"cxlfork: error: {e.strerror or e}{fn}", err=True)
             sys.exit(1)
-
-
-def _warn(msg: str) -> None:
-    click.echo(f"cxlfork: warning: {msg}", err=True)
-
-
-def _progress(label: str):
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done, total):
-        pct = 100.0 * done / total if total else 100.0
-        click.echo(f"\r{label}: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB ({pct:5.1f}%)",
-                   err=True, nl=done >= total)
-    return show
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,17 +61,8 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def checkpoint(pid, image, leave_running, store, as_json):
     """Checkpoint process PID into IMAGE."""
-    from cxlfork.tree import checkpoint_tree as do     # a single process, or a whole tree
-    r = do(pid, image, store, kill=not leave_running, progress=_progress("pages"), warn=_warn)
-    if as_json:
-        click.echo(json.dumps(r, indent=1))
-        return
-    rate = r["bytes"] / r["pages_ms"] * 1e3 / 2**30 if r["pages_ms"] > 0 else 0.0
-    click.echo(f"checkpointed PID {pid} into {r['image']}: {r['bytes'] / 2**20:.1f} MiB in "
-               f"{r['pages']} pages to {r['store']} (node {r['node']}); total "
-               f"{r['total_s'] * 1e3:.1f} ms, process frozen {r['frozen_ms']:.1f} ms, pages "
-               f"{r['pages_ms']:.1f} ms ({rate:.2f} GiB/s); "
-               f"{'killed' if r['killed'] else 'left running'}")
+    from cxlfork.ckptcmd import checkpoint as run    # also run without click: cxlfork.entry
+    run(pid, image, leave_running, store, as_json)
 
 
 @main.command()
@@ -328,5 +316,3 @@ def profile(image, pids, as_json):
                    f"({r['hot_pages'] * 4096 / 2**20:.1f} MiB) recorded in {r['file']}")
 
 
-main.add_command(porter_command)
-main.add_command(pool_command)

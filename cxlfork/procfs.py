@@ -61,6 +61,35 @@ def smaps(pid: int) -> list[dict]:
     return out
 
 
+def maps(pid: int) -> list[dict]:
+    """Every mapping from /proc/PID/maps: start, end, perms, path (no page-table walk, as
+    smaps makes)."""
+    out = []
+    for line in _read(pid, "maps").splitlines():
+        m = _MAP_RE.match(line)
+        if m:
+            out.append({"start": int(m[1], 16), "end": int(m[2], 16), "perms": m[3],
+                        "path": m[7]})
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """PIDs of PID's children (of any of its threads), from /proc/PID/task/*/children: no
+    scan of every process's stat, as a parent-PID map takes. []: PID is gone."""
+    out: set[int] = set()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    for t in tids:
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out.update(int(x) for x in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return sorted(out)
+
+
 def status(pid: int) -> dict[str, str]:
     out = {}
     for line in _read(pid, "status").splitlines():

@@ -91,7 +91,7 @@ def descendants(pid: int) -> list[tuple[int, int]]:
         while level:
             nxt = []
             for p in level:
-                for k in sorted(p.children(), key=lambda c: c.pid):
+                for k in (psutil.Process(c) for c in procfs.children(p.pid)):
                     if k.status() == psutil.STATUS_ZOMBIE:
                         continue            # zombies(): carried as their exit status
                     out.append((k.pid, p.pid))
@@ -112,12 +112,9 @@ def zombies(pids: list[int]) -> list[dict]:
     parent}]."""
     out = []
     for parent in pids:
-        try:
-            kids = psutil.Process(parent).children()
-        except psutil.NoSuchProcess:
-            continue
-        for k in sorted(kids, key=lambda c: c.pid):
+        for c in procfs.children(parent):
             try:
+                k = psutil.Process(c)
                 if k.status() == psutil.STATUS_ZOMBIE:
                     st = procfs.stat(k.pid)
                     out.append({"pid": k.pid, "zombie": int(st[52]), "parent": parent})

@@ -37,6 +37,8 @@ int64_t cx_dump_runs(int pid, int memfd, int n, const uint64_t *addr, const uint
                      void *dst, cx_hash_t *h, int outfd, uint64_t out_off);
 enum { CX_DUMP_BATCH = 1048576 };   /* bytes per batch of cx_dump_runs */
 int cx_mbind_shared(void *addr, uint64_t len, int node);
+int64_t cx_present_runs(int pmfd, uint64_t start, uint64_t end, int file_ok, uint64_t *out,
+                        int64_t cap);
 
 enum { CX_CG_NONE = 0, CX_CG_DIR = 1, CX_CG_PROCS = 2 };
 int cx_spawn(const char *path, char *const argv[], const int *src, const int *dst, int nfd,

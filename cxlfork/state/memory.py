@@ -24,14 +24,11 @@ import fcntl
 import functools
 import os
 
-import numpy as np
-
 from cxlfork import image as image_mod
 from cxlfork.errors import CxlforkError, ImageError, Refused
-from cxlfork.native import lib
+from cxlfork.native import ffi, lib
 from cxlfork.state import deleted
 from cxlfork.state.process import stat_ref
-from tiermem.native import pagemap_read, PM_FILE, PM_PRESENT, PM_SWAP
 
 PAGE = 4096
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]")
@@ -50,15 +47,21 @@ MFD_ALLOW_SEALING = 2
 
 
 # -- checkpoint --------------------------------------------------------------------------------
-def runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(first page index, page count) of each run of True in mask."""
-    if not mask.any():
-        return []
-    m = np.concatenate(([False], mask, [False])).astype(np.int8)
-    d = np.diff(m)
-    starts = np.flatnonzero(d == 1)
-    ends = np.flatnonzero(d == -1)
-    return list(zip(starts.tolist(), (ends - starts).tolist()))
+def present_runs(pmfd: int, start: int, end: int, file_ok: bool) -> list[list[int]]:
+    """[address, pages, 0] of each run of pages of [start, end) that hold data the store must
+    keep: present or swapped, and (file_ok False) not file pages, i.e. only the
+    copied-on-write pages of a private file mapping. pmfd: /proc/PID/pagemap. In C: one
+    PAGEMAP_SCAN ioctl per 256 runs where the kernel has it (6.7+), else the pagemap read."""
+    cap = 256
+    while True:
+        out = ffi.new("uint64_t[]", 2 * cap)
+        n = lib.cx_present_runs(pmfd, start, end, int(file_ok), out, cap)
+        if n == -errno.ENOSPC:
+            cap *= 8
+            continue
+        if n < 0:
+            raise OSError(-n, f"pagemap {start:#x}-{end:#x}: {os.strerror(-n)}")
+        return [[out[2 * i], out[2 * i + 1], 0] for i in range(n)]
 
 
 class Objects:
@@ -118,6 +121,14 @@ def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
 
 def collect(pid: int, maps: list[dict], objs: Objects) -> list[dict]:
     """The VMA records of maps (procfs.smaps(pid)), with their stored runs."""
+    pmfd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _collect(pid, maps, objs, pmfd)
+    finally:
+        os.close(pmfd)
+
+
+def _collect(pid: int, maps: list[dict], objs: Objects, pmfd: int) -> list[dict]:
     vmas = []
     for v in maps:
         path, flags = v["path"], v["vmflags"]
@@ -187,11 +198,7 @@ def collect(pid: int, maps: list[dict], objs: Objects) -> list[dict]:
             rec.update(kind="file", file=ref)
         # which pages hold process-private data the store must keep
         if not (rec["kind"] in ("file", "shmem") and shared):
-            pm = pagemap_read(pid, s, (e - s) // PAGE)
-            present = (pm & np.uint64(PM_PRESENT | PM_SWAP)) != 0
-            if rec["kind"] != "anon":
-                present &= (pm & np.uint64(PM_FILE)) == 0     # CoW copies only
-            rec["runs"] = [[s + a * PAGE, n, 0] for a, n in runs(present)]
+            rec["runs"] = present_runs(pmfd, s, e, rec["kind"] == "anon")
         vmas.append(rec)
     return vmas
 

@@ -31,7 +31,7 @@ def refuse_tree(pid: int) -> None:
     """Refuse a process with children (a tree) and a zombie."""
     p = _ps(pid)
     try:
-        kids = [c.pid for c in p.children()]
+        kids = procfs.children(pid)
         zombie = p.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess as e:
         raise CxlforkError(f"process {pid} exited while being read") from e
