@@ -10,7 +10,7 @@ PIP      := $(VENV)/bin/pip
 STAMPS   := .stamps
 APT_PKGS := qemu-system-x86 python3-bpfcc bpfcc-tools python3-venv python3-dev gcc make \
             busybox-static cpio kmod valgrind numactl curl xz-utils zstd \
-            iproute2 util-linux redis-server memcached nginx-light nodejs
+            iproute2 util-linux redis-server memcached nginx-light nodejs sqlite3
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: all setup apt venv guest test test-host demo bench traces criu clean distclean

@@ -30,11 +30,11 @@ def env():
     rmtree(s)
 
 
-def _start(exe, *args, memlock=None):
+def _start(exe, *args, memlock=None, prefix=()):
     def limit():
         if memlock is not None:
             resource.setrlimit(resource.RLIMIT_MEMLOCK, (memlock, memlock))
-    p = subprocess.Popen([exe, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    p = subprocess.Popen([*prefix, exe, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          close_fds=True, preexec_fn=limit)
     assert readline(p.stdout).strip() == "ready"
     return p
@@ -42,7 +42,9 @@ def _start(exe, *args, memlock=None):
 
 def _roundtrip(env, policy, args=(), memlock=None, prefix=()):
     d, store, exe = env
-    orig = _start(exe, *args, memlock=memlock)
+    # the original runs as the clone will (a clone never gains a capability its restore
+    # lacks, cxlfork.state.creds): without CAP_IPC_LOCK under NO_IPC_LOCK
+    orig = _start(exe, *args, memlock=memlock, prefix=prefix)
     img = os.path.join(d, f"mlock-{policy.replace(' ', '')}-{len(prefix)}-{'-'.join(args)}.img")
     try:
         cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
