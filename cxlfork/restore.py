@@ -109,7 +109,8 @@ class Prepared:
         timers.check(m, self.image)
         pending.check(m, self.image)
         # no clone gains a uid or a capability its restorer lacks (state.creds)
-        self.creds_flags = creds.steps(m, creds.check_restorable(m, self.image))
+        self.creds = creds.check_restorable(m, self.image, warn=warn)
+        self.creds_flags = creds.steps(self.creds)
         image_mod.check_file(m["process"]["exe"], "executable")
         self.hot = image_mod.load_hot(self.image, m) if policy == "hybrid" else None
         if policy == "hybrid" and self.hot is None and warn:
@@ -149,7 +150,7 @@ class Prepared:
         self.plan = plans.get(pkey)
         if self.plan is None:
             self.plan = plans[pkey] = plan_mod.build(m, policy, nums, self.hot, lazy=self.lazy,
-                                                       creds_flags=self.creds_flags)
+                                                       creds=self.creds)
         if self.uffd:
             self.uffd_runs = [ffi.new("uint64_t[]", [r[k] for r in runs]) for k in range(3)]
             self.uffd_n = len(runs)
@@ -174,7 +175,7 @@ class Prepared:
             sock = max(v for k, v in self.num.items() if k != "cloexec") + 1
             plan = plan_mod.build(self.m, self.policy, dict(self.num), self.hot, lazy=self.lazy,
                                   warm_sock=sock, prefault=prefault,
-                                  creds_flags=self.creds_flags)
+                                  creds=self.creds)
             self._warm[prefault] = (_sealed_memfd(plan, self.fds_open), sock)
         return self._warm[prefault]
 
