@@ -251,7 +251,7 @@ def test_http_server_as_nobody_cloned(env):
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, close_fds=True)
     img = os.path.join(d, "http.img")
-    clone = None
+    clone = cpid = None
     try:
         t = time.monotonic()
         while _get(port) != "200":
@@ -268,6 +268,11 @@ def test_http_server_as_nobody_cloned(env):
     finally:
         srv.kill()
         srv.wait()
+        if cpid is not None:           # the clone outlives the restore command killed below
+            try:
+                os.kill(cpid, 9)
+            except ProcessLookupError:
+                pass
         if clone is not None:
             clone.kill()
             clone.wait()
