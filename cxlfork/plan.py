@@ -178,7 +178,7 @@ THREAD_REC = 104                # bytes of a thread record (restorer_thread.c)
 
 def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
           lazy: bool = False, warm_sock: int | None = None, prefault: bool = False,
-          huge: bool = False, populate_write=(), creds_flags: int | None = None) -> bytes:
+          huge: bool = False, populate_write=(), creds: dict | None = None) -> bytes:
     """lazy (policy moa): map stored runs from the store as mow does (and copy each block on
     first touch, native/lazy.c). With fdnums['uffd_sock'] (any policy but moa --eager) the
     anonymous runs mapped from the store (uffd_runs) are registered with a userfaultfd in
@@ -196,8 +196,8 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     each) before the userfaultfd registration, so the clone's first reads of them take no
     fault at all (a write, MADV_DONTNEED or mremap there drops that PMD: the 2 MiB fault
     back in page by page through the handler, as without huge).
-    creds_flags: the steps (state.creds.F_*) that turn the restorer's credentials into the
-    process's (default: from this process's own, which its restorers have)."""
+    creds: the clones' credentials (state.creds.check_restorable; default: checked against
+    this process's own, which its restorers have)."""
     if prefault and (warm_sock is None or lazy):
         raise ValueError("prefault is for the plans of warm ghosts that are not lazy")
     if any(n <= fdnums["err"] for k, n in fdnums.items() if k not in ("err", "cloexec")) or \
@@ -305,8 +305,8 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     # the credentials last: everything above may need the restorer's privilege (mappings of
     # files, mlock, rlimits, clone3 set_tid of the threads); each thread took them already
     from cxlfork.state import creds as creds_mod
-    if creds_flags is None:
-        creds_flags = creds_mod.steps(m, creds_mod.mine())
+    if creds is None:
+        creds = creds_mod.check_restorable(m, "the image")
     creds_index = len(p.ops)
     p.op(OP_CREDS, 0)                             # record address patched below
     # the restorer's own fds are numbered above the process's, the error pipe first: close
@@ -321,7 +321,7 @@ def build(m: dict, policy: str, fdnums: dict, hot_bits: bytes | None = None,
     auxv = base64.b64decode(m["mm"]["auxv"])
     auxv_off = ops_off + len(p.ops) * 64
     mm_off = auxv_off + ((len(auxv) + 15) // 16) * 16
-    creds_rec = creds_mod.record(m, creds_flags)
+    creds_rec = creds_mod.record(creds, creds_mod.steps(creds))
     creds_off = mm_off + 112
     threads_off = creds_off + len(creds_rec)
     p.ops[creds_index] = (OP_CREDS, PLAN_ADDR + creds_off, 0, 0, 0, 0, 0, 0)

@@ -28,6 +28,7 @@ get only the clone's own fds.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import time
@@ -109,7 +110,8 @@ class Prepared:
         timers.check(m, self.image)
         pending.check(m, self.image)
         # no clone gains a uid or a capability its restorer lacks (state.creds)
-        self.creds_flags = creds.steps(m, creds.check_restorable(m, self.image))
+        self.creds = creds.check_restorable(m, self.image, warn=warn)
+        self.creds_flags = creds.steps(self.creds)
         image_mod.check_file(m["process"]["exe"], "executable")
         self.hot = image_mod.load_hot(self.image, m) if policy == "hybrid" else None
         self.first = None if self.lazy else firstreq.load(self.image, m)
@@ -153,12 +155,14 @@ class Prepared:
         # plan prefaults its huge-aligned blocks with PMDs (plan.huge_blocks)
         self.huge = huge and os.fstat(self.store_fd).st_blksize == plan_mod.HUGE
         # the plan depends on these and m
-        pkey = (policy, self.lazy, self.hot, self.uffd, self.huge, self.creds_flags)
+        # the credentials themselves, not only the steps: two callers with different
+        # capabilities (the restore service) get different capability sets in the plan
+        pkey = (policy, self.lazy, self.hot, self.uffd, self.huge,
+                json.dumps(self.creds, sort_keys=True, default=str))
         self.plan = plans.get(pkey)
         if self.plan is None:
             self.plan = plans[pkey] = plan_mod.build(m, policy, nums, self.hot, lazy=self.lazy,
-                                                     huge=self.huge,
-                                                     creds_flags=self.creds_flags)
+                                                     huge=self.huge, creds=self.creds)
         if self.uffd:
             self.uffd_runs = [ffi.new("uint64_t[]", [r[k] for r in runs]) for k in range(3)]
             self.uffd_n = len(runs)
@@ -186,7 +190,7 @@ class Prepared:
             plan = plan_mod.build(self.m, self.policy, dict(self.num), self.hot, lazy=self.lazy,
                                   warm_sock=sock, prefault=prefault, huge=self.huge,
                                   populate_write=(self.first or ()) if prefault else (),
-                                  creds_flags=self.creds_flags)
+                                  creds=self.creds)
             self._warm[prefault] = (_sealed_memfd(plan, self.fds_open), sock)
         return self._warm[prefault]
 

@@ -251,7 +251,7 @@ def test_http_server_as_nobody_cloned(env):
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, close_fds=True)
     img = os.path.join(d, "http.img")
-    clone = None
+    clone = cpid = None
     try:
         t = time.monotonic()
         while _get(port) != "200":
@@ -268,7 +268,46 @@ def test_http_server_as_nobody_cloned(env):
     finally:
         srv.kill()
         srv.wait()
+        if cpid is not None:           # the clone outlives the restore command killed below
+            try:
+                os.kill(cpid, 9)
+            except ProcessLookupError:
+                pass
         if clone is not None:
+            clone.kill()
+            clone.wait()
+        cxlfork("rm", img, check=False)
+
+
+def test_root_without_a_capability_gives_clones_none_of_it(env):
+    """Root restoring with CAP_IPC_LOCK dropped (setpriv) an image of a root process that
+    held it: the clone lacks it too (a restore never gains one), and a warning says so."""
+    from cxlfork_util import CXLFORK
+    d, store, exe, secret = env
+    orig = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, close_fds=True)
+    img = os.path.join(d, "ipclock.img")
+    pidfile = img + ".pids"
+    clone = None
+    try:
+        cxlfork("checkpoint", orig.pid, "-o", img, "--store", store)
+        assert int(_status(orig.pid)["CapEff"], 16) & (1 << 14)
+        clone = subprocess.Popen(["setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock",
+                                  *CXLFORK, "restore", img, "--pidfile", pidfile],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, close_fds=True)
+        cpid = int(wait_file(pidfile, clone).split()[0])
+        got, want = _status(cpid), _status(orig.pid)
+        assert int(got["CapEff"], 16) == int(want["CapEff"], 16) & ~(1 << 14), (got, want)
+        assert int(got["CapBnd"], 16) == int(want["CapBnd"], 16) & ~(1 << 14)
+        assert got["Uid"] == want["Uid"]
+        os.kill(cpid, 9)
+        _, err = clone.communicate(timeout=30)
+        assert "held capabilities this restore lacks (numbers 14)" in err.decode(), err
+    finally:
+        orig.kill()
+        orig.wait()
+        if clone is not None and clone.poll() is None:
             clone.kill()
             clone.wait()
         cxlfork("rm", img, check=False)

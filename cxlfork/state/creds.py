@@ -18,9 +18,9 @@ for itself before it parks (native/restorer_creds.c). Only what differs from the
 own credentials is changed (`steps`).
 
 Who may restore (`check_restorable`): root may restore any image it owns (sealed with its
-key), but not one whose process held a capability this restore lacks; a caller other than
-root only an image whose process had its own uids, gids and groups, and no capability it
-lacks: a restore never gains a uid or a capability.
+key); where it runs without a capability the process held, the clones lack it too (with a
+warning). A caller other than root only an image whose process had its own uids, gids and
+groups, and no capability it lacks: a restore never gains a uid or a capability.
 """
 from __future__ import annotations
 
@@ -135,31 +135,42 @@ def _caps_text(bits: int) -> str:
     return ",".join(names)
 
 
-def check_restorable(m: dict, image: str, me: dict | None = None) -> dict:
-    """Refuse (one line) a restore that would give the clone a uid, gid, group or capability
-    the caller does not have; returns the caller's credentials (for `steps`)."""
+def check_restorable(m: dict, image: str, me: dict | None = None, warn=None) -> dict:
+    """Refuse (one line) a restore by a user other than root that would give the clone a
+    uid, gid, group or capability the caller does not have. Returns the credentials the
+    clones get: the image's, where root lacks a capability its process held (a restore
+    run with fewer capabilities) without it (warn says so), and the caller's own under "me"."""
     c = m["process"]["creds"]
     me = me or mine()
-    lacks = c["caps"]["prm"] & ~me["caps"]["prm"] | c["caps"]["bnd"] & ~me["caps"]["bnd"]
-    if lacks:
-        raise Refused(f"restore of {image}: its process held capabilities this restore lacks "
-                      f"(numbers {_caps_text(lacks)}); its clones would not have them")
+    lacks = (c["caps"]["prm"] | c["caps"]["bnd"]) & ~(me["caps"]["prm"] & me["caps"]["bnd"])
     if os.geteuid() != 0:
         if c["uids"] != me["uids"] or c["gids"] != me["gids"] or \
                 sorted(c["groups"]) != me["groups"]:
             raise Refused(f"restore of {image}: its process ran as {_show(c)}, not with your "
                           f"credentials ({_show(me)}); only root may restore another user's "
                           "process")
-        if c["caps"]["inh"] & ~me["caps"]["inh"] or c["caps"]["amb"] & ~me["caps"]["amb"] or \
-                c["caps"]["bnd"] != me["caps"]["bnd"]:
+        if lacks or c["caps"]["inh"] & ~me["caps"]["inh"] or \
+                c["caps"]["amb"] & ~me["caps"]["amb"]:
             raise Refused(f"restore of {image}: its process's capability sets are not within "
                           "yours; only root may restore it")
-    return me
+        return dict(c, me=me)
+    out = dict(c, me=me)
+    if lacks:
+        have = me["caps"]["prm"] & me["caps"]["bnd"]
+        caps = {k: c["caps"][k] & have for k in ("prm", "eff", "bnd")}
+        caps["inh"] = c["caps"]["inh"] & me["caps"]["bnd"]
+        caps["amb"] = c["caps"]["amb"] & caps["prm"] & caps["inh"]
+        out["caps"] = caps
+        if warn:
+            warn(f"the process of {image} held capabilities this restore lacks (numbers "
+                 f"{_caps_text(lacks)}); its clones run without them")
+    return out
 
 
-def steps(m: dict, me: dict) -> int:
-    """The F_* steps OP_CREDS takes to turn a restorer with credentials me into m's."""
-    c = m["process"]["creds"]
+def steps(c: dict) -> int:
+    """The F_* steps OP_CREDS takes to turn a restorer with credentials c["me"] into c's
+    (check_restorable's answer)."""
+    me = c["me"]
     f = 0
     if sorted(c["groups"]) != me["groups"]:
         f |= F_GROUPS
@@ -180,12 +191,11 @@ def steps(m: dict, me: dict) -> int:
     return f
 
 
-def record(m: dict, flags: int) -> bytes:
-    """The OP_CREDS record in the plan: u64 words flags, ruid euid suid fsuid, rgid egid sgid
-    fsgid, inh prm eff bnd amb, securebits, no_new_privs, dumpable, last cap, group count,
-    then the groups (u32)."""
+def record(c: dict, flags: int) -> bytes:
+    """The OP_CREDS record in the plan for credentials c: u64 words flags, ruid euid suid
+    fsuid, rgid egid sgid fsgid, inh prm eff bnd amb, securebits, no_new_privs, dumpable, last
+    cap, group count, then the groups (u32)."""
     import struct
-    c = m["process"]["creds"]
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             last = int(f.read())
