@@ -288,20 +288,21 @@ def _tell_warm(fd: int, argv: list[str]) -> None:
         os.close(fd)
 
 
-def warm(msg: bytes) -> None:
+def warm(msg: bytes) -> bool:
     """Validate an image and build its plan into this process's restore cache (the next
     request's child inherits it: cxlfork.restore._CACHE); errors are the request's to report,
-    not ours."""
+    not ours. False if the cache already held it (nothing changed)."""
     from cxlfork import restore
     try:
         image, policy, eager = json.loads(msg)
         hit = restore._CACHE.get(image)
         key = restore._stat_key(os.path.join(image, "manifest.json"))
         if hit is not None and hit[0] == key and any(k[0] == policy for k in hit[2]):
-            return
+            return False
         restore.Prepared(image, policy, eager=eager).close()
     except Exception:                            # noqa: BLE001
         pass
+    return True
 
 
 def run(argv: list[str], conn: socket.socket | None = None) -> int:
@@ -353,6 +354,50 @@ detached_serve = None
 _command: list = [None]               # the `cxlfork` click group, given to serve()
 
 
+def _prefork(s: socket.socket) -> list:
+    """Fork the child for the next request ahead of it ([pid, our end of its control
+    socket]): it waits for the accepted connection and its warm pipe (SCM_RIGHTS) and then
+    is exactly a request child (handle); it exits when our end closes first. The fork (page
+    tables of this whole interpreter) then costs no request any wall time."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:                                    # the child never leaves this block
+            s.close()
+            a.close()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                _, anc, _, _ = b.recvmsg(1, socket.CMSG_SPACE(2 * 4))
+            except OSError:
+                anc = []
+            fds = []
+            for level, typ, d in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    fds += list(struct.unpack(f"{len(d) // 4}i", d[:len(d) // 4 * 4]))
+            b.close()
+            if len(fds) != 2:
+                os._exit(0)                     # the service closed our socket: not needed
+            handle(socket.socket(fileno=fds[0]), fds[1])
+        finally:
+            os._exit(1)
+    b.close()
+    return [pid, a]
+
+
+def _dispatch(ctl: socket.socket, conn: socket.socket, hw: int) -> bool:
+    """Hand an accepted connection and its warm pipe to the pre-forked child; False if it
+    is gone (the caller then forks one as before)."""
+    try:
+        ctl.sendmsg([b"r"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                              struct.pack("2i", conn.fileno(), hw))])
+    except OSError:
+        return False
+    finally:
+        ctl.close()
+    return True
+
+
 def serve(command, path: str = SOCK, ready=None) -> None:
     """Listen on path until SIGTERM/SIGINT; one forked child per request, which runs
     command (the `cxlfork` click group, cxlfork.cli.main) as `cxlfork restore ...`."""
@@ -365,7 +410,8 @@ def serve(command, path: str = SOCK, ready=None) -> None:
     import cxlfork.state.netns  # noqa: F401
     import cxlfork.state.pidns  # noqa: F401
     import gc
-    gc.freeze()          # request children then touch (copy) fewer of our pages    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    gc.freeze()          # request children then touch (copy) fewer of our pages
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -389,8 +435,11 @@ def serve(command, path: str = SOCK, ready=None) -> None:
     if ready:
         ready()
     hints: list[int] = []                       # read ends of the children's warm pipes
+    spare: list = []                            # [pid, control socket] of a pre-forked child
     try:
         while not stop:
+            if not spare and not hints:         # idle and warm: fork the next request's child
+                spare = _prefork(s)             # now, off the next request's path
             try:
                 r, _, _ = select.select([s] + hints, [], [], 1.0)
             except InterruptedError:
@@ -401,10 +450,12 @@ def serve(command, path: str = SOCK, ready=None) -> None:
                 msg = os.read(fd, 4096)
                 os.close(fd)
                 hints.remove(fd)
-                if msg:
-                    warm(msg)
+                if msg and warm(msg):
                     import gc
                     gc.freeze()
+                    if spare:                   # forked before the cache changed: replace it
+                        spare[1].close()
+                        spare = []
             if s not in r:
                 continue
             try:
@@ -412,15 +463,21 @@ def serve(command, path: str = SOCK, ready=None) -> None:
             except (BlockingIOError, InterruptedError):
                 continue
             hr, hw = os.pipe2(os.O_CLOEXEC)
-            if os.fork() == 0:
-                try:                            # the child never leaves this block
-                    s.close()
-                    os.close(hr)
-                    for fd in hints:
-                        os.close(fd)
-                    handle(conn, hw)
-                finally:
-                    os._exit(1)
+            if spare and _dispatch(spare[1], conn, hw):
+                spare = []                      # it has the request; the next one is forked
+            else:                               # when this one's hint is in (above)
+                if spare:
+                    spare[1].close()
+                    spare = []
+                if os.fork() == 0:
+                    try:                        # the child never leaves this block
+                        s.close()
+                        os.close(hr)
+                        for fd in hints:
+                            os.close(fd)
+                        handle(conn, hw)
+                    finally:
+                        os._exit(1)
             os.close(hw)
             hints.append(hr)
             conn.close()
