@@ -231,9 +231,9 @@ def handle(conn: socket.socket, warm_w: int = -1) -> None:
             # manifests the service validated were checked with its key, not this one
             from cxlfork import restore
             restore._CACHE.clear()
-            os.close(warm_w)
+            _hint[:] = [warm_w, None]
         else:
-            _tell_warm(warm_w, argv)
+            _hint[:] = [warm_w, argv]
         code = run(argv, conn)
     except Refused as e:
         os.write(2, f"cxlfork: error: {e}\n".encode())
@@ -247,6 +247,7 @@ def handle(conn: socket.socket, warm_w: int = -1) -> None:
         conn.send(struct.pack("i", code) + why[:500])
     except OSError:
         pass
+    _answered()
     os._exit(0)
 
 
@@ -272,6 +273,20 @@ def restore_target(args: list[str]) -> tuple[str | None, str, bool]:
             image = a
         i += 1
     return image, policy, eager
+
+
+_hint: list = [-1, None]       # in a request child: [warm pipe, argv to send on it or None]
+
+
+def _answered() -> None:
+    """The caller has its answer: send the warm hint now (and close the pipe, which tells
+    the service the request is off the CPU's critical path: it then forks the next spare)."""
+    fd, argv = _hint
+    _hint[:] = [-1, None]
+    if argv is not None:
+        _tell_warm(fd, argv)
+    elif fd >= 0:
+        os.close(fd)
 
 
 def _tell_warm(fd: int, argv: list[str]) -> None:
@@ -321,6 +336,7 @@ def run(argv: list[str], conn: socket.socket | None = None) -> int:
             except OSError:
                 pass
             conn.close()
+            _answered()
         null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
