@@ -3,8 +3,9 @@
 `cxlfork service [--socket PATH]` (root) imports everything the restore command needs once and
 listens on a unix SOCK_SEQPACKET socket (default /run/cxlfork/restore.sock, mode 0666: any
 user may ask, the answer depends on who asks). The client is `cxlfork-restore` (native/
-restore_client.c), which takes the same arguments as `cxlfork restore`. Per request the
-service forks a child that:
+restore_client.c), which takes the same arguments as `cxlfork restore`. Per request a child
+the service forked ahead (_prefork, while idle: the fork is off the request's path) gets the
+accepted connection and:
 
 1. receives the message (magic, umask, arguments, environment) and the caller's fds 0, 1, 2
    and working directory (SCM_RIGHTS), and reads the caller's credentials (SO_PEERCRED; the
