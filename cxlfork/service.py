@@ -384,6 +384,7 @@ def _prefork(s: socket.socket) -> list:
             a.close()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _touch()
             try:
                 _, anc, _, _ = b.recvmsg(1, socket.CMSG_SPACE(2 * 4))
             except OSError:
@@ -400,6 +401,20 @@ def _prefork(s: socket.socket) -> list:
             os._exit(1)
     b.close()
     return [pid, a]
+
+
+def _touch() -> None:
+    """In a spare, before its request: parse a restore command line without running it, so
+    the copy-on-write faults of click's and the command's code paths are taken now, not on
+    the request's time."""
+    try:
+        cmd = _command[0]
+        with cmd.make_context("cxlfork", ["restore", "IMAGE"], resilient_parsing=True) as ctx:
+            sub = cmd.get_command(ctx, "restore")
+            sub.make_context("restore", ["IMAGE", "--detach"], parent=ctx,
+                             resilient_parsing=True).close()
+    except Exception:                            # noqa: BLE001 - only a warm-up
+        pass
 
 
 def _dispatch(ctl: socket.socket, conn: socket.socket, hw: int) -> bool:
