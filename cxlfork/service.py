@@ -3,8 +3,9 @@
 `cxlfork service [--socket PATH]` (root) imports everything the restore command needs once and
 listens on a unix SOCK_SEQPACKET socket (default /run/cxlfork/restore.sock, mode 0666: any
 user may ask, the answer depends on who asks). The client is `cxlfork-restore` (native/
-restore_client.c), which takes the same arguments as `cxlfork restore`. Per request the
-service forks a child that:
+restore_client.c), which takes the same arguments as `cxlfork restore`. Per request a child
+the service forked ahead (_prefork, while idle: the fork is off the request's path) gets the
+accepted connection and:
 
 1. receives the message (magic, umask, arguments, environment) and the caller's fds 0, 1, 2
    and working directory (SCM_RIGHTS), and reads the caller's credentials (SO_PEERCRED; the
@@ -231,9 +232,9 @@ def handle(conn: socket.socket, warm_w: int = -1) -> None:
             # manifests the service validated were checked with its key, not this one
             from cxlfork import restore
             restore._CACHE.clear()
-            os.close(warm_w)
+            _hint[:] = [warm_w, None]
         else:
-            _tell_warm(warm_w, argv)
+            _hint[:] = [warm_w, argv]
         code = run(argv, conn)
     except Refused as e:
         os.write(2, f"cxlfork: error: {e}\n".encode())
@@ -247,6 +248,7 @@ def handle(conn: socket.socket, warm_w: int = -1) -> None:
         conn.send(struct.pack("i", code) + why[:500])
     except OSError:
         pass
+    _answered()
     os._exit(0)
 
 
@@ -274,6 +276,20 @@ def restore_target(args: list[str]) -> tuple[str | None, str, bool]:
     return image, policy, eager
 
 
+_hint: list = [-1, None]       # in a request child: [warm pipe, argv to send on it or None]
+
+
+def _answered() -> None:
+    """The caller has its answer: send the warm hint now (and close the pipe, which tells
+    the service the request is off the CPU's critical path: it then forks the next spare)."""
+    fd, argv = _hint
+    _hint[:] = [-1, None]
+    if argv is not None:
+        _tell_warm(fd, argv)
+    elif fd >= 0:
+        os.close(fd)
+
+
 def _tell_warm(fd: int, argv: list[str]) -> None:
     """Send (absolute image path, policy, eager) of a restore command to the service."""
     if fd < 0:
@@ -288,20 +304,21 @@ def _tell_warm(fd: int, argv: list[str]) -> None:
         os.close(fd)
 
 
-def warm(msg: bytes) -> None:
+def warm(msg: bytes) -> bool:
     """Validate an image and build its plan into this process's restore cache (the next
     request's child inherits it: cxlfork.restore._CACHE); errors are the request's to report,
-    not ours."""
+    not ours. False if the cache already held it (nothing changed)."""
     from cxlfork import restore
     try:
         image, policy, eager = json.loads(msg)
         hit = restore._CACHE.get(image)
         key = restore._stat_key(os.path.join(image, "manifest.json"))
         if hit is not None and hit[0] == key and any(k[0] == policy for k in hit[2]):
-            return
+            return False
         restore.Prepared(image, policy, eager=eager).close()
     except Exception:                            # noqa: BLE001
         pass
+    return True
 
 
 def run(argv: list[str], conn: socket.socket | None = None) -> int:
@@ -320,6 +337,7 @@ def run(argv: list[str], conn: socket.socket | None = None) -> int:
             except OSError:
                 pass
             conn.close()
+            _answered()
         null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
@@ -353,6 +371,65 @@ detached_serve = None
 _command: list = [None]               # the `cxlfork` click group, given to serve()
 
 
+def _prefork(s: socket.socket) -> list:
+    """Fork the child for the next request ahead of it ([pid, our end of its control
+    socket]): it waits for the accepted connection and its warm pipe (SCM_RIGHTS) and then
+    is exactly a request child (handle); it exits when our end closes first. The fork (page
+    tables of this whole interpreter) then costs no request any wall time."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:                                    # the child never leaves this block
+            s.close()
+            a.close()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _touch()
+            try:
+                _, anc, _, _ = b.recvmsg(1, socket.CMSG_SPACE(2 * 4))
+            except OSError:
+                anc = []
+            fds = []
+            for level, typ, d in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    fds += list(struct.unpack(f"{len(d) // 4}i", d[:len(d) // 4 * 4]))
+            b.close()
+            if len(fds) != 2:
+                os._exit(0)                     # the service closed our socket: not needed
+            handle(socket.socket(fileno=fds[0]), fds[1])
+        finally:
+            os._exit(1)
+    b.close()
+    return [pid, a]
+
+
+def _touch() -> None:
+    """In a spare, before its request: parse a restore command line without running it, so
+    the copy-on-write faults of click's and the command's code paths are taken now, not on
+    the request's time."""
+    try:
+        cmd = _command[0]
+        with cmd.make_context("cxlfork", ["restore", "IMAGE"], resilient_parsing=True) as ctx:
+            sub = cmd.get_command(ctx, "restore")
+            sub.make_context("restore", ["IMAGE", "--detach"], parent=ctx,
+                             resilient_parsing=True).close()
+    except Exception:                            # noqa: BLE001 - only a warm-up
+        pass
+
+
+def _dispatch(ctl: socket.socket, conn: socket.socket, hw: int) -> bool:
+    """Hand an accepted connection and its warm pipe to the pre-forked child; False if it
+    is gone (the caller then forks one as before)."""
+    try:
+        ctl.sendmsg([b"r"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                              struct.pack("2i", conn.fileno(), hw))])
+    except OSError:
+        return False
+    finally:
+        ctl.close()
+    return True
+
+
 def serve(command, path: str = SOCK, ready=None) -> None:
     """Listen on path until SIGTERM/SIGINT; one forked child per request, which runs
     command (the `cxlfork` click group, cxlfork.cli.main) as `cxlfork restore ...`."""
@@ -365,7 +442,8 @@ def serve(command, path: str = SOCK, ready=None) -> None:
     import cxlfork.state.netns  # noqa: F401
     import cxlfork.state.pidns  # noqa: F401
     import gc
-    gc.freeze()          # request children then touch (copy) fewer of our pages    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    gc.freeze()          # request children then touch (copy) fewer of our pages
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -389,8 +467,11 @@ def serve(command, path: str = SOCK, ready=None) -> None:
     if ready:
         ready()
     hints: list[int] = []                       # read ends of the children's warm pipes
+    spare: list = []                            # [pid, control socket] of a pre-forked child
     try:
         while not stop:
+            if not spare and not hints:         # idle and warm: fork the next request's child
+                spare = _prefork(s)             # now, off the next request's path
             try:
                 r, _, _ = select.select([s] + hints, [], [], 1.0)
             except InterruptedError:
@@ -401,10 +482,12 @@ def serve(command, path: str = SOCK, ready=None) -> None:
                 msg = os.read(fd, 4096)
                 os.close(fd)
                 hints.remove(fd)
-                if msg:
-                    warm(msg)
+                if msg and warm(msg):
                     import gc
                     gc.freeze()
+                    if spare:                   # forked before the cache changed: replace it
+                        spare[1].close()
+                        spare = []
             if s not in r:
                 continue
             try:
@@ -412,15 +495,21 @@ def serve(command, path: str = SOCK, ready=None) -> None:
             except (BlockingIOError, InterruptedError):
                 continue
             hr, hw = os.pipe2(os.O_CLOEXEC)
-            if os.fork() == 0:
-                try:                            # the child never leaves this block
-                    s.close()
-                    os.close(hr)
-                    for fd in hints:
-                        os.close(fd)
-                    handle(conn, hw)
-                finally:
-                    os._exit(1)
+            if spare and _dispatch(spare[1], conn, hw):
+                spare = []                      # it has the request; the next one is forked
+            else:                               # when this one's hint is in (above)
+                if spare:
+                    spare[1].close()
+                    spare = []
+                if os.fork() == 0:
+                    try:                        # the child never leaves this block
+                        s.close()
+                        os.close(hr)
+                        for fd in hints:
+                            os.close(fd)
+                        handle(conn, hw)
+                    finally:
+                        os._exit(1)
             os.close(hw)
             hints.append(hr)
             conn.close()
