@@ -16,13 +16,6 @@ import time
 
 import pytest
 
-# Known breakage, not a limit of this machine: since the keyed manifest seal and the page-file
-# pin (issue 18.6/18.7) landed beside the pool store, pool checkpoints in the guests fail
-# ("manifest field store.pin: missing") and later pool checkpoints hang until the guest
-# command times out. Open in issue 15; unskip once the pool store carries a pin and a seal.
-pytestmark = pytest.mark.skip(reason="pool store vs keyed seal/page-file pin: broken since "
-                              "both landed (issue 15 open)")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 GUEST = os.path.join(HERE, "remote_guest.py")
 TIERMEM = [sys.executable, "-m", "tiermem.cli"]
@@ -222,6 +215,60 @@ os.close(fd)
     ls = json.loads(_cxlfork(b, "pool", "ls", "--json").stdout)
     assert {"host": 0, "slot": slot, "why": "record checksum mismatch"} in ls["torn"]
     for name in ("badman", "badpage"):
+        assert _cxlfork(a, "pool", "rm", name).returncode == 0
+
+
+@pytest.mark.vm
+def test_pool_key_provisioned_root_only_not_on_pool(two_hosts):
+    st, ms, _ = two_hosts
+    assert st["pool"]["key"] == "/run/cxlfork/pool.key"
+    keys = []
+    for m in ms:
+        r = m.run([m.python, "-c", "import os, stat; p = '/run/cxlfork/pool.key'; "
+                   "s = os.stat(p); d = os.stat(os.path.dirname(p)); "
+                   "print(oct(stat.S_IMODE(s.st_mode)), s.st_uid, oct(stat.S_IMODE(d.st_mode)), "
+                   "open(p, 'rb').read().hex())"], check=True)
+        mode, uid, dmode, k = r.stdout.split()
+        assert (mode, uid, dmode, len(k)) == ("0o600", "0", "0o700", 64), r.stdout
+        keys.append(k)
+    assert keys[0] == keys[1]                    # one key for the guests of one pool
+    # never on the pool: not in any region's files
+    for region in st["pool"]["regions"]:
+        with open(region, "rb") as f:
+            assert bytes.fromhex(keys[0]) not in f.read()
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("how,msg", [
+    ("foreign", "pool image 'fk-foreign' refused: its log record (h0.log slot {slot}: record "
+                "seal mismatch) is not sealed with this pool's key /run/cxlfork/pool.key "
+                "(sealed under a foreign key, or edited)"),
+    ("record", "pool image 'fk-record' refused: its log record (h0.log slot {slot}: record "
+               "seal mismatch) is not sealed with this pool's key /run/cxlfork/pool.key "
+               "(sealed under a foreign key, or edited)"),
+    ("manifest", "pool image 'fk-manifest' refused: its log record (h0.log slot {slot}: "
+                 "record seal mismatch) is not sealed with this pool's key "
+                 "/run/cxlfork/pool.key (sealed under a foreign key, or edited)"),
+    ("manifest-seal", "image h0/fk-manifest-seal on the pool: manifest checksum mismatch "
+                      "(corrupt, edited, or not sealed with this pool's key "
+                      "/run/cxlfork/pool.key)"),
+])
+def test_foreign_key_or_tampered_image_refused_on_other_host(two_hosts, how, msg):
+    _, (a, b), _ = two_hosts
+    name = f"fk-{how}"
+    assert _step(a, "ckpt", name, 4, "--kill")["rc"] == 0
+    slot = _step(a, "forge", name, how)["slot"]
+    for args in (["restore", name], ["verify", name]):
+        r = _cxlfork(b, "pool", *args)
+        assert r.returncode == 1
+        assert r.stderr.strip().splitlines() == [f"cxlfork: error: {msg.format(slot=slot)}"], \
+            r.stderr
+    assert b.run(["pgrep", "-f", "cxlfork_progs/worker.py"]).returncode == 1
+    if how != "manifest-seal":                    # the owner no longer counts it as its own:
+        ls = json.loads(_cxlfork(a, "pool", "ls", "--json").stdout)  # its extent is free
+        assert {"host": 0, "slot": slot, "why": "record seal mismatch"} in ls["torn"]
+        assert name not in [i["name"] for i in ls["images"]]
+    else:
         assert _cxlfork(a, "pool", "rm", name).returncode == 0
 
 
