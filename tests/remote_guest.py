@@ -4,6 +4,9 @@ steps of a remote fork on one host, each printing one JSON line.
     python tests/remote_guest.py ckpt NAME MIB [--kill]     start the numpy worker, checkpoint
     python tests/remote_guest.py clones NAME N [POLICY]     N clones: read all, memory, go
     python tests/remote_guest.py hold NAME N DIR            N clones kept until DIR/go exists
+    python tests/remote_guest.py porter K N [BALLAST_MIB]   a porter with the pool registry:
+                                                            N invocations of `echo`, the
+                                                            checkpoint after K, then stop
     python tests/remote_guest.py forge NAME HOW             rewrite a published image as an
                                                             attacker or a foreign pool would
 """
@@ -187,6 +190,37 @@ def forge(name: str, how: str) -> dict:
     return {"slot": rec["slot"], "how": how}
 
 
+def porter(k: int, n: int, ballast_mib: int = 8) -> dict:
+    """The porter with `[porter] pool = true`, its housekeeping jobs run here (main thread):
+    n invocations of the echo function; its checkpoint (after k) goes to the pool."""
+    from cxlfork.porter.config import from_dict
+    from cxlfork.porter.service import Porter
+    cfg = from_dict({"porter": {"pool": True, "port": 0},
+                     "functions": {"echo": {"command": ["python", "-m", "cxlfork.workers.echo"],
+                                            "init": {"ballast_mib": ballast_mib},
+                                            "policy": "mow", "checkpoint_after": k}}},
+                    "remote_guest")
+    logs: list[str] = []
+    p = Porter(cfg, log=logs.append)
+    try:
+        fn = p.pool("echo")
+        looked_up = fn.image is not None
+        answers, starts = [], []
+        for _ in range(n):
+            out, start, _, _ = fn.invoke("x")
+            answers.append(out["n"])
+            starts.append(start)
+            while not p.jobs.empty():
+                job = p.jobs.get_nowait()
+                if job:
+                    p._run_job(job)
+        st = fn.stats()
+    finally:
+        p.stop()
+    return {"looked_up": looked_up, "answers": answers, "starts": starts,
+            "checkpoint": st["checkpoint"], "log": logs}
+
+
 if __name__ == "__main__":
     a = sys.argv[1:]
     if a[0] == "ckpt":
@@ -195,5 +229,7 @@ if __name__ == "__main__":
         print(json.dumps(clones(a[1], int(a[2]), *(a[3:4] or ["mow"]))))
     elif a[0] == "hold":
         hold(a[1], int(a[2]), a[3])
+    elif a[0] == "porter":
+        print(json.dumps(porter(int(a[1]), int(a[2]), *map(int, a[3:4]))))
     elif a[0] == "forge":
         print(json.dumps(forge(a[1], a[2])))

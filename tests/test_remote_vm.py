@@ -320,6 +320,35 @@ def test_rm_interrupted_between_its_phases_is_put_back_by_gc(two_hosts):
 
 
 @pytest.mark.vm
+def test_porter_on_host1_restores_what_host0s_porter_checkpointed(two_hosts):
+    _, (a, b), _ = two_hosts
+    # host 0: a cold instance serves 3 requests, is checkpointed into the pool (registry)
+    ra = _step(a, "porter", 3, 4)
+    assert ra["starts"] == ["cold"] + ["warm"] * 3 and ra["answers"] == [1, 2, 3, 4], ra
+    assert ra["checkpoint"]["pool_image"] == "h0/porter.echo", ra
+    assert not ra["looked_up"]
+    # host 1: the function's first instance is a restore of host 0's checkpoint (its state
+    # carries on from 3 requests), not a cold start
+    rb = _step(b, "porter", 3, 2)
+    assert rb["looked_up"], rb
+    assert rb["starts"] == ["restored", "warm"] and rb["answers"] == [4, 5], rb
+    assert rb["checkpoint"]["pool_image"] == "h0/porter.echo"
+    assert rb["checkpoint"]["remote"] is True
+    assert any("restoring from the pool image h0/porter.echo (another host took it)" in ln
+               for ln in rb["log"]), rb["log"]
+    # another function under that name (other init): not used, a cold start and its own
+    # checkpoint into host 1's region
+    rc = _step(b, "porter", 1, 2, 16)
+    assert rc["starts"] == ["cold", "warm"] and rc["answers"] == [1, 2], rc
+    assert rc["checkpoint"]["pool_image"] == "h1/porter.echo", rc
+    assert any("is another function's checkpoint" in ln for ln in rc["log"]), rc["log"]
+    # the porters left their images published, with no lease: their owners can remove them
+    for m, ref in ((a, "h0/porter.echo"), (b, "h1/porter.echo")):
+        r = _cxlfork(m, "pool", "rm", ref)
+        assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.vm
 def test_kill_host0_leaves_clones_on_host1_running(two_hosts):
     st, (a, b), work = two_hosts
     c = _step(a, "ckpt", "keep", 16, "--kill")
