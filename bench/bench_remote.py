@@ -51,7 +51,9 @@ def _clone_cycle(p, measure_mem: bool = False) -> tuple[float, dict]:
     got = _readline(r1)
     dt = time.perf_counter() - t0
     assert got == "pong", got
-    mem = {}
+    with open(f"/proc/{pid}/stat") as f:        # page faults of its start and the ping
+        st = f.read().rpartition(")")[2].split()
+    mem = {"minflt": int(st[7]), "majflt": int(st[9])}
     if measure_mem:
         os.write(w0, b"read\n")
         assert _readline(r1) == "done"
@@ -105,20 +107,23 @@ def guest(argv: list[str]) -> dict:
         return {"local_ckpt_s": t_local, "pool_ckpt_s": t_pool, "pages": r["pages"]}
     if step == "local":                   # NAME RUNS
         img, runs = f"/tmp/{argv[1]}.img", int(argv[2])
-        first, prep = [], []
+        first, prep, faults = [], [], []
         for _ in range(runs):
             restore_mod._CACHE.clear()
             t = time.perf_counter()
             with prepare_restore(img) as p:
-                dt, _ = _clone_cycle(p)
-                first.append(time.perf_counter() - t)
-                prep.append(_clone_cycle(p)[0])
+                t_prep = time.perf_counter() - t
+                dt, _ = _clone_cycle(p)         # up to the ping's answer (not the clone's
+                first.append(t_prep + dt)       # full read and exit that follow)
+                dt, mm = _clone_cycle(p)
+                prep.append(dt)
+                faults.append(mm["minflt"])
         with prepare_restore(img) as p:
             mem = _clone_cycle(p, True)[1]
-        return {"first": first, "prepared": prep, "mem": mem}
+        return {"first": first, "prepared": prep, "faults": faults, "mem": mem}
     if step == "remote":                  # NAME RUNS
         ref, runs = argv[1], int(argv[2])
-        first, prep = [], []
+        first, prep, faults = [], [], []
         for _ in range(runs):
             restore_mod._CACHE.clear()
             shutil.rmtree(poolstore.LOCAL_IMAGES, ignore_errors=True)
@@ -126,16 +131,19 @@ def guest(argv: list[str]) -> dict:
             pool, rec, img = poolstore.acquire(ref)
             try:
                 with prepare_restore(img) as p:
-                    _clone_cycle(p)
-                    first.append(time.perf_counter() - t)
-                    prep.append(_clone_cycle(p)[0])
+                    t_prep = time.perf_counter() - t
+                    dt, _ = _clone_cycle(p)
+                    first.append(t_prep + dt)
+                    dt, mm = _clone_cycle(p)
+                    prep.append(dt)
+                    faults.append(mm["minflt"])
             finally:
                 poolstore.release(pool, rec)
         pool, rec, img = poolstore.acquire(ref)
         with prepare_restore(img) as p:
             mem = _clone_cycle(p, True)[1]
         poolstore.release(pool, rec)
-        return {"first": first, "prepared": prep, "mem": mem}
+        return {"first": first, "prepared": prep, "faults": faults, "mem": mem}
     if step == "send":                    # NAME DIR: local image -> shared folder
         img, d = f"/tmp/{argv[1]}.img", argv[2]
         t = time.perf_counter()
@@ -156,14 +164,15 @@ def guest(argv: list[str]) -> dict:
         dst = os.path.join(STORE, m["store"]["file"])
         shutil.copyfile(os.path.join(d, m["store"]["file"]), dst)
         m["store"]["dir"] = STORE
+        m["store"]["pin"] = image_mod.pin_of(os.stat(dst))   # B pins its own copy
         img = f"/tmp/recv-{os.path.basename(d)}.img"
         shutil.rmtree(img, ignore_errors=True)
         tmp = image_mod.write_tmp(img, {k: v for k, v in m.items() if k != "checksum"})
         os.rename(tmp, img)
         restore_mod._CACHE.clear()
         with prepare_restore(img) as p:
-            _clone_cycle(p)
-        dt = time.perf_counter() - t
+            t_prep = time.perf_counter() - t
+            dt = t_prep + _clone_cycle(p)[0]
         os.unlink(dst)
         shutil.rmtree(img)
         shutil.rmtree(d)
@@ -211,14 +220,15 @@ def main() -> int:
         for mib in sizes:
             name = f"w{mib}"
             ck = g(a_m, "ckpt", mib, name)
-            loc, rem, cp = {"first": [], "prepared": []}, {"first": [], "prepared": []}, []
+            loc = {"first": [], "prepared": [], "faults": []}
+            rem = {"first": [], "prepared": [], "faults": []}
+            cp = []
             for i in range(a.runs):          # alternate, so that all see the same load
                 x = g(a_m, "local", name, 1)
-                loc["first"] += x["first"]
-                loc["prepared"] += x["prepared"]
                 y = g(b_m, "remote", name, 1)
-                rem["first"] += y["first"]
-                rem["prepared"] += y["prepared"]
+                for k in loc:
+                    loc[k] += x[k]
+                    rem[k] += y[k]
                 d = os.path.join(work, f"xfer-{mib}-{i}")
                 s = g(a_m, "send", name, d)["send_s"]
                 cp.append(s + g(b_m, "receive", d)["receive_restore_s"])
@@ -245,6 +255,14 @@ def main() -> int:
                  f"{rf / lf:.2f}x", f"{c * 1e3:.0f} ms", f"{c / rf:.1f}x", f"{lp * 1e3:.1f} ms",
                  f"{rp * 1e3:.1f} ms", f"{rp / lp:.2f}x")
         print(" | ".join(f"{x:>13}" for x in cells))
+    print()
+    print("page faults of one prepared clone (its start and the ping; /proc/PID/stat minflt), "
+          "medians")
+    print(" | ".join(f"{h:>13}" for h in ("state", "local", "remote", "remote/local")))
+    for mib, _, loc, rem, _, _, _ in rows:
+        lf, rf = med(loc["faults"]), med(rem["faults"])
+        print(" | ".join(f"{x:>13}" for x in (f"{mib} MiB", f"{lf:.0f}", f"{rf:.0f}",
+                                               f"{rf / lf:.2f}x")))
     print()
     print("memory of one clone after reading its whole state (smaps_rollup)")
     hdr = ("state", "local anon", "local RSS", "remote anon", "remote RSS", "remote anon/state")

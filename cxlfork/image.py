@@ -53,9 +53,11 @@ def canonical(d: dict) -> bytes:
     return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
 
-def checksum(m: dict, create_key: bool = False) -> str:
-    """The manifest's seal: HMAC-SHA256 under the caller's key of everything but "checksum"."""
-    return trust.seal(canonical({k: v for k, v in m.items() if k != "checksum"}), create_key)
+def checksum(m: dict, create_key: bool = False, key: bytes | None = None) -> str:
+    """The manifest's seal: HMAC-SHA256 under the caller's key (or key: a pool's, see
+    cxlfork.poolstore) of everything but "checksum"."""
+    return trust.seal(canonical({k: v for k, v in m.items() if k != "checksum"}), create_key,
+                      with_key=key)
 
 
 PIN = ("dev", "ino", "uid", "mode", "size", "mtime_ns", "ctime_ns")
@@ -179,7 +181,10 @@ class _V:
         return v
 
 
-def validate(m: dict, image: str = "?") -> dict:
+def validate(m: dict, image: str = "?", key: bytes | None = None,
+             key_name: str | None = None) -> dict:
+    """Check the seal (under the caller's key, or key, named key_name in the refusal) and
+    every field of manifest m; returns m or raises ImageError."""
     v = _V(image)
     if m.get("format") != FORMAT:
         v.fail("format", f"not a cxlfork image (expected {FORMAT!r})")
@@ -195,9 +200,9 @@ def validate(m: dict, image: str = "?") -> dict:
     if ver != FORMAT_VERSION:
         v.fail("version", f"image format version {ver!r}; this cxlfork reads version "
                           f"{FORMAT_VERSION}")
-    if not trust.same_seal(checksum(m), m.get("checksum")):
+    if not trust.same_seal(checksum(m, key=key), m.get("checksum")):
         raise ImageError(f"image {image}: manifest checksum mismatch (corrupt, edited, or not "
-                         f"sealed with your key {trust.key_path()})")
+                         f"sealed with {key_name or 'your key ' + trust.key_path()})")
     v.get(m, "id", str, "")
     if not m["id"].isalnum() or len(m["id"]) > 64:
         v.fail("id", "must be alphanumeric")

@@ -12,6 +12,7 @@ import os
 import re
 from contextlib import contextmanager
 
+from cxlfork import trust
 from cxlfork.errors import CxlforkError, ImageError
 
 PAGE = 4096
@@ -50,6 +51,13 @@ class Pool:
     def path(self, h: int, what: str) -> str:
         return os.path.join(self.dir(h), f"h{h}.{what}")
 
+    @property
+    def key(self) -> bytes:
+        """The pool's sealing key (cxlfork.trust.pool_key: provisioned, never on the pool)."""
+        if getattr(self, "_key", None) is None:
+            self._key = trust.pool_key()
+        return self._key
+
     def slab_pages(self, h: int) -> int:
         return os.path.getsize(self.path(h, "pages")) // PAGE
 
@@ -61,13 +69,21 @@ class Pool:
             data = f.read()
         out = []
         for i in range(len(data) // SLOT):
-            out.append((i, *_parse_slot(data[i * SLOT:(i + 1) * SLOT])))
+            out.append((i, *_parse_slot(data[i * SLOT:(i + 1) * SLOT], self.key)))
         return out
+
+    def slot(self, h: int, i: int) -> tuple[dict | None, str | None]:
+        """One slot of host h's log (4 KiB read): (record or None, why-invalid or None)."""
+        with open(self.path(h, "log"), "rb") as f:
+            f.seek(i * SLOT)
+            return _parse_slot(f.read(SLOT), self.key)
 
     def records(self, h: int, states=("published",)) -> list[dict]:
         return [r for _, r, _ in self.slots(h) if r is not None and r["state"] in states]
 
     def write_slot(self, slot: int, rec: dict) -> None:
+        rec = {k: v for k, v in rec.items() if k != "seal"}
+        rec["seal"] = record_seal(rec, self.key)
         body = json.dumps(rec, sort_keys=True).encode()
         blob = MAGIC + len(body).to_bytes(4, "little") + body + hashlib.sha256(body).digest()
         if len(blob) > SLOT:
@@ -96,6 +112,10 @@ class Pool:
                 elif why is not None and why.startswith(f"name={name} "):
                     torn.append(f"h{h}.log slot {slot}: {why.split(' ', 1)[1]}")
         if not found:
+            if torn and SEAL_WHY in torn[0]:
+                raise ImageError(f"pool image {ref!r} refused: its log record ({torn[0]}) is "
+                                 f"not sealed with this pool's key {trust.pool_key_path()} "
+                                 f"(sealed under a foreign key, or edited)")
             if torn:
                 raise ImageError(f"pool image {ref!r} is not published: its record is "
                                  f"half-written or corrupt ({torn[0]}); refused")
@@ -161,7 +181,18 @@ _REC_KEYS = {"name": str, "host": int, "slot": int, "seq": int, "state": str, "i
              "manifest_sha256": str, "created": float}
 
 
-def _parse_slot(b: bytes) -> tuple[dict | None, str | None]:
+SEAL_WHY = "record seal mismatch"
+
+
+def record_seal(rec: dict, key: bytes) -> str:
+    """HMAC-SHA256 under the pool key of the record (all but its "seal")."""
+    return trust.seal(json.dumps({k: v for k, v in rec.items() if k != "seal"},
+                                 sort_keys=True, separators=(",", ":")).encode(), with_key=key)
+
+
+def _parse_slot(b: bytes, key: bytes) -> tuple[dict | None, str | None]:
+    """A slot's record, checked: frame (magic, length, SHA-256: torn writes), JSON, field
+    types, then the seal under the pool key (forged, edited or foreign records)."""
     if b[:8] != MAGIC:
         return None, None                                       # empty
     n = int.from_bytes(b[8:12], "little")
@@ -172,11 +203,15 @@ def _parse_slot(b: bytes) -> tuple[dict | None, str | None]:
         return None, tag + "record checksum mismatch"
     try:
         rec = json.loads(body)
+        if not isinstance(rec, dict):
+            return None, tag + "record is not a JSON object"
         for k, t in _REC_KEYS.items():
             if not isinstance(rec.get(k), t) and not (t is float and isinstance(rec.get(k), int)):
                 return None, tag + f"record field {k} missing or wrong"
     except ValueError:
         return None, tag + "record is not JSON"
+    if not trust.same_seal(record_seal(rec, key), rec.pop("seal", None)):
+        return None, tag + SEAL_WHY
     return rec, None
 
 

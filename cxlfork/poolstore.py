@@ -54,9 +54,16 @@ def _rebase(m: dict, base: int) -> None:
             r[2] += base
 
 
+def _key_name() -> str:
+    from cxlfork import trust
+    return f"this pool's key {trust.pool_key_path()}"
+
+
 # -- checkpoint ---------------------------------------------------------------------------------
-def checkpoint(pid: int, name: str, kill: bool = False, progress=None) -> dict:
-    """Checkpoint PID into this host's pool region as NAME; returns a summary."""
+def checkpoint(pid: int, name: str, kill: bool = False, progress=None,
+               extra: dict | None = None) -> dict:
+    """Checkpoint PID into this host's pool region as NAME; returns a summary. extra: more
+    manifest fields (sealed with the rest; e.g. the porter registry's "porter")."""
     from cxlfork.checkpoint import _check_ptrace_allowed, collect
     from cxlfork.pages import layout, write_pages
     from cxlfork.ptrace import Tracee
@@ -69,6 +76,7 @@ def checkpoint(pid: int, name: str, kill: bool = False, progress=None) -> dict:
         raise CxlforkError(f"no process with PID {pid}")
     pool = Pool()
     _check_ptrace_allowed(pid)
+    pool.key                       # the pool's sealing key: refused before anything is frozen
     with _host_lock():
         if any(r["name"] == name for r in pool.records(pool.host, ("published", "freeing"))):
             raise CxlforkError(f"pool image h{pool.host}/{name} already exists (remove it "
@@ -100,15 +108,19 @@ def checkpoint(pid: int, name: str, kill: bool = False, progress=None) -> dict:
                     "store": {"dir": pool.dir(pool.host),
                               "file": os.path.basename(pool.path(pool.host, "pages")),
                               "pages": slab, "hash": phash, "hash_alg": image_mod.HASH_ALG,
+                              # the slab as its owner saw it before the manifest went in;
+                              # a reader pins it as it sees it (materialize)
                               "node": 0, "pin": image_mod.pin_of(os.fstat(fd))},
                     "pool": {"host": pool.host, "name": name, "base": base, "npages": npages},
+                    **(extra or {}),
                 }
                 objs.close()
                 _rebase(manifest, base)
                 manifest["stats"] = {"collect_ms": (t_collected - t_frozen) * 1e3,
                                      "pages_ms": (t_dumped - t_collected) * 1e3}
-                manifest["checksum"] = image_mod.checksum(manifest, create_key=True)
-                image_mod.validate(manifest, f"h{pool.host}/{name}")
+                manifest["checksum"] = image_mod.checksum(manifest, key=pool.key)
+                image_mod.validate(manifest, f"h{pool.host}/{name}", key=pool.key,
+                                   key_name=_key_name())
                 mbytes = json.dumps(manifest, sort_keys=True).encode()
                 mpages = -(-len(mbytes) // PAGE)
                 if len(mbytes) > MAX_MANIFEST or base + npages + mpages > slab:
@@ -155,7 +167,8 @@ def read_manifest(pool: Pool, rec: dict) -> dict:
         m = json.loads(data)
     except ValueError as e:
         raise ImageError(f"{where}: manifest is not JSON; refused") from e
-    image_mod.validate(m, where)
+    image_mod.validate(m, f"h{rec['host']}/{rec['name']} on the pool", key=pool.key,
+                       key_name=_key_name())
     p = m.get("pool") or {}
     if (p.get("host"), p.get("base"), p.get("npages"), m["id"]) != \
             (rec["host"], rec["base"], rec["npages"], rec["id"]) or \
@@ -208,9 +221,8 @@ def acquire(ref: str, pool: Pool | None = None) -> tuple[Pool, dict, str]:
     rec = pool.find(ref)
     image = materialize(pool, rec)
     lease(pool, rec, [os.getpid()])
-    now = [r for r in pool.records(rec["host"], ("published", "freeing", "freed"))
-           if r["slot"] == rec["slot"] and r["seq"] == rec["seq"]]
-    if not now or now[0]["state"] != "published":
+    now, _ = pool.slot(rec["host"], rec["slot"])
+    if now is None or now["seq"] != rec["seq"] or now["state"] != "published":
         release(pool, rec)
         raise CxlforkError(f"pool image h{rec['host']}/{rec['name']} is being removed; "
                            f"refused")

@@ -92,6 +92,11 @@ def _sealed_memfd(data: bytes, fds: list[int]) -> int:
     return fd
 
 
+POOL_NO_ANON = ("pool image: its store-mapped anonymous memory has no anonymous semantics "
+                "(DAX files have no userfaultfd minor faults): MADV_DONTNEED there brings "
+                "back the checkpointed bytes, not zeros; moa --eager restores them exactly")
+
+
 class Prepared:
     """Everything shared by the clones of one restore: manifest, plan bytes, open files."""
 
@@ -102,6 +107,16 @@ class Prepared:
         self.m, plans = _load_cached(self.image)
         m = self.m
         self.policy = policy
+        if "pool" in m and not (policy == "moa" and eager):
+            # the page file is a DAX file on a memory pool (cxlfork.poolstore): userfaultfd
+            # has no minor faults there, so no lazy moa and no anonymous semantics
+            if self.lazy:
+                raise CxlforkError(f"restore of {self.image}: lazy moa is not available on "
+                                   "the pool (no userfaultfd minor faults on DAX files); use "
+                                   "moa with eager, or mow")
+            if anon and warn:
+                warn(POOL_NO_ANON)
+            anon = False
         if policy not in plan_mod.POLICIES:
             raise CxlforkError(f"unknown policy {policy!r} (mow, moa or hybrid)")
         memory.check_specials(m, self.image)

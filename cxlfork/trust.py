@@ -12,6 +12,12 @@
   $XDG_STATE_HOME (default $HOME/.local/state)/tiermem/cxlfork.key. A checkpoint creates it
   (0600, in a 0700 directory, written to a temporary name and hard-linked into place, so two
   first checkpoints agree on one key); restore, verify and rm only read it.
+- `pool_key()` / `pool_seal(data)`: images on a memory pool several hosts share
+  (cxlfork.poolstore) are sealed under the pool's key instead, one for all the hosts of that
+  pool: $CXLFORK_POOL_KEY, else /run/cxlfork/pool.key. It is never on the pool itself; the
+  host that boots the pool's hosts writes it into each (emulation.hosts: 0600, root, tmpfs)
+  and cxlfork never creates it. The same checks as the user's key (owner, mode 0600, 32
+  bytes, no symlink, a directory only the caller controls).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from cxlfork.errors import CxlforkError, ImageError
 
 KEY_ENV = "CXLFORK_KEY"
 ROOT_KEY = "/var/lib/tiermem/cxlfork.key"
+POOL_KEY_ENV = "CXLFORK_POOL_KEY"
+POOL_KEY = "/run/cxlfork/pool.key"
 KEY_BYTES = 32
 _keys: dict[tuple, bytes] = {}        # {(path, dev, ino, ctime): key} of this process
 
@@ -158,40 +166,66 @@ def key(create: bool = False) -> bytes:
     """The caller's sealing key (created by a checkpoint on first use)."""
     p = key_path()
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return _read_key(p, "cxlfork key")
     except FileNotFoundError:
         if not create:
             raise ImageError(f"no cxlfork key {p} ({_who()}): no image was checkpointed by "
                              "this user here, or the key was removed; images sealed with "
                              "another key are refused") from None
         _create_key(p)
-        return key(create=False)
+        return _read_key(p, "cxlfork key")
+
+
+def pool_key_path() -> str:
+    env = os.environ.get(POOL_KEY_ENV)
+    return os.path.abspath(env) if env else POOL_KEY
+
+
+def pool_key() -> bytes:
+    """The key of the memory pool this host shares (never created here: the host that boots
+    the pool's hosts provisions it)."""
+    p = pool_key_path()
+    try:
+        return _read_key(p, "pool key")
+    except FileNotFoundError:
+        raise ImageError(f"no pool key {p}: the host that boots the pool's hosts provisions "
+                         f"it ('tiermem emulate start --hosts N' does); pool images are sealed "
+                         f"with it") from None
+
+
+def _read_key(p: str, what: str) -> bytes:
+    """The 32 bytes of key file p, checked (FileNotFoundError passes through)."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
     except OSError as e:
         why = "is a symlink" if e.errno == errno.ELOOP else e.strerror
-        raise ImageError(f"cxlfork key {p}: {why}") from e
+        raise ImageError(f"{what} {p}: {why}") from e
     try:
         st = os.fstat(fd)
         k = (p, st.st_dev, st.st_ino, st.st_ctime_ns)
         if k in _keys:
             return _keys[k]
-        check_owned(st, p, "cxlfork key", ImageError)
+        check_owned(st, p, what, ImageError)
         if st.st_mode & 0o077:
-            raise ImageError(f"cxlfork key {p} is readable by group or others (mode "
-                             f"{stat.S_IMODE(st.st_mode):04o}); it must be 0600 (make a new "
-                             "one: remove it and checkpoint again)")
-        check_dir(os.path.dirname(p), f"directory of the cxlfork key {p}:", ImageError)
+            raise ImageError(f"{what} {p} is readable by group or others (mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}); it must be 0600"
+                             + (" (make a new one: remove it and checkpoint again)"
+                                if what == "cxlfork key" else ""))
+        check_dir(os.path.dirname(p), f"directory of the {what} {p}:", ImageError)
         data = os.read(fd, KEY_BYTES + 1)
     finally:
         os.close(fd)
     if len(data) != KEY_BYTES:
-        raise ImageError(f"cxlfork key {p} is {len(data)} bytes, not {KEY_BYTES} (corrupt)")
+        raise ImageError(f"{what} {p} is {len(data)} bytes, not {KEY_BYTES} (corrupt)")
     _keys[k] = data
     return data
 
 
-def seal(data: bytes, create: bool = False) -> str:
-    """HMAC-SHA256 of data under the caller's key, hex."""
-    return hmac.new(key(create), data, hashlib.sha256).hexdigest()
+def seal(data: bytes, create: bool = False, with_key: bytes | None = None) -> str:
+    """HMAC-SHA256 of data under the caller's key (or with_key), hex."""
+    return hmac.new(with_key or key(create), data, hashlib.sha256).hexdigest()
 
 
 def same_seal(a: str, b) -> bool:

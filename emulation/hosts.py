@@ -13,6 +13,12 @@ extended or removed after formatting, the read-only mounts never see filesystem 
 change under them (the only metadata the owner writes is mtime). Which bytes of the slabs
 are published images is the business of cxlfork.poolstore, through its own log.
 
+The pool's key (cxlfork.trust.pool_key: pool images and log records are sealed with it) is
+made here, 32 random bytes per `start`, and written into every guest over its agent channel
+(stdin of one command, never a command line) as /run/cxlfork/pool.key: 0600, root, in a
+0700 directory on the guest's tmpfs /run. It is never written to the pool, nor kept on the
+host: hosts that were not booted together do not trust each other's images.
+
 Why not cxl-type3: QEMU 7.2 here has it, but a CXL region over it needs the `cxl` tool in
 the guest to program decoders, and a dax region would be a devdax device, which refuses
 MAP_PRIVATE: clones could not map it copy-on-write. Why one file per region and not one
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -130,6 +137,31 @@ def mount_script(host: int, hosts: int) -> str:
     return "\n".join(lines)
 
 
+POOL_KEY_GUEST = "/run/cxlfork/pool.key"      # cxlfork.trust.POOL_KEY
+PROVISION = f"""
+import os, sys
+key = bytes.fromhex(sys.stdin.read().strip())
+assert len(key) == 32
+d = os.path.dirname({POOL_KEY_GUEST!r})
+os.makedirs(d, mode=0o700, exist_ok=True)
+os.chmod(d, 0o700)
+tmp = {POOL_KEY_GUEST!r} + ".tmp"
+fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+os.write(fd, key)
+os.fsync(fd)
+os.close(fd)
+os.rename(tmp, {POOL_KEY_GUEST!r})
+"""
+
+
+def provision_key(m: Machine, key: bytes) -> None:
+    """Write the pool key into guest m (see the module docstring)."""
+    r = m.run([m.python, "-S", "-c", PROVISION], input=key.hex(), timeout=120)
+    if r.returncode != 0:
+        raise TiermemError("provisioning the pool key failed: "
+                           f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
 def host_rundir(rundir: str, h: int) -> str:
     return os.path.join(rundir, f"host{h}")
 
@@ -145,6 +177,7 @@ def start(hosts: int, pool_mib: int, config: MachineConfig, workdir: str,
     machines = [PoolMachine(config, workdir=workdir, rundir=host_rundir(rundir, h),
                             detach=True, regions=regions) for h in range(hosts)]
     errors: list[BaseException | None] = [None] * hosts
+    key = secrets.token_bytes(32)
 
     def boot(h: int) -> None:
         try:
@@ -157,6 +190,7 @@ def start(hosts: int, pool_mib: int, config: MachineConfig, workdir: str,
             if r.returncode != 0:
                 last = (r.stderr.strip().splitlines() or ["?"])[-1]
                 raise TiermemError(f"host {h}: mounting the pool failed: {last}")
+            provision_key(machines[h], key)
         except BaseException as e:          # noqa: BLE001 - reported below
             errors[h] = e
 
@@ -175,7 +209,8 @@ def start(hosts: int, pool_mib: int, config: MachineConfig, workdir: str,
              "config": config.as_dict(),
              "pool": {"path": POOL_GUEST, "host_dir": pdir, "pool_mib": pool_mib,
                       "region_mib": region_mib(pool_mib, hosts), "regions": regions,
-                      "device": "virtio-pmem", "fs": "ext4 -o dax (owner rw, others ro)"},
+                      "device": "virtio-pmem", "fs": "ext4 -o dax (owner rw, others ro)",
+                      "key": POOL_KEY_GUEST},
              "machines": [{"host": h, "rundir": m.rundir, "qemu_pid": m.pid,
                            "boot_s": m.boot_s, "console": m.console_log}
                           for h, m in enumerate(machines)],

@@ -4,6 +4,11 @@ steps of a remote fork on one host, each printing one JSON line.
     python tests/remote_guest.py ckpt NAME MIB [--kill]     start the numpy worker, checkpoint
     python tests/remote_guest.py clones NAME N [POLICY]     N clones: read all, memory, go
     python tests/remote_guest.py hold NAME N DIR            N clones kept until DIR/go exists
+    python tests/remote_guest.py porter K N [BALLAST_MIB]   a porter with the pool registry:
+                                                            N invocations of `echo`, the
+                                                            checkpoint after K, then stop
+    python tests/remote_guest.py forge NAME HOW             rewrite a published image as an
+                                                            attacker or a foreign pool would
 """
 from __future__ import annotations
 
@@ -60,6 +65,10 @@ def ckpt(name: str, mib: int, kill: bool) -> dict:
     out = {"rc": r.returncode, "stderr": r.stderr.strip(), "seconds": dt}
     if r.returncode == 0:
         out.update(json.loads(r.stdout))
+    else:                        # a refused checkpoint leaves the worker as it was: end it
+        w.kill()
+        w.wait()
+        return out
     if kill:
         w.wait()
     else:                        # the original still answers
@@ -139,6 +148,79 @@ def hold(name: str, n: int, d: str) -> None:
     os.rename(os.path.join(d, "result.tmp"), os.path.join(d, "result"))
 
 
+def forge(name: str, how: str) -> dict:
+    """Rewrite this host's published image NAME in the pool, as someone who can write the
+    pool would: `foreign` manifest and record sealed under another pool's key; `record` a
+    record field edited (its frame SHA-256 fixed, no key); `manifest` the manifest edited, the
+    record's manifest hash and frame fixed (no key); `manifest-seal` the manifest sealed
+    under another key, its record properly sealed (the record seal passes, the manifest's
+    must not)."""
+    import hashlib
+    import secrets
+    from cxlfork import image as image_mod
+    from cxlfork.poollog import MAGIC, PAGE, SLOT, Pool, record_seal
+    pool = Pool()
+    rec = next(r for r in pool.records(pool.host) if r["name"] == name)
+    pages = pool.path(pool.host, "pages")
+    with open(pages, "rb") as f:
+        f.seek((rec["base"] + rec["npages"]) * PAGE)
+        m = json.loads(f.read(rec["manifest_len"]))
+    other = secrets.token_bytes(32)
+    if how in ("foreign", "manifest-seal"):
+        m["checksum"] = image_mod.checksum(m, key=other)
+    elif how == "manifest":
+        m["process"]["cwd"] = "/root"                # what a forger would point elsewhere
+    if how != "record":
+        mb = json.dumps(m, sort_keys=True).encode()
+        fd = os.open(pages, os.O_RDWR)
+        os.pwrite(fd, mb.ljust(rec["mpages"] * PAGE, b"\0"), (rec["base"] + rec["npages"]) * PAGE)
+        os.close(fd)
+        rec.update(manifest_len=len(mb), manifest_sha256=hashlib.sha256(mb).hexdigest())
+    else:
+        rec["npages"] -= 1
+    rec["seal"] = record_seal(rec, other if how in ("foreign", "record", "manifest")
+                              else pool.key)
+    if how in ("record", "manifest"):
+        rec["seal"] = rec["seal"][::-1]          # no key: whatever it writes, not the seal
+    body = json.dumps(rec, sort_keys=True).encode()
+    blob = MAGIC + len(body).to_bytes(4, "little") + body + hashlib.sha256(body).digest()
+    fd = os.open(pool.path(pool.host, "log"), os.O_RDWR)
+    os.pwrite(fd, blob.ljust(SLOT, b"\0"), rec["slot"] * SLOT)
+    os.close(fd)
+    return {"slot": rec["slot"], "how": how}
+
+
+def porter(k: int, n: int, ballast_mib: int = 8) -> dict:
+    """The porter with `[porter] pool = true`, its housekeeping jobs run here (main thread):
+    n invocations of the echo function; its checkpoint (after k) goes to the pool."""
+    from cxlfork.porter.config import from_dict
+    from cxlfork.porter.service import Porter
+    cfg = from_dict({"porter": {"pool": True, "port": 0},
+                     "functions": {"echo": {"command": ["python", "-m", "cxlfork.workers.echo"],
+                                            "init": {"ballast_mib": ballast_mib},
+                                            "policy": "mow", "checkpoint_after": k}}},
+                    "remote_guest")
+    logs: list[str] = []
+    p = Porter(cfg, log=logs.append)
+    try:
+        fn = p.pool("echo")
+        looked_up = fn.image is not None
+        answers, starts = [], []
+        for _ in range(n):
+            out, start, _, _ = fn.invoke("x")
+            answers.append(out["n"])
+            starts.append(start)
+            while not p.jobs.empty():
+                job = p.jobs.get_nowait()
+                if job:
+                    p._run_job(job)
+        st = fn.stats()
+    finally:
+        p.stop()
+    return {"looked_up": looked_up, "answers": answers, "starts": starts,
+            "checkpoint": st["checkpoint"], "log": logs}
+
+
 if __name__ == "__main__":
     a = sys.argv[1:]
     if a[0] == "ckpt":
@@ -147,3 +229,7 @@ if __name__ == "__main__":
         print(json.dumps(clones(a[1], int(a[2]), *(a[3:4] or ["mow"]))))
     elif a[0] == "hold":
         hold(a[1], int(a[2]), a[3])
+    elif a[0] == "porter":
+        print(json.dumps(porter(int(a[1]), int(a[2]), *map(int, a[3:4]))))
+    elif a[0] == "forge":
+        print(json.dumps(forge(a[1], a[2])))

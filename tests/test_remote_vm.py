@@ -16,13 +16,6 @@ import time
 
 import pytest
 
-# Known breakage, not a limit of this machine: since the keyed manifest seal and the page-file
-# pin (issue 18.6/18.7) landed beside the pool store, pool checkpoints in the guests fail
-# ("manifest field store.pin: missing") and later pool checkpoints hang until the guest
-# command times out. Open in issue 15; unskip once the pool store carries a pin and a seal.
-pytestmark = pytest.mark.skip(reason="pool store vs keyed seal/page-file pin: broken since "
-                              "both landed (issue 15 open)")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 GUEST = os.path.join(HERE, "remote_guest.py")
 TIERMEM = [sys.executable, "-m", "tiermem.cli"]
@@ -226,6 +219,60 @@ os.close(fd)
 
 
 @pytest.mark.vm
+def test_pool_key_provisioned_root_only_not_on_pool(two_hosts):
+    st, ms, _ = two_hosts
+    assert st["pool"]["key"] == "/run/cxlfork/pool.key"
+    keys = []
+    for m in ms:
+        r = m.run([m.python, "-c", "import os, stat; p = '/run/cxlfork/pool.key'; "
+                   "s = os.stat(p); d = os.stat(os.path.dirname(p)); "
+                   "print(oct(stat.S_IMODE(s.st_mode)), s.st_uid, oct(stat.S_IMODE(d.st_mode)), "
+                   "open(p, 'rb').read().hex())"], check=True)
+        mode, uid, dmode, k = r.stdout.split()
+        assert (mode, uid, dmode, len(k)) == ("0o600", "0", "0o700", 64), r.stdout
+        keys.append(k)
+    assert keys[0] == keys[1]                    # one key for the guests of one pool
+    # never on the pool: not in any region's files
+    for region in st["pool"]["regions"]:
+        with open(region, "rb") as f:
+            assert bytes.fromhex(keys[0]) not in f.read()
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("how,msg", [
+    ("foreign", "pool image 'fk-foreign' refused: its log record (h0.log slot {slot}: record "
+                "seal mismatch) is not sealed with this pool's key /run/cxlfork/pool.key "
+                "(sealed under a foreign key, or edited)"),
+    ("record", "pool image 'fk-record' refused: its log record (h0.log slot {slot}: record "
+               "seal mismatch) is not sealed with this pool's key /run/cxlfork/pool.key "
+               "(sealed under a foreign key, or edited)"),
+    ("manifest", "pool image 'fk-manifest' refused: its log record (h0.log slot {slot}: "
+                 "record seal mismatch) is not sealed with this pool's key "
+                 "/run/cxlfork/pool.key (sealed under a foreign key, or edited)"),
+    ("manifest-seal", "image h0/fk-manifest-seal on the pool: manifest checksum mismatch "
+                      "(corrupt, edited, or not sealed with this pool's key "
+                      "/run/cxlfork/pool.key)"),
+])
+def test_foreign_key_or_tampered_image_refused_on_other_host(two_hosts, how, msg):
+    _, (a, b), _ = two_hosts
+    name = f"fk-{how}"
+    assert _step(a, "ckpt", name, 4, "--kill")["rc"] == 0
+    slot = _step(a, "forge", name, how)["slot"]
+    for args in (["restore", name], ["verify", name]):
+        r = _cxlfork(b, "pool", *args)
+        assert r.returncode == 1
+        assert r.stderr.strip().splitlines() == [f"cxlfork: error: {msg.format(slot=slot)}"], \
+            r.stderr
+    assert b.run(["pgrep", "-f", "cxlfork_progs/worker.py"]).returncode == 1
+    if how != "manifest-seal":                    # the owner no longer counts it as its own:
+        ls = json.loads(_cxlfork(a, "pool", "ls", "--json").stdout)  # its extent is free
+        assert {"host": 0, "slot": slot, "why": "record seal mismatch"} in ls["torn"]
+        assert name not in [i["name"] for i in ls["images"]]
+    else:
+        assert _cxlfork(a, "pool", "rm", name).returncode == 0
+
+
+@pytest.mark.vm
 def test_both_hosts_checkpoint_at_once_and_clone_each_other(two_hosts):
     import threading
     _, (a, b), _ = two_hosts
@@ -270,6 +317,35 @@ def test_rm_interrupted_between_its_phases_is_put_back_by_gc(two_hosts):
     r = _step(b, "clones", "half", 1)
     assert r["rc"] == 0 and r["answers"] == ["done", "ok"], r
     assert _cxlfork(a, "pool", "rm", "half").returncode == 0
+
+
+@pytest.mark.vm
+def test_porter_on_host1_restores_what_host0s_porter_checkpointed(two_hosts):
+    _, (a, b), _ = two_hosts
+    # host 0: a cold instance serves 3 requests, is checkpointed into the pool (registry)
+    ra = _step(a, "porter", 3, 4)
+    assert ra["starts"] == ["cold"] + ["warm"] * 3 and ra["answers"] == [1, 2, 3, 4], ra
+    assert ra["checkpoint"]["pool_image"] == "h0/porter.echo", ra
+    assert not ra["looked_up"]
+    # host 1: the function's first instance is a restore of host 0's checkpoint (its state
+    # carries on from 3 requests), not a cold start
+    rb = _step(b, "porter", 3, 2)
+    assert rb["looked_up"], rb
+    assert rb["starts"] == ["restored", "warm"] and rb["answers"] == [4, 5], rb
+    assert rb["checkpoint"]["pool_image"] == "h0/porter.echo"
+    assert rb["checkpoint"]["remote"] is True
+    assert any("restoring from the pool image h0/porter.echo (another host took it)" in ln
+               for ln in rb["log"]), rb["log"]
+    # another function under that name (other init): not used, a cold start and its own
+    # checkpoint into host 1's region
+    rc = _step(b, "porter", 1, 2, 16)
+    assert rc["starts"] == ["cold", "warm"] and rc["answers"] == [1, 2], rc
+    assert rc["checkpoint"]["pool_image"] == "h1/porter.echo", rc
+    assert any("is another function's checkpoint" in ln for ln in rc["log"]), rc["log"]
+    # the porters left their images published, with no lease: their owners can remove them
+    for m, ref in ((a, "h0/porter.echo"), (b, "h1/porter.echo")):
+        r = _cxlfork(m, "pool", "rm", ref)
+        assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.vm

@@ -14,6 +14,9 @@
     ghost_prefault = false        # warm mow/hybrid ghosts fill their store page tables
     allow_register = false        # POST /functions (root callers only) when true
     invoke_uids = [0]             # local uids that may invoke and list functions; "*" = any
+    pool = false                  # checkpoints go to the memory pool shared by several
+                                  # hosts, an image registry: a porter on any of them
+                                  # restores them (cxlfork/porter/registry.py)
 
     [functions.NAME]
     command = ["python", "-m", "cxlfork.workers.llm"]   # "python" = the porter's interpreter
@@ -82,6 +85,7 @@ class PorterConfig:
     ghost_pool: int = 0
     ghost_prefault: bool = False
     allow_register: bool = False
+    pool: bool = False
     invoke_uids: list = dataclasses.field(default_factory=lambda: [0])
     functions: dict[str, FunctionConfig] = dataclasses.field(default_factory=dict)
 
@@ -187,6 +191,9 @@ def from_dict(d: dict, source: str) -> PorterConfig:
     cfg.allow_register = pt.get("allow_register", False)
     if not isinstance(cfg.allow_register, bool):
         c.fail("porter.allow_register", f"must be true or false, got {cfg.allow_register!r}")
+    cfg.pool = pt.get("pool", False)
+    if not isinstance(cfg.pool, bool):
+        c.fail("porter.pool", f"must be true or false, got {cfg.pool!r}")
     uids = pt.get("invoke_uids", [0])
     if not (isinstance(uids, list) and all(
             (isinstance(u, int) and not isinstance(u, bool) and u >= 0) or u == "*"

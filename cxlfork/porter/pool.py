@@ -59,6 +59,7 @@ class FunctionPool:
         self.prepared: dict = {}                # (image, policy, profiled, first) -> prepared
         self.prepare_lock = threading.Lock()    # one preparation at a time
         self.image: str | None = None
+        self.pool_image: dict | None = None     # its pool record (registry), or None
         self.checkpoint_pending = False
         self.checkpoint_info: dict = {}
         self.checkpoint_error: str | None = None
@@ -260,6 +261,8 @@ class FunctionPool:
                 prep = self.prepared.get(key)
             if prep is None:
                 cx_policy, eager = cxlfork_policy(policy)
+                if self.pool_image is not None:  # DAX: no userfaultfd minor faults
+                    cx_policy, eager = ("moa", True) if cx_policy == "moa" else ("mow", False)
                 prep = prepare_restore(key[0], cx_policy, eager=eager)
                 with self.cond:
                     if self.porter.stopping:
@@ -350,7 +353,7 @@ class FunctionPool:
                     and self.porter.cfg.ghost_prefault and self.porter.cfg.ghost_pool > 0):
                 self.porter.jobs.put(("first_profile", self, inst))
             if (inst.kind == "restored" and inst.served == 2 and not self.profiled
-                    and self.cfg.policy in ("auto", "hybrid")):
+                    and self.cfg.policy in ("auto", "hybrid") and self.pool_image is None):
                 self.porter.jobs.put(("profile", self, inst))
             inst.state = "idle"
             self.idle.append(inst)
@@ -413,11 +416,12 @@ class FunctionPool:
 
     # -- housekeeping (the porter's main thread) -----------------------------------------
     def checkpoint_done(self, inst: Instance, image: str | None, info: dict,
-                        error: str | None) -> None:
+                        error: str | None, pool_image: dict | None = None) -> None:
         with self.cond:
             self.checkpoint_pending = False
             if image:
                 self.image, self.checkpoint_info = image, info
+                self.pool_image = pool_image
             elif inst.gone():
                 # the instance died under the checkpoint (e.g. OOM-killed): not a refusal,
                 # the next cold instance that served K invocations is checkpointed
@@ -512,6 +516,9 @@ class FunctionPool:
                 "starts": dict(self.starts),
                 "errors": dict(self.errors),
                 "checkpoint": {"image": self.image, "after": self.cfg.checkpoint_after,
+                               "pool_image": (f"h{self.pool_image['host']}/"
+                                              f"{self.pool_image['name']}"
+                                              if self.pool_image else None),
                                "pending": self.checkpoint_pending,
                                "error": self.checkpoint_error, **self.checkpoint_info},
                 "hot_profile": self.profiled,

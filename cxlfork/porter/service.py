@@ -54,11 +54,15 @@ class Porter:
         self.cgroup = None
         self.cgroup_stats: dict = {}
         self.lifeline = Lifeline()                 # restored HTTP clones die with the porter
+        self.registry = None                       # the pool's image registry ([porter] pool)
         try:
+            if cfg.pool:
+                from cxlfork.porter.registry import Registry
+                self.registry = Registry(self.log)
             if self.limit:
                 self.cgroup = MemoryCgroup.create(self.limit, self.log)
             for fc in cfg.functions.values():
-                self.add_function(fc)
+                self._lookup(self.add_function(fc))     # later ones: at housekeeping
         except BaseException:
             self.stop()
             raise
@@ -73,6 +77,34 @@ class Porter:
             pool = self.pools[fc.name] = FunctionPool(fc, self)
         self.metrics.set_policy(fc.name, pool.policy)
         return pool
+
+    def _lookup(self, pool: FunctionPool) -> None:
+        """With the pool registry: take the function's checkpoint from the pool (another
+        host's or an earlier porter's) when it has none yet."""
+        if self.registry is None or pool.cfg.policy == "cold" or self.stopping:
+            return
+        with pool.cond:
+            if pool.image is not None or pool.checkpoint_pending:
+                return
+        try:
+            found = self.registry.lookup(pool.cfg)
+        except (CxlforkError, OSError) as e:
+            self.log(f"registry lookup of {pool.name}: {e}")
+            return
+        if found is None:
+            return
+        image, rec = found
+        ref = f"h{rec['host']}/{rec['name']}"
+        remote = rec["host"] != self.registry.pool.host
+        with pool.cond:
+            if pool.image is not None or pool.checkpoint_pending:
+                return
+            pool.image, pool.pool_image = image, rec
+            pool.checkpoint_info = {"bytes": rec["npages"] * 4096, "from_pool": ref,
+                                    "remote": remote}
+        self.log(f"{pool.name}: restoring from the pool image {ref}"
+                 f"{' (another host took it)' if remote else ''}")
+        self._prepare(pool)
 
     def pool(self, name: str) -> FunctionPool | None:
         with self.lock:
@@ -206,8 +238,10 @@ class Porter:
                 job[2].kill()
                 job[2].close()
         from cxlfork import image as image_mod
+        if self.registry is not None:              # pool images stay published (registry)
+            self.registry.release_all()
         for p in pools:
-            if p.image:
+            if p.image and p.pool_image is None:
                 try:
                     image_mod.remove(p.image)
                 except (CxlforkError, OSError) as e:
@@ -234,6 +268,8 @@ class Porter:
             pool.reap_lost(inst)
 
     def _checkpoint(self, pool: FunctionPool, inst) -> None:
+        if self.registry is not None:
+            return self._pool_checkpoint(pool, inst)
         from cxlfork.checkpoint import checkpoint
         self._images += 1
         image = os.path.join(self.run_dir, "images", f"{pool.name}.{self._images}.img")
@@ -256,6 +292,26 @@ class Porter:
         self.log(f"checkpointed {pool.name} (PID {inst.pid}) after {inst.served} invocations: "
                  f"{r['bytes'] / 2**20:.1f} MiB in {r['total_s'] * 1e3:.0f} ms")
         pool.checkpoint_done(inst, image, info, None)
+        self._prepare(pool)
+
+    def _pool_checkpoint(self, pool: FunctionPool, inst) -> None:
+        """Checkpoint into this host's region of the pool, registered for the function."""
+        if hasattr(inst, "quiesce"):
+            inst.quiesce()
+        try:
+            image, rec, r = self.registry.publish(inst.pid, pool.cfg)
+        except CxlforkError as e:
+            self.log(f"pool checkpoint of {pool.name} (PID {inst.pid}) failed: {e}")
+            pool.checkpoint_done(inst, None, {}, str(e))
+            return
+        info = {"ms": round(r["total_s"] * 1e3, 3), "bytes": r["bytes"],
+                "store_file": r["store"], "pid": inst.pid, "from_pool": r["name"],
+                "remote": False, "taken_after_invocations": inst.served}
+        self.metrics.checkpoints.labels(pool.name).inc()
+        self.log(f"checkpointed {pool.name} (PID {inst.pid}) into the pool as {r['name']} "
+                 f"after {inst.served} invocations: {r['bytes'] / 2**20:.1f} MiB in "
+                 f"{r['total_s'] * 1e3:.0f} ms")
+        pool.checkpoint_done(inst, image, info, None, pool_image=rec)
         self._prepare(pool)
 
     def _prepare(self, pool: FunctionPool) -> None:
@@ -320,6 +376,8 @@ class Porter:
         if not policies:
             return
         for p in pools:
+            if self.registry is not None and p.image is None:
+                self._lookup(p)
             if p.cfg.policy == "auto":
                 self._switch_policy(p, now)
             st = p.stats()
