@@ -6,7 +6,7 @@ nginx runs as one process (`master_process off; daemon off;`: epoll, an eventfd,
 socket, its error log open O_APPEND, MAP_SHARED|MAP_ANONYMOUS memory holding its connection
 counter). Its usual master + workers form is a process tree whose workers share the error log
 and the listening socket with the master: `cxlfork checkpoint` refuses it naming the shared
-fd (tested), since a tree may share only pipe ends yet.
+fd (tested), since a tree may not share a socketpair end yet.
 
 The Node.js app (tests/cxlfork_progs/node_counter.js) keeps a counter and a 1M-element array
 in JS; it runs V8 (JIT code, GC helper threads), libuv (epoll, eventfds, pipes, a threadpool
@@ -195,7 +195,7 @@ def test_nginx_master_workers_refused(env):
         assert r.returncode == 1
         line, = r.stderr.strip().splitlines()
         assert line.startswith("cxlfork: error: fd ") and "shares its open file description" \
-            in line and f"its parent {orig.pid}" in line, line
+            in line and f"PID {orig.pid}" in line and "can be shared yet" in line, line
         assert not os.path.exists(img)
         for p in [orig.pid] + kids:
             with open(f"/proc/{p}/status") as f:
