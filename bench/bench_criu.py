@@ -58,16 +58,9 @@ def find_criu() -> tuple[str | None, str]:
 
 
 def _readline(fd: int, timeout=120.0) -> str:
-    import select
-    out = b""
-    while not out.endswith(b"\n"):
-        if not select.select([fd], [], [], timeout)[0]:
-            raise TimeoutError(f"no answer (got {out!r})")
-        c = os.read(fd, 1)
-        if not c:
-            raise EOFError(out)
-        out += c
-    return out.decode().strip()
+    """bench_cxlfork.readline (one line from a worker's pipe, with a timeout)."""
+    from bench_cxlfork import readline
+    return readline(fd, timeout)
 
 
 class Proc:
